@@ -324,8 +324,13 @@ def document_mask(segment_ids: torch.Tensor, window: Optional[int] = None) -> to
 
 
 def padded_mask(key_valid: torch.Tensor, input_pos: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
-    """Left-padded batches with a KV cache: key_valid (B, n_keys) is False on padding slots."""
-    return key_valid[:, None, None, :] & causal_mask(input_pos, key_valid.size(1), window)
+    """Left-padded batches with a KV cache: key_valid (B, n_keys) is False on padding slots.
+
+    A padding query still attends to itself, so no row of the mask is empty (an empty row makes SDPA return NaN);
+    real tokens never see padding."""
+    causal = causal_mask(input_pos, key_valid.size(1), window)
+    itself = input_pos.unsqueeze(-1) == torch.arange(key_valid.size(1), device=key_valid.device)
+    return (key_valid[:, None, None, :] & causal) | itself[None, None]
 
 
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
