@@ -1,0 +1,562 @@
+"""The serving engine: one thread that owns the model and batches every request it is given.
+
+Two kinds of work, interleaved so that neither starves the other:
+- Scoring requests (max_new_tokens 0 or 1: multiple-choice answers, echoed prompts) run as one forward pass per batch,
+  without a KV cache. Requests in a batch that share a long token prefix (HELM's few-shot prompts of one subject) have
+  the prefix computed once and its keys/values broadcast to the rest ("shared-prefix prefill").
+- Generation requests get a slot of a per-slot KV cache (continuous batching): they are prefilled when they arrive and
+  join the running decode batch at the next step; a finished request frees its slot at once.
+Each engine loop runs: admit waiting generations into free slots, one scoring batch, one decode step.
+
+Numbers: a token's logprob is log_softmax(logits.float())[token] at the position before it, the same as a direct
+forward pass. An echoed prompt's first token has nothing before it (unless the tokenizer adds BOS, which is then the
+context and is not echoed): it gets logprob 0.0 and top_logprob {its text: 0.0}, contributing nothing to the sum.
+"""
+
+import concurrent.futures
+import math
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from generate.base import GREEDY_TEMPERATURE, sample
+from model import GPT
+from tokenizer import Tokenizer
+
+TokenScore = Tuple[float, Dict[int, float]]  # (logprob of the token, {alternative id: logprob} best first)
+
+
+@dataclass
+class Request:
+    prompt_ids: List[int]  # already templated, BOS added and truncated to fit (see Engine.prepare_prompt)
+    max_new_tokens: int = 50
+    temperature: float = 0.8
+    top_k: Optional[int] = 200
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    echo: bool = False  # return the prompt's own tokens with their logprobs
+    echo_from: int = 0  # prompt tokens before this index (BOS) are context only, never echoed
+    top_logprobs: int = 1  # alternatives per token in top_logprob (at least 1)
+    stop: Sequence[str] = ()
+    stop_at_blank_line: bool = False
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future, repr=False)
+    submitted: float = field(default_factory=time.perf_counter, repr=False)
+
+
+@dataclass
+class Result:
+    prompt_ids: List[int]  # the echoed prompt tokens (empty without echo)
+    prompt_scores: List[TokenScore]
+    prompt_texts: List[str]
+    new_ids: List[int]
+    new_scores: List[TokenScore]
+    new_texts: List[str]  # text of each kept new token in context; the last one is cut where a stop string starts
+    finish_reason: str  # "length", "eos" or "stop"
+    queued_s: float = 0.0
+
+
+class _Slot:
+    """A generation request in the decode batch."""
+
+    def __init__(self, request: Request, generator: Optional[torch.Generator]) -> None:
+        self.request = request
+        self.generator = generator
+        self.pos = len(request.prompt_ids)  # where the next token goes in the slot's cache
+        self.new_ids: List[int] = []
+        self.new_scores: List[TokenScore] = []
+        self.prompt_scores: List[TokenScore] = []
+        self.finish_reason: Optional[str] = None
+
+
+class SlotCache(nn.Module):
+    """Keys/values of up to `n_slots` independent sequences, each at its own positions (continuous batching).
+
+    Installed in place of the model's KVCache (model.py calls `kv_cache(input_pos, k, v)` and reads `.size`):
+    - prefill mode (`rows` set): fresh sequences for those slots, input_pos = 0..T-1; returns the new k/v as they are.
+    - decode mode: input_pos (B, 1) per row; writes each row's key at its own position and returns the first `n_keys`.
+    """
+
+    def __init__(self, n_slots, n_kv, max_seq_length, head_size, device, dtype) -> None:
+        super().__init__()
+        shape = (n_slots, n_kv, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.rows: Optional[torch.Tensor] = None
+        self.n_keys = max_seq_length
+
+    @property
+    def size(self) -> int:
+        return self.n_keys
+
+    def forward(self, input_pos, k, v):
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if self.rows is not None:
+            T = k.size(2)
+            self.k[self.rows, :, :T] = k
+            self.v[self.rows, :, :T] = v
+            return k, v
+        B, n_kv, _, hs = k.shape
+        index = input_pos.reshape(B, 1, 1, 1).expand(B, n_kv, 1, hs)
+        self.k[:B].scatter_(2, index, k)
+        self.v[:B].scatter_(2, index, v)
+        return self.k[:B, :, : self.n_keys], self.v[:B, :, : self.n_keys]
+
+
+class PrefixCache(nn.Module):
+    """Shared-prefix scoring: the first call stores a 1-row prefix; later calls put it in front of every row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = self.v = None
+        self.n_keys = 0
+
+    @property
+    def size(self) -> int:
+        return self.n_keys
+
+    def forward(self, input_pos, k, v):
+        if self.k is None:
+            self.k, self.v = k, v
+            return k, v
+        B = k.size(0)
+        return (torch.cat([self.k.expand(B, -1, -1, -1), k], dim=2),
+                torch.cat([self.v.expand(B, -1, -1, -1), v], dim=2))
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_seq_length: Optional[int] = None,
+                 max_batch_size: int = 32, max_batch_tokens: int = 16384, min_shared_prefix: int = 32,
+                 dola_layers: Optional[Sequence[int]] = None) -> None:
+        """model: in eval mode on its device. max_seq_length: prompt + new tokens (default: the model's context).
+        max_batch_size: decode slots and rows per scoring batch. max_batch_tokens: padded tokens per forward pass.
+        min_shared_prefix: scoring rows sharing at least this many leading tokens compute them once.
+        dola_layers: early layers to contrast with the final one when choosing tokens (DoLa); None = off."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_seq_length = min(max_seq_length or self.config.block_size, self.config.block_size)
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max(max_batch_tokens, self.max_seq_length)
+        self.min_shared_prefix = min_shared_prefix
+        self.dola_layers = sorted(set(dola_layers)) if dola_layers else []
+        for layer in self.dola_layers:
+            if not 0 <= layer < self.config.n_layer:
+                raise ValueError(f"dola_layers: layer {layer} does not exist; the model has layers 0..{self.config.n_layer - 1}")
+        self.device = model.wte.weight.device
+        self._captured: Dict[int, torch.Tensor] = {}
+        for layer in self.dola_layers:
+            model.blocks[layer].register_forward_hook(self._capture_hook(layer))
+        self._lock = threading.Condition()
+        self._scoring: deque = deque()
+        self._waiting: deque = deque()
+        self._slots: List[Optional[_Slot]] = [None] * max_batch_size
+        self._caches: Optional[List[SlotCache]] = None
+        self._stopped = False
+        self._thread: Optional[threading.Thread] = None
+        self.stats = {"scoring_batches": 0, "decode_steps": 0, "prefills": 0, "requests": 0}
+
+    # ---- public ------------------------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, request: Request) -> concurrent.futures.Future:
+        if not request.prompt_ids:
+            raise ValueError("prompt is empty after tokenization")
+        if len(request.prompt_ids) + request.max_new_tokens > self.max_seq_length:
+            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) "
+                             f"exceeds the context of {self.max_seq_length} tokens")
+        request.submitted = time.perf_counter()
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("engine is stopped")
+            (self._scoring if request.max_new_tokens <= 1 else self._waiting).append(request)
+            self.stats["requests"] += 1
+            self._lock.notify()
+        return request.future
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._scoring) + len(self._waiting) + sum(s is not None for s in self._slots)
+
+    def prepare_prompt(self, text: str, max_new_tokens: int) -> Tuple[List[int], int, int]:
+        """Token ids for a prompt (BOS added when the tokenizer wants it), left-truncated so that prompt + new tokens
+        fit the context. Returns (ids, index of the first prompt token after BOS, number of tokens cut off)."""
+        ids = self.tokenizer.encode(text, bos=False).tolist()
+        bos = [self.tokenizer.bos_id] if self.tokenizer.use_bos and self.tokenizer.bos_id is not None else []
+        if bos and ids and ids[0] == bos[0]:
+            bos = []  # the text starts with BOS already (a chat template wrote it)
+        room = self.max_seq_length - max_new_tokens - len(bos)
+        cut = max(0, len(ids) - room)
+        return bos + ids[cut:], len(bos), cut
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopped or self._scoring or self._waiting or self._active()):
+                    self._lock.wait()
+                if self._stopped:
+                    break
+                admit = self._take_waiting()
+                scoring = self._take_scoring()
+            try:
+                with torch.inference_mode():
+                    if admit:
+                        self._admit(admit)
+                    if scoring:
+                        self._score(scoring)
+                    if self._active():
+                        self._decode_step()
+            except Exception as e:  # a failed batch fails its requests, never the engine
+                for r in admit + scoring + [s.request for s in self._active()]:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                self._slots = [None] * self.max_batch_size
+        for r in list(self._scoring) + list(self._waiting) + [s.request for s in self._active()]:
+            if not r.future.done():
+                r.future.set_exception(RuntimeError("engine stopped"))
+
+    def _active(self) -> List[_Slot]:
+        return [s for s in self._slots if s is not None]
+
+    def _take_waiting(self) -> List[Request]:
+        free = sum(s is None for s in self._slots)
+        taken, tokens = [], 0
+        while self._waiting and len(taken) < free:
+            n = len(self._waiting[0].prompt_ids)
+            if taken and tokens + n > self.max_batch_tokens:
+                break
+            taken.append(self._waiting.popleft())
+            tokens += n
+        return taken
+
+    def _take_scoring(self) -> List[Request]:
+        """Oldest first, up to max_batch_size rows and max_batch_tokens padded tokens."""
+        taken, longest = [], 0
+        while self._scoring and len(taken) < self.max_batch_size:
+            n = len(self._scoring[0].prompt_ids)
+            if taken and max(longest, n) * (len(taken) + 1) > self.max_batch_tokens:
+                break
+            taken.append(self._scoring.popleft())
+            longest = max(longest, n)
+        return taken
+
+    # ---- scoring -------------------------------------------------------------------------------------------------
+
+    def _score(self, requests: List[Request]) -> None:
+        self.stats["scoring_batches"] += 1
+        for prefix_len, group in group_by_prefix([r.prompt_ids for r in requests], self.min_shared_prefix):
+            rows = [requests[i] for i in group]
+            hidden = self._hidden_with_prefix([r.prompt_ids for r in rows], prefix_len)
+            for r, h in zip(rows, hidden):
+                self._finish_scoring(r, h)
+
+    def _hidden_with_prefix(self, seqs: List[List[int]], prefix_len: int) -> List[Tuple[torch.Tensor, Dict]]:
+        """Final hidden states (T_i, C) of each sequence (and the DoLa layers' at the last position)."""
+        suffixes = [s[prefix_len:] for s in seqs]
+        longest = max(len(s) for s in suffixes)
+        idx = torch.zeros(len(seqs), longest, dtype=torch.long, device=self.device)
+        for i, s in enumerate(suffixes):
+            idx[i, : len(s)] = torch.tensor(s, device=self.device)
+        # Right padding: with causal attention a padded tail never changes the positions before it.
+        if prefix_len == 0:
+            hidden = self.model.hidden_states(idx)
+            prefix_hidden = None
+        else:
+            saved = [b.attn.kv_cache for b in self.model.blocks]
+            caches = [PrefixCache() for _ in self.model.blocks]
+            for b, c in zip(self.model.blocks, caches):
+                b.attn.kv_cache = c
+                c.n_keys = prefix_len
+            try:
+                prefix = torch.tensor(seqs[0][:prefix_len], device=self.device)[None]
+                prefix_hidden = self.model.hidden_states(prefix, input_pos=torch.arange(prefix_len, device=self.device))[0]
+                for c in caches:
+                    c.n_keys = prefix_len + longest
+                hidden = self.model.hidden_states(idx, input_pos=torch.arange(prefix_len, prefix_len + longest, device=self.device))
+            finally:
+                for b, c in zip(self.model.blocks, saved):
+                    b.attn.kv_cache = c
+        out = []
+        for i, s in enumerate(suffixes):
+            h = hidden[i, : len(s)]
+            if prefix_hidden is not None:
+                h = torch.cat([prefix_hidden, h])
+            early = {layer: x[i, len(s) - 1] for layer, x in self._captured.items()}
+            out.append((h, early))
+        self._captured.clear()
+        return out
+
+    def _finish_scoring(self, r: Request, hidden_and_early) -> None:
+        hidden, early = hidden_and_early
+        prompt_scores, new_ids, new_scores = [], [], []
+        if r.echo:
+            prompt_scores = self._prompt_scores(r, hidden)
+        finish = "length"
+        if r.max_new_tokens == 1:
+            logits = self.model.lm_head(hidden[-1:])
+            early_logits = {k: self.model.lm_head(self.model.ln_f(v[None])) for k, v in early.items()}
+            token = self._choose(logits, early_logits, [r], [self._generator(r)])[0]
+            if token == self.tokenizer.eos_id:
+                finish = "eos"
+            else:
+                new_ids = [token]
+                new_scores = score_tokens(logits, [token], r.top_logprobs)
+        self._resolve(r, prompt_scores, new_ids, new_scores, finish)
+
+    def _prompt_scores(self, r: Request, hidden: torch.Tensor) -> List[TokenScore]:
+        """Scores of prompt tokens echo_from.. from the hidden state at the position before each (fp32 log-softmax)."""
+        ids = r.prompt_ids
+        scores = []
+        start = r.echo_from
+        if start == 0:  # nothing to condition the very first token on
+            scores.append((0.0, {ids[0]: 0.0}))
+            start = 1
+        chunk = 512  # bounds the (positions, vocab) fp32 logits held at once
+        for a in range(start, len(ids), chunk):
+            b = min(a + chunk, len(ids))
+            logits = self.model.lm_head(hidden[a - 1: b - 1])
+            scores.extend(score_tokens(logits, ids[a:b], r.top_logprobs))
+        return scores
+
+    # ---- generation ----------------------------------------------------------------------------------------------
+
+    def _install_caches(self) -> None:
+        if self._caches is None:
+            c = self.config
+            dtype = self.model.wte.weight.dtype
+            if not dtype.is_floating_point or dtype.itemsize < 2:
+                dtype = torch.bfloat16
+            self._caches = [SlotCache(self.max_batch_size, c.n_query_groups, self.max_seq_length, c.head_size,
+                                      self.device, dtype) for _ in range(c.n_layer)]
+        for block, cache in zip(self.model.blocks, self._caches):
+            block.attn.kv_cache = cache
+
+    def _admit(self, requests: List[Request]) -> None:
+        """Prefill new generation requests into free slots (one padded forward pass for all of them)."""
+        self.stats["prefills"] += 1
+        self._install_caches()
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        rows = free[: len(requests)]
+        longest = max(len(r.prompt_ids) for r in requests)
+        idx = torch.zeros(len(requests), longest, dtype=torch.long, device=self.device)
+        for i, r in enumerate(requests):
+            idx[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids, device=self.device)
+        for c in self._caches:
+            c.rows, c.n_keys = torch.tensor(rows, device=self.device), longest
+        try:
+            hidden = self.model.hidden_states(idx, input_pos=torch.arange(longest, device=self.device))
+        finally:
+            for c in self._caches:
+                c.rows = None
+        slots = []
+        for i, (row, r) in enumerate(zip(rows, requests)):
+            slot = _Slot(r, self._generator(r))
+            n = len(r.prompt_ids)
+            if r.echo:
+                slot.prompt_scores = self._prompt_scores(r, hidden[i, :n])
+            self._slots[row] = slot
+            slots.append((slot, hidden[i, n - 1]))
+        early = {layer: torch.stack([x[i, len(r.prompt_ids) - 1] for i, r in enumerate(requests)])
+                 for layer, x in self._captured.items()}
+        self._captured.clear()
+        logits = self.model.lm_head(torch.stack([h for _, h in slots]))
+        self._take_tokens([s for s, _ in slots], logits, early)
+
+    def _decode_step(self) -> None:
+        self.stats["decode_steps"] += 1
+        B = max(i for i, s in enumerate(self._slots) if s is not None) + 1
+        idx = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        pos = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        for i, s in enumerate(self._slots[:B]):
+            if s is not None:
+                idx[i, 0] = s.new_ids[-1]
+                pos[i, 0] = s.pos
+        n_keys = int(pos.max()) + 1
+        for c in self._caches:
+            c.n_keys = n_keys
+        keys = torch.arange(n_keys, device=self.device)
+        mask = keys[None, :] <= pos  # (B, n_keys); a free slot (pos 0) sees its key 0 only, never an empty row
+        if self.config.sliding_window is not None:
+            mask &= pos - keys[None, :] < self.config.sliding_window
+        logits = self.model(idx, input_pos=pos, pos_ids=pos, mask=mask[:, None, None, :])[:, -1]
+        early = {layer: x[:, -1] for layer, x in self._captured.items()}
+        self._captured.clear()
+        live = [i for i, s in enumerate(self._slots[:B]) if s is not None]
+        for s in self._slots[:B]:
+            if s is not None:
+                s.pos += 1
+        rows = torch.tensor(live, device=self.device)
+        self._take_tokens([self._slots[i] for i in live], logits[rows],
+                          {k: v[rows] for k, v in early.items()})
+
+    def _take_tokens(self, slots: List[_Slot], logits: torch.Tensor, early: Dict[int, torch.Tensor]) -> None:
+        """Choose each slot's next token from its logits (B, vocab), record it, and retire finished slots."""
+        early_logits = {k: self.model.lm_head(self.model.ln_f(v)) for k, v in early.items()}
+        tokens = self._choose(logits, early_logits, [s.request for s in slots], [s.generator for s in slots])
+        for s, token, row in zip(slots, tokens, range(len(slots))):
+            r = s.request
+            if token == self.tokenizer.eos_id:
+                s.finish_reason = "eos"
+            else:
+                s.new_ids.append(token)
+                s.new_scores.extend(score_tokens(logits[row: row + 1], [token], r.top_logprobs))
+                if len(s.new_ids) >= r.max_new_tokens:
+                    s.finish_reason = "length"
+                elif (r.stop or r.stop_at_blank_line) and find_stop(self.tokenizer.decode(s.new_ids), r.stop,
+                                                                    r.stop_at_blank_line) is not None:
+                    s.finish_reason = "stop"
+            if s.finish_reason is not None:
+                self._slots[self._slots.index(s)] = None
+                self._resolve(r, s.prompt_scores, s.new_ids, s.new_scores, s.finish_reason)
+
+    # ---- shared --------------------------------------------------------------------------------------------------
+
+    def _generator(self, r: Request) -> Optional[torch.Generator]:
+        if r.temperature <= GREEDY_TEMPERATURE:
+            return None
+        seed = r.seed if r.seed is not None else random.randrange(2**63)
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def _choose(self, logits: torch.Tensor, early_logits: Dict[int, torch.Tensor], requests: List[Request],
+                generators: List[Optional[torch.Generator]]) -> List[int]:
+        """Next token per row: greedy rows in one argmax, sampled rows each with their own generator and settings."""
+        scores = dola_scores(logits, early_logits) if early_logits else logits.float()
+        greedy = scores.argmax(dim=-1).tolist()
+        out = []
+        for i, (r, g) in enumerate(zip(requests, generators)):
+            if r.temperature <= GREEDY_TEMPERATURE:
+                out.append(greedy[i])
+            else:
+                out.append(int(sample(scores[i: i + 1], r.temperature, r.top_k or None, r.top_p, g)[0]))
+        return out
+
+    def _capture_hook(self, layer: int):
+        def hook(module, inputs, output):
+            self._captured[layer] = output
+        return hook
+
+    def _resolve(self, r: Request, prompt_scores, new_ids, new_scores, finish: str) -> None:
+        try:
+            result = self._result(r, prompt_scores, new_ids, new_scores, finish)
+        except Exception as e:
+            r.future.set_exception(e)
+            return
+        r.future.set_result(result)
+
+    def _result(self, r: Request, prompt_scores, new_ids, new_scores, finish: str) -> Result:
+        """Per-token texts in context, and the stop strings cut out of the text and the tokens."""
+        context = r.prompt_ids[: r.echo_from] if r.echo else r.prompt_ids
+        shown = r.prompt_ids[r.echo_from:] if r.echo else []
+        texts = self.tokenizer.token_texts(context + shown + new_ids)[len(context):] if (shown or new_ids) else []
+        prompt_texts, new_texts = texts[: len(shown)], texts[len(shown):]
+        cut = find_stop("".join(new_texts), r.stop, r.stop_at_blank_line)
+        if cut is not None:
+            finish = "stop"
+            kept, start = 0, 0
+            while kept < len(new_texts) and start + len(new_texts[kept]) <= cut:
+                start += len(new_texts[kept])
+                kept += 1
+            if kept < len(new_texts) and start < cut:  # the stop string starts inside this token: keep its head
+                new_texts = new_texts[:kept] + [new_texts[kept][: cut - start]]
+                kept += 1
+            else:
+                new_texts = new_texts[:kept]
+            new_ids, new_scores = new_ids[:kept], new_scores[:kept]
+        return Result(shown, prompt_scores, prompt_texts, new_ids, new_scores, new_texts, finish,
+                      queued_s=time.perf_counter() - r.submitted)
+
+
+# ---- pure helpers (tested directly) -------------------------------------------------------------------------------
+
+
+def score_tokens(logits: torch.Tensor, tokens: List[int], k: int) -> List[TokenScore]:
+    """logits (N, vocab) at the positions before `tokens` (N) -> [(logprob, {top-k id: logprob})], fp32 log-softmax."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    top = logprobs.topk(max(1, k), dim=-1)
+    top_values, top_ids = top.values.tolist(), top.indices.tolist()
+    return [(c, dict(zip(ids, vals))) for c, ids, vals in zip(chosen, top_ids, top_values)]
+
+
+def find_stop(text: str, stops: Sequence[str], blank_line: bool = False) -> Optional[int]:
+    """Index where the text must be cut: the earliest stop string, or (blank_line) the first blank line that follows
+    some non-blank text — a completion that opens with newlines is not cut to nothing."""
+    cuts = [text.find(s) for s in stops if s and s in text]
+    if blank_line:
+        first = len(text) - len(text.lstrip())
+        at = text.find("\n\n", first)
+        if first < len(text) and at >= 0:
+            cuts.append(at)
+    return min(cuts) if cuts else None
+
+
+def group_by_prefix(seqs: List[List[int]], min_prefix: int) -> List[Tuple[int, List[int]]]:
+    """Groups of sequence indices sharing at least `min_prefix` leading tokens, with the shared length (kept below
+    every member's length so each row has a token of its own). Sequences sharing nothing form groups with 0."""
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i])
+    groups, current, shared = [], [], 0
+    for i in order:
+        if current:
+            n = common_prefix(seqs[current[0]], seqs[i])
+            if min(n, shared) >= min_prefix:
+                current.append(i)
+                shared = min(n, shared)
+                continue
+            groups.append((current, shared))
+        current, shared = [i], len(seqs[i])
+    if current:
+        groups.append((current, shared))
+    out, singles = [], []
+    for members, shared in groups:
+        shared = min(shared, min(len(seqs[i]) for i in members) - 1)
+        if len(members) > 1 and shared >= min_prefix:
+            out.append((shared, members))
+        else:
+            singles.extend(members)
+    if singles:
+        out.append((0, sorted(singles)))
+    return out
+
+
+def common_prefix(a: List[int], b: List[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def dola_scores(final_logits: torch.Tensor, early_logits: Dict[int, torch.Tensor], alpha: float = 0.1) -> torch.Tensor:
+    """DoLa (Chuang et al., 2023): per row, contrast the final layer with the early layer whose next-token distribution
+    differs most from it (Jensen-Shannon divergence), over the tokens the final layer finds plausible
+    (p >= alpha * max p); everything else gets -inf. Returns scores (B, vocab) to argmax or sample from."""
+    final = torch.log_softmax(final_logits.float(), dim=-1)
+    layers = sorted(early_logits)
+    early = torch.stack([torch.log_softmax(early_logits[k].float(), dim=-1) for k in layers])  # (L, B, V)
+    m = 0.5 * (final.exp()[None] + early.exp())
+    log_m = m.clamp_min(1e-30).log()
+    jsd = 0.5 * ((final.exp()[None] * (final[None] - log_m)).sum(-1) + (early.exp() * (early - log_m)).sum(-1))  # (L, B)
+    premature = early.gather(0, jsd.argmax(0)[None, :, None].expand(1, *final.shape))[0]
+    plausible = final >= final.max(dim=-1, keepdim=True).values + math.log(alpha)
+    return (final - premature).masked_fill(~plausible, float("-inf"))

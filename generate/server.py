@@ -1,0 +1,392 @@
+"""Serve a checkpoint over the NeurIPS 2023 LLM Efficiency Challenge HTTP API (what HELM's `neurips/local` model calls).
+
+    python generate/server.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --port 8080
+    curl -s localhost:8080/process -d '{"prompt": "The capital of France is", "max_new_tokens": 5, "temperature": 0}'
+
+Endpoints (JSON; unknown fields are ignored, wrong types and out-of-range values get a 4xx naming the field):
+- POST /process   {prompt, max_new_tokens=50, temperature=0.8, top_k=200, top_p=1, seed, echo_prompt,
+                   num_samples | num_return_sequences = 1, top_k_per_token = 1, stop_sequences}
+                  -> {text, tokens: [{text, logprob, top_logprob}], logprob, request_time,
+                      finish_reason, prompt_tokens, truncated_prompt_tokens, samples (only when more than one)}
+- POST /tokenize  {text, truncation=true, max_length=2048} -> {tokens, request_time}
+- POST /decode    {tokens} -> {text, request_time}
+- GET  /health    -> {status, model, ...}
+
+Semantics (tests/test_server.py checks each):
+- logprob of a token = log p(token | everything before it), an fp32 log-softmax; top_logprob holds the
+  max(1, top_k_per_token) most likely tokens (as log-probabilities) at that position; `logprob` is the sum.
+- echo_prompt: the prompt's own tokens come first, each with its logprob. The first prompt token has no context
+  unless the tokenizer adds BOS (then BOS is the context, not echoed): it gets logprob 0.0 and top_logprob
+  {its text: 0.0}. Echo requests score the raw prompt: the checkpoint's prompt template is not applied to them.
+- temperature <= 1e-6 is greedy. Generation stops at EOS (not returned), at max_new_tokens, or at a stop sequence:
+  the stop sequence and everything after it are cut from `text` and `tokens` (a token that straddles the cut keeps
+  only its text before the cut). `--stop_at_blank_line` also cuts at the first blank line after some text.
+- A prompt longer than the context (max_seq_length - max_new_tokens) is truncated from the left; the response's
+  `truncated_prompt_tokens` says how many tokens were dropped (0 normally). max_new_tokens >= the context is a 422.
+- Non-echo prompts go through the checkpoint's prompt_style.json when it has one (--prompt_style auto).
+"""
+
+import asyncio
+import json
+import logging
+import math
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from generate.base import pick_device  # noqa: E402
+from generate.engine import Engine, Request, Result  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+MAX_SAMPLES = 16
+MAX_TOP_LOGPROBS = 20
+log = logging.getLogger("server")
+
+
+class ProcessRequest(BaseModel):
+    # strict: "5" is not an int and 1 is not a bool; JSON ints are fine where floats are expected.
+    model_config = ConfigDict(extra="ignore", strict=True)
+    prompt: str = Field(min_length=1)
+    num_samples: int = Field(1, ge=1, le=MAX_SAMPLES)
+    num_return_sequences: Optional[int] = Field(None, ge=1, le=MAX_SAMPLES)  # HELM's name for num_samples
+    max_new_tokens: int = Field(50, ge=0)
+    top_k: Optional[int] = Field(200, ge=0)  # 0 or null: no top-k filter
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(0.8, ge=0.0)
+    seed: Optional[int] = None
+    echo_prompt: Optional[bool] = None
+    top_k_per_token: int = Field(1, ge=0, le=MAX_TOP_LOGPROBS)  # 0 still returns the best one
+    stop_sequences: Optional[List[str]] = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    text: str
+    truncation: bool = True
+    max_length: int = Field(2048, ge=1)
+
+
+class DecodeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    tokens: List[int]
+
+
+class BadRequest(ValueError):
+    """A request that cannot be served: 400 for a body that is not JSON, 422 for wrong fields or values."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Service:
+    """Everything between the JSON bodies and the engine; shared by the HTTP app and scripts/evaluate.py."""
+
+    def __init__(self, engine: Engine, prompt_style=None, stop_at_blank_line: bool = False, name: str = "") -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.prompt_style = prompt_style  # a prompts.PromptStyle or None
+        self.stop_at_blank_line = stop_at_blank_line
+        self.name = name
+
+    # /process
+    def submit(self, body: ProcessRequest) -> tuple:
+        """Validates against the context, templates, tokenizes and queues; returns (futures, info for the response)."""
+        context = self.engine.max_seq_length
+        if body.max_new_tokens >= context:
+            raise BadRequest(f"max_new_tokens={body.max_new_tokens} leaves no room for the prompt in the context of "
+                             f"{context} tokens; ask for at most {context - 1}")
+        echo = bool(body.echo_prompt)
+        text = body.prompt
+        stop = list(body.stop_sequences or [])
+        if self.prompt_style is not None and not echo:
+            from prompts import render
+
+            text = render(self.prompt_style, text)
+            stop += [s for s in self.prompt_style.stop if s not in stop]
+        ids, echo_from, cut = self.engine.prepare_prompt(text, body.max_new_tokens)
+        if len(ids) <= echo_from:
+            raise BadRequest("prompt: tokenizes to nothing; send some text")
+        n = body.num_return_sequences or body.num_samples
+        futures = []
+        for i in range(n):
+            request = Request(prompt_ids=ids, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+                              top_k=body.top_k, top_p=body.top_p,
+                              seed=None if body.seed is None else body.seed + i, echo=echo, echo_from=echo_from,
+                              top_logprobs=max(1, body.top_k_per_token), stop=stop,
+                              stop_at_blank_line=self.stop_at_blank_line)
+            futures.append(self.engine.submit(request))
+        return futures, {"prompt_tokens": len(ids), "truncated_prompt_tokens": cut, "echo": echo, "prompt": body.prompt}
+
+    def response(self, results: List[Result], info: dict, started: float) -> dict:
+        samples = [self._sample(r, info) for r in results]
+        out = dict(samples[0])
+        out.update(request_time=time.perf_counter() - started, prompt_tokens=info["prompt_tokens"],
+                   truncated_prompt_tokens=info["truncated_prompt_tokens"])
+        if len(samples) > 1:
+            out["samples"] = samples
+        return out
+
+    def _sample(self, r: Result, info: dict) -> dict:
+        tokens = []
+        for text, (logprob, top) in zip(r.prompt_texts + r.new_texts, r.prompt_scores + r.new_scores):
+            tokens.append({"text": text, "logprob": logprob, "top_logprob": self._top_texts(top)})
+        text = "".join(r.prompt_texts + r.new_texts)
+        if info["echo"] and not info["truncated_prompt_tokens"] and not text.startswith(info["prompt"]):
+            # Tokenizers that normalise text (sentencepiece's leading space) can echo a slightly different prompt;
+            # `text` must start with exactly what was sent.
+            text = info["prompt"] + "".join(r.new_texts)
+        return {"text": text, "tokens": tokens, "logprob": sum(t["logprob"] for t in tokens),
+                "finish_reason": r.finish_reason}
+
+    def _top_texts(self, top: dict) -> dict:
+        out = {}
+        for id_, logprob in top.items():  # best first; two ids with the same text keep the better one
+            out.setdefault(self.tokenizer.decode([id_]), logprob)
+        return out
+
+    def process(self, body: dict) -> dict:
+        """Synchronous /process for in-process callers (evaluation, tests)."""
+        started = time.perf_counter()
+        futures, info = self.submit(ProcessRequest.model_validate(body))
+        return self.response([f.result() for f in futures], info, started)
+
+    # /tokenize and /decode
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        started = time.perf_counter()
+        # No BOS: /decode(/tokenize(x)) must give back x exactly, and HELM counts prompt tokens with it.
+        ids = self.tokenizer.encode(body.text, bos=False).tolist()
+        if body.truncation:
+            ids = ids[: body.max_length]
+        return {"tokens": ids, "request_time": time.perf_counter() - started}
+
+    def decode(self, body: DecodeRequest) -> dict:
+        started = time.perf_counter()
+        vocab = self.tokenizer.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise BadRequest(f"tokens: ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        return {"text": self.tokenizer.decode(body.tokens), "request_time": time.perf_counter() - started}
+
+
+def _error_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"field '{where}': {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def build_app(service: Service, warmup: bool = True):
+    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi.responses import JSONResponse
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.engine.start()
+        if warmup:  # compile kernels and allocate the caches before the first real request
+            t0 = time.perf_counter()
+            await asyncio.to_thread(service.process, {"prompt": "The capital of France is", "max_new_tokens": 1,
+                                                       "temperature": 0, "echo_prompt": True})
+            await asyncio.to_thread(service.process, {"prompt": "The capital of France is", "max_new_tokens": 4,
+                                                       "temperature": 0})
+            log.info(json.dumps({"event": "warmup", "seconds": round(time.perf_counter() - t0, 3)}))
+        yield
+        service.engine.stop()
+
+    app = FastAPI(title="oneday server", lifespan=lifespan)
+
+    async def read_json(request: HTTPRequest, model):
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"body is not valid JSON ({e}); send a JSON object", status=400) from None
+        if not isinstance(data, dict):
+            raise BadRequest(f"body must be a JSON object, got {type(data).__name__}")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise BadRequest(_error_message(e)) from None
+
+    def error(status: int, message: str, request: HTTPRequest) -> JSONResponse:
+        request.state.log["error"] = message
+        return JSONResponse(status_code=status, content={"error": message, "detail": message})
+
+    @app.middleware("http")
+    async def log_request(request: HTTPRequest, call_next):
+        started = time.perf_counter()
+        request.state.log = {}
+        response = await call_next(request)
+        line = {"event": "request", "method": request.method, "path": request.url.path, "status": response.status_code,
+                "ms": round(1000 * (time.perf_counter() - started), 2), **request.state.log}
+        log.info(json.dumps(line))
+        return response
+
+    @app.post("/process")
+    async def process(request: HTTPRequest):
+        started = time.perf_counter()
+        try:
+            body = await read_json(request, ProcessRequest)
+            futures, info = service.submit(body)
+        except ValueError as e:
+            return error(getattr(e, "status", 422), str(e), request)
+        try:
+            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        except Exception as e:  # the engine failed this batch (e.g. out of memory); it keeps serving others
+            log.exception("engine error")
+            return error(500, f"generation failed: {type(e).__name__}: {e}", request)
+        out = service.response(results, info, started)
+        request.state.log.update(prompt_tokens=info["prompt_tokens"], truncated=info["truncated_prompt_tokens"],
+                                 new_tokens=sum(len(r.new_ids) for r in results), max_new_tokens=body.max_new_tokens,
+                                 echo=info["echo"], samples=len(results), finish=results[0].finish_reason,
+                                 queued_ms=round(1000 * max(r.queued_s for r in results), 2))
+        return out
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest):
+        try:
+            return service.tokenize(await read_json(request, TokenizeRequest))
+        except ValueError as e:
+            return error(getattr(e, "status", 422), str(e), request)
+
+    @app.post("/decode")
+    async def decode(request: HTTPRequest):
+        try:
+            return service.decode(await read_json(request, DecodeRequest))
+        except ValueError as e:
+            return error(getattr(e, "status", 422), str(e), request)
+
+    @app.get("/health")
+    async def health():
+        e = service.engine
+        return {"status": "ok", "model": service.name, "context": e.max_seq_length, "pending": e.pending(),
+                "prompt_style": service.prompt_style.name if service.prompt_style else None,
+                "dola_layers": e.dola_layers, **e.stats}
+
+    return app
+
+
+def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantize: Optional[str] = None,
+                 precision: str = "auto", device: str = "auto", prompt_style: str = "auto",
+                 max_seq_length: Optional[int] = 2048, max_batch_size: int = 32, max_batch_tokens: int = 16384,
+                 dola_layers: Optional[str] = None, stop_at_blank_line: bool = False) -> Service:
+    """Loads the model (merged, or base + LoRA adapter; bf16/fp32 or 4-bit) and wraps it in an engine."""
+    from prompts import get_style, load_style
+    from utils import load_model, resolve_checkpoint_dir
+
+    device = pick_device(device)
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if precision not in dtypes:
+        raise SystemExit(f"--precision {precision!r}: choose bf16, fp16, fp32 or auto")
+    if quantize is not None and device != "cuda":
+        raise SystemExit(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); drop it to serve on {device}")
+    checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
+    tokenizer = Tokenizer(checkpoint_dir)
+    t0 = time.perf_counter()
+    if adapter_dir is not None:
+        model = _load_with_adapter(checkpoint_dir, Path(adapter_dir), device, dtypes[precision], quantize)
+        style_dirs = [Path(adapter_dir), checkpoint_dir]
+    else:
+        model = load_model(checkpoint_dir, device=device, dtype=dtypes[precision], quantize=quantize)
+        style_dirs = [checkpoint_dir]
+    model.eval()
+    log.info(json.dumps({"event": "loaded", "checkpoint": str(checkpoint_dir), "adapter": adapter_dir,
+                         "seconds": round(time.perf_counter() - t0, 2), "device": device, "precision": precision,
+                         "quantize": quantize}))
+    if prompt_style == "auto":  # the template the checkpoint (or adapter) was fine-tuned with, or none
+        style = next((load_style(d) for d in style_dirs if (d / "prompt_style.json").is_file()), None)
+    elif prompt_style == "none":
+        style = None
+    elif Path(prompt_style).is_file():
+        style = load_style(Path(prompt_style).parent)
+    else:
+        style = get_style(prompt_style)
+    layers = parse_dola_layers(dola_layers, model.config.n_layer)
+    engine = Engine(model, tokenizer, max_seq_length=max_seq_length, max_batch_size=max_batch_size,
+                    max_batch_tokens=max_batch_tokens, dola_layers=layers)
+    return Service(engine, style, stop_at_blank_line, name=model.config.name or str(checkpoint_dir))
+
+
+def _load_with_adapter(checkpoint_dir: Path, adapter_dir: Path, device, dtype, quantize):
+    """Base weights plus a LoRA adapter saved by finetune/lora.py (lora.py owns the format)."""
+    try:
+        from generate.lora import load_lora_model
+    except ImportError as e:
+        raise SystemExit(f"--adapter_dir needs generate/lora.py's load_lora_model ({e}); merge the adapter with "
+                         "scripts/merge_lora.py and serve the merged checkpoint instead") from None
+    return load_lora_model(checkpoint_dir, adapter_dir, device=device, dtype=dtype, quantize=quantize)
+
+
+def parse_dola_layers(spec: Optional[str], n_layer: int) -> Optional[List[int]]:
+    """DoLa's candidate early layers: "low" (even layers of the first half, as the paper's 'lower bucket'), "high"
+    (even layers of the second half) or a comma list of layer indices; None/"" turns DoLa off."""
+    if not spec:
+        return None
+    if spec in ("low", "high"):
+        half = n_layer // 2
+        layers = range(0, half, 2) if spec == "low" else range(half, n_layer - 1, 2)
+        return list(layers) or [0]
+    try:
+        return [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise SystemExit(f"--dola_layers {spec!r}: use low, high or comma-separated layer indices like 0,2,4") from None
+
+
+def main(
+    checkpoint_dir: str = "smollm2-135m",
+    adapter_dir: Optional[str] = None,
+    quantize: Optional[str] = None,
+    precision: str = "auto",
+    device: str = "auto",
+    prompt_style: str = "auto",
+    host: str = "0.0.0.0",
+    port: int = 8080,
+    max_seq_length: int = 2048,
+    max_batch_size: int = 32,
+    max_batch_tokens: int = 16384,
+    dola_layers: Optional[str] = None,
+    stop_at_blank_line: bool = False,
+    warmup: bool = True,
+) -> None:
+    """Serve the challenge API (/process, /tokenize, /decode, /health).
+
+    Args:
+        checkpoint_dir: a converted (or merged) checkpoint folder, or a registered name such as smollm2-135m.
+        adapter_dir: a LoRA adapter folder from finetune/lora.py, applied on top of checkpoint_dir.
+        quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.int8 base weights (needs a CUDA GPU and bitsandbytes).
+        precision: bf16, fp16, fp32 or auto (bf16 on a GPU that supports it, else fp32).
+        device: cuda, cpu or auto.
+        prompt_style: auto (the checkpoint's prompt_style.json, or none), none, a style name from prompts.py, or a
+            path to a prompt_style.json. Applied to non-echo prompts.
+        host: interface to listen on.
+        port: port to listen on (the challenge image uses 80).
+        max_seq_length: prompt + completion tokens per request (the challenge caps them at 2048); longer prompts are
+            truncated from the left. Also sizes the KV cache.
+        max_batch_size: generation slots decoded together, and rows per scoring batch.
+        max_batch_tokens: padded tokens per forward pass (bounds activation memory of a scoring batch).
+        dola_layers: DoLa decoding: low, high or comma-separated early layers to contrast with the final layer.
+        stop_at_blank_line: cut every completion at its first blank line (after some text), as Upaya's entry did.
+        warmup: run two small requests before accepting traffic.
+    """
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    service = load_service(checkpoint_dir, adapter_dir, quantize, precision, device, prompt_style, max_seq_length,
+                           max_batch_size, max_batch_tokens, dola_layers, stop_at_blank_line)
+    uvicorn.run(build_app(service, warmup), host=host, port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main)
