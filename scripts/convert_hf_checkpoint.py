@@ -1,0 +1,202 @@
+"""Convert a downloaded Hugging Face checkpoint folder into the project's checkpoint format, in place.
+
+    python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/mistralai/Mistral-7B-v0.1
+
+Reads config.json and the weight shards (model*.safetensors preferred, else pytorch_model*.bin), one shard at a
+time and tensor by tensor, so a 14B model never sits twice in RAM: only q/k/v pieces waiting to be fused are held
+across tensors. Writes one of our shards per input shard, then model_config.json. The weight shards are replaced
+(same folder, same file names, as resolve_checkpoint_dir expects); pass --out_dir to keep the originals.
+Name tables: scripts/hf_names.py.
+"""
+
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from jsonargparse import CLI
+from safetensors import SafetensorError, safe_open
+
+from hf_names import HFToLit, config_from_hf, family_of
+from model import Config, configs
+from utils import save_safetensors
+
+# Files a checkpoint folder keeps next to the weights (tokenizer, chat template, generation defaults, Qwen's code).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "qwen.tiktoken")
+OUR_FORMAT = "oneday"  # safetensors metadata marking shards this converter wrote
+# Config fields that describe the architecture; a registered config is used only if all of them agree.
+SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_query_groups", "n_embd", "head_size", "intermediate_size",
+                "rotary_percentage", "rope_base", "norm_class", "norm_eps", "gated_mlp", "gelu_approximate", "bias",
+                "attn_bias", "parallel_residual", "tie_embeddings", "sliding_window")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def setup(checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optional[str] = None,
+          out_dir: Optional[Path] = None) -> None:
+    """Convert the Hugging Face files in a folder (from scripts/download.py) into our checkpoint format.
+
+    Args:
+        checkpoint_dir: Folder with config.json, model*.safetensors or pytorch_model*.bin, and tokenizer files.
+        model_name: A registered config name (model.py) to use; default: the registered config whose fields match
+            config.json, else a config built from config.json itself (named after the folder).
+        dtype: Cast the weights to float32, bfloat16 or float16; default: keep the checkpoint's dtype.
+        out_dir: Write here instead of replacing the weights in checkpoint_dir (tokenizer files are copied).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    out_dir = Path(out_dir) if out_dir is not None else checkpoint_dir
+    if dtype is not None and dtype not in DTYPES:
+        raise SystemExit(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    config_path = checkpoint_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: not found; download the model first "
+                                "(python scripts/download.py --repo_id ORG/NAME)")
+    hf_config = json.loads(config_path.read_text())
+    family = family_of(hf_config, config_path)
+    config = pick_config(config_from_hf(hf_config, name=checkpoint_dir.name, path=config_path), model_name,
+                         checkpoint_dir)
+    files = weight_files(checkpoint_dir)
+    if files[0].suffix == ".safetensors" and is_converted(files[0]):
+        print(f"{checkpoint_dir}: already converted (its shards hold our names); download again to re-convert",
+              file=sys.stderr)
+        return
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    convert = HFToLit(family, config)
+    names = output_names(len(files))
+    started = time.perf_counter()
+    written: List[Tuple[Path, Path]] = []
+    for i, (file, out_name) in enumerate(zip(files, names)):
+        tensors: Dict[str, torch.Tensor] = {}
+        for hf_name, tensor in read_shard(file):
+            try:
+                converted = convert(hf_name, tensor)
+            except KeyError as e:
+                raise ValueError(f"{file}: {e.args[0]}") from None
+            for name, t in converted:
+                tensors[name] = t.to(DTYPES[dtype]).contiguous() if dtype else t.contiguous()
+        # Written under a temporary name: the originals are replaced only once every shard converted.
+        part = out_dir / f"{out_name}.converting"
+        save_safetensors(tensors, part, metadata={"format": "pt", "converted_by": OUR_FORMAT})
+        written.append((part, out_dir / out_name))
+        size = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e9
+        print(f"[{i + 1}/{len(files)}] {file.name} -> {out_name}: {len(tensors)} tensors, {size:.2f} GB, "
+              f"{time.perf_counter() - started:.0f}s", file=sys.stderr)
+        del tensors
+    if convert.leftover():
+        for part, _ in written:
+            part.unlink()
+        raise ValueError(f"{checkpoint_dir}: incomplete checkpoint, missing q/k/v pieces for "
+                         f"{'; '.join(convert.leftover()[:3])}; download it again")
+
+    if out_dir.resolve() == checkpoint_dir.resolve():
+        for file in files:  # our shard names match most downloads'; any other original weight file goes
+            if file.name not in names:
+                file.unlink()
+        index = checkpoint_dir / "model.safetensors.index.json"
+        if index.is_file():
+            index.unlink()  # it lists the Hugging Face names, which are gone
+    else:
+        keep = [checkpoint_dir / name for name in TOKENIZER_FILES + ("config.json",)]
+        for file in keep + sorted(checkpoint_dir.glob("*.py")):  # *.py: Qwen's remote code, for the way back
+            if file.is_file():
+                shutil.copy2(file, out_dir / file.name)
+    for part, final in written:
+        part.replace(final)
+    if (out_dir / "qwen.tiktoken").is_file() and not (out_dir / "tokenizer.json").is_file():
+        from tokenizer import convert_tiktoken  # first-generation Qwen: so the runtime needs only `tokenizers`
+
+        convert_tiktoken(out_dir)
+    config.to_json(out_dir / "model_config.json")
+    print(f"{out_dir}: wrote model_config.json ({config.name}) and {len(written)} shard(s) in "
+          f"{time.perf_counter() - started:.0f}s", file=sys.stderr)
+
+
+def pick_config(derived: Config, model_name: Optional[str], checkpoint_dir: Path) -> Config:
+    """The registered config for these weights (by name, or the one whose fields all match), else `derived`."""
+    if model_name is not None:
+        registered = Config.from_name(model_name)  # unknown names raise with close suggestions
+        for field in SHAPE_FIELDS:
+            if getattr(registered, field) != getattr(derived, field):
+                raise ValueError(f"--model_name {model_name}: {field}={getattr(registered, field)!r} but "
+                                 f"{checkpoint_dir / 'config.json'} says {getattr(derived, field)!r}; "
+                                 "leave --model_name out to use config.json")
+        return registered
+    matches = [c for c in configs if all(getattr(Config(**c), f) == getattr(derived, f) for f in SHAPE_FIELDS)]
+    # Base and instruct variants share their shapes: prefer the one the folder is named after.
+    matches.sort(key=lambda c: c["hf_repo"].split("/")[-1].lower() != checkpoint_dir.name.lower())
+    if matches:
+        print(f"{checkpoint_dir}: using registered config {matches[0]['name']}", file=sys.stderr)
+        return Config(**matches[0])
+    print(f"{checkpoint_dir}: no registered config matches config.json; using it as is (name {derived.name!r})",
+          file=sys.stderr)
+    return derived
+
+
+def weight_files(checkpoint_dir: Path) -> List[Path]:
+    """The weight shards in order; a missing shard raises, naming the file."""
+    for pattern, index_name in (("model*.safetensors", "model.safetensors.index.json"),
+                                ("pytorch_model*.bin", "pytorch_model.bin.index.json")):
+        index = checkpoint_dir / index_name
+        if index.is_file():
+            listed = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [checkpoint_dir / name for name in listed]
+        else:
+            files = sorted(p for p in checkpoint_dir.glob(pattern) if p.is_file())
+            # "model-00002-of-00003.safetensors" says how many shards there should be.
+            m = re.search(r"-(\d+)-of-(\d+)\.", files[0].name) if files else None
+            if m:
+                head, tail, width = files[0].name[: m.start(1)], files[0].name[m.end(1):], len(m.group(1))
+                files = [checkpoint_dir / f"{head}{i:0{width}d}{tail}" for i in range(1, int(m.group(2)) + 1)]
+        if files:
+            for file in files:
+                if not file.is_file():
+                    raise FileNotFoundError(f"{file}: missing checkpoint shard; download the model again")
+            return files
+    raise FileNotFoundError(f"{checkpoint_dir}: no model*.safetensors or pytorch_model*.bin weights; "
+                            "download the model first (python scripts/download.py --repo_id ORG/NAME)")
+
+
+def output_names(n: int) -> List[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def is_converted(file: Path) -> bool:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get("converted_by") == OUR_FORMAT
+    except SafetensorError:
+        return False  # read_shard reports the broken file
+
+
+def read_shard(file: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one shard, read lazily (safetensors) or memory-mapped (.bin)."""
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: unreadable safetensors shard ({e}); it may be truncated, download it again") from None
+        return
+    try:
+        state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # zip/pickle errors of a truncated download come in many types
+        raise ValueError(f"{file}: unreadable PyTorch shard ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "it may be truncated, download it again") from None
+    for name in list(state):
+        yield name, state.pop(name)
+
+
+if __name__ == "__main__":
+    CLI(setup, as_positional=False)
