@@ -147,9 +147,16 @@ class Service:
                 "finish_reason": r.finish_reason}
 
     def _top_texts(self, top: dict) -> dict:
+        """{token text: logprob} keeping all k alternatives: a token whose text is not unique on its own (a partial
+        UTF-8 byte decodes to '\ufffd') is keyed by its vocabulary piece instead."""
         out = {}
-        for id_, logprob in top.items():  # best first; two ids with the same text keep the better one
-            out.setdefault(self.tokenizer.decode([id_]), logprob)
+        for id_, logprob in top.items():
+            text = self.tokenizer.decode([id_])
+            if text in out or "\ufffd" in text:
+                tok = self.tokenizer
+                piece = tok.processor.id_to_token(id_) if tok.backend == "huggingface" else tok.processor.id_to_piece(id_)
+                text = piece if piece not in out else f"{piece}<{id_}>"
+            out[text] = logprob
         return out
 
     def process(self, body: dict) -> dict:

@@ -1,0 +1,348 @@
+"""The challenge API on a tiny random checkpoint: schemas, exact logprobs, stops, truncation, batching, bad input."""
+
+import asyncio
+import json
+import logging
+
+import pytest
+import torch
+
+from generate.engine import dola_scores, find_stop, group_by_prefix
+from generate.server import build_app, load_service
+from tests.tiny_checkpoint import make_tiny_checkpoint
+
+fastapi = pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+PROMPT = "The capital of France is"
+GREEDY = {"temperature": 1e-7}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def service(checkpoint):
+    svc = load_service(str(checkpoint), device="cpu", max_seq_length=128, max_batch_size=8, max_batch_tokens=2048)
+    svc.engine.start()
+    yield svc
+    svc.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return TestClient(build_app(service, warmup=False))  # the engine is already running (module fixture)
+
+
+def forward_logprobs(service, ids):
+    """The reference: one plain forward pass over the whole sequence, fp32 log-softmax."""
+    with torch.no_grad():
+        logits = service.engine.model(torch.tensor([ids]))[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def run(service, body):
+    """In-process /process (the code path the HTTP route uses) that also hands back the token ids."""
+    from generate.server import ProcessRequest
+
+    futures, info = service.submit(ProcessRequest.model_validate(body))
+    results = [f.result() for f in futures]
+    return results[0], service.response(results, info, 0.0)
+
+
+def test_process_schema_and_unknown_fields(client):
+    body = {"prompt": PROMPT, "max_new_tokens": 4, "temperature": 0.0, "some_future_field": {"x": 1},
+            "top_k": 50, "seed": 3, "echo_prompt": None}
+    r = client.post("/process", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert set(out) >= {"text", "tokens", "logprob", "request_time"}
+    assert isinstance(out["text"], str) and isinstance(out["logprob"], float) and out["request_time"] >= 0
+    assert 1 <= len(out["tokens"]) <= 4
+    for t in out["tokens"]:
+        assert set(t) == {"text", "logprob", "top_logprob"}
+        assert t["logprob"] <= 0 and len(t["top_logprob"]) >= 1
+        assert all(v <= 0 for v in t["top_logprob"].values())  # log-probabilities, not probabilities
+    assert "".join(t["text"] for t in out["tokens"]) == out["text"]
+    assert out["logprob"] == pytest.approx(sum(t["logprob"] for t in out["tokens"]))
+    # the organisers' health check: only a prompt
+    assert client.post("/process", json={"prompt": "The capital of France is "}).status_code == 200
+
+
+def test_tokenize_decode_round_trip(client, service):
+    for text in [PROMPT, "naïve café — ünïcödé 東京 🙂\n\n  spaces  ", "a"]:
+        tokens = client.post("/tokenize", json={"text": text}).json()["tokens"]
+        assert tokens == service.tokenizer.encode(text, bos=False).tolist()
+        assert client.post("/decode", json={"tokens": tokens}).json()["text"] == text
+    long = PROMPT * 10
+    full = client.post("/tokenize", json={"text": long, "truncation": False, "max_length": 5}).json()["tokens"]
+    cut = client.post("/tokenize", json={"text": long, "truncation": True, "max_length": 5}).json()
+    assert len(full) > 5 and cut["tokens"] == full[:5] and "request_time" in cut
+    default = client.post("/tokenize", json={"text": long}).json()["tokens"]
+    assert default == full  # max_length 2048 by default: nothing to cut
+
+
+def test_generation_logprobs_equal_forward_pass(client, service):
+    body = {"prompt": PROMPT, "max_new_tokens": 6, "top_k_per_token": 3, **GREEDY}
+    result, out = run(service, body)
+    assert client.post("/process", json=body).json()["tokens"] == out["tokens"]  # HTTP gives the same numbers
+    prompt_ids = service.tokenizer.encode(PROMPT).tolist()
+    assert out["finish_reason"] == "length" and len(out["tokens"]) == 6
+    ids = prompt_ids + result.new_ids
+    ref = forward_logprobs(service, ids)
+    for k, t in enumerate(out["tokens"]):
+        pos = len(prompt_ids) + k - 1
+        token = ids[pos + 1]
+        assert token == int(ref[pos].argmax())  # greedy
+        assert t["logprob"] == pytest.approx(float(ref[pos, token]), abs=1e-4)
+        best = ref[pos].topk(3)
+        assert sorted(t["top_logprob"].values(), reverse=True) == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 1, 3])
+def test_echo_logprobs_equal_forward_pass(client, service, max_new_tokens):
+    body = {"prompt": PROMPT, "max_new_tokens": max_new_tokens, "echo_prompt": True, "top_k_per_token": 2, **GREEDY}
+    result, out = run(service, body)
+    assert client.post("/process", json=body).json()["tokens"] == out["tokens"]
+    prompt_ids = service.tokenizer.encode(PROMPT).tolist()
+    assert out["text"].startswith(PROMPT) and result.prompt_ids == prompt_ids
+    assert len(out["tokens"]) == len(prompt_ids) + max_new_tokens
+    first = out["tokens"][0]
+    assert first["logprob"] == 0.0 and list(first["top_logprob"].values()) == [0.0]  # nothing to condition on
+    ids = prompt_ids + result.new_ids
+    ref = forward_logprobs(service, ids)
+    for k in range(1, len(ids)):
+        assert out["tokens"][k]["logprob"] == pytest.approx(float(ref[k - 1, ids[k]]), abs=1e-4)
+        assert max(out["tokens"][k]["top_logprob"].values()) == pytest.approx(float(ref[k - 1].max()), abs=1e-4)
+    assert out["logprob"] == pytest.approx(float(sum(ref[k - 1, ids[k]] for k in range(1, len(ids)))), abs=1e-3)
+
+
+def test_echo_with_bos_scores_first_token(tmp_path):
+    svc = load_service(str(make_tiny_checkpoint(tmp_path, bos=True)), device="cpu", max_seq_length=64)
+    svc.engine.start()
+    try:
+        out = svc.process({"prompt": PROMPT, "max_new_tokens": 0, "echo_prompt": True})
+    finally:
+        svc.engine.stop()
+    ids = svc.tokenizer.encode(PROMPT).tolist()
+    assert ids[0] == svc.tokenizer.bos_id and out["text"] == PROMPT and len(out["tokens"]) == len(ids) - 1
+    ref = forward_logprobs(svc, ids)
+    assert out["tokens"][0]["logprob"] == pytest.approx(float(ref[0, ids[1]]), abs=1e-4)  # conditioned on BOS
+
+
+def test_shared_prefix_scoring_matches_forward(service):
+    """HELM's few-shot prompts share long prefixes: batched together they take the shared-prefix path."""
+    prefix = "The following are multiple choice questions (with answers) about anatomy.\n\n" * 2
+    prompts = [prefix + f"Question: What is {i} + 3?\nAnswer:" for i in range(6)]
+    ids = [service.tokenizer.encode(p).tolist() for p in prompts]
+    groups = group_by_prefix(ids, service.engine.min_shared_prefix)
+    assert any(n > 0 and len(g) == 6 for n, g in groups)
+    futures, infos = zip(*[service.submit(service_body(p)) for p in prompts])
+    for p_ids, fs in zip(ids, futures):
+        result = fs[0].result()
+        ref = forward_logprobs(service, p_ids)
+        got = [s for s, _ in result.prompt_scores][1:]
+        assert got == pytest.approx([float(ref[k - 1, p_ids[k]]) for k in range(1, len(p_ids))], abs=1e-4)
+        assert result.new_ids == [int(ref[-1].argmax())]
+
+
+def service_body(prompt):
+    from generate.server import ProcessRequest
+
+    return ProcessRequest(prompt=prompt, max_new_tokens=1, echo_prompt=True, temperature=0.0)
+
+
+def test_stop_sequences_cut_text_and_tokens(client):
+    free = client.post("/process", json={"prompt": PROMPT, "max_new_tokens": 12, **GREEDY}).json()
+    text = free["text"]
+    stop = text[5:7]
+    assert stop and text.find(stop) >= 1
+    out = client.post("/process", json={"prompt": PROMPT, "max_new_tokens": 12, "stop_sequences": [stop], **GREEDY}).json()
+    assert out["text"] == text[: text.find(stop)]
+    assert "".join(t["text"] for t in out["tokens"]) == out["text"]
+    assert out["finish_reason"] == "stop" and len(out["tokens"]) < len(free["tokens"])
+    assert [t["logprob"] for t in out["tokens"]] == [t["logprob"] for t in free["tokens"][: len(out["tokens"])]]
+
+
+def test_eos_stops_and_is_not_returned(service):
+    free, free_out = run(service, {"prompt": PROMPT, "max_new_tokens": 6, **GREEDY})
+    eos = service.tokenizer.eos_id
+    service.tokenizer.eos_id = free.new_ids[2]  # pretend the third greedy token is EOS
+    try:
+        result, out = run(service, {"prompt": PROMPT, "max_new_tokens": 6, **GREEDY})
+    finally:
+        service.tokenizer.eos_id = eos
+    assert out["finish_reason"] == "eos" and result.new_ids == free.new_ids[:2]
+    assert [t["logprob"] for t in out["tokens"]] == [t["logprob"] for t in free_out["tokens"][:2]]
+
+
+def test_find_stop_and_blank_line():
+    assert find_stop("abc\n\ndef", ["\n\n"]) == 3
+    assert find_stop("abc###d\n", ["\n", "###"]) == 3
+    assert find_stop("abc", ["x"]) is None
+    assert find_stop("\n\nThe answer.\n\nMore", [], blank_line=True) == 13  # leading blank lines are not the end
+    assert find_stop("\n\n", [], blank_line=True) is None
+    assert find_stop("One line", [], blank_line=True) is None
+
+
+def test_stop_at_blank_line_option(checkpoint):
+    svc = load_service(str(checkpoint), device="cpu", max_seq_length=128, stop_at_blank_line=True)
+    assert svc.stop_at_blank_line
+    request_ids = svc.submit(service_body(PROMPT).model_copy(update={"max_new_tokens": 3}))[0][0]
+    svc.engine.start()
+    try:
+        assert request_ids.result().finish_reason in ("length", "stop", "eos")
+    finally:
+        svc.engine.stop()
+
+
+def test_long_prompt_is_left_truncated(client, service):
+    prompt = " ".join(f"word{i}" for i in range(400))
+    out = client.post("/process", json={"prompt": prompt, "max_new_tokens": 5, **GREEDY}).json()
+    assert out["truncated_prompt_tokens"] > 0 and out["prompt_tokens"] + 5 == service.engine.max_seq_length
+    ids = service.tokenizer.encode(prompt).tolist()
+    kept = ids[out["truncated_prompt_tokens"]:]
+    ref = forward_logprobs(service, kept)
+    assert out["tokens"][0]["logprob"] == pytest.approx(float(ref[-1].max()), abs=1e-4)
+    echo = client.post("/process", json={"prompt": prompt, "max_new_tokens": 0, "echo_prompt": True}).json()
+    assert echo["truncated_prompt_tokens"] == len(ids) - service.engine.max_seq_length
+    assert len(echo["tokens"]) == service.engine.max_seq_length
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ("{not json", 400, "not valid JSON"),
+    ("[1, 2]", 422, "JSON object"),
+    ({"max_new_tokens": 3}, 422, "prompt"),
+    ({"prompt": 5}, 422, "prompt"),
+    ({"prompt": ""}, 422, "prompt"),
+    ({"prompt": "x", "max_new_tokens": -1}, 422, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": "5"}, 422, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 10**9}, 422, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 128}, 422, "max_new_tokens"),
+    ({"prompt": "x", "echo_prompt": "yes"}, 422, "echo_prompt"),
+    ({"prompt": "x", "temperature": -1}, 422, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 422, "top_p"),
+    ({"prompt": "x", "num_samples": 0}, 422, "num_samples"),
+    ({"prompt": "x", "stop_sequences": "\n"}, 422, "stop_sequences"),
+])
+def test_bad_process_requests_get_4xx_and_server_keeps_serving(client, body, status, words):
+    kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+    r = client.post("/process", headers={"content-type": "application/json"}, **kwargs)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+    assert client.post("/process", json={"prompt": PROMPT, "max_new_tokens": 1}).status_code == 200
+
+
+def test_bad_tokenize_and_decode_requests(client):
+    assert client.post("/tokenize", json={"text": 3}).status_code == 422
+    assert client.post("/tokenize", json={"text": "x", "max_length": 0}).status_code == 422
+    r = client.post("/decode", json={"tokens": [1, 10**7]})
+    assert r.status_code == 422 and "vocabulary" in r.json()["error"]
+    assert client.post("/decode", json={"tokens": "1 2"}).status_code == 422
+
+
+def test_health_and_one_json_log_line_per_request(client, caplog):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["context"] == 128
+    with caplog.at_level(logging.INFO, logger="server"):
+        client.post("/process", json={"prompt": PROMPT, "max_new_tokens": 2})
+        client.post("/process", json={"prompt": ""})
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "server"]
+    assert len(lines) == 2
+    assert lines[0]["path"] == "/process" and lines[0]["status"] == 200 and lines[0]["new_tokens"] >= 1
+    assert lines[1]["status"] == 422 and "prompt" in lines[1]["error"]
+
+
+def test_30_concurrent_clients_get_their_answers_alone(client, service):
+    """Mixed HELM traffic at once: 1-token scoring, echo scoring, generations of different lengths, a sampled one
+    with a seed. Each response must equal the one the same request gets when it is sent alone."""
+    bodies = []
+    for i in range(30):
+        prompt = f"Question: What is {i} + 3?\nA. {i}\nB. {i + 3}\nAnswer:" if i % 3 == 0 else PROMPT * (1 + i % 4) + str(i)
+        kind = i % 5
+        if kind == 0:
+            bodies.append({"prompt": prompt, "max_new_tokens": 1, "stop_sequences": ["\n"], **GREEDY})
+        elif kind == 1:
+            bodies.append({"prompt": prompt, "max_new_tokens": 0, "echo_prompt": True, "top_k_per_token": 2})
+        elif kind == 4 and i > 20:
+            bodies.append({"prompt": prompt, "max_new_tokens": 7, "temperature": 0.9, "seed": i})
+        else:
+            bodies.append({"prompt": prompt, "max_new_tokens": 3 + 2 * (i % 7), **GREEDY})
+    alone = [client.post("/process", json=b).json() for b in bodies]
+    before = dict(service.engine.stats)
+
+    async def all_at_once():
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await asyncio.gather(*(c.post("/process", json=b) for b in bodies))
+
+    together = [r.json() for r in asyncio.run(all_at_once())]
+    for a, b in zip(alone, together):
+        assert b["text"] == a["text"]
+        assert [t["text"] for t in b["tokens"]] == [t["text"] for t in a["tokens"]]
+        assert [t["logprob"] for t in b["tokens"]] == pytest.approx([t["logprob"] for t in a["tokens"]], abs=1e-4)
+    stats = service.engine.stats
+    n_scoring = sum(b["max_new_tokens"] <= 1 for b in bodies)
+    assert stats["scoring_batches"] - before["scoring_batches"] < n_scoring  # scoring requests were batched
+    decode_steps = stats["decode_steps"] - before["decode_steps"]
+    assert decode_steps < sum(len(a["tokens"]) for a, b in zip(alone, bodies) if b["max_new_tokens"] > 1) / 2
+
+
+def test_sampling_is_seeded_and_num_return_sequences(client):
+    body = {"prompt": PROMPT, "max_new_tokens": 6, "temperature": 1.0, "seed": 7, "num_return_sequences": 3}
+    a, b = client.post("/process", json=body).json(), client.post("/process", json=body).json()
+    assert a["text"] == b["text"] and len(a["samples"]) == 3
+    assert a["samples"][0]["text"] == a["text"]
+    assert len({s["text"] for s in a["samples"]}) > 1
+
+
+def test_prompt_style_applied_to_generation_not_to_echo(tmp_path):
+    from prompts import render
+
+    svc = load_service(str(make_tiny_checkpoint(tmp_path, prompt_style="alpaca")), device="cpu", max_seq_length=128)
+    assert svc.prompt_style.name == "alpaca"
+    svc.engine.start()
+    try:
+        gen = svc.process({"prompt": PROMPT, "max_new_tokens": 2, **GREEDY})
+        echo = svc.process({"prompt": PROMPT, "max_new_tokens": 0, "echo_prompt": True})
+    finally:
+        svc.engine.stop()
+    assert gen["prompt_tokens"] == len(svc.tokenizer.encode(render("alpaca", PROMPT)))
+    assert echo["text"] == PROMPT
+    assert load_service(str(tmp_path), device="cpu", prompt_style="none").prompt_style is None
+
+
+def test_dola_scores():
+    final = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    early = {0: torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1]])), 1: torch.log(torch.tensor([[0.59, 0.31, 0.05, 0.05]]))}
+    scores = dola_scores(final, early, alpha=0.1)
+    # layer 0 differs most (JSD); token 1 gained most from it; tokens below 0.1 * 0.6 are implausible
+    assert int(scores.argmax()) == 1
+    assert torch.isinf(scores[0, 2:]).all() and torch.isfinite(scores[0, :2]).all()
+
+
+def test_dola_engine_follows_contrast(checkpoint):
+    svc = load_service(str(checkpoint), device="cpu", max_seq_length=128, dola_layers="0")
+    assert svc.engine.dola_layers == [0]
+    model = svc.engine.model
+    ids = svc.tokenizer.encode(PROMPT).tolist()
+    captured = {}
+    handle = model.blocks[0].register_forward_hook(lambda m, i, o: captured.update(h=o))
+    with torch.no_grad():
+        final = model(torch.tensor([ids]))[0, -1:]
+        early = model.lm_head(model.ln_f(captured["h"][0, -1:]))
+    handle.remove()
+    expected = int(dola_scores(final, {0: early}).argmax())
+    svc.engine.start()
+    try:
+        scored = svc.process({"prompt": PROMPT, "max_new_tokens": 1, **GREEDY})
+        generated = svc.process({"prompt": PROMPT, "max_new_tokens": 3, **GREEDY})
+    finally:
+        svc.engine.stop()
+    for out in (scored, generated):
+        assert out["tokens"][0]["text"] == svc.tokenizer.token_texts(ids + [expected])[-1]
+        # the reported logprob is still the model's own (final layer), not the contrast score
+        assert out["tokens"][0]["logprob"] == pytest.approx(float(torch.log_softmax(final, -1)[0, expected]), abs=1e-4)
