@@ -1,0 +1,351 @@
+"""The logic every prepare_data script shares: finding and reading source files, the common row schema, error
+reporting, tokenization with loss masks and truncation, and writing the data folder that finetune/lora.py reads.
+
+A row is `{"messages": [{"role": "user", "content": ..., "input": ...}, {"role": "assistant", "content": ...}, ...]}`
+(optionally with `"system"`). Source scripts turn their dataset's records into rows through `collect`, raising
+`Malformed` for a record that cannot be used: it is skipped and counted, and the report shows the first few.
+"""
+import csv
+import fnmatch
+import gzip
+import io
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MAX_EXAMPLES = 5  # malformed / removed rows shown in the report, per source and reason
+csv.field_size_limit(sys.maxsize)
+
+
+class Malformed(ValueError):
+    """A record that cannot become a row (empty field, wrong type, broken JSON line): skipped and counted."""
+
+
+@dataclass
+class SourceRows:
+    """The rows a source produced, with what was skipped and why (reason -> count, and the first few examples)."""
+    name: str
+    rows: List[dict] = field(default_factory=list)
+    files: List[str] = field(default_factory=list)
+    read: int = 0
+    dropped: Dict[str, int] = field(default_factory=dict)
+    examples: Dict[str, List[str]] = field(default_factory=dict)
+
+    def merge(self, other: "SourceRows") -> None:
+        self.read += other.read
+        self.rows += other.rows
+        for reason, n in other.dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+            shown = self.examples.setdefault(reason, [])
+            shown += other.examples.get(reason, [])[:MAX_EXAMPLES - len(shown)]
+
+    def drop(self, reason: str, where: str = "") -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < MAX_EXAMPLES and where:
+            shown.append(where)
+
+
+# ----------------------------------------------------------------------------------------------- rows
+def text_field(record: dict, key: str, required: bool = True) -> str:
+    """A string field of a record, stripped. Missing/empty/non-string -> Malformed (if required) or ""."""
+    value = record.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN (CSV/Parquet gaps)
+        value = ""
+    if not isinstance(value, str):
+        raise Malformed(f"field {key!r} is {type(value).__name__}, expected text")
+    value = value.strip()
+    if required and not value:
+        raise Malformed(f"empty {key!r}")
+    return value
+
+
+def instruction_row(instruction: str, output: str, input: str = "", system: str = "") -> dict:
+    if not instruction.strip():
+        raise Malformed("empty instruction")
+    if not output.strip():
+        raise Malformed("empty response")
+    row = {"messages": [{"role": "user", "content": instruction.strip(), "input": input.strip()},
+                        {"role": "assistant", "content": output.strip()}]}
+    if system:
+        row["system"] = system
+    return row
+
+
+def chat_row(turns: Sequence[str], system: str = "") -> dict:
+    """Alternating user/assistant texts (user first) -> row. A trailing user turn without a reply is dropped."""
+    turns = list(turns)
+    if len(turns) % 2:
+        turns = turns[:-1]
+    if len(turns) < 2:
+        raise Malformed("conversation has no user/assistant pair")
+    messages = []
+    for i, text in enumerate(turns):
+        if not isinstance(text, str) or not text.strip():
+            raise Malformed(f"turn {i} is empty or not text")
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text.strip()})
+    row = {"messages": messages}
+    if system:
+        row["system"] = system
+    return row
+
+
+def multiple_choice(question: str, choices: Sequence[str], letters: str = "ABCDEFGHIJ") -> str:
+    """HELM-style multiple-choice prompt: the question, then 'A. choice' lines, then 'Answer:'."""
+    lines = [question.strip()] + [f"{letters[i]}. {str(c).strip()}" for i, c in enumerate(choices)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def row_text(row: dict) -> str:
+    """All the words of a row (system, turns, inputs): what filters, dedup and decontamination look at."""
+    parts = [row.get("system", "")]
+    for m in row["messages"]:
+        parts += [m["content"], m.get("input", "")]
+    return "\n".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------------------- files
+SUPPORTED = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")
+
+
+def hub_files(repo_id: str, patterns: Union[str, Sequence[str]], revision: Optional[str] = None) -> List[Path]:
+    """Download a dataset's real files from the Hugging Face hub (cached by huggingface_hub) matching the patterns."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+
+        names = HfApi().list_repo_files(repo_id, repo_type="dataset", revision=revision)
+        wanted = sorted(n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns))
+        if not wanted:
+            raise SystemExit(f"hub dataset {repo_id}: no file matches {patterns}; files are {names[:20]}")
+        print(f"downloading {len(wanted)} file(s) from hub dataset {repo_id}", file=sys.stderr)
+        return [Path(hf_hub_download(repo_id, n, repo_type="dataset", revision=revision)) for n in wanted]
+    except SystemExit:
+        raise
+    except Exception as e:  # offline, gated (LIMA: accept its terms and `huggingface-cli login`), renamed...
+        raise SystemExit(f"could not download {patterns} from hub dataset {repo_id} ({type(e).__name__}: {e}); "
+                         f"download the files yourself and pass --data_file") from None
+
+
+def resolve_files(data_file: Union[None, str, Path, Sequence[Union[str, Path]]], repo_id: str, patterns) -> List[Path]:
+    """`data_file` (a file, a folder of supported files, a glob, or a list of those) or else the hub files."""
+    if data_file is None or data_file == "":
+        return hub_files(repo_id, patterns)
+    out: List[Path] = []
+    for item in [data_file] if isinstance(data_file, (str, Path)) else data_file:
+        p = Path(item).expanduser()
+        if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+            p = REPO_ROOT / p
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.name.endswith(SUPPORTED))
+        elif any(c in str(item) for c in "*?["):
+            found = sorted(Path().glob(str(item))) or sorted(REPO_ROOT.glob(str(item)))
+        else:
+            found = [p] if p.is_file() else []
+        if not found:
+            raise SystemExit(f"data file {item} not found (or holds no {'/'.join(SUPPORTED)} files)")
+        out += found
+    return out
+
+
+def _open_text(path: Path):
+    return io.TextIOWrapper(gzip.open(path), encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def read_json(path: Path):
+    """A whole JSON document (BIG-bench task.json, Natural Instructions task files)."""
+    try:
+        with _open_text(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not valid JSON ({e})") from None
+
+
+def read_records(path: Path, list_key: Optional[str] = None) -> Iterator[Tuple[int, Union[dict, Malformed]]]:
+    """Yield (row number from 1, record) for JSONL, JSON (a list, or the list under `list_key`), CSV/TSV or Parquet.
+    A line that is not valid JSON comes back as a Malformed instead of a record."""
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".jsonl"):
+        with _open_text(path) as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield i, Malformed(f"invalid JSON ({e.msg})")
+                    continue
+                yield i, record if isinstance(record, dict) else Malformed("line is not a JSON object")
+    elif name.endswith(".json"):
+        data = read_json(path)
+        if isinstance(data, dict):
+            key = list_key or next((k for k in ("data", "examples", "rows", "train") if isinstance(data.get(k), list)), None)
+            if key is None or not isinstance(data.get(key), list):
+                raise SystemExit(f"{path}: JSON object has no list of records (keys: {list(data)[:10]}); use a JSON list or JSONL")
+            data = data[key]
+        for i, record in enumerate(data, 1):
+            yield i, record if isinstance(record, dict) else Malformed("record is not a JSON object")
+    elif name.endswith((".csv", ".tsv")):
+        with _open_text(path) as f:
+            for i, record in enumerate(csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ","), 2):
+                yield i, record  # row 1 is the header
+    elif name.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SystemExit(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`), or convert the file to JSONL") from None
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+            for record in batch.to_pylist():
+                i += 1
+                yield i, record
+    else:
+        raise SystemExit(f"{path}: unsupported file type; use one of {', '.join(SUPPORTED)}")
+
+
+def collect(name: str, paths: Sequence[Path], parse: Callable[[dict], Union[None, dict, List[dict]]],
+            required: Sequence[str] = (), list_key: Optional[str] = None,
+            transform: Optional[Callable[[dict], dict]] = None) -> SourceRows:
+    """Run `parse` over every record of every file. `required` columns must exist in a file's first record (else one
+    error naming the column and the file); after that a bad record is only skipped and counted.
+    `parse` returns a row, a list of rows, or None (filtered on purpose: counted as 'not selected').
+    `transform` rewrites each record first (e.g. CSV headers to the hub's column names)."""
+    out = SourceRows(name=name, files=[str(p) for p in paths])
+    for path in paths:
+        first = True
+        for row_no, record in read_records(path, list_key):
+            out.read += 1
+            if transform and isinstance(record, dict):
+                record = transform(record)
+            if first and isinstance(record, dict):
+                missing = [c for c in required if c not in record]
+                if missing:
+                    raise SystemExit(f"{path}: column {missing[0]!r} not found (columns: {sorted(record)}); "
+                                     f"is this the right file for source {name!r}?")
+                first = False
+            try:
+                if isinstance(record, Malformed):
+                    raise record
+                parsed = parse(record)
+            except (Malformed, KeyError, TypeError, AttributeError, IndexError) as e:
+                reason = f"malformed: {e}" if isinstance(e, Malformed) else f"malformed: {type(e).__name__} {e}"
+                out.drop(reason.split(" (")[0][:80], f"{path}:{row_no}")
+                continue
+            if parsed is None:
+                out.drop("not selected by source options")
+                continue
+            out.rows += parsed if isinstance(parsed, list) else [parsed]
+    return out
+
+
+# ---------------------------------------------------------------------------------- tokenization
+@dataclass
+class Tokenized:
+    tokens: List[np.ndarray]
+    masks: List[np.ndarray]
+    keep: List[int]  # index into the input rows of each kept sample
+    dropped: Dict[int, str]  # row index -> reason
+    truncated: int = 0
+
+
+def tokenize_rows(tokenizer, style, rows: Sequence[dict], max_seq_length: int, mask_prompt: bool = True,
+                  overlong: str = "truncate", batch_size: int = 4096, progress: bool = True) -> Tokenized:
+    """Segments (prompts.conversation_segments) -> BOS + tokens + EOS with a loss mask, batched through the Rust
+    tokenizer. An over-long sample is shortened by cutting the end of the user text just before the response
+    header (the header, the response and the EOS are kept); if the response alone does not fit it is dropped."""
+    import prompts
+
+    if tokenizer.eos_id is None:
+        raise SystemExit("the tokenizer has no EOS id (generation_config.json / tokenizer_config.json): samples need one")
+    bos = [tokenizer.bos_id] if tokenizer.use_bos and tokenizer.bos_id is not None else []
+    header_segment = 1 if prompts.get_style(style).header else 0
+    out = Tokenized([], [], [], {})
+    iterator = range(0, len(rows), batch_size)
+    bar = _progress(len(rows), "tokenizing", progress)
+    for start in iterator:
+        chunk = rows[start:start + batch_size]
+        segs = [prompts.conversation_segments(style, r["messages"], r.get("system")) for r in chunk]
+        flat = [text for s in segs for text, _ in s]
+        ids = tokenizer.encode_batch(flat, bos=False, eos=False)
+        k = 0
+        for j, s in enumerate(segs):
+            pieces = ids[k:k + len(s)]
+            k += len(s)
+            targets = [t for _, t in s]
+            first_target = targets.index(True)
+            total = len(bos) + sum(map(len, pieces)) + 1
+            if total > max_seq_length:
+                if overlong == "drop":
+                    out.dropped[start + j] = "longer than max_seq_length"
+                    continue
+                # cut the end of the user text of the first turn with a reply (the segment before the header)
+                cut_at = first_target - 1 - header_segment
+                excess = total - max_seq_length
+                if cut_at < 0 or len(pieces[cut_at]) <= excess:
+                    out.dropped[start + j] = "too long even with the prompt cut"
+                    continue
+                pieces[cut_at] = pieces[cut_at][:len(pieces[cut_at]) - excess]
+                out.truncated += 1
+            tokens = bos + [t for p in pieces for t in p] + [tokenizer.eos_id]
+            mask = [0] * len(bos)
+            for p, is_target in zip(pieces, targets):
+                mask += [1 if (is_target or not mask_prompt) else 0] * len(p)
+            mask.append(1)
+            out.tokens.append(np.asarray(tokens, dtype=np.int32))
+            out.masks.append(np.asarray(mask, dtype=np.uint8))
+            out.keep.append(start + j)
+        bar(len(chunk))
+    bar(0, done=True)
+    return out
+
+
+def _progress(total: int, what: str, enabled: bool = True):
+    """A one-line progress log (tqdm-free so it also reads well in CI logs): count, rate, ETA."""
+    import time
+
+    state = {"n": 0, "t0": time.perf_counter(), "last": 0.0}
+
+    def step(n: int, done: bool = False) -> None:
+        state["n"] += n
+        now = time.perf_counter()
+        if enabled and ((done and state["last"] != -1) or now - state["last"] > 5) and total:
+            rate = state["n"] / max(now - state["t0"], 1e-9)
+            eta = (total - state["n"]) / max(rate, 1e-9)
+            print(f"{what}: {state['n']:,}/{total:,} rows, {rate:,.0f} rows/s, ETA {eta:.0f}s", file=sys.stderr)
+            state["last"] = -1 if state["n"] >= total else now
+
+    return step
+
+
+def save_split(path: Path, tokens: List[np.ndarray], masks: List[np.ndarray]) -> None:
+    """The file format finetune/lora.py reads: tokens int32, loss_mask uint8, offsets int64 (n+1)."""
+    from safetensors.numpy import save_file
+
+    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+    offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    save_file({"tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
+               "loss_mask": np.concatenate(masks) if masks else np.zeros(0, np.uint8),
+               "offsets": offsets}, str(path))
+
+
+def load_split(path: Path) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    d = load_file(str(path))
+    o = d["offsets"]
+    return ([d["tokens"][o[i]:o[i + 1]] for i in range(len(o) - 1)], [d["loss_mask"][o[i]:o[i + 1]] for i in range(len(o) - 1)])
+
+
+def seeded_shuffle(n: int, seed: int) -> List[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
