@@ -302,7 +302,8 @@ def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantiz
     t0 = time.perf_counter()
     if adapter_dir is not None:
         model = _load_with_adapter(checkpoint_dir, Path(adapter_dir), device, dtypes[precision], quantize)
-        style_dirs = [Path(adapter_dir), checkpoint_dir]
+        adapter_folder = Path(adapter_dir) if Path(adapter_dir).is_dir() else Path(adapter_dir).parent
+        style_dirs = [adapter_folder, checkpoint_dir]
     else:
         model = load_model(checkpoint_dir, device=device, dtype=dtypes[precision], quantize=quantize)
         style_dirs = [checkpoint_dir]
@@ -324,14 +325,18 @@ def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantiz
     return Service(engine, style, stop_at_blank_line, name=model.config.name or str(checkpoint_dir))
 
 
-def _load_with_adapter(checkpoint_dir: Path, adapter_dir: Path, device, dtype, quantize):
-    """Base weights plus a LoRA adapter saved by finetune/lora.py (lora.py owns the format)."""
-    try:
-        from generate.lora import load_lora_model
-    except ImportError as e:
-        raise SystemExit(f"--adapter_dir needs generate/lora.py's load_lora_model ({e}); merge the adapter with "
-                         "scripts/merge_lora.py and serve the merged checkpoint instead") from None
-    return load_lora_model(checkpoint_dir, adapter_dir, device=device, dtype=dtype, quantize=quantize)
+def _load_with_adapter(checkpoint_dir: Path, adapter: Path, device, dtype, quantize):
+    """Base weights plus a LoRA adapter file from finetune/lora.py (a folder means its adapter.safetensors). Over
+    plain weights the adapter is merged (no extra cost per token); over 4-bit weights it stays a separate branch."""
+    from lora import load_adapter, strip_lora
+    from utils import load_model
+
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
+    load_adapter(model, adapter)
+    model.to(device)
+    if quantize is None:
+        strip_lora(model)
+    return model.eval()
 
 
 def parse_dola_layers(spec: Optional[str], n_layer: int) -> Optional[List[int]]:
@@ -369,7 +374,8 @@ def main(
 
     Args:
         checkpoint_dir: a converted (or merged) checkpoint folder, or a registered name such as smollm2-135m.
-        adapter_dir: a LoRA adapter folder from finetune/lora.py, applied on top of checkpoint_dir.
+        adapter_dir: a LoRA adapter (adapter.safetensors or its folder) from finetune/lora.py, applied on top of
+            checkpoint_dir; its folder's prompt_style.json wins over the checkpoint's.
         quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.int8 base weights (needs a CUDA GPU and bitsandbytes).
         precision: bf16, fp16, fp32 or auto (bf16 on a GPU that supports it, else fp32).
         device: cuda, cpu or auto.

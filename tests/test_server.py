@@ -346,3 +346,35 @@ def test_dola_engine_follows_contrast(checkpoint):
         assert out["tokens"][0]["text"] == svc.tokenizer.token_texts(ids + [expected])[-1]
         # the reported logprob is still the model's own (final layer), not the contrast score
         assert out["tokens"][0]["logprob"] == pytest.approx(float(torch.log_softmax(final, -1)[0, expected]), abs=1e-4)
+
+
+def test_serves_base_plus_lora_adapter(tmp_path):
+    from lora import LoRAConfig, inject_lora, save_adapter
+    from prompts import save_style
+    from utils import load_model
+
+    base = make_tiny_checkpoint(tmp_path / "base")
+    model = load_model(base)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, targets=("q", "v", "down"))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter: B is no longer zero
+    (tmp_path / "adapter").mkdir()
+    save_adapter(model, tmp_path / "adapter" / "adapter.safetensors")
+    save_style(tmp_path / "adapter", "plain")
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        expected = torch.log_softmax(model(ids)[0, -1].float(), -1)
+        plain = torch.log_softmax(load_model(base)(ids)[0, -1].float(), -1)
+    assert not torch.allclose(expected, plain, atol=1e-3)
+    svc = load_service(str(base), adapter_dir=str(tmp_path / "adapter"), device="cpu", max_seq_length=64)
+    assert svc.prompt_style.name == "plain"
+    svc.engine.start()
+    try:
+        result, out = run(svc, {"prompt": svc.tokenizer.decode(ids[0].tolist()), "max_new_tokens": 1, **GREEDY})
+    finally:
+        svc.engine.stop()
+    assert svc.tokenizer.encode(svc.tokenizer.decode(ids[0].tolist())).tolist() == ids[0].tolist()
+    assert result.new_ids == [int(expected.argmax())]
+    assert out["tokens"][0]["logprob"] == pytest.approx(float(expected.max()), abs=1e-4)
