@@ -1,0 +1,789 @@
+"""LoRA / QLoRA fine-tuning on prepared data, inside a time budget, on one GPU (or several through Fabric's DDP).
+
+    python finetune/lora.py --checkpoint_dir mistral-7b --data_dir data/mix --quantize bnb.nf4-dq
+    python finetune/lora.py --data_dir data/demo --max_steps 60          # SmolLM2-135M, CPU, a few minutes
+
+Reads `train.safetensors` / `val.safetensors` (tokens, loss_mask, offsets; see prepare_data/) and writes to out_dir:
+`adapter.safetensors` (latest), `adapter_best.safetensors` (best validation loss), `adapters/step-*.safetensors`,
+`state.ckpt` (everything --resume needs), `train_config.json`, `prompt_style.json`, `logs/` (CSV, TensorBoard when
+installed) and `loss.png`. Every file is written to a temporary name and renamed, so a run killed at any moment loses
+at most the steps since its last checkpoint.
+"""
+
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lora import LoRAConfig, inject_lora, lora_state_dict, read_adapter, check_adapter_fits, save_adapter  # noqa: E402
+from model import GPT, Config, document_mask, segment_positions  # noqa: E402
+from utils import load_model, resolve_checkpoint_dir  # noqa: E402
+
+START = time.monotonic()  # the time budget counts from process start: loading the model is part of the day
+IGNORE = -100
+
+
+def setup(
+    checkpoint_dir: str = "smollm2-135m",
+    data_dir: Path = Path("data/demo"),
+    out_dir: Optional[Path] = None,
+    quantize: Optional[Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]] = None,
+    precision: Optional[Literal["bf16-true", "32-true"]] = None,
+    devices: int = 1,
+    accelerator: str = "auto",
+    strategy: str = "auto",
+    lora_r: int = 16,
+    lora_alpha: float = 32.0,
+    lora_dropout: float = 0.05,
+    lora_targets: str = "all",
+    learning_rate: float = 2e-4,
+    min_lr_ratio: float = 0.0,
+    weight_decay: float = 0.0,
+    warmup_steps: Optional[int] = None,
+    warmup_ratio: float = 0.03,
+    grad_clip: Optional[float] = 1.0,
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw",
+    batch_size: int = 16,
+    micro_batch_size: int = 1,
+    epochs: int = 1,
+    max_steps: Optional[int] = None,
+    max_seq_length: Optional[int] = None,
+    packing: bool = True,
+    activation_checkpointing: bool = False,
+    neftune_alpha: float = 0.0,
+    compile: bool = False,
+    eval_interval: int = 100,
+    eval_samples: Optional[int] = 1000,
+    sample_tokens: int = 64,
+    save_interval: int = 100,
+    log_interval: int = 1,
+    max_time: Optional[str] = "23:30:00",
+    resume: bool = False,
+    seed: int = 1337,
+) -> None:
+    """Fine-tune a base model with LoRA (QLoRA with --quantize).
+
+    Args:
+        checkpoint_dir: converted base checkpoint folder or a registered name (smollm2-135m, mistral-7b, ...).
+        data_dir: prepared data folder with train.safetensors, val.safetensors and prompt_style.json.
+        out_dir: where adapters, state and logs go; default out/lora/<checkpoint>-<data>.
+        quantize: 4-bit/8-bit base weights through bitsandbytes (QLoRA): bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8.
+        precision: base weights and compute dtype; default bf16-true on a GPU, 32-true on CPU. LoRA weights and
+            optimizer states are always fp32.
+        devices: number of devices (GPUs, or CPU processes with --accelerator cpu).
+        accelerator: cuda, cpu or auto.
+        strategy: Fabric strategy: auto, ddp, ...
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha; the update is scaled by alpha / r.
+        lora_dropout: dropout on the LoRA branch input.
+        lora_targets: presets all | attn | mlp | qv, or a comma list of q,k,v,o,gate,up,down,head.
+        learning_rate: peak learning rate after warm-up.
+        min_lr_ratio: the cosine decays to learning_rate * min_lr_ratio.
+        weight_decay: AdamW weight decay on the LoRA weights.
+        warmup_steps: linear warm-up steps; default warmup_ratio of all steps.
+        warmup_ratio: warm-up as a fraction of all steps when warmup_steps is not given.
+        grad_clip: clip the global gradient norm to this; null disables.
+        optimizer: adamw (torch, fused on GPU) or bitsandbytes adamw8bit / paged_adamw / paged_adamw8bit.
+        batch_size: sequences (packed rows) per optimizer step, over all devices.
+        micro_batch_size: sequences per forward/backward pass on one device; batch_size / (micro_batch_size * devices)
+            is the number of gradient accumulation steps.
+        epochs: passes over the training data (when max_steps is not given).
+        max_steps: optimizer steps to train for; overrides epochs.
+        max_seq_length: longest sequence (packed row length); default the data's max_seq_length. Longer samples are
+            truncated; it must not exceed the model's context.
+        packing: pack several samples into each row (attention never crosses samples); false pads length-bucketed
+            batches instead.
+        activation_checkpointing: recompute each block in the backward pass: much less memory, ~30% more compute.
+        neftune_alpha: NEFTune noise on the embeddings during training (5 is the paper's value); 0 disables.
+        compile: torch.compile each block (GPU).
+        eval_interval: validate every this many steps (and at the start and the end).
+        eval_samples: validate on at most this many validation samples; null means all.
+        sample_tokens: at each validation, greedily generate this many tokens for the first validation prompt (0: never).
+        save_interval: write an adapter and the resumable state every this many steps.
+        log_interval: print a progress line every this many steps.
+        max_time: wall-clock budget as [DD:]HH:MM:SS or seconds, counted from process start; the run stops and saves
+            before it runs out. null: no budget.
+        resume: continue the run in out_dir from its last state (optimizer, scheduler, RNG and data position).
+        seed: random seed (LoRA init, data order, dropout).
+    """
+    from lightning import Fabric
+
+    checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
+    data_dir = Path(data_dir)
+    out_dir = Path(out_dir) if out_dir is not None else Path("out/lora") / f"{checkpoint_dir.name}-{data_dir.name}"
+    config = Config.from_json(checkpoint_dir / "model_config.json")
+    if precision is None:
+        precision = "bf16-true" if torch.cuda.is_available() and accelerator != "cpu" else "32-true"
+    args = dict(locals())
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in ("Fabric", "config")}
+
+    # Everything that can be wrong with the inputs is found here, before a GPU second is spent.
+    lora = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
+    if quantize is not None:
+        from quantize import check_mode
+
+        check_mode(quantize)
+    train_data = load_split(data_dir / "train.safetensors")
+    val_data = load_split(data_dir / "val.safetensors")
+    meta = read_meta(data_dir)
+    if max_seq_length is None:
+        max_seq_length = meta.get("max_seq_length") or max(train_data.lengths().max().item(), 2)
+        max_seq_length = min(int(max_seq_length), config.block_size)
+    if max_seq_length > config.block_size:
+        raise SystemExit(f"--max_seq_length {max_seq_length} exceeds the context of {config.name} "
+                         f"({config.block_size} tokens, {checkpoint_dir}/model_config.json); use at most that")
+    for name, split in (("train", train_data), ("val", val_data)):
+        if split.tokens.numel() and int(split.tokens.max()) >= config.vocab_size:
+            raise SystemExit(f"{data_dir}/{name}.safetensors: token id {int(split.tokens.max())} is outside the vocabulary "
+                             f"of {config.name} ({config.vocab_size}); prepare the data with this model's tokenizer")
+    args["effective_max_seq_length"] = max_seq_length
+    world = devices if isinstance(devices, int) else 1
+    if batch_size % (micro_batch_size * world):
+        raise SystemExit(f"--batch_size {batch_size} is not a multiple of --micro_batch_size {micro_batch_size} x "
+                         f"{world} devices; change one of them")
+    budget = parse_time(max_time) if max_time else None
+    state_path = out_dir / "state.ckpt"
+    if resume:
+        if not state_path.is_file():
+            raise SystemExit(f"{state_path}: nothing to resume; run without --resume to start this out_dir")
+        check_resumable(out_dir, args)
+    elif state_path.is_file():
+        raise SystemExit(f"{out_dir} already holds a run; pass --resume true to continue it or choose another --out_dir")
+
+    fabric = Fabric(devices=devices, accelerator=accelerator, strategy=strategy, precision="32-true",
+                    loggers=make_loggers(out_dir))
+    # LoRA weights are fp32 on purpose and the base is cast by us, so Fabric itself casts nothing ("32-true").
+    fabric.launch(main, args, config, lora, train_data, val_data, max_seq_length, budget)
+
+
+def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Split", val_data: "Split",
+         max_seq_length: int, budget: Optional[float]) -> None:
+    a = argparse_namespace(args)
+    out_dir, checkpoint_dir, data_dir = Path(a.out_dir), Path(a.checkpoint_dir), Path(a.data_dir)
+    dtype = torch.bfloat16 if a.precision == "bf16-true" else torch.float32
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(args, indent=2) + "\n")
+        if (data_dir / "prompt_style.json").is_file():
+            shutil.copy(data_dir / "prompt_style.json", out_dir / "prompt_style.json")
+    fabric.seed_everything(a.seed)  # the same LoRA init on every rank
+
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_dir, device=fabric.device, dtype=dtype, quantize=a.quantize)
+    inject_lora(model, lora)
+    fabric.print(f"Loaded {checkpoint_dir} ({a.quantize or a.precision}) in {time.perf_counter() - t0:.1f}s; "
+                 f"LoRA {lora.targets} r={lora.r}: {sum(p.numel() for p in lora_state_dict(model).values()):,} trainable "
+                 f"parameters")
+    gpt = model
+    if a.activation_checkpointing:
+        enable_activation_checkpointing(gpt)
+    if a.neftune_alpha > 0:
+        gpt.wte.register_forward_hook(partial(neftune_hook, alpha=a.neftune_alpha))
+    if a.compile:
+        for block in gpt.blocks:
+            block.compile()
+
+    trainable = [p for p in gpt.parameters() if p.requires_grad]
+    optimizer = make_optimizer(a.optimizer, trainable, a.learning_rate, a.weight_decay, fabric.device)
+    model = fabric.setup_module(gpt)
+    model.mark_forward_method("hidden_states")
+    optimizer = fabric.setup_optimizers(optimizer)
+
+    world, rank = fabric.world_size, fabric.global_rank
+    micro_per_step = a.batch_size // a.micro_batch_size  # over all devices
+    train_examples = make_examples(train_data, max_seq_length)
+    if not train_examples.n:
+        raise SystemExit(f"{data_dir}/train.safetensors: no sample has a target token (loss_mask is all 0)")
+    rows = pack(train_examples.lengths.tolist(), max_seq_length) if a.packing else None
+    n_micro = len(epoch_batches(train_examples, rows, a.micro_batch_size, a.seed, 0))
+    steps_per_epoch = math.ceil(n_micro / micro_per_step)
+    total_steps = a.max_steps or a.epochs * steps_per_epoch
+    warmup = a.warmup_steps if a.warmup_steps is not None else round(a.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, warmup=warmup, total=total_steps,
+                                                                     min_ratio=a.min_lr_ratio))
+    val_examples = make_examples(val_data, max_seq_length, limit=a.eval_samples)
+    truncated = int((train_data.lengths() - 1 > max_seq_length).sum())
+    fabric.print(f"{train_examples.n:,} training samples ({truncated} truncated to {max_seq_length} tokens), "
+                 f"{'packed into ' + str(len(rows)) + ' rows, ' if rows else ''}{steps_per_epoch} steps per epoch; "
+                 f"training {total_steps} steps of {a.batch_size} x {max_seq_length if rows else '<=' + str(max_seq_length)}"
+                 f" tokens ({micro_per_step // world} micro-batches of {a.micro_batch_size} per device and step)")
+
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_val": float("inf"), "history": {"train": [], "val": []},
+             "tokens": 0}
+    if a.resume:
+        state = load_training_state(fabric, out_dir / "state.ckpt", gpt, optimizer, scheduler, state)
+        fabric.print(f"Resumed {out_dir} at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} "
+                     "of it)")
+    else:
+        torch.manual_seed(a.seed + rank)  # dropout/NEFTune noise differs per rank; LoRA init above did not
+    stopper = Stopper(budget)
+
+    if state["step"] == 0 and not a.resume:
+        validate_and_log(fabric, model, gpt, val_examples, a, state, checkpoint_dir)
+    step_times: List[float] = []
+    while state["step"] < total_steps:
+        batches = epoch_batches(train_examples, rows, a.micro_batch_size, a.seed, state["epoch"])
+        n_steps = math.ceil(len(batches) / micro_per_step)
+        while state["step_in_epoch"] < n_steps and state["step"] < total_steps:
+            eval_due = (state["step"] + 1) % a.eval_interval == 0
+            if stopper.should_stop(fabric, step_times, eval_due):
+                save_everything(fabric, gpt, optimizer, scheduler, state, out_dir, args)
+                fabric.print(f"Stopping at step {state['step']}: {stopper.reason}; saved. Continue with --resume true")
+                finish(fabric, state, out_dir)
+                return
+            t_step = time.perf_counter()
+            i0 = state["step_in_epoch"] * micro_per_step
+            step_batches = batches[i0:i0 + micro_per_step]
+            if world > 1 and len(step_batches) % world:  # every rank needs as many passes: wrap around
+                step_batches += batches[:world - len(step_batches) % world]
+            mine = step_batches[rank::world]
+            collated = [collate(train_examples, b, a.packing, fabric.device) for b in mine]
+            n_local = sum(int((c["targets"] != IGNORE).sum()) for c in collated)
+            n_global = fabric.all_reduce(torch.tensor(float(n_local), device=fabric.device), reduce_op="sum").item()
+            loss_total = 0.0
+            for i, batch in enumerate(collated):
+                with fabric.no_backward_sync(model, enabled=i < len(collated) - 1):
+                    loss_sum, _ = training_loss(model, batch)
+                    # DDP averages gradients over ranks, so scale by world: the result is the mean over every
+                    # counted token of the whole step, however tokens fall into micro-batches and ranks.
+                    fabric.backward(loss_sum * world / max(n_global, 1.0))
+                loss_total += loss_sum.item()
+            if a.grad_clip:
+                fabric.clip_gradients(model, optimizer, max_norm=a.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            state["step_in_epoch"] += 1
+            if fabric.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - t_step)
+            loss = fabric.all_reduce(torch.tensor(loss_total, device=fabric.device), reduce_op="sum").item() / max(n_global, 1)
+            n_tok = fabric.all_reduce(torch.tensor(float(sum(int(c["n_tokens"]) for c in collated)),
+                                                   device=fabric.device), reduce_op="sum").item()
+            state["tokens"] += n_tok
+            state["history"]["train"].append((state["step"], loss))
+            lr = scheduler.get_last_lr()[0]
+            fabric.log_dict({"train_loss": loss, "lr": lr, "tokens_per_s": n_tok / step_times[-1]}, step=state["step"])
+            if state["step"] % a.log_interval == 0 or state["step"] == total_steps:
+                recent = sorted(step_times[-20:])[len(step_times[-20:]) // 2]
+                eta = recent * (total_steps - state["step"])
+                if budget is not None:
+                    eta = min(eta, max(0.0, START + budget - time.monotonic()))
+                fabric.print(f"step {state['step']}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                             f"{n_tok / step_times[-1]:,.0f} tok/s | {peak_memory(fabric.device)} | "
+                             f"ETA {format_seconds(eta)}")
+            if eval_due or state["step"] == total_steps:
+                t_eval = time.perf_counter()
+                validate_and_log(fabric, model, gpt, val_examples, a, state, checkpoint_dir)
+                stopper.eval_s = time.perf_counter() - t_eval
+            if state["step"] % a.save_interval == 0 and state["step"] < total_steps:
+                t_save = time.perf_counter()
+                save_everything(fabric, gpt, optimizer, scheduler, state, out_dir, args, numbered=True)
+                stopper.save_s = time.perf_counter() - t_save
+        if state["step_in_epoch"] >= n_steps:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+    save_everything(fabric, gpt, optimizer, scheduler, state, out_dir, args, numbered=True)
+    finish(fabric, state, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: prepared splits -> shifted examples -> packed rows or length-bucketed batches -> tensors
+
+
+@dataclass
+class Split:
+    tokens: torch.Tensor  # int32 (N,)
+    loss_mask: torch.Tensor  # uint8 (N,)
+    offsets: torch.Tensor  # int64 (n + 1,)
+
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+def load_split(path: Path) -> Split:
+    """Reads and checks one split file; every problem is one line naming the file and what to do."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    fix = "prepare the data again with prepare_data/ (see README)"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; {fix}")
+    try:
+        d = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SystemExit(f"{path}: not a readable safetensors file ({e}); {fix}") from None
+    missing = [k for k in ("tokens", "loss_mask", "offsets") if k not in d]
+    if missing:
+        raise SystemExit(f"{path}: missing tensor(s) {missing}; expected tokens, loss_mask, offsets; {fix}")
+    tokens, mask, offsets = d["tokens"], d["loss_mask"], d["offsets"]
+    if tokens.dim() != 1 or mask.shape != tokens.shape:
+        raise SystemExit(f"{path}: tokens {tuple(tokens.shape)} and loss_mask {tuple(mask.shape)} must be 1-D of one "
+                         f"length; {fix}")
+    if offsets.dim() != 1 or offsets.numel() < 2 or offsets[0] != 0 or offsets[-1] != tokens.numel():
+        raise SystemExit(f"{path}: offsets must run from 0 to len(tokens)={tokens.numel()} with at least one sample; {fix}")
+    if bool((offsets[1:] - offsets[:-1] < 2).any()):
+        row = int((offsets[1:] - offsets[:-1] < 2).nonzero()[0])
+        raise SystemExit(f"{path}: sample {row} has fewer than 2 tokens (or offsets decrease); {fix}")
+    if tokens.is_floating_point() or (tokens.numel() and int(tokens.min()) < 0):
+        raise SystemExit(f"{path}: tokens must be non-negative integer ids; {fix}")
+    return Split(tokens.long(), mask.to(torch.uint8), offsets.long())
+
+
+def read_meta(data_dir: Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: malformed JSON ({e}); prepare the data again") from None
+
+
+@dataclass
+class Examples:
+    """Samples shifted for next-token prediction: inputs tokens[s:s+L], targets tokens[s+1:s+L+1]."""
+    split: Split
+    starts: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return len(self.starts)
+
+
+def make_examples(split: Split, max_seq_length: int, limit: Optional[int] = None) -> Examples:
+    starts = split.offsets[:-1]
+    lengths = (split.lengths() - 1).clamp(max=max_seq_length)
+    # Drop samples whose kept part has no target token: they would only cost compute.
+    csum = torch.cat([torch.zeros(1, dtype=torch.long), split.loss_mask.long().cumsum(0)])
+    has_target = csum[starts + lengths + 1] - csum[starts + 1] > 0
+    starts, lengths = starts[has_target], lengths[has_target]
+    if limit is not None:
+        starts, lengths = starts[:limit], lengths[:limit]
+    return Examples(split, starts, lengths)
+
+
+def pack(lengths: List[int], capacity: int) -> List[List[int]]:
+    """Best-fit decreasing: sample ids grouped into rows of at most `capacity` tokens (deterministic)."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: List[List[int]] = []
+    free: List[Tuple[int, int]] = []  # sorted (free tokens, row id)
+    for i in order:
+        n = lengths[i]
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, row = free.pop(at)
+        else:
+            room, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, row))
+    return rows
+
+
+def epoch_batches(examples: Examples, rows: Optional[List[List[int]]], micro_batch_size: int, seed: int,
+                  epoch: int) -> List[List[List[int]]]:
+    """The micro-batches of one epoch, a pure function of (seed, epoch) so --resume can find its place again.
+    Each micro-batch is a list of rows; a row is a list of sample ids (one id when not packing)."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    if rows is not None:
+        order = torch.randperm(len(rows), generator=g).tolist()
+        shuffled = [rows[i] for i in order]
+        return [shuffled[i:i + micro_batch_size] for i in range(0, len(shuffled), micro_batch_size)]
+    # Length buckets: sort shuffled chunks by length so a micro-batch pads little, then shuffle the micro-batches.
+    order = torch.randperm(examples.n, generator=g).tolist()
+    chunk = micro_batch_size * 64
+    lengths = examples.lengths.tolist()
+    batches = []
+    for c in range(0, len(order), chunk):
+        part = sorted(order[c:c + chunk], key=lambda i: lengths[i])
+        batches += [[[i] for i in part[j:j + micro_batch_size]] for j in range(0, len(part), micro_batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
+
+
+def collate(examples: Examples, batch: List[List[int]], packed: bool, device) -> Dict[str, torch.Tensor]:
+    """Right-padded (B, T) inputs and targets (IGNORE on prompt and padding); for packed rows also segment ids."""
+    split = examples.split
+    rows_idx, rows_tgt, rows_seg = [], [], []
+    for row in batch:
+        idx, tgt, seg = [], [], []
+        for n, i in enumerate(row):
+            s, L = int(examples.starts[i]), int(examples.lengths[i])
+            idx.append(split.tokens[s:s + L])
+            t = split.tokens[s + 1:s + L + 1].clone()
+            t[split.loss_mask[s + 1:s + L + 1] == 0] = IGNORE
+            tgt.append(t)
+            seg.append(torch.full((L,), n, dtype=torch.long))
+        rows_idx.append(torch.cat(idx))
+        rows_tgt.append(torch.cat(tgt))
+        rows_seg.append(torch.cat(seg))
+    T = max(len(r) for r in rows_idx)
+    B = len(rows_idx)
+    idx = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    segments = torch.full((B, T), -1, dtype=torch.long)  # padding: a segment of its own, attends only to itself
+    n_tokens = 0
+    for b in range(B):
+        L = len(rows_idx[b])
+        idx[b, :L], targets[b, :L], segments[b, :L] = rows_idx[b], rows_tgt[b], rows_seg[b]
+        n_tokens += L
+    out = {"idx": idx.to(device), "targets": targets.to(device), "n_tokens": torch.tensor(n_tokens)}
+    if packed and any(len(row) > 1 for row in batch):
+        out["segments"] = segments.to(device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training step
+
+
+def training_loss(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, int]:
+    """(sum of the token losses, number of counted tokens) for one micro-batch. Packed rows get a document mask and
+    RoPE positions that restart per sample; otherwise no mask at all, so SDPA takes its causal flash path."""
+    pos_ids = mask = None
+    if "segments" in batch:
+        segments = batch["segments"]
+        window = getattr(model, "config", None) and model.config.sliding_window
+        mask = document_mask(segments, window)
+        pos_ids = segment_positions(segments)
+    hidden = model.hidden_states(batch["idx"], pos_ids=pos_ids, mask=mask)
+    head = model.lm_head if hasattr(model, "lm_head") else model.module.lm_head
+    return chunked_cross_entropy(head, hidden, batch["targets"])
+
+
+def chunked_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 256 * 2**20
+                          ) -> Tuple[torch.Tensor, int]:
+    """Summed cross-entropy of head(hidden) against targets without ever holding all fp32 logits.
+
+    Only positions with a target go through the head; they go in chunks whose fp32 logits take about `chunk_bytes`,
+    each recomputed in the backward pass instead of kept (the head matmul is ~1% of a 7B model's FLOPs)."""
+    keep = targets != IGNORE
+    h = hidden[keep]
+    t = targets[keep]
+    n = t.numel()
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    size = max(128, chunk_bytes // (4 * vocab))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, size):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_ce_sum, head, h[i:i + size], t[i:i + size], use_reentrant=False)
+        else:
+            total = total + _ce_sum(head, h[i:i + size], t[i:i + size])
+    return total, n
+
+
+def _ce_sum(head, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+
+def enable_activation_checkpointing(model: GPT) -> None:
+    """Each block's activations are recomputed in the backward pass (non-reentrant checkpointing); parameter names
+    and the module tree stay as they are, so checkpoints and adapters do not notice."""
+    for block in model.blocks:
+        plain = block.forward
+
+        def forward(*args, _plain=plain, _block=block, **kwargs):
+            if torch.is_grad_enabled() and _block.training:
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        block.forward = forward
+
+
+def neftune_hook(module, inputs, output, alpha: float):
+    """NEFTune (Jain et al. 2023): uniform noise of scale alpha / sqrt(T * dim) on the embeddings, training only."""
+    if not module.training:
+        return output
+    scale = alpha / math.sqrt(output.size(-2) * output.size(-1))
+    return output + torch.empty_like(output).uniform_(-scale, scale)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float, device) -> torch.optim.Optimizer:
+    if name == "adamw":
+        fused = torch.device(device).type == "cuda"
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused,
+                                 foreach=None if fused else True)
+    import bitsandbytes as bnb
+
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to the peak, then cosine down to min_ratio of it at the last step."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation, checkpoints, the time budget, logs
+
+
+@torch.no_grad()
+def validate(fabric, model, examples: Examples, micro_batch_size: int) -> float:
+    model.eval()
+    order = sorted(range(examples.n), key=lambda i: int(examples.lengths[i]))  # little padding
+    batches = [[[i] for i in order[j:j + micro_batch_size]] for j in range(0, len(order), micro_batch_size)]
+    total = torch.zeros(2, device=fabric.device, dtype=torch.float64)
+    for b in batches[fabric.global_rank::fabric.world_size]:
+        loss_sum, n = training_loss(model, collate(examples, b, False, fabric.device))
+        total += torch.tensor([loss_sum.item(), n], device=fabric.device, dtype=torch.float64)
+    total = fabric.all_reduce(total, reduce_op="sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def validate_and_log(fabric, model, gpt, val_examples, a, state, checkpoint_dir) -> None:
+    t0 = time.perf_counter()
+    val_loss = validate(fabric, model, val_examples, a.micro_batch_size)
+    state["history"]["val"].append((state["step"], val_loss))
+    fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=state["step"])
+    fabric.print(f"step {state['step']} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f} | "
+                 f"{time.perf_counter() - t0:.1f}s")
+    if state["step"] > 0 and val_loss < state["best_val"]:
+        state["best_val"] = val_loss
+        if fabric.global_rank == 0:
+            save_adapter(gpt, Path(a.out_dir) / "adapter_best.safetensors", extra=adapter_extra(a, state))
+    if a.sample_tokens > 0 and fabric.global_rank == 0:
+        print_sample(fabric, gpt, val_examples, checkpoint_dir, a.sample_tokens)
+    fabric.barrier()
+
+
+def print_sample(fabric, gpt: GPT, examples: Examples, checkpoint_dir: Path, max_new_tokens: int) -> None:
+    """Greedy continuation of the first validation prompt (its tokens before the first target), via generate/base.py."""
+    try:
+        from generate.base import generate
+        from tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(checkpoint_dir)
+    except Exception as e:  # a sample is a nicety: never let it stop training
+        fabric.print(f"(no sample generation: {e})")
+        return
+    if not examples.n:
+        return
+    split, s = examples.split, int(examples.starts[0])
+    end = int(split.offsets[int(torch.searchsorted(split.offsets, s)) + 1])
+    targets = split.loss_mask[s:end].nonzero()
+    prompt = split.tokens[s:s + (int(targets[0]) if len(targets) else end - s)]
+    max_new = min(max_new_tokens, gpt.config.block_size - len(prompt))
+    if max_new <= 0:
+        return
+    was_training = gpt.training
+    gpt.eval()
+    try:
+        out = generate(gpt, [prompt], max_new, temperature=0.0, eos_id=tokenizer.eos_id)[0]
+    finally:
+        gpt.train(was_training)
+    fabric.print(f"sample | {tokenizer.decode(prompt.tolist())[-200:]!r} -> {tokenizer.decode(out)!r}")
+
+
+def adapter_extra(a, state) -> dict:
+    return {"step": state["step"], "quantize": a.quantize, "checkpoint_dir": a.checkpoint_dir, "data_dir": a.data_dir}
+
+
+def save_everything(fabric, gpt, optimizer, scheduler, state, out_dir: Path, args: dict, numbered: bool = False) -> None:
+    """Adapter (+ a numbered copy) and the resumable state, each written atomically; state.ckpt last, so a state
+    on disk always has its adapter next to it."""
+    a = argparse_namespace(args)
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state() if fabric.device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)
+    rngs = fabric.all_gather(torch.cat([rng, cuda_rng]).to(fabric.device))  # every rank's dropout stream
+    rngs = rngs.cpu() if rngs.dim() == 2 else rngs.cpu().unsqueeze(0)
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_adapter(gpt, out_dir / "adapter.safetensors", extra=adapter_extra(a, state))
+        if numbered:
+            (out_dir / "adapters").mkdir(exist_ok=True)
+            save_adapter(gpt, out_dir / "adapters" / f"step-{state['step']:06d}.safetensors", extra=adapter_extra(a, state))
+    payload = {"lora": {k: v.detach().cpu().clone() for k, v in lora_state_dict(gpt).items()},
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
+               "cpu_rng_size": rng.numel(), "state": json.dumps(state), "args": json.dumps(args)}
+    tmp = out_dir / "state.ckpt.tmp"
+    fabric.save(tmp, payload)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        os.replace(tmp, out_dir / "state.ckpt")
+    fabric.barrier()
+
+
+def load_training_state(fabric, path: Path, gpt, optimizer, scheduler, default: dict) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    params = dict(gpt.named_parameters())
+    with torch.no_grad():
+        for k, v in payload["lora"].items():
+            params[k].copy_(v)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    rngs = payload["rng"]
+    if rngs.size(0) != fabric.world_size:
+        fabric.print(f"{path}: saved with {rngs.size(0)} ranks, resuming on {fabric.world_size}: dropout noise will differ")
+    mine = rngs[min(fabric.global_rank, rngs.size(0) - 1)]
+    n = payload["cpu_rng_size"]
+    torch.set_rng_state(mine[:n].to(torch.uint8).contiguous())
+    if fabric.device.type == "cuda" and mine.numel() > n:
+        torch.cuda.set_rng_state(mine[n:].to(torch.uint8).contiguous())
+    return {**default, **json.loads(payload["state"])}
+
+
+RESUME_MUST_MATCH = ("checkpoint_dir", "data_dir", "quantize", "precision", "lora_r", "lora_alpha", "lora_dropout",
+                     "lora_targets", "batch_size", "micro_batch_size", "max_seq_length", "packing", "seed", "optimizer")
+
+
+def check_resumable(out_dir: Path, args: dict) -> None:
+    saved = json.loads((out_dir / "train_config.json").read_text()) if (out_dir / "train_config.json").is_file() else {}
+    for key in RESUME_MUST_MATCH:
+        if key in saved and saved[key] != args[key]:
+            raise SystemExit(f"{out_dir}/train_config.json: --{key} was {saved[key]!r}, now {args[key]!r}; resuming "
+                             f"needs the same value (or start a new --out_dir)")
+    adapter = out_dir / "adapter.safetensors"
+    if adapter.is_file():
+        settings, _ = read_adapter(adapter)
+        check_adapter_fits(settings, Config.from_json(Path(args["checkpoint_dir"]) / "model_config.json"), adapter)
+
+
+class Stopper:
+    """Stops before the time budget runs out (leaving room for one more step, an evaluation and a save) or on
+    SIGTERM/SIGINT (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self, budget: Optional[float]) -> None:
+        self.budget, self.save_s, self.eval_s, self.signalled, self.reason = budget, 0.0, 0.0, False, ""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (e.g. inside a notebook runner): budget only
+                pass
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signalled = True
+
+    def should_stop(self, fabric, step_times: List[float], eval_due: bool) -> bool:
+        stop = self.signalled
+        if self.signalled:
+            self.reason = "asked to stop (signal)"
+        elif self.budget is not None:
+            step = max(step_times[-5:]) if step_times else 0.0
+            needed = 1.5 * step + 2 * self.save_s + (self.eval_s if eval_due else 0.0) + 10.0
+            stop = time.monotonic() - START + needed > self.budget
+            if stop:
+                self.reason = f"the --max_time budget of {format_seconds(self.budget)} is nearly spent"
+        flag = fabric.all_reduce(torch.tensor(float(stop), device=fabric.device), reduce_op="sum").item()
+        if flag and not self.reason:
+            self.reason = "another rank is stopping"
+        return flag > 0
+
+
+def finish(fabric, state: dict, out_dir: Path) -> None:
+    if fabric.global_rank != 0:
+        return
+    plot_losses(state["history"], out_dir / "loss.png")
+    val = state["history"]["val"]
+    first, last = (val[0][1], val[-1][1]) if val else (float("nan"), float("nan"))
+    fabric.print(f"Done: {state['step']} steps, {state['tokens']:,.0f} tokens. Val loss {first:.4f} -> {last:.4f} "
+                 f"(best {state['best_val']:.4f}). Adapter: {out_dir / 'adapter.safetensors'}\n"
+                 f"Try it: python generate/lora.py --adapter {out_dir / 'adapter.safetensors'} --prompt '...'")
+
+
+def plot_losses(history: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history["train"]:
+        ax.plot(*zip(*history["train"]), label="train", alpha=0.6)
+    if history["val"]:
+        ax.plot(*zip(*history["val"]), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over target tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def make_loggers(out_dir: Path) -> list:
+    from lightning.fabric.loggers import CSVLogger
+
+    loggers = [CSVLogger(str(out_dir), name="logs")]
+    try:
+        import tensorboard  # noqa: F401
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(out_dir), name="tensorboard"))
+    except ImportError:
+        pass
+    return loggers
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+
+
+def parse_time(value) -> float:
+    """"[DD:]HH:MM:SS" or a number of seconds -> seconds."""
+    text = str(value).strip()
+    try:
+        if ":" not in text:
+            return float(text)
+        parts = [float(p) for p in text.split(":")]
+    except ValueError:
+        raise SystemExit(f"--max_time {value!r}: use [DD:]HH:MM:SS (e.g. 23:30:00) or seconds") from None
+    if len(parts) > 4:
+        raise SystemExit(f"--max_time {value!r}: use [DD:]HH:MM:SS (e.g. 23:30:00) or seconds")
+    seconds = 0.0
+    for p, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
+        seconds += p * unit
+    return seconds
+
+
+def format_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class argparse_namespace:  # attribute access to the arguments dict, for brevity in the loop
+    def __init__(self, d: dict) -> None:
+        self.__dict__.update(d)
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    torch.set_float32_matmul_precision("high")
+    CLI(setup)
