@@ -56,6 +56,15 @@ CASES = {
 SEQ_LEN = 24
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: a second thread only adds synchronisation (100x slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def randomize(model: torch.nn.Module) -> None:
     """Weights large enough that a wrong mapping moves the logits far beyond the tolerance (init std 0.02 would not)."""
     torch.manual_seed(1)
