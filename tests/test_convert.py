@@ -387,3 +387,27 @@ def test_unsupported_architecture_and_unknown_tensor(tmp_path):
     with pytest.raises(ValueError) as excinfo:
         convert_hf_checkpoint.setup(folder)
     one_line_error(excinfo, folder / "model.safetensors", "q_norm")
+
+
+def test_command_line_and_qwen_tiktoken(tmp_path):
+    """Both scripts as a user runs them; a first-generation Qwen folder also gets tokenizer.json from qwen.tiktoken."""
+    import base64
+    import subprocess
+
+    folder = tmp_path / "Qwen-tiny"
+    make_hf("qwen", folder)
+    pieces = [bytes([b]) for b in range(256)] + [b"th", b"the", b" the"]
+    (folder / "qwen.tiktoken").write_text("".join(f"{base64.b64encode(p).decode()} {i}\n" for i, p in enumerate(pieces)))
+    run = lambda script, *args: subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+                                               capture_output=True, text=True, cwd=tmp_path)
+    done = run("convert_hf_checkpoint.py", "--checkpoint_dir", folder, "--dtype", "bfloat16")
+    assert done.returncode == 0, done.stderr
+    assert "[1/2]" in done.stderr and "[2/2]" in done.stderr  # a line per shard
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    assert tok.encode(" the").ids == [258] and tok.decode([258, 116]) == " thet"
+    done = run("convert_lit_checkpoint.py", "--checkpoint_dir", folder, "--out_dir", tmp_path / "hf")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "hf" / "qwen.tiktoken").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
