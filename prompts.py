@@ -125,7 +125,6 @@ def conversation_segments(style: Union[str, PromptStyle], messages: List[dict], 
         system, messages = messages[0]["content"], messages[1:]
     system = system if system is not None else style.default_system
     prefix = style.system.format(content=system) if system else ""
-    last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, m in enumerate(messages):
         if m["role"] == "user":
             if segments and segments[-1][1]:
@@ -135,7 +134,7 @@ def conversation_segments(style: Union[str, PromptStyle], messages: List[dict], 
                 segments.append((style.header, False))
             prefix = ""
         elif m["role"] == "assistant":
-            end = "" if i == last_reply else style.turn_end
+            end = "" if i == len(messages) - 1 else style.turn_end
             segments.append((style.reply_prefix + m["content"] + end, True))
         else:
             raise ValueError(f"message {i} has role {m['role']!r}; a system message may only come first")

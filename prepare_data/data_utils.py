@@ -112,6 +112,13 @@ def row_text(row: dict) -> str:
     return "\n".join(p for p in parts if p)
 
 
+def dedup_text(row: dict) -> str:
+    """What makes a row itself: a user turn's input when it has one (a task definition shared by thousands of
+    Natural Instructions / FLAN rows would otherwise make them all near-duplicates), else its text; and the replies."""
+    parts = [m.get("input") or m["content"] for m in row["messages"]]
+    return "\n".join(p for p in parts if p)
+
+
 # ---------------------------------------------------------------------------------------- files
 SUPPORTED = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")
 
@@ -274,7 +281,9 @@ def tokenize_rows(tokenizer, style, rows: Sequence[dict], max_seq_length: int, m
         chunk = rows[start:start + batch_size]
         segs = [prompts.conversation_segments(style, r["messages"], r.get("system")) for r in chunk]
         flat = [text for s in segs for text, _ in s]
-        ids = tokenizer.encode_batch(flat, bos=False, eos=False)
+        unique = list(dict.fromkeys(flat))  # template headers repeat in every row: encode them once
+        encoded = dict(zip(unique, tokenizer.encode_batch(unique, bos=False, eos=False)))
+        ids = [list(encoded[text]) for text in flat]
         k = 0
         for j, s in enumerate(segs):
             pieces = ids[k:k + len(s)]

@@ -150,29 +150,33 @@ def _one_permutation_minhash(w: Words, ngram: int, k: int, salt: np.uint64) -> n
 
 # ---------------------------------------------------------------------------------- decontamination
 class EvalIndex:
-    """Word n-grams of evaluation questions. A training text is contaminated when it contains one of a question's
-    n-grams, or, for a question shorter than n words (but at least `min_words`), the whole question."""
+    """Word n-grams of evaluation questions. A training text is contaminated when it shares an n-gram with a
+    question; questions shorter than n words (but at least `min_words`) are matched by their min_words-grams.
+    Two passes over the training texts at most, with a bitmap in front of the sorted table, keep this fast."""
+
+    BITS = 1 << 24
 
     def __init__(self, questions: Sequence[Tuple[str, str]], ngram: int = 13, min_words: int = 8):
         self.ngram, self.questions = ngram, list(questions)  # (eval set name, question text)
-        self.by_length: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
-        hashes: Dict[int, List[np.ndarray]] = {}
-        owners: Dict[int, List[np.ndarray]] = {}
+        self.by_length: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        parts: Dict[int, List[Tuple[np.ndarray, np.ndarray]]] = {ngram: [], min_words: []}
         for lo in range(0, len(self.questions), CHUNK):
             w = hash_words([q for _, q in self.questions[lo:lo + CHUNK]])
             h, d = shingles(w, ngram)
-            hashes.setdefault(ngram, []).append(h)
-            owners.setdefault(ngram, []).append(d + lo)
-            for length in np.unique(w.n_words[(w.n_words >= min_words) & (w.n_words < ngram)]):
-                docs = np.flatnonzero(w.n_words == length)
-                h, d = shingles(w, int(length))
-                keep = np.isin(d, docs)
-                hashes.setdefault(int(length), []).append(h[keep])
-                owners.setdefault(int(length), []).append(d[keep] + lo)
-        for length in hashes:
-            h, o = np.concatenate(hashes[length]), np.concatenate(owners[length])
+            parts[ngram].append((h, d + lo))
+            if min_words < ngram:
+                short = np.flatnonzero((w.n_words >= min_words) & (w.n_words < ngram))
+                h, d = shingles(w, min_words)
+                keep = np.isin(d, short)
+                parts[min_words].append((h[keep], d[keep] + lo))
+        for length, chunks in parts.items():
+            if not chunks or not sum(len(h) for h, _ in chunks):
+                continue
+            h, owner = np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
             order = np.argsort(h, kind="stable")
-            self.by_length[length] = (h[order], o[order])
+            bitmap = np.zeros(self.BITS, dtype=bool)
+            bitmap[(h & np.uint64(self.BITS - 1)).astype(np.int64)] = True
+            self.by_length[length] = (h[order], owner[order], bitmap)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -182,10 +186,12 @@ class EvalIndex:
         hits: Dict[int, int] = {}
         for lo in range(0, len(texts), CHUNK):
             w = hash_words(texts[lo:lo + CHUNK])
-            for length, (table, owner) in self.by_length.items():
+            for length, (table, owner, bitmap) in self.by_length.items():
                 h, d = shingles(w, length)
-                pos = np.clip(np.searchsorted(table, h), 0, max(len(table) - 1, 0))
-                found = table[pos] == h if len(table) else np.zeros(len(h), bool)
+                maybe = np.flatnonzero(bitmap[(h & np.uint64(self.BITS - 1)).astype(np.int64)])
+                h, d = h[maybe], d[maybe]
+                pos = np.clip(np.searchsorted(table, h), 0, len(table) - 1)
+                found = table[pos] == h
                 for doc, q in zip(d[found], owner[pos[found]]):
                     hits.setdefault(int(doc) + lo, int(q))
             if progress:

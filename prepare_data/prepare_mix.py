@@ -21,7 +21,7 @@ import numpy as np
 
 import prompts
 from prepare_data import dedup as dd
-from prepare_data.data_utils import (REPO_ROOT, SourceRows, _progress, hub_files, read_json, read_records, row_text,
+from prepare_data.data_utils import (REPO_ROOT, SourceRows, _progress, dedup_text, hub_files, read_json, read_records, row_text,
                                      save_split, seeded_shuffle, tokenize_rows)
 
 DEFAULTS: Dict[str, Any] = {
@@ -169,7 +169,7 @@ def prepare(recipe: dict, checkpoint_dir: Path, out_dir: Path, tokens_per_s: Opt
             shown.append(example)
 
     def snippet(i: int, n: int = 100) -> str:
-        return " ".join(row_text(rows[i]).split())[:n]
+        return " ".join(dedup_text(rows[i]).split())[:n]
 
     alive = np.ones(len(rows), dtype=bool)
     filters = recipe["filters"]
@@ -183,12 +183,11 @@ def prepare(recipe: dict, checkpoint_dir: Path, out_dir: Path, tokens_per_s: Opt
                 alive[i] = False
                 drop(i, f"response under {filters['min_response_words']} words", snippet(i))
 
-    texts = [row_text(r) for r in rows]
     cfg = recipe["dedup"]
     if cfg["enabled"] and (cfg["exact"] or cfg["near"]):
         idx = np.flatnonzero(alive)
         log(f"deduplicating {len(idx):,} rows")
-        dups = dd.find_duplicates([texts[i] for i in idx], near=cfg["near"], threshold=cfg["threshold"],
+        dups = dd.find_duplicates([dedup_text(rows[i]) for i in idx], near=cfg["near"], threshold=cfg["threshold"],
                                   ngram=cfg["ngram"], num_perm=cfg["num_perm"], bands=cfg["bands"], seed=seed,
                                   progress=_progress(len(idx), "dedup", progress))
         for j, (kind, k) in sorted(dups.items()):
@@ -204,7 +203,7 @@ def prepare(recipe: dict, checkpoint_dir: Path, out_dir: Path, tokens_per_s: Opt
         log(f"decontaminating against {len(questions):,} questions of {', '.join(cfg['sets'])}")
         index = dd.EvalIndex(questions, ngram=cfg["ngram"], min_words=cfg["min_words"])
         idx = np.flatnonzero(alive)
-        hits = index.find([texts[i] for i in idx], progress=_progress(len(idx), "decontaminate", progress))
+        hits = index.find([row_text(rows[i]) for i in idx], progress=_progress(len(idx), "decontaminate", progress))
         for j, q in sorted(hits.items()):
             eval_set, question = index.questions[q]
             alive[idx[j]] = False

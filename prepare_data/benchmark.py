@@ -1,0 +1,49 @@
+"""Measure how long preparing N rows takes (load -> dedup -> decontaminate -> tokenize -> write), on synthetic
+instruction rows with realistic English-like lengths, through the same code prepare_mix.py runs.
+
+    python prepare_data/benchmark.py --rows 1000000 --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+"""
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from prepare_data.prepare_mix import check_recipe, prepare
+
+
+def main(checkpoint_dir: Path, rows: int = 100_000, words_per_row: int = 120, decontaminate: bool = True,
+         seed: int = 0) -> None:
+    """
+    Args:
+        checkpoint_dir: the tokenizer to use
+        rows: number of synthetic rows
+        words_per_row: average words per row (instruction + response)
+        decontaminate: include decontamination (needs the offline assets: prepare_data/fetch_offline_assets.py)
+        seed: seed of the synthetic text
+    """
+    words = Path(__file__).resolve().parent.parent.joinpath("prompts.py").read_text().split() * 3
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "rows.jsonl"
+        with open(data, "w") as f:
+            for i in range(rows):
+                n = rng.randint(words_per_row // 2, words_per_row * 3 // 2)
+                text = rng.choices(words, k=n)
+                f.write(json.dumps({"instruction": " ".join(text[: n // 3]), "input": "",
+                                    "output": " ".join(text[n // 3:]) + f" {i}"}) + "\n")
+        recipe = check_recipe({"name": "benchmark", "max_seq_length": 2048, "sources": [{"source": "generic", "data_file": str(data)}],
+                               "decontaminate": {"sets": ["mmlu", "truthfulqa", "bbq"]} if decontaminate else False})
+        t0 = time.perf_counter()
+        report = prepare(recipe, checkpoint_dir, Path(tmp) / "out")
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"rows": rows, "train_tokens": report["train_tokens"], "seconds": round(seconds, 1),
+                      "rows_per_s": round(rows / seconds), "tokens_per_s": round(report["train_tokens"] / seconds)}))
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main, as_positional=False)
