@@ -320,9 +320,11 @@ def merges_from_ranks(ranks: Dict[bytes, int]) -> List[Tuple[bytes, bytes]]:
 
 
 def byte_level_bpe_json(vocab: Dict[str, int], merges: List[Tuple[str, str]], special_tokens: Dict[str, int],
-                        split_pattern: Optional[str], individual_digits: bool = False) -> dict:
+                        split_pattern: Optional[str], individual_digits: bool = False,
+                        ignore_merges: bool = False) -> dict:
     """A tokenizer.json (as a dict) for byte-level BPE: optional regex split (Qwen) or digit split (SmolLM2), then
-    the byte-level alphabet without a prefix space."""
+    the byte-level alphabet without a prefix space. ignore_merges: a pre-token found whole in the vocabulary is one
+    token (tiktoken's rule, and Llama-3's)."""
     pre = []
     if individual_digits:
         pre.append({"type": "Digits", "individual_digits": True})
@@ -341,7 +343,7 @@ def byte_level_bpe_json(vocab: Dict[str, int], merges: List[Tuple[str, str]], sp
         "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": ignore_merges,
                   "vocab": vocab, "merges": [[a, b] for a, b in merges]},
     }
 
@@ -358,7 +360,7 @@ def tiktoken_to_tokenizer_json(path: Path, special_tokens=QWEN_SPECIAL_TOKENS, p
     merges = [(as_text(a), as_text(b)) for a, b in merges_from_ranks(ranks)]
     start = max(ranks.values()) + 1
     specials = {t: start + i for i, t in enumerate(special_tokens)}
-    return byte_level_bpe_json(vocab, merges, specials, pattern)
+    return byte_level_bpe_json(vocab, merges, specials, pattern, ignore_merges=True)
 
 
 def tiktoken_to_hf_tokenizer(path: Path):

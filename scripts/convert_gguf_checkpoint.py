@@ -185,7 +185,8 @@ def tokenizer_files(reader, path: Path) -> Dict[str, dict]:
     pattern, digits = PRE_TOKENIZERS[pre]
     specials = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (CONTROL, USER_DEFINED)}
     vocab = {t: i for i, t in enumerate(tokens)}
-    tokenizer_json = byte_level_bpe_json(vocab, merges, specials, pattern, individual_digits=digits)
+    tokenizer_json = byte_level_bpe_json(vocab, merges, specials, pattern, individual_digits=digits,
+                                         ignore_merges=pre == "llama-bpe")  # as Llama-3's own tokenizer.json
     for added in tokenizer_json["added_tokens"]:
         added["special"] = types[added["id"]] == CONTROL
 

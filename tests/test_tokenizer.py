@@ -5,6 +5,7 @@ tiktoken's own BPE)."""
 import base64
 import io
 import json
+import random
 
 import pytest
 import torch
@@ -238,6 +239,13 @@ def test_tiktoken_matches_tiktoken(tiktoken_dir, tmp_path):
         assert tok.decode(ids) == text
         check_token_texts(tok, ids)
 
+    # random strings over the corpus' characters and words: merge order and whole-piece lookups must agree
+    rng = random.Random(0)
+    chars, words = sorted(set("".join(CORPUS))), " ".join(CORPUS).split(" ")
+    for _ in range(200):
+        text = "".join(rng.choice(chars) if rng.random() < 0.3 else " " + rng.choice(words) for _ in range(12))
+        assert tok.encode(text).tolist() == ref.encode(text, allowed_special="all"), text
+
     # converted once to tokenizer.json, then loaded by `tokenizers` alone
     converted = tmp_path / "converted"
     converted.mkdir()
@@ -264,3 +272,16 @@ def test_token_texts_exact_fallback_agrees(hf_dir, sp_dir, monkeypatch):
     monkeypatch.setattr(tokenizer, "_texts_from_bytes", lambda token_bytes: None)
     slow = [tok.token_texts(tok.encode(text, bos=True)) for tok, text in cases]
     assert slow == fast
+
+
+def test_tiktoken_whole_piece_rule(tmp_path):
+    """tiktoken takes a pre-token that is in the vocabulary whole, even where pairwise merges cannot reach it."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for token in (b"bc", b"ab", b"cd", b"abcd"):  # merging b+c first leaves a|bc|d, which merges no further
+        ranks[token] = len(ranks)
+    (tmp_path / "qwen.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    ref = tiktoken_reference(ranks)
+    tok = Tokenizer(tmp_path)
+    for text in ("abcd", "xabcd", "abc", "bcd abcd"):
+        assert tok.encode(text).tolist() == ref.encode(text), text
+    assert tok.encode("abcd").tolist() == [ranks[b"abcd"]]
