@@ -195,8 +195,8 @@ class Tokenizer:
         texts, end = [], 0
         for i in range(len(ids)):
             prefix = self._decode_raw(ids[: i + 1]) if i + 1 < len(ids) else full
-            common = 0
-            for a, b in zip(prefix, full):
+            common = end if prefix.startswith(full[:end]) else 0  # usually: only the new part needs comparing
+            for a, b in zip(prefix[common:], full[common:]):
                 if a != b:
                     break
                 common += 1
