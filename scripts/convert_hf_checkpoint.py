@@ -62,7 +62,7 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optiona
     hf_config = json.loads(config_path.read_text())
     family = family_of(hf_config, config_path)
     config = pick_config(config_from_hf(hf_config, name=checkpoint_dir.name, path=config_path), model_name,
-                         checkpoint_dir)
+                         checkpoint_dir, hf_config.get("_name_or_path") or "")
     files = weight_files(checkpoint_dir)
     if files[0].suffix == ".safetensors" and is_converted(files[0]):
         print(f"{checkpoint_dir}: already converted (its shards hold our names); download again to re-convert",
@@ -120,8 +120,11 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optiona
           f"{time.perf_counter() - started:.0f}s", file=sys.stderr)
 
 
-def pick_config(derived: Config, model_name: Optional[str], checkpoint_dir: Path) -> Config:
-    """The registered config for these weights (by name, or the one whose fields all match), else `derived`."""
+def pick_config(derived: Config, model_name: Optional[str], checkpoint_dir: Path, source_repo: str = "") -> Config:
+    """The registered config for these weights (by name, or the one whose fields all match), else `derived`.
+
+    source_repo: config.json's `_name_or_path` (our exports write the hf_repo there), to tell apart variants that
+    share their shapes (SmolLM2-135M and -Instruct)."""
     if model_name is not None:
         registered = Config.from_name(model_name)  # unknown names raise with close suggestions
         for field in SHAPE_FIELDS:
@@ -131,8 +134,9 @@ def pick_config(derived: Config, model_name: Optional[str], checkpoint_dir: Path
                                  "leave --model_name out to use config.json")
         return registered
     matches = [c for c in configs if all(getattr(Config(**c), f) == getattr(derived, f) for f in SHAPE_FIELDS)]
-    # Base and instruct variants share their shapes: prefer the one the folder is named after.
-    matches.sort(key=lambda c: c["hf_repo"].split("/")[-1].lower() != checkpoint_dir.name.lower())
+    # Base and instruct variants share their shapes: prefer the one config.json or the folder is named after.
+    matches.sort(key=lambda c: (c["hf_repo"].lower() != source_repo.lower(),
+                                c["hf_repo"].split("/")[-1].lower() != checkpoint_dir.name.lower()))
     if matches:
         print(f"{checkpoint_dir}: using registered config {matches[0]['name']}", file=sys.stderr)
         return Config(**matches[0])

@@ -274,6 +274,8 @@ def hf_config_from_lit(config: Config, family: str, dtype: str, base: Optional[d
 
     out = dict(base or {})
     out.update(architectures=[ARCHITECTURES[family]], model_type=family, **fields)
+    if config.hf_repo:  # lets convert_hf_checkpoint.py pick this registered config again (base vs instruct)
+        out["_name_or_path"] = config.hf_repo
     if out.get("rope_parameters"):  # a transformers >= 5 config.json: keep its layout
         new_keys = {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}
         out["rope_parameters"] = {**out["rope_parameters"], **{new_keys.get(k, k): v for k, v in rope.items()}}

