@@ -136,13 +136,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) fp32 matrix that merging adds to the base weight."""
-        delta = torch.zeros(self.out_features, self.in_features, device=self.lora_A.device, dtype=torch.float32)
-        row = 0
-        for i, (start, end) in enumerate(self.parts):
-            A = self.lora_A[i * self.r:(i + 1) * self.r].float()
-            delta[start:end] = self.lora_B[row:row + end - start].float() @ A * self.scaling
-            row += end - start
-        return delta
+        return delta_weight(self.lora_A, self.lora_B, self.parts, self.r, self.scaling, self.out_features)
 
     def merge(self) -> None:
         """Folds the adapter into the base weight. A quantized base is dequantized first (see quantize.py), which
@@ -167,6 +161,17 @@ class LoRALinear(nn.Module):
         self.merged = False
 
 
+def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, parts, r: int, scaling: float, out_features: int
+                 ) -> torch.Tensor:
+    """scaling * B_i @ A_i on each part's rows, zero elsewhere: (out, in) fp32."""
+    delta = torch.zeros(out_features, lora_A.shape[1], device=lora_A.device, dtype=torch.float32)
+    row = 0
+    for i, (start, end) in enumerate(parts):
+        delta[start:end] = lora_B[row:row + end - start].float() @ lora_A[i * r:(i + 1) * r].float() * scaling
+        row += end - start
+    return delta
+
+
 def qkv_parts(config: Config, targets: Sequence[str]) -> List[Tuple[int, int]]:
     """Row ranges of the fused qkv projection that belong to the chosen q/k/v targets."""
     q = config.n_head * config.head_size
@@ -175,9 +180,8 @@ def qkv_parts(config: Config, targets: Sequence[str]) -> List[Tuple[int, int]]:
     return [ranges[t] for t in ("q", "k", "v") if t in targets]
 
 
-def target_modules(model: GPT, lora: LoRAConfig) -> Dict[str, Optional[List[Tuple[int, int]]]]:
+def target_modules(config: Config, lora: LoRAConfig) -> Dict[str, Optional[List[Tuple[int, int]]]]:
     """Qualified module names that get an adapter -> their row parts (None = all rows)."""
-    config = model.config
     if "gate" in lora.targets and not config.gated_mlp:
         raise ValueError(f"LoRA target 'gate': model {config.name!r} has a plain MLP without a gate; use 'up' (its fc_1)")
     found = {}
@@ -203,13 +207,14 @@ def inject_lora(model: GPT, lora: LoRAConfig) -> GPT:
     """Replaces the targeted linears with LoRALinear (in place) and freezes everything but the LoRA weights."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, parts in target_modules(model, lora).items():
+    for name, parts in target_modules(model.config, lora).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         if isinstance(base, LoRALinear):
             raise ValueError(f"{name} already has a LoRA adapter")
-        setattr(parent, child, LoRALinear(base, lora.r, lora.alpha, lora.dropout, parts))
+        adapted = LoRALinear(base, lora.r, lora.alpha, lora.dropout, parts)
+        setattr(parent, child, adapted.train(base.training))
     model.lora_config = lora
     return model
 
