@@ -208,7 +208,7 @@ def prepare(recipe: dict, checkpoint_dir: Path, out_dir: Path, tokens_per_s: Opt
             eval_set, question = index.questions[q]
             alive[idx[j]] = False
             contamination[eval_set] = contamination.get(eval_set, 0) + 1
-            drop(idx[j], f"overlaps {eval_set} test", f"{snippet(idx[j], 60)!r} ~ {' '.join(question.split())[:60]!r}")
+            drop(idx[j], f"overlaps {eval_set} test", f"{snippet(idx[j], 60)!r} ~ {' '.join(question.split())[:120]!r}")
 
     rng = random.Random(seed)
     selected: List[int] = []

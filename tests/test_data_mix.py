@@ -1,0 +1,200 @@
+"""prepare_mix: file format, masks and truncation, recipe weights, dedup, decontamination, determinism, errors."""
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prepare_data import dedup
+from prepare_data.data_utils import load_split
+from prepare_data.prepare_mix import check_recipe, prepare, read_recipe
+from tests.data_fixtures import WORDS, tiny_tokenizer_dir, write_json, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return tiny_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def dolly_file(path, n, seed=0, tag="", start=0):
+    rng = random.Random(seed)
+    return write_jsonl(path, [{"instruction": f"{sentence(rng, 12)} item{start + i}{tag}", "context": "",
+                               "response": sentence(rng, 15), "category": "open_qa"} for i in range(n)])
+
+
+def recipe(sources, **kw):
+    return check_recipe({"name": "t", "max_seq_length": 256, "val_size": 0, "decontaminate": False, "sources": sources, **kw})
+
+
+def run(tmp_path, tok_dir, r, name="out"):
+    report = prepare(r, tok_dir, tmp_path / name, progress=False)
+    return report, load_split(tmp_path / name / "train.safetensors")
+
+
+def test_output_format_masks_and_bos_eos(tmp_path, tok_dir):
+    from tokenizer import Tokenizer
+
+    f = dolly_file(tmp_path / "d.jsonl", 20)
+    report, (tokens, masks) = run(tmp_path, tok_dir, recipe([{"source": "dolly", "data_file": str(f)}], val_size=4))
+    from safetensors.numpy import load_file
+
+    raw = load_file(str(tmp_path / "out/train.safetensors"))
+    assert raw["tokens"].dtype == np.int32 and raw["loss_mask"].dtype == np.uint8 and raw["offsets"].dtype == np.int64
+    assert raw["offsets"][0] == 0 and raw["offsets"][-1] == len(raw["tokens"]) == len(raw["loss_mask"])
+    meta = json.loads((tmp_path / "out/meta.json").read_text())
+    assert (meta["n_train"], meta["n_val"], meta["prompt_style"]) == (16, 4, "alpaca")
+    assert json.loads((tmp_path / "out/prompt_style.json").read_text())["name"] == "alpaca"
+    for name in ("report.md", "report.json", "lengths.png", "val.safetensors"):
+        assert (tmp_path / "out" / name).is_file()
+    tok = Tokenizer(tok_dir)
+    t, m = tokens[0].tolist(), masks[0].tolist()
+    assert t[0] == tok.bos_id and m[0] == 0 and t[-1] == tok.eos_id and m[-1] == 1
+    prompt_len = m.index(1)
+    assert tok.decode(t[:prompt_len]).endswith("### Response:\n") and all(m[prompt_len:])
+    # the masked response decodes to one of the responses of the source file
+    responses = {json.loads(line)["response"] for line in f.read_text().splitlines()}
+    assert tok.decode(t[prompt_len:-1]) in responses
+
+
+def test_mask_prompt_off(tmp_path, tok_dir):
+    f = dolly_file(tmp_path / "d.jsonl", 5)
+    _, (tokens, masks) = run(tmp_path, tok_dir, recipe([{"source": "dolly", "data_file": str(f)}], mask_prompt=False))
+    assert all(m[1:].all() and m[0] == 0 for m in masks)  # everything but BOS is a target
+
+
+def test_truncation_cuts_the_prompt_and_keeps_header_response_eos(tmp_path, tok_dir):
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(tok_dir)
+    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "summarize the article", "context": "the cat " * 200,
+                                            "response": "a red bird", "category": "x"}])
+    r = recipe([{"source": "dolly", "data_file": str(f)}], max_seq_length=64, dedup=False)
+    report, (tokens, masks) = run(tmp_path, tok_dir, r)
+    t, m = tokens[0].tolist(), masks[0].tolist()
+    assert len(t) == 64 and report["truncated"] == 1 and t[-1] == tok.eos_id
+    assert tok.decode(t[1:30]).startswith("### Instruction:\nsummarize the article\n\n### Input:\nthe cat")
+    assert tok.decode(t[:m.index(1)]).endswith("the cat\n\n### Response:\n") or tok.decode(t[:m.index(1)]).endswith("\n\n### Response:\n")
+    assert tok.decode(t[m.index(1):-1]) == "a red bird" and all(m[m.index(1):])
+    r = recipe([{"source": "dolly", "data_file": str(f)}], max_seq_length=64, overlong="drop", dedup=False)
+    report = prepare(r, tok_dir, tmp_path / "drop", progress=False)
+    assert report["sources"]["dolly"]["dropped"] == {"longer than max_seq_length": 1}
+    f2 = write_jsonl(tmp_path / "long_answer.jsonl", [{"instruction": "x", "context": "", "response": "the cat " * 200, "category": "x"}])
+    report = prepare(recipe([{"source": "dolly", "data_file": str(f2)}], max_seq_length=64), tok_dir, tmp_path / "d2", progress=False)
+    assert report["sources"]["dolly"]["dropped"] == {"too long even with the prompt cut": 1}
+
+
+def test_recipe_weights_copies_fraction_max_rows(tmp_path, tok_dir):
+    a = dolly_file(tmp_path / "a.jsonl", 40, seed=1, tag="a")
+    b = dolly_file(tmp_path / "b.jsonl", 40, seed=2, tag="b")
+    c = dolly_file(tmp_path / "c.jsonl", 40, seed=3, tag="c")
+    r = recipe([{"source": "dolly", "name": "a", "data_file": str(a), "copies": 3},
+                {"source": "dolly", "name": "b", "data_file": str(b), "fraction": 0.25},
+                {"source": "dolly", "name": "c", "data_file": str(c), "max_rows": 7}], val_size=10)
+    report, _ = run(tmp_path, tok_dir, r)
+    s = report["sources"]
+    assert (s["a"]["kept"], s["b"]["kept"], s["c"]["kept"]) == (40, 10, 7)
+    for name, copies in (("a", 3), ("b", 1), ("c", 1)):
+        assert s[name]["train_with_copies"] == (s[name]["kept"] - s[name]["val"]) * copies
+    assert sum(x["val"] for x in s.values()) == 10
+    assert report["train_rows"] == sum(x["train_with_copies"] for x in s.values())
+    assert s["b"]["dropped"]["not selected (fraction / max_rows)"] == 30
+
+
+def test_dedup_catches_planted_exact_and_near_duplicates(tmp_path, tok_dir):
+    rng = random.Random(5)
+    base = [{"instruction": sentence(rng, 30), "context": "", "response": sentence(rng, 40), "category": "x"} for _ in range(30)]
+    exact = {**base[3], "instruction": base[3]["instruction"].upper() + " !!"}  # case/punctuation only
+    words = base[7]["response"].split()
+    words[20] = "zebra"
+    near = {**base[7], "response": " ".join(words)}  # one word of 70 changed
+    f = write_jsonl(tmp_path / "d.jsonl", base + [exact, near])
+    report, _ = run(tmp_path, tok_dir, recipe([{"source": "dolly", "data_file": str(f)}]))
+    dropped = report["sources"]["dolly"]["dropped"]
+    assert dropped == {"exact duplicate": 1, "near duplicate": 1}
+    assert report["sources"]["dolly"]["kept"] == 30
+
+
+def test_near_duplicates_vectorised_unit():
+    rng = random.Random(0)
+    texts = [sentence(rng, 80) for _ in range(300)]
+    w = texts[10].split()
+    w[40] = "zzz"
+    texts += [" ".join(w), texts[20].split(" ", 40)[-1]]  # near copy; then a half-length copy (Jaccard ~0.5: kept)
+    dups = dedup.find_duplicates(texts, seed=1)
+    assert dups == {300: ("near", 10)}
+
+
+def test_decontamination_removes_planted_test_questions(tmp_path, tok_dir):
+    mmlu_q = "Which of the following best describes the primary function of the mitochondria in eukaryotic cells"
+    short_q = "What happens if you swallow gum by accident"
+    mmlu = write_jsonl(tmp_path / "mmlu.jsonl", [{"question": mmlu_q, "answer_a": "a", "answer_b": "b", "answer_c": "c",
+                                                 "answer_d": "d", "correct_answer": "A", "topic": "biology"}])
+    tqa = write_json(tmp_path / "task_mc.json", {"examples": [{"input": short_q, "target_scores": {"x": 1}}]})
+    rows = [{"instruction": f"item {i} the cat sat on the mat", "context": "", "response": "ok fine", "category": "x"} for i in range(10)]
+    rows[2]["context"] = f"Quiz: {mmlu_q.lower()}?"         # embedded, re-cased
+    rows[5]["instruction"] = short_q + "?"                  # a short question, whole
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    r = recipe([{"source": "dolly", "data_file": str(f)}],
+               decontaminate={"sets": ["mmlu", "truthfulqa"], "files": {"mmlu": str(mmlu), "truthfulqa": str(tqa)}})
+    report, _ = run(tmp_path, tok_dir, r)
+    assert report["contamination"] == {"mmlu": 1, "truthfulqa": 1}
+    assert report["sources"]["dolly"]["kept"] == 8
+    assert "mitochondria" in (tmp_path / "out/report.md").read_text()
+
+
+def test_same_seed_same_files_other_seed_differs(tmp_path, tok_dir):
+    f = dolly_file(tmp_path / "d.jsonl", 60)
+    digest = lambda d: [hashlib.sha256((d / n).read_bytes()).hexdigest() for n in ("train.safetensors", "val.safetensors")]
+    r = recipe([{"source": "dolly", "data_file": str(f), "fraction": 0.5, "copies": 1.5}], val_size=0.1)
+    prepare(r, tok_dir, tmp_path / "one", progress=False)
+    prepare(r, tok_dir, tmp_path / "two", progress=False)
+    prepare({**r, "seed": 7}, tok_dir, tmp_path / "three", progress=False)
+    assert digest(tmp_path / "one") == digest(tmp_path / "two") != digest(tmp_path / "three")
+
+
+def test_filters_min_words_and_max_tokens(tmp_path, tok_dir):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "hi", "context": "", "response": "yo", "category": "x"},
+                                           {"instruction": "the cat " * 5, "context": "", "response": "the dog " * 5, "category": "x"},
+                                           {"instruction": "the cat " * 30, "context": "", "response": "the bird " * 30, "category": "x"}])
+    report, _ = run(tmp_path, tok_dir, recipe([{"source": "dolly", "data_file": str(f)}], dedup=False,
+                                              filters={"min_words": 3, "max_tokens": 60}))
+    assert report["sources"]["dolly"]["dropped"] == {"fewer than 3 words": 1, "outside min_tokens/max_tokens": 1}
+
+
+def test_recipe_errors_name_key_and_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("sources:\n  - source: dolly\nshuffle: true\n")
+    with pytest.raises(SystemExit, match=r"r\.yaml: unknown key 'shuffle' in the recipe"):
+        read_recipe(p)
+    p.write_text("sources:\n  - source: dolly\n    colour: red\n")
+    with pytest.raises(SystemExit, match=r"r\.yaml: unknown key 'colour' in sources\[0\] \(dolly\)"):
+        read_recipe(p)
+    p.write_text("dedup: {near: true, perms: 3}\nsources:\n  - source: dolly\n")
+    with pytest.raises(SystemExit, match="unknown key 'perms' in dedup"):
+        read_recipe(p)
+    p.write_text("sources:\n  - source: nosuch\n")
+    with pytest.raises(SystemExit, match="unknown source 'nosuch'"):
+        read_recipe(p)
+
+
+@pytest.mark.parametrize("name", ["demo", "upaya_4090", "percent_bfd_a100", "tvergho_5th"])
+def test_shipped_recipes_are_valid(name):
+    r = read_recipe(Path(__file__).resolve().parent.parent / "prepare_data/recipes" / f"{name}.yaml")
+    assert r["sources"] and r["name"] == name
+
+
+ASSETS = Path(__file__).resolve().parent.parent / "data/assets"
+
+
+@pytest.mark.skipif(not (ASSETS / "bigbench/natural_instructions/.complete").is_file(),
+                    reason="offline assets absent: python prepare_data/fetch_offline_assets.py")
+def test_demo_recipe_on_real_assets(tmp_path, tok_dir):
+    r = read_recipe(Path(__file__).resolve().parent.parent / "prepare_data/recipes/demo.yaml")
+    report = prepare(r, tok_dir, tmp_path / "demo", progress=False)
+    assert 800 <= report["train_rows"] <= 2000 and report["val_rows"] == 100
