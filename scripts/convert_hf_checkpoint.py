@@ -98,8 +98,8 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optiona
                          f"{'; '.join(convert.leftover()[:3])}; download it again")
 
     if out_dir.resolve() == checkpoint_dir.resolve():
-        for file in files:  # our shard names match most downloads'; any other original weight file goes
-            if file.name not in names:
+        for file in files:  # ours replace same-named downloads; others would be read as ours (model*.safetensors)
+            if file.suffix == ".safetensors" and file.name not in names:
                 file.unlink()
         index = checkpoint_dir / "model.safetensors.index.json"
         if index.is_file():

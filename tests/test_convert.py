@@ -259,6 +259,12 @@ def test_pytorch_bin_shards_to_out_dir(tmp_path):
     with torch.no_grad():
         assert (model(ids) - hf_model(ids).logits).abs().max() <= 1e-4
 
+    convert_hf_checkpoint.setup(folder)  # in place: our shards beside the .bin originals, which stay
+    assert len(list(folder.glob("pytorch_model-*.bin"))) == 2
+    assert sorted(p.name for p in folder.glob("model*.safetensors")) == ["model-00001-of-00002.safetensors",
+                                                                        "model-00002-of-00002.safetensors"]
+    assert all(torch.equal(a, b) for a, b in zip(read_all(folder).values(), read_all(out).values()))
+
 
 def test_registered_config_is_picked(tmp_path):
     """A config.json whose fields match a table entry gets that entry (name, hf_repo, block_size)."""
