@@ -191,13 +191,15 @@ def read_shard(file: Path) -> Iterator[Tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         except SafetensorError as e:
-            raise ValueError(f"{file}: unreadable safetensors shard ({e}); it may be truncated, download it again") from None
+            raise ValueError(f"{file}: unreadable safetensors shard ({e}); it may be truncated, "
+                             "download it again") from None
         return
     try:
         state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # zip/pickle errors of a truncated download come in many types
-        raise ValueError(f"{file}: unreadable PyTorch shard ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         "it may be truncated, download it again") from None
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{file}: unreadable PyTorch shard ({type(e).__name__}: {reason}); it may be truncated, "
+                         "download it again") from None
     for name in list(state):
         yield name, state.pop(name)
 

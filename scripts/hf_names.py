@@ -8,7 +8,7 @@ config.json <-> Config field mapping. A "family" is the Hugging Face `model_type
 """
 
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -138,15 +138,6 @@ def lit_to_hf(family: str, config: Config, name: str, tensor: torch.Tensor) -> L
     q, k, v = tensor.split([sizes["q"], sizes["k"], sizes["v"]], dim=0)
     by_part = {"q": q, "k": k, "v": v}
     return [(hf.format(layer), by_part[part].contiguous()) for hf, part in found]
-
-
-def convert_all(family: str, config: Config, tensors) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Whole-dict helper for tests and small models: Hugging Face (name, tensor) pairs -> ours."""
-    convert = HFToLit(family, config)
-    for name, tensor in tensors:
-        yield from convert(name, tensor)
-    if convert.leftover():
-        raise KeyError(f"incomplete q/k/v: {', '.join(convert.leftover())}")
 
 
 # ---- config.json <-> Config -------------------------------------------------------------------------------------
