@@ -130,7 +130,9 @@ for name, n_layer, n_embd, n_head in [("70m", 6, 512, 8), ("160m", 12, 768, 12),
                                       ("6.9b", 32, 4096, 32), ("12b", 36, 5120, 40)]:
     configs.append(dict(name=f"pythia-{name}", hf_repo=f"EleutherAI/pythia-{name}", n_layer=n_layer, n_embd=n_embd,
                         n_head=n_head, intermediate_size=4 * n_embd, **pythia))
-configs[-1]["vocab_size"] = 50688  # pythia-12b pads its vocabulary further
+# The two largest Pythias pad their vocabularies further (their config.json).
+next(c for c in configs if c["name"] == "pythia-6.9b")["vocab_size"] = 50432
+next(c for c in configs if c["name"] == "pythia-12b")["vocab_size"] = 50688
 
 # Short names people type on the command line.
 short_names = {"mistral-7b": "Mistral-7B-v0.1", "llama-2-7b": "Llama-2-7b-hf", "llama-2-13b": "Llama-2-13b-hf",
