@@ -280,7 +280,7 @@ def _post_processor_prefix_ids(post: dict) -> List[int]:
 
 def bytes_to_unicode() -> Dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters (the byte-level BPE alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -337,7 +337,8 @@ def byte_level_bpe_json(vocab: Dict[str, int], merges: List[Tuple[str, str]], sp
         "truncation": None,
         "padding": None,
         "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for t, i in sorted(special_tokens.items(), key=lambda x: x[1])],
+                          "normalized": False, "special": True}
+                         for t, i in sorted(special_tokens.items(), key=lambda x: x[1])],
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre},
         "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
@@ -349,7 +350,7 @@ def byte_level_bpe_json(vocab: Dict[str, int], merges: List[Tuple[str, str]], sp
 
 
 def tiktoken_to_tokenizer_json(path: Path, special_tokens=QWEN_SPECIAL_TOKENS, pattern: str = QWEN_PATTERN) -> dict:
-    """First-generation Qwen's qwen.tiktoken as a byte-level BPE tokenizer.json dict; special tokens follow the ranks."""
+    """First-generation Qwen's qwen.tiktoken as a byte-level BPE tokenizer.json dict; specials follow the ranks."""
     ranks = read_tiktoken(path)
     to_str = bytes_to_unicode()
 

