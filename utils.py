@@ -112,6 +112,7 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Opt
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # safetensors creates files readable by the owner only
     os.replace(tmp, path)
 
 
