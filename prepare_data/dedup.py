@@ -7,7 +7,7 @@ give the same files in every process.
 """
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class Words:
     doc: np.ndarray      # int64, the document of each word
     doc_hash: np.ndarray  # uint64, one per document: hash of its whole normalised text
     n_words: np.ndarray  # int64, per document
+    prefix: Optional[Tuple[np.ndarray, np.ndarray]] = None  # word-level prefix hashes, computed once by shingles()
 
 
 def hash_words(texts: Sequence[str]) -> Words:
@@ -75,14 +76,16 @@ def hash_words(texts: Sequence[str]) -> Words:
     wprefix, winv = _prefix(words, _Q)
     with np.errstate(over="ignore"):  # the whole text's hash from its words: whitespace and punctuation do not count
         doc_hash = _mix(_range(wprefix, winv, first_word[:-1], first_word[1:]))
-    return Words(words, doc.astype(np.int64), doc_hash, np.diff(first_word).astype(np.int64))
+    return Words(words, doc.astype(np.int64), doc_hash, np.diff(first_word).astype(np.int64), (wprefix, winv))
 
 
 def shingles(words: Words, n: int) -> Tuple[np.ndarray, np.ndarray]:
     """Hashes of every run of n consecutive words inside one document, and the document of each."""
     if len(words.hashes) < n:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-    prefix, inv = _prefix(words.hashes, _Q)
+    if words.prefix is None:
+        words.prefix = _prefix(words.hashes, _Q)
+    prefix, inv = words.prefix
     starts = np.arange(len(words.hashes) - n + 1)
     same_doc = words.doc[starts] == words.doc[starts + n - 1]
     starts = starts[same_doc]
@@ -151,24 +154,25 @@ def _one_permutation_minhash(w: Words, ngram: int, k: int, salt: np.uint64) -> n
 # ---------------------------------------------------------------------------------- decontamination
 class EvalIndex:
     """Word n-grams of evaluation questions. A training text is contaminated when it shares an n-gram with a
-    question; questions shorter than n words (but at least `min_words`) are matched by their min_words-grams.
-    Two passes over the training texts at most, with a bitmap in front of the sorted table, keep this fast."""
+    question; a question shorter than n words (but at least `min_words`) must appear whole. One pass per distinct
+    length, with a bitmap in front of each sorted table, keeps this fast."""
 
     BITS = 1 << 24
 
     def __init__(self, questions: Sequence[Tuple[str, str]], ngram: int = 13, min_words: int = 8):
         self.ngram, self.questions = ngram, list(questions)  # (eval set name, question text)
         self.by_length: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        parts: Dict[int, List[Tuple[np.ndarray, np.ndarray]]] = {ngram: [], min_words: []}
+        parts: Dict[int, List[Tuple[np.ndarray, np.ndarray]]] = {n: [] for n in range(min(min_words, ngram), ngram + 1)}
         for lo in range(0, len(self.questions), CHUNK):
             w = hash_words([q for _, q in self.questions[lo:lo + CHUNK]])
             h, d = shingles(w, ngram)
             parts[ngram].append((h, d + lo))
-            if min_words < ngram:
-                short = np.flatnonzero((w.n_words >= min_words) & (w.n_words < ngram))
-                h, d = shingles(w, min_words)
-                keep = np.isin(d, short)
-                parts[min_words].append((h[keep], d[keep] + lo))
+            for length in range(min_words, ngram):
+                whole = np.flatnonzero(w.n_words == length)
+                if len(whole):
+                    h, d = shingles(w, length)
+                    keep = np.isin(d, whole)
+                    parts[length].append((h[keep], d[keep] + lo))
         for length, chunks in parts.items():
             if not chunks or not sum(len(h) for h, _ in chunks):
                 continue
