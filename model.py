@@ -228,11 +228,16 @@ class CausalSelfAttention(nn.Module):
         if input_pos is not None:
             k, v = self.kv_cache(input_pos, k, v)
         if n_kv != n_head and mask is not None:
-            # The kernels that take a mask do not share K/V across heads themselves: expand (a view, then one copy).
-            k = k.repeat_interleave(n_head // n_kv, dim=1)
-            v = v.repeat_interleave(n_head // n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=n_kv != n_head and mask is None)
+            # The kernels that take a mask do not share K/V across heads. Instead of copying K/V (the whole cache,
+            # when decoding) for every query head, fold each group's query heads into the query axis: query head h
+            # reads K/V head h // group, so (B, n_head, T) -> (B, n_kv, group * T) with the mask tiled to match.
+            group = n_head // n_kv
+            y = F.scaled_dot_product_attention(q.reshape(B, n_kv, group * T, hs), k, v,
+                                               attn_mask=mask.repeat(1, 1, group, 1))
+            y = y.view(B, n_head, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=n_kv != n_head)
         return self.proj(y.transpose(1, 2).reshape(B, T, n_head * hs))
 
 
