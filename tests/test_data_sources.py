@@ -214,3 +214,28 @@ def test_parquet_needs_pyarrow(tmp_path):
         f.write_bytes(b"PAR1")
         with pytest.raises(SystemExit, match="pyarrow"):
             prepare_generic.load(f)
+
+
+def test_hub_download_uses_the_datasets_real_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    local = write_jsonl(tmp_path / "cache/databricks-dolly-15k.jsonl",
+                        [{"instruction": "q", "context": "", "response": "a", "category": "open_qa"}])
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, repo_id, repo_type=None, revision=None: [".gitattributes", "README.md", "databricks-dolly-15k.jsonl"])
+
+    def fake_download(repo_id, filename, repo_type=None, revision=None):
+        calls.append((repo_id, filename, repo_type))
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert len(prepare_dolly.load().rows) == 1
+    assert calls == [("databricks/databricks-dolly-15k", "databricks-dolly-15k.jsonl", "dataset")]
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    with pytest.raises(SystemExit, match="pass --data_file"):
+        prepare_dolly.load()
