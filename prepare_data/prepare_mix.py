@@ -365,7 +365,8 @@ def source_cli(source: str, load) -> None:
 
     def common(checkpoint_dir: Optional[Path] = None, out_dir: Optional[Path] = None, prompt_style: str = "alpaca",
                max_seq_length: int = 2048, val_size: float = 0.02, seed: int = 42, mask_prompt: bool = True,
-               dedup: bool = True, decontaminate: bool = True, tokens_per_s: Optional[float] = None,
+               dedup: bool = True, decontaminate: bool = True,
+               decontaminate_sets: List[str] = ["mmlu", "truthfulqa", "bbq", "gsm8k"], tokens_per_s: Optional[float] = None,
                dump_jsonl: Optional[Path] = None):
         pass
 
@@ -383,7 +384,7 @@ def source_cli(source: str, load) -> None:
         recipe = check_recipe({"name": source, "prompt_style": shared["prompt_style"], "max_seq_length": shared["max_seq_length"],
                                "val_size": shared["val_size"], "seed": shared["seed"], "mask_prompt": shared["mask_prompt"],
                                "dedup": {} if shared["dedup"] else False,
-                               "decontaminate": {} if shared["decontaminate"] else False,
+                               "decontaminate": {"sets": shared["decontaminate_sets"]} if shared["decontaminate"] else False,
                                "sources": [{"source": source, **{k: v for k, v in kwargs.items() if v is not None}}]},
                               f"prepare_{source}.py")
         prepare(recipe, shared["checkpoint_dir"], shared["out_dir"] or Path("data") / source, shared["tokens_per_s"],
@@ -402,7 +403,8 @@ def source_cli(source: str, load) -> None:
         seed: seed for the split and the shuffle
         mask_prompt: loss on the responses only
         dedup: remove exact and near duplicates
-        decontaminate: remove rows overlapping MMLU/TruthfulQA/BBQ/GSM8K test questions
+        decontaminate: remove rows overlapping evaluation test questions
+        decontaminate_sets: which evaluation sets (offline assets in data/assets, else the hub)
         tokens_per_s: training throughput, to report the training time the data implies
         dump_jsonl: only write the parsed rows (common schema) to this JSONL file, without tokenizing
 """

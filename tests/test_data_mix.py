@@ -198,3 +198,20 @@ def test_demo_recipe_on_real_assets(tmp_path, tok_dir):
     r = read_recipe(Path(__file__).resolve().parent.parent / "prepare_data/recipes/demo.yaml")
     report = prepare(r, tok_dir, tmp_path / "demo", progress=False)
     assert 800 <= report["train_rows"] <= 2000 and report["val_rows"] == 100
+
+
+def test_single_source_script_cli(tmp_path, tok_dir):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    f = dolly_file(tmp_path / "d.jsonl", 12)
+    cmd = [sys.executable, str(root / "prepare_data/prepare_dolly.py"), "--data_file", str(f), "--checkpoint_dir", str(tok_dir),
+           "--out_dir", str(tmp_path / "out"), "--decontaminate", "false", "--val_size", "2", "--prompt_style", "chatml"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    meta = json.loads((tmp_path / "out/meta.json").read_text())
+    assert (meta["n_train"], meta["n_val"], meta["prompt_style"]) == (10, 2, "chatml")
+    subprocess.run(cmd[:4] + ["--dump_jsonl", str(tmp_path / "rows.jsonl")], check=True, capture_output=True)
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 12
+    bad = subprocess.run(cmd[:2] + ["--data_file", str(tmp_path / "missing.jsonl"), "--dump_jsonl", "x"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "missing.jsonl not found" in bad.stderr
