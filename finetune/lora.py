@@ -234,6 +234,7 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
 
     if state["step"] == 0 and not a.resume:
         validate_and_log(fabric, model, gpt, val_examples, a, state, checkpoint_dir)
+    model.train()  # load_model returns eval mode: without this LoRA dropout and NEFTune would silently be off
     step_times: List[float] = []
     while state["step"] < total_steps:
         batches = epoch_batches(train_examples, rows, a.micro_batch_size, a.seed, state["epoch"])
@@ -626,6 +627,8 @@ def save_everything(fabric, gpt, optimizer, scheduler, state, out_dir: Path, arg
                "cpu_rng_size": rng.numel(), "state": json.dumps(state), "args": json.dumps(args)}
     tmp = out_dir / "state.ckpt.tmp"
     fabric.save(tmp, payload)
+    for logger in fabric.loggers:
+        logger.save()
     fabric.barrier()
     if fabric.global_rank == 0:
         os.replace(tmp, out_dir / "state.ckpt")
@@ -701,6 +704,8 @@ class Stopper:
 
 
 def finish(fabric, state: dict, out_dir: Path) -> None:
+    for logger in fabric.loggers:
+        logger.finalize("success")
     if fabric.global_rank != 0:
         return
     plot_losses(state["history"], out_dir / "loss.png")

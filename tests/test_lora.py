@@ -19,6 +19,15 @@ GQA = dict(name="tiny-gqa", block_size=64, vocab_size=97, n_layer=2, n_head=4, n
            intermediate_size=48)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core runner OpenMP spin-waits make them 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize_lora(model, seed=0, std=0.5):
     g = torch.Generator().manual_seed(seed)
     for m in lora_modules(model).values():
@@ -227,3 +236,25 @@ def test_qlora_trains_and_merges_to_bf16_checkpoint(tiny_ckpt, tmp_path):
     expected = model32(x)
     merge_lora(model32)
     torch.testing.assert_close(model32(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_builds_a_random_qlora_model_without_a_checkpoint():
+    """scripts/benchmark_finetune.py's model (GPU there) builds and trains one step on CPU here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_finetune", ROOT / "scripts/benchmark_finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from finetune.lora import training_loss
+
+    config = Config(**GQA)
+    model = bench.build(config, "bnb.nf4", LoRAConfig(r=4), "cpu", torch.bfloat16)
+    assert isinstance(model.blocks[1].mlp.fc_2.base, bnb.nn.Linear4bit)
+    bench.set_checkpointing(model, True)
+    assert "forward" in model.blocks[0].__dict__
+    tokens = torch.randint(0, 97, (2, 17))
+    loss, n = training_loss(model, {"idx": tokens[:, :-1], "targets": tokens[:, 1:]})
+    (loss / n).backward()
+    assert n == 32 and abs(loss.item() / n - torch.log(torch.tensor(97.0)).item()) < 0.5  # random model: ~log(vocab)
+    bench.set_checkpointing(model, False)
+    assert "forward" not in model.blocks[0].__dict__

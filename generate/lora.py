@@ -1,0 +1,117 @@
+"""Generate with a base model plus a LoRA adapter from finetune/lora.py (optionally on a 4-bit base).
+
+    python generate/lora.py --adapter out/lora/SmolLM2-135M-Instruct-demo/adapter.safetensors --prompt "Name a colour."
+
+The adapter file names its base checkpoint and LoRA settings, and its folder holds the prompt_style.json it was
+trained with, so the prompt is wrapped exactly as in training. Sampling options and decoding are generate/base.py's.
+"""
+
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from generate.base import cut_at_stop, generate, pick_device, stop_at_strings  # noqa: E402
+from lora import load_adapter, merge_lora, read_adapter  # noqa: E402
+from prompts import get_style, load_style, render  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+from utils import load_model, resolve_checkpoint_dir  # noqa: E402
+
+
+def main(
+    prompt: str = "What is the capital of France?",
+    adapter: Optional[Path] = None,
+    checkpoint_dir: Optional[str] = None,
+    prompt_style: Optional[str] = None,
+    input: str = "",
+    num_samples: int = 1,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    stop: Optional[List[str]] = None,
+    quantize: Optional[str] = "auto",
+    precision: str = "auto",
+    device: str = "auto",
+    merge: bool = True,
+) -> None:
+    """Generate text with base model + LoRA adapter.
+
+    Args:
+        prompt: the instruction; it is wrapped in the prompt style the adapter was trained with.
+        adapter: adapter.safetensors written by finetune/lora.py (or its folder).
+        checkpoint_dir: base checkpoint; default the one the adapter was trained on.
+        prompt_style: a style name (alpaca, chatml, ...) or "none" for the raw prompt; default the adapter folder's
+            prompt_style.json.
+        input: optional extra input/context shown in the style's input section.
+        num_samples: how many completions to draw (decoded together as one batch).
+        max_new_tokens: the most tokens to generate per completion.
+        temperature: 0 (or anything at most 1e-6) is greedy.
+        top_k: sample among the k most likely tokens only.
+        top_p: sample within the smallest set of tokens whose probability reaches p.
+        seed: random seed for reproducible sampling.
+        stop: strings that end a completion; default the prompt style's stop strings.
+        quantize: base weights: auto (as in training when on a GPU), none, bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8.
+        precision: bf16, fp16 or fp32; auto is bf16 on a GPU that supports it, else fp32.
+        device: cuda, cpu or auto.
+        merge: fold the adapter into an unquantized base before decoding (same outputs, faster).
+    """
+    if adapter is None:
+        raise SystemExit("--adapter is required: the adapter.safetensors written by finetune/lora.py")
+    adapter = Path(adapter)
+    settings, _ = read_adapter(adapter)
+    adapter_dir = adapter if adapter.is_dir() else adapter.parent
+    device = pick_device(device)
+    if quantize == "auto":
+        quantize = settings.get("quantize") if device == "cuda" else None
+    quantize = None if quantize in (None, "none") else quantize
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    if checkpoint_dir is None:
+        if not settings.get("checkpoint_dir"):
+            raise SystemExit(f"{adapter}: does not name its base checkpoint; pass --checkpoint_dir")
+        checkpoint_dir = settings["checkpoint_dir"]
+    checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
+    if prompt_style is None:
+        style = load_style(adapter_dir, default=None) if (adapter_dir / "prompt_style.json").is_file() else \
+            load_style(checkpoint_dir, default="plain")
+    else:
+        style = get_style("plain" if prompt_style == "none" else prompt_style)
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
+    load_adapter(model, adapter)  # one clear error if the adapter belongs to another model
+    if merge and quantize is None:
+        merge_lora(model)
+    model.eval()
+    print(f"Loaded {checkpoint_dir} ({quantize or precision}) + {adapter} (step {settings.get('step')}) in "
+          f"{time.perf_counter() - t0:.1f}s; prompt style {style.name!r}", file=sys.stderr)
+
+    text = render(style, prompt, input) if prompt_style != "none" else prompt
+    encoded = tokenizer.encode(text)
+    stops = list(stop) if stop is not None else list(style.stop)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    t0 = time.perf_counter()
+    outputs = generate(model, [encoded] * num_samples, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
+                       stop_at_strings(tokenizer, stops), generator)
+    elapsed = time.perf_counter() - t0
+    for tokens in outputs:
+        print(cut_at_stop(tokenizer.decode(tokens), stops))
+        print("-" * 40)
+    n = sum(len(t) for t in outputs)
+    print(f"{n} tokens in {elapsed:.2f}s ({n / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    if device == "cuda":
+        print(f"Peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main)

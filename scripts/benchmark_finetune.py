@@ -1,0 +1,169 @@
+"""Tokens/s and peak memory of one QLoRA training step (forward, backward, AdamW) for any registered model config,
+with random weights built directly on the GPU (no checkpoint on disk). Uses finetune/lora.py's own step code.
+
+    python scripts/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x1,1x0,4x1
+
+Each configuration MBxC is micro-batch MB with activation checkpointing C (1 on, 0 off); one JSON line each:
+tokens_per_s (median over --steps after --warmup steps, timed with CUDA events) and peak_mem_gib
+(torch.cuda.max_memory_allocated, weights included), like the peer scripts in ../shared/anchors.
+`--table results.jsonl` prints a Markdown table of such lines (ours and the peers').
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from finetune.lora import enable_activation_checkpointing, make_optimizer, training_loss  # noqa: E402
+from lora import LoRAConfig, inject_lora  # noqa: E402
+from model import Config  # noqa: E402
+
+
+def random_tensors(model, device, dtype, std: float = 0.02):
+    """(name, tensor) for every parameter of a meta model, made one at a time on the device."""
+    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]  # (out, in) before quantization
+    for name, shape in shapes:
+        if model.config.tie_embeddings and name == "lm_head.weight":
+            continue
+        if "norm" in name or name.startswith("ln_f"):
+            yield name, torch.ones(shape, device=device, dtype=dtype) if name.endswith("weight") else \
+                torch.zeros(shape, device=device, dtype=dtype)
+        else:
+            yield name, torch.randn(shape, device=device, dtype=dtype) * std
+
+
+def build(config: Config, quantize: Optional[str], lora: LoRAConfig, device: str, dtype: torch.dtype):
+    if quantize:
+        from quantize import empty_quantized_model, quantize_model
+
+        model = empty_quantized_model(config, quantize, dtype)
+        quantize_model(model, random_tensors(model, device, dtype), quantize, device, dtype, source="random weights")
+    else:
+        from model import GPT
+
+        with torch.device(device):
+            model = GPT(config).to(dtype)
+    inject_lora(model, lora)
+    return model.train()
+
+
+def set_checkpointing(model, on: bool) -> None:
+    for block in model.blocks:
+        block.__dict__.pop("forward", None)  # back to the plain Block.forward
+    if on:
+        enable_activation_checkpointing(model)
+
+
+def bench(model, seq: int, mb: int, ckpt: bool, steps: int, warmup: int, device: str) -> dict:
+    set_checkpointing(model, ckpt)
+    optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], 1e-4, 0.0, device)
+    g = torch.Generator(device).manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (mb, seq + 1), device=device, generator=g)
+    batch = {"idx": tokens[:, :-1], "targets": tokens[:, 1:]}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, loss = [], None
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss_sum, n = training_loss(model, batch)
+        (loss_sum / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+        loss = loss_sum.item() / n
+    median = sorted(times[warmup:])[len(times[warmup:]) // 2]
+    del optimizer
+    return {"step_s_median": round(median, 4), "tokens_per_s": round(mb * seq / median, 1),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(loss, 4)}
+
+
+def print_table(path: Path) -> None:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "tokens_per_s" not in r:
+            continue
+        ckpt = r.get("grad_ckpt", r.get("ckpt", "?"))
+        ckpt = {True: "on", False: "off", 1: "on", 0: "off"}.get(ckpt, ckpt)
+        rows.append((r.get("system", "?"), r.get("model", r.get("arch", "?")), f"{r.get('mb', '?')} x {r.get('seq', '?')}",
+                     str(ckpt), f"{r['tokens_per_s']:,.0f}", f"{r['peak_mem_gib']:.1f}"))
+    print("| system | model | micro-batch x seq | activation checkpointing | tokens/s | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def main(
+    model: str = "Mistral-7B-v0.1",
+    seq: int = 2048,
+    configs: str = "1x1,1x0,4x1",
+    quantize: Optional[str] = "bnb.nf4-dq",
+    lora_r: int = 16,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.05,
+    lora_targets: str = "all",
+    steps: int = 8,
+    warmup: int = 3,
+    compile: bool = False,
+    table: Optional[Path] = None,
+) -> None:
+    """Benchmark QLoRA training steps.
+
+    Args:
+        model: a registered config name (python -c 'import model; print(model.known_names())').
+        seq: sequence length.
+        configs: comma list of MBxC: micro-batch MB, activation checkpointing C (1/0).
+        quantize: base weights (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8) or null for bf16.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha.
+        lora_dropout: LoRA dropout.
+        lora_targets: LoRA targets (all = every linear of the blocks, as the peers).
+        steps: timed steps (the median is reported).
+        warmup: untimed steps first.
+        compile: torch.compile each block.
+        table: instead of benchmarking, print a Markdown table of the JSON lines in this file.
+    """
+    if table is not None:
+        return print_table(table)
+    if not torch.cuda.is_available():
+        raise SystemExit("the benchmark needs a CUDA GPU (it times CUDA events and reports CUDA peak memory)")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    config = Config.from_name(model)
+    lora = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
+    t0 = time.perf_counter()
+    net = build(config, quantize, lora, "cuda", torch.bfloat16)
+    if compile:
+        for block in net.blocks:
+            block.compile()
+    print(json.dumps({"built": config.name, "quantize": quantize, "s": round(time.perf_counter() - t0, 1),
+                      "mem_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
+                      "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}), flush=True)
+    for spec in configs.split(","):
+        mb, ckpt = (int(v) for v in spec.lower().split("x"))
+        result = {"system": "oneday" + (" (compiled)" if compile else ""), "model": config.name, "seq": seq, "mb": mb,
+                  "grad_ckpt": bool(ckpt), "quantize": quantize, "lora_r": lora_r}
+        try:
+            result.update(bench(net, seq, mb, bool(ckpt), steps, warmup, "cuda"))
+        except torch.cuda.OutOfMemoryError:
+            result["error"] = "out of memory"
+        for p in net.parameters():
+            p.grad = None
+        torch.cuda.empty_cache()
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main)

@@ -1,0 +1,322 @@
+"""finetune/lora.py: the loss (packing, masking, chunking), the training loop end to end, resume, DDP, bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from finetune import lora as ft
+from lora import LoRAConfig, inject_lora
+from model import GPT, Config
+from tiny_checkpoint import make_tiny_checkpoint
+from tiny_data import make_data_dir, make_samples, write_split
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = dict(name="tiny", block_size=64, vocab_size=61, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+              intermediate_size=48)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core runner OpenMP spin-waits make them 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), prompt_style="alpaca")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ckpt):
+    vocab = json.loads((ckpt / "model_config.json").read_text())["vocab_size"]
+    return make_data_dir(tmp_path_factory.mktemp("data"), vocab)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(Config(**CONFIG))
+    inject_lora(model, LoRAConfig(r=4, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.eval()
+
+
+def examples(tmp_path, n=12, seed=0):
+    write_split(tmp_path / "s.safetensors", make_samples(n, CONFIG["vocab_size"], seed=seed))
+    return ft.make_examples(ft.load_split(tmp_path / "s.safetensors"), max_seq_length=64)
+
+
+def reference_loss(model, split, i):
+    """Plain full-logits cross-entropy of sample i alone, over its target tokens."""
+    s, e = int(split.offsets[i]), int(split.offsets[i + 1])
+    tokens, mask = split.tokens[s:e], split.loss_mask[s:e]
+    logits = model(tokens[None, :-1])[0]
+    keep = mask[1:].bool()
+    return torch.nn.functional.cross_entropy(logits[keep], tokens[1:][keep], reduction="sum"), int(keep.sum())
+
+
+def test_packed_loss_equals_per_sample_loss(tmp_path):
+    model, ex = tiny_model(), examples(tmp_path)
+    rows = ft.pack(ex.lengths.tolist(), capacity=40)
+    assert any(len(r) > 2 for r in rows) and sorted(i for r in rows for i in r) == list(range(ex.n))
+    assert all(sum(int(ex.lengths[i]) for i in r) <= 40 for r in rows)
+    batch = ft.collate(ex, rows, packed=True, device="cpu")
+    assert "segments" in batch
+    with torch.no_grad():
+        packed_sum, packed_n = ft.training_loss(model, batch)
+        refs = [reference_loss(model, ex.split, i) for i in range(ex.n)]
+    assert packed_n == sum(n for _, n in refs)
+    torch.testing.assert_close(packed_sum, sum(l for l, _ in refs), rtol=1e-5, atol=1e-4)
+
+
+def test_padding_and_masked_tokens_do_not_move_the_loss(tmp_path):
+    model, ex = tiny_model(), examples(tmp_path)
+    by_length = sorted(range(ex.n), key=lambda i: int(ex.lengths[i]))
+    short, long = by_length[0], by_length[-1]
+    with torch.no_grad():
+        alone, n_alone = ft.training_loss(model, ft.collate(ex, [[short]], packed=False, device="cpu"))
+        batch = ft.collate(ex, [[short], [long]], packed=False, device="cpu")  # the short row gets right padding
+        assert "segments" not in batch  # unpacked: no mask, SDPA's causal path
+        both, n_both = ft.training_loss(model, batch)
+        other, n_other = ft.training_loss(model, ft.collate(ex, [[long]], packed=False, device="cpu"))
+        ref, n_ref = reference_loss(model, ex.split, short)
+    torch.testing.assert_close(both, alone + other, rtol=1e-5, atol=1e-4)
+    assert n_both == n_alone + n_other
+    # Only loss_mask=1 tokens count: the reference drops prompt positions explicitly.
+    assert n_ref == n_alone < int(ex.lengths[short])
+    torch.testing.assert_close(alone, ref, rtol=1e-5, atol=1e-4)
+    # Masked targets move neither the loss nor the gradient: change the token ids at masked positions.
+    hidden = torch.randn(1, 6, 32, requires_grad=True)
+    targets = torch.tensor([[ft.IGNORE, 3, ft.IGNORE, 4, 5, ft.IGNORE]])
+    loss, n = ft.chunked_cross_entropy(model.lm_head, hidden, targets)
+    loss.backward()
+    assert n == 3 and torch.all(hidden.grad[0, [0, 2, 5]] == 0) and torch.all(hidden.grad[0, [1, 3, 4]].abs().sum(-1) > 0)
+    # and at the data level: rewriting the prompt-only targets in a sample's loss_mask=0 region leaves the loss as is
+    split = ex.split
+    s = int(split.offsets[short])
+    masked_positions = (split.loss_mask[s + 1:s + 1 + int(ex.lengths[short])] == 0).nonzero().view(-1)
+    assert len(masked_positions) > 0
+    batch = ft.collate(ex, [[short]], packed=False, device="cpu")
+    assert torch.all(batch["targets"][0, masked_positions] == ft.IGNORE)
+
+
+def test_chunked_cross_entropy_matches_full_logits():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 40, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 40))
+    targets[0, :7] = ft.IGNORE
+    loss, n = ft.chunked_cross_entropy(head, hidden, targets, chunk_bytes=4 * 50 * 128)  # several chunks of 128
+    loss.backward()
+    g_chunked, gw_chunked = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = None
+    head.weight.grad = None
+    ref = torch.nn.functional.cross_entropy(head(hidden).view(-1, 50), targets.view(-1), ignore_index=ft.IGNORE,
+                                            reduction="sum")
+    ref.backward()
+    assert n == 3 * 40 - 7
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g_chunked, hidden.grad)
+    torch.testing.assert_close(gw_chunked, head.weight.grad)
+
+
+def test_activation_checkpointing_same_loss_and_grads(tmp_path):
+    ex = examples(tmp_path)
+    batch = ft.collate(ex, ft.pack(ex.lengths.tolist(), 40)[:2], packed=True, device="cpu")
+    grads = []
+    for ckpt_on in (False, True):
+        model = tiny_model().train()
+        if ckpt_on:
+            ft.enable_activation_checkpointing(model)
+        loss, _ = ft.training_loss(model, batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_epoch_batches_are_deterministic_and_bucketed(tmp_path):
+    ex = examples(tmp_path, n=40)
+    a = ft.epoch_batches(ex, None, 4, seed=1, epoch=0)
+    assert a == ft.epoch_batches(ex, None, 4, seed=1, epoch=0) != ft.epoch_batches(ex, None, 4, seed=1, epoch=1)
+    assert sorted(r[0] for b in a for r in b) == list(range(40))
+    lengths = ex.lengths.tolist()
+    padded = sum(max(lengths[r[0]] for r in b) * len(b) for b in a)
+    assert padded < 1.3 * sum(lengths)  # bucketing keeps padding small
+
+
+def test_lr_schedule():
+    lrs = [ft.lr_lambda(s, warmup=10, total=100, min_ratio=0.1) for s in range(100)]
+    assert lrs[0] < lrs[5] < lrs[9] < 1.0 and max(lrs) == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole script
+
+
+def run(ckpt, data, out, **kw):
+    args = dict(checkpoint_dir=str(ckpt), data_dir=data, out_dir=out, max_steps=6, batch_size=4, micro_batch_size=2,
+                eval_interval=3, save_interval=3, learning_rate=1e-2, lora_r=4, seed=3, max_time=None, sample_tokens=4,
+                accelerator="cpu")
+    args.update(kw)
+    ft.setup(**args)
+
+
+def adapter(out):
+    return load_file(str(Path(out) / "adapter.safetensors"))
+
+
+def test_end_to_end_run_learns_and_writes_everything(ckpt, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(ckpt, data, out, max_steps=12, eval_interval=6, neftune_alpha=5.0)
+    text = capsys.readouterr().out
+    assert "sample |" in text and "tok/s" in text and "ETA" in text
+    for f in ("adapter.safetensors", "adapter_best.safetensors", "state.ckpt", "train_config.json", "prompt_style.json",
+              "loss.png", "adapters/step-000006.safetensors", "adapters/step-000012.safetensors"):
+        assert (out / f).is_file(), f
+    assert (out / "prompt_style.json").read_text() == (data / "prompt_style.json").read_text()
+    assert list((out / "logs").rglob("metrics.csv"))
+    state = torch.load(out / "state.ckpt", weights_only=True)
+    val = json.loads(state["state"])["history"]["val"]
+    assert [s for s, _ in val] == [0, 6, 12] and val[-1][1] < val[0][1] - 0.3, val
+    assert not list(out.rglob("*.tmp"))
+
+    # generate/lora.py: no flags repeated (base, style, LoRA settings come from the adapter); merged == on the fly
+    from generate import lora as gen
+
+    texts = []
+    for merge in (True, False):
+        gen.main(prompt="Name a colour.", adapter=out / "adapter.safetensors", temperature=0, max_new_tokens=8,
+                 merge=merge)
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(ckpt, data, tmp_path, monkeypatch):
+    kw = dict(lora_dropout=0.2, neftune_alpha=5.0, sample_tokens=0)
+    run(ckpt, data, tmp_path / "straight", **kw)
+
+    calls = {"n": 0}
+    real = ft.training_loss
+
+    def crashing(model, batch):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 9:  # step 5's first micro-batch: after the step-3 checkpoint, before the step-6 one
+                raise RuntimeError("simulated kill")
+        return real(model, batch)
+
+    monkeypatch.setattr(ft, "training_loss", crashing)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(ckpt, data, tmp_path / "resumed", **kw)
+    monkeypatch.setattr(ft, "training_loss", real)
+    assert json.loads(torch.load(tmp_path / "resumed/state.ckpt", weights_only=True)["state"])["step"] == 3
+    run(ckpt, data, tmp_path / "resumed", resume=True, **kw)
+
+    a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_process_ddp_matches_one_process(ckpt, data, tmp_path):
+    """2 CPU processes (gloo) with 1 micro-batch each == 1 process accumulating the same 2 micro-batches."""
+    common = ["--checkpoint_dir", str(ckpt), "--data_dir", str(data), "--max_steps", "3", "--batch_size", "2",
+              "--micro_batch_size", "1", "--eval_interval", "3", "--save_interval", "3", "--learning_rate", "1e-2",
+              "--lora_r", "4", "--lora_dropout", "0", "--seed", "3", "--max_time", "null", "--sample_tokens", "0",
+              "--accelerator", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "finetune/lora.py", *common, "--devices", "2", "--strategy", "ddp",
+                           "--out_dir", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "step 3/3" in proc.stdout
+    run(ckpt, data, tmp_path / "single", max_steps=3, batch_size=2, micro_batch_size=1, lora_dropout=0.0,
+        sample_tokens=0)
+    a, b = adapter(tmp_path / "ddp"), adapter(tmp_path / "single")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+
+
+def test_max_time_stops_cleanly_with_a_resumable_save(ckpt, data, tmp_path, capsys):
+    run(ckpt, data, tmp_path / "budget", max_steps=50, max_time="00:00:01")
+    assert "Stopping at step 0" in capsys.readouterr().out
+    assert (tmp_path / "budget/state.ckpt").is_file() and (tmp_path / "budget/adapter.safetensors").is_file()
+
+
+def one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_inputs_fail_early_with_one_line(ckpt, data, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, bad, tmp_path / "o1")
+    assert "train.safetensors: not found" in one_line_error(e)
+
+    (bad / "train.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, bad, tmp_path / "o2")
+    assert "not a readable safetensors file" in one_line_error(e)
+
+    save_file({"tokens": torch.arange(10, dtype=torch.int32), "loss_mask": torch.ones(10, dtype=torch.uint8),
+               "offsets": torch.tensor([0, 4, 9])}, str(bad / "train.safetensors"))
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, bad, tmp_path / "o3")
+    assert "offsets must run from 0 to len(tokens)=10" in one_line_error(e)
+
+    save_file({"tokens": torch.arange(10, dtype=torch.int32), "offsets": torch.tensor([0, 10])}, str(bad / "train.safetensors"))
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, bad, tmp_path / "o4")
+    assert "missing tensor(s) ['loss_mask']" in one_line_error(e)
+
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, data, tmp_path / "o5", max_seq_length=100_000)
+    assert "exceeds the context of tiny (256 tokens" in one_line_error(e)
+
+    big_vocab = tmp_path / "vocab"
+    big_vocab.mkdir()
+    write_split(big_vocab / "train.safetensors", make_samples(4, 100_000, seed=0))
+    write_split(big_vocab / "val.safetensors", make_samples(4, 50, seed=0))
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, big_vocab, tmp_path / "o6")
+    assert "is outside the vocabulary" in one_line_error(e)
+
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, data, tmp_path / "o7", batch_size=5, micro_batch_size=2)
+    assert "--batch_size 5 is not a multiple" in one_line_error(e)
+
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, data, tmp_path / "nothing", resume=True)
+    assert "nothing to resume" in one_line_error(e)
+
+
+def test_resume_refuses_changed_settings_and_foreign_adapters(ckpt, data, tmp_path):
+    out = tmp_path / "run"
+    run(ckpt, data, out, max_steps=3, sample_tokens=0)
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, data, out, max_steps=3)
+    assert "already holds a run; pass --resume true" in one_line_error(e)
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, data, out, max_steps=6, resume=True, lora_r=8)
+    assert "--lora_r was 4, now 8" in one_line_error(e)
+    other = make_tiny_checkpoint(tmp_path / "other", n_embd=48)
+    with pytest.raises(SystemExit) as e:
+        run(other, data, out, max_steps=6, resume=True)
+    assert "--checkpoint_dir was" in one_line_error(e)
