@@ -250,14 +250,19 @@ class Engine:
         return taken
 
     def _take_scoring(self) -> List[Request]:
-        """Oldest first, up to max_batch_size rows and max_batch_tokens padded tokens."""
-        taken, longest = [], 0
+        """Oldest first, up to max_batch_size rows and max_batch_tokens tokens of compute. Tokens a request shares
+        with the batch's first one count once (shared-prefix prefill), so HELM's few-shot prompts batch widely."""
+        taken, shared, longest_tail = [], 0, 0
         while self._scoring and len(taken) < self.max_batch_size:
-            n = len(self._scoring[0].prompt_ids)
-            if taken and max(longest, n) * (len(taken) + 1) > self.max_batch_tokens:
+            ids = self._scoring[0].prompt_ids
+            new_shared = min(shared, common_prefix(taken[0].prompt_ids, ids)) if taken else len(ids) - 1
+            if new_shared < self.min_shared_prefix:
+                new_shared = 0
+            tail = max(longest_tail + shared - new_shared, len(ids) - new_shared)
+            if taken and new_shared + tail * (len(taken) + 1) > self.max_batch_tokens:
                 break
             taken.append(self._scoring.popleft())
-            longest = max(longest, n)
+            shared, longest_tail = new_shared, tail
         return taken
 
     # ---- scoring -------------------------------------------------------------------------------------------------
@@ -413,13 +418,15 @@ class Engine:
         """Choose each slot's next token from its logits (B, vocab), record it, and retire finished slots."""
         early_logits = {k: self.model.lm_head(self.model.ln_f(v)) for k, v in early.items()}
         tokens = self._choose(logits, early_logits, [s.request for s in slots], [s.generator for s in slots])
-        for s, token, row in zip(slots, tokens, range(len(slots))):
+        # One log-softmax/top-k and one device-to-host copy for the whole batch, not one per row.
+        scores = score_tokens(logits, tokens, max(s.request.top_logprobs for s in slots))
+        for s, token, (logprob, top) in zip(slots, tokens, scores):
             r = s.request
             if token == self.tokenizer.eos_id:
                 s.finish_reason = "eos"
             else:
                 s.new_ids.append(token)
-                s.new_scores.extend(score_tokens(logits[row: row + 1], [token], r.top_logprobs))
+                s.new_scores.append((logprob, dict(list(top.items())[: r.top_logprobs])))
                 if len(s.new_ids) >= r.max_new_tokens:
                     s.finish_reason = "length"
                 elif (r.stop or r.stop_at_blank_line) and find_stop(self.tokenizer.decode(s.new_ids), r.stop,
