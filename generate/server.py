@@ -29,7 +29,6 @@ Semantics (tests/test_server.py checks each):
 import asyncio
 import json
 import logging
-import math
 import sys
 import time
 from contextlib import asynccontextmanager

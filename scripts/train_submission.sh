@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# What Dockerfile.train runs: the whole submission from nothing, inside the 24-hour budget on one GPU:
+# download the base model, prepare the data recipe, QLoRA fine-tune, merge the adapter into a bf16 checkpoint.
+# Settings (environment):
+#   BASE_REPO       hub repository of the base model     (default mistralai/Mistral-7B-v0.1)
+#   RECIPE          prepare_data/recipes/<name>.yaml      (default prepare_data/recipes/upaya_4090.yaml)
+#   OUT             where everything goes                 (default /workspace/out)
+#   MAX_TIME        fine-tuning wall-clock budget HH:MM:SS (default 20:00:00: leaves time for download, data, merge)
+#   FINETUNE_ARGS   further finetune/lora.py flags, e.g. "--lora_r 128 --lora_alpha 256 --learning_rate 2e-5"
+# DRY_RUN=1 prints the commands instead of running them (tests/test_docker.py checks them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base_repo=${BASE_REPO:-mistralai/Mistral-7B-v0.1}
+recipe=${RECIPE:-prepare_data/recipes/upaya_4090.yaml}
+out=${OUT:-/workspace/out}
+max_time=${MAX_TIME:-20:00:00}
+ckpt=$out/checkpoints/$base_repo
+data=$out/data/$(basename "$recipe" .yaml)
+run=$out/lora
+run() {
+  echo "+ $*" >&2
+  if [ -z "${DRY_RUN:-}" ]; then "$@"; fi
+}
+# shellcheck disable=SC2206
+extra=(${FINETUNE_ARGS:-})
+run python scripts/download.py --repo_id "$base_repo" --checkpoint_dir "$out/checkpoints"
+run python scripts/convert_hf_checkpoint.py --checkpoint_dir "$ckpt"
+run python prepare_data/prepare_mix.py --recipe "$recipe" --checkpoint_dir "$ckpt" --out_dir "$data"
+run python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir "$data" --out_dir "$run" --quantize bnb.nf4-dq \
+  --max_time "$max_time" "${extra[@]}"
+adapter=$run/adapter_best.safetensors  # best validation loss; the latest one when no validation ran
+[ -f "$adapter" ] || [ -n "${DRY_RUN:-}" ] || adapter=$run/adapter.safetensors
+run python scripts/merge_lora.py --adapter "$adapter" --out_dir "$out/final"
+echo "merged checkpoint: $out/final (serve it: docker build -f Dockerfile.serve --build-arg CHECKPOINT=... .)" >&2
