@@ -115,18 +115,20 @@ class LoRALinear(nn.Module):
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """scaling * B A dropout(x), shaped like the base output (zero on rows without an adapter)."""
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype)) * self.scaling  # (..., n_parts * r): small, scale here
-        B = self.lora_B.to(x.dtype)
+        return F.linear(h, self.placed_B(x.dtype))
+
+    def placed_B(self, dtype: torch.dtype) -> torch.Tensor:
+        """(out, n_parts * r): part i's B on its own rows and its own r columns, zeros elsewhere. One matmul then
+        gives every part's delta on exactly its rows (a block-diagonal B when q, k and v all have adapters)."""
+        B = self.lora_B.to(dtype)
         if self.covers_all_rows:
-            return F.linear(h, B)
-        pieces, row, last = [], 0, 0
+            return B
+        placed = B.new_zeros(self.out_features, len(self.parts) * self.r)
+        row = 0
         for i, (start, end) in enumerate(self.parts):
-            if start > last:
-                pieces.append(h.new_zeros(*h.shape[:-1], start - last))
-            pieces.append(F.linear(h[..., i * self.r:(i + 1) * self.r], B[row:row + end - start]))
-            row, last = row + end - start, end
-        if last < self.out_features:
-            pieces.append(h.new_zeros(*h.shape[:-1], self.out_features - last))
-        return torch.cat(pieces, dim=-1)
+            placed[start:end, i * self.r:(i + 1) * self.r] = B[row:row + end - start]
+            row += end - start
+        return placed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

@@ -114,9 +114,9 @@ def main(
             n += 1
         if size >= SHARD_BYTES:
             flush()
-        print(f"\rmerged {n} tensors", end="", file=sys.stderr)
+        if n % 64 == 0:
+            print(f"merged {n} tensors", file=sys.stderr)
     flush()
-    print(file=sys.stderr)
     for i, path in enumerate(shards):
         final = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         path.rename(out_dir / final)
