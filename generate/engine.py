@@ -390,13 +390,12 @@ class Engine:
     def _decode_step(self) -> None:
         self.stats["decode_steps"] += 1
         B = max(i for i, s in enumerate(self._slots) if s is not None) + 1
-        idx = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        pos = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        for i, s in enumerate(self._slots[:B]):
-            if s is not None:
-                idx[i, 0] = s.new_ids[-1]
-                pos[i, 0] = s.pos
-        n_keys = int(pos.max()) + 1
+        # One host-to-device copy each (not one tiny write per row): this runs once per generated token.
+        rows = self._slots[:B]
+        idx = torch.tensor([[s.new_ids[-1] if s else 0] for s in rows], device=self.device)
+        positions = [s.pos if s else 0 for s in rows]
+        pos = torch.tensor(positions, device=self.device)[:, None]
+        n_keys = max(positions) + 1
         for c in self._caches:
             c.n_keys = n_keys
         keys = torch.arange(n_keys, device=self.device)

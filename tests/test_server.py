@@ -389,3 +389,13 @@ def test_serves_base_plus_lora_adapter(tmp_path):
     assert svc.tokenizer.encode(svc.tokenizer.decode(ids[0].tolist())).tolist() == ids[0].tolist()
     assert result.new_ids == [int(expected.argmax())]
     assert out["tokens"][0]["logprob"] == pytest.approx(float(expected.max()), abs=1e-4)
+
+
+def test_benchmark_script_runs_on_a_random_model(tmp_path):
+    from scripts.benchmark_server import main
+
+    rows = main(random_model="SmolLM2-135M", n_layer=1, device="cpu", requests=3, prompt_words=24,
+                shared_prefix_words=16, generation_prompt_words=8, new_tokens=4, out=str(tmp_path / "bench.md"))
+    assert [r["unit"] for r in rows] == ["requests/s", "requests/s", "tokens/s"]
+    assert all(r["same_outputs"] and r["one_at_a_time"] > 0 and r["3_concurrent"] > 0 for r in rows)
+    assert "| generation, 4 new tokens | tokens/s |" in (tmp_path / "bench.md").read_text()
