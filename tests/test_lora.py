@@ -2,8 +2,6 @@
 
 import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def randomize_lora(model, seed=0, std=0.5):
@@ -207,8 +214,7 @@ def test_qlora_trains_and_merges_to_bf16_checkpoint(tiny_ckpt, tmp_path):
     save_adapter(model, tmp_path / "adapter.safetensors", extra={"quantize": "bnb.nf4-dq", "checkpoint_dir": str(tiny_ckpt)})
 
     out = tmp_path / "merged"
-    subprocess.run([sys.executable, str(ROOT / "scripts/merge_lora.py"), "--adapter", str(tmp_path / "adapter.safetensors"),
-                    "--out_dir", str(out)], check=True, cwd=ROOT, capture_output=True)
+    load_script("merge_lora").main(adapter=tmp_path / "adapter.safetensors", out_dir=out)  # no LoRA flags repeated
     for f in ("model_config.json", "model.safetensors", "tokenizer.json", "prompt_style.json"):
         assert (out / f).is_file(), f
     merged_config = json.loads((out / "model_config.json").read_text())
@@ -240,11 +246,7 @@ def test_qlora_trains_and_merges_to_bf16_checkpoint(tiny_ckpt, tmp_path):
 
 def test_benchmark_builds_a_random_qlora_model_without_a_checkpoint():
     """scripts/benchmark_finetune.py's model (GPU there) builds and trains one step on CPU here."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_finetune", ROOT / "scripts/benchmark_finetune.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmark_finetune")
     from finetune.lora import training_loss
 
     config = Config(**GQA)
