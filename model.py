@@ -234,7 +234,7 @@ class CausalSelfAttention(nn.Module):
             group = n_head // n_kv
             y = F.scaled_dot_product_attention(q.reshape(B, n_kv, group * T, hs), k, v,
                                                attn_mask=mask.repeat(1, 1, group, 1))
-            y = y.view(B, n_head, T, hs)
+            y = y.reshape(B, n_head, T, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=n_kv != n_head)

