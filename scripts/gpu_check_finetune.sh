@@ -123,7 +123,14 @@ print(f'REAL SmolLM2 NF4 val loss {v[0][1]:.4f} -> {v[-1][1]:.4f}', 'OK' if v[-1
 peers() {
   # The peers of ../shared/anchors in the same run (slow: builds and saves a random 7B model first).
   if [ ! -f .anchors/anchor_hf_qlora.py ]; then echo "PEERS: skipped (.anchors not carried)"; return; fi
-  HF_CONFIGS=2048x1x1,2048x1x0 timeout 580 $py .anchors/anchor_hf_qlora.py | tee -a "$results"
+  # transformers+peft+bnb (it also writes the random model Unsloth reads), then Unsloth, then ours again, so every
+  # row of the table comes from one machine at one time. About 10 minutes on an H100.
+  HF_CONFIGS=2048x1x1,2048x1x0,2048x4x1 timeout 420 $py .anchors/anchor_hf_qlora.py | grep '^{"system' | tee -a "$results"
+  for args in "2048 1 false" "2048 1 unsloth" "2048 4 unsloth"; do
+    timeout 200 $py .anchors/anchor_unsloth_qlora.py $args | grep '^{"system' | tee -a "$results"
+  done
+  timeout 200 $py scripts/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x1,2x1,4x1,1x0 \
+      | grep '^{"system' | tee -a "$results"
   $py scripts/benchmark_finetune.py --table "$results"
 }
 
@@ -132,7 +139,7 @@ case "$stage" in
   bench) bench ;;
   smoke) smoke ;;
   real) real ;;
-  peers) peers ;;
+  peers) : > "$results"; peers ;;
   *) echo "usage: $0 [all|bench|smoke|real|peers]"; exit 2 ;;
 esac
 [ $status -eq 0 ] && echo "gpu_check_finetune: OK" || echo "gpu_check_finetune: SOME CHECKS FAILED"
