@@ -165,18 +165,25 @@ def main(
     if chat is None:
         chat = tokenizer.chat_template is not None
     text = render_chat(tokenizer, prompt) if chat else prompt
-    encoded = tokenizer.encode(text)
+    generate_and_print(model, tokenizer, text, num_samples, max_new_tokens, temperature, top_k, top_p, seed, stop or [])
+
+
+def generate_and_print(model: GPT, tokenizer: Tokenizer, text: str, num_samples: int, max_new_tokens: int,
+                       temperature: float, top_k: Optional[int], top_p: float, seed: Optional[int],
+                       stops: List[str]) -> None:
+    """The command-line tail shared with generate/lora.py: sample, print each completion, then speed and memory."""
+    device = model.wte.weight.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     t0 = time.perf_counter()
-    outputs = generate(model, [encoded] * num_samples, max_new_tokens, temperature, top_k, top_p,
-                       tokenizer.eos_id, stop_at_strings(tokenizer, stop or []), generator)
+    outputs = generate(model, [tokenizer.encode(text)] * num_samples, max_new_tokens, temperature, top_k, top_p,
+                       tokenizer.eos_id, stop_at_strings(tokenizer, stops), generator)
     elapsed = time.perf_counter() - t0
     for tokens in outputs:
-        print(cut_at_stop(tokenizer.decode(tokens), stop or []))
+        print(cut_at_stop(tokenizer.decode(tokens), stops))
         print("-" * 40)
     n = sum(len(t) for t in outputs)
-    print(f"{n} tokens in {elapsed:.2f}s ({n / elapsed:.1f} tokens/s)", file=sys.stderr)
-    if device == "cuda":
+    print(f"{n} tokens in {elapsed:.2f}s ({n / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    if device.type == "cuda":
         print(f"Peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", file=sys.stderr)
 
 

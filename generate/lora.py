@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate.base import cut_at_stop, generate, pick_device, stop_at_strings  # noqa: E402
+from generate.base import generate_and_print, pick_device  # noqa: E402
 from lora import load_adapter, merge_lora, read_adapter  # noqa: E402
 from prompts import get_style, load_style, render  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -95,20 +95,8 @@ def main(
           f"{time.perf_counter() - t0:.1f}s; prompt style {style.name!r}", file=sys.stderr)
 
     text = render(style, prompt, input) if prompt_style != "none" else prompt
-    encoded = tokenizer.encode(text)
     stops = list(stop) if stop is not None else list(style.stop)
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    t0 = time.perf_counter()
-    outputs = generate(model, [encoded] * num_samples, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
-                       stop_at_strings(tokenizer, stops), generator)
-    elapsed = time.perf_counter() - t0
-    for tokens in outputs:
-        print(cut_at_stop(tokenizer.decode(tokens), stops))
-        print("-" * 40)
-    n = sum(len(t) for t in outputs)
-    print(f"{n} tokens in {elapsed:.2f}s ({n / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
-    if device == "cuda":
-        print(f"Peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", file=sys.stderr)
+    generate_and_print(model, tokenizer, text, num_samples, max_new_tokens, temperature, top_k, top_p, seed, stops)
 
 
 if __name__ == "__main__":

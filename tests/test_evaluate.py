@@ -12,15 +12,7 @@ from scripts import eval_tasks as et
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a busy 2-core machine: OpenMP's thread hand-offs cost more than the work (10x here)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mc(q, choices, answer, group="anatomy"):

@@ -17,13 +17,7 @@ GQA = dict(name="tiny-gqa", block_size=64, vocab_size=97, n_layer=2, n_head=4, n
            intermediate_size=48)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core runner OpenMP spin-waits make them 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_script(name: str):

@@ -19,15 +19,7 @@ PROMPT = "The capital of France is"
 GREEDY = {"temperature": 1e-7}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a busy 2-core machine: OpenMP's thread hand-offs cost more than the work (10x here)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
