@@ -31,7 +31,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] 
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) > top_p  # keep the token that crosses top_p
+        # Keep the smallest set of most likely tokens whose probability reaches top_p: drop a token once the
+        # tokens before it already reach it.
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
