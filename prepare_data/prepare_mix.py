@@ -127,7 +127,7 @@ def eval_questions(name: str, file: Optional[str], assets_dir: str) -> List[str]
                "bbq": sorted((assets / "bigbench/bbq_lite_json").glob("*/task.json")), "gsm8k": [assets / "gsm8k/test.jsonl"]}
     hub = {"mmlu": ("cais/mmlu", "all/test-*.parquet"), "truthfulqa": ("truthfulqa/truthful_qa", "generation/*.parquet"),
            "bbq": ("heegyu/bbq", "data/*.jsonl"), "gsm8k": ("openai/gsm8k", "main/test-*.parquet")}
-    if name not in offline:
+    if name not in offline and not file:  # any other name is a set of your own, read from its file
         raise SystemExit(f"decontaminate: unknown evaluation set {name!r}; known: {sorted(offline)} (or give files: {{name: path}})")
     if file:
         paths = sorted(Path().glob(file)) if any(c in file for c in "*?[") else [Path(file)]
