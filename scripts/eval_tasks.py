@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 LETTERS = "ABCDEFGHIJ"
-TASKS = ("mmlu", "truthfulqa", "bbq", "gsm8k", "summarization")
+TASKS = ("mmlu", "truthfulqa", "bbq", "gsm8k", "summarization", "mmlu_csv")
 
 
 @dataclass
@@ -112,6 +112,53 @@ def load_mmlu_hub() -> tuple:
 
 def _mmlu_row(r) -> MCExample:
     return MCExample(r["question"], list(r["choices"]), int(r["answer"]), r["subject"].replace("_", " "))
+
+
+def load_mmlu_csv(folder: Path) -> tuple:
+    """(test, dev) from MMLU-format CSVs, as HELM's MMLU scenario reads them: <folder>/test/<subject>_test.csv and
+    <folder>/dev/<subject>_dev.csv, no header, rows: question, 2-5 choices, answer letter."""
+    import csv
+
+    splits = {}
+    for split in ("test", "dev"):
+        paths = sorted((Path(folder) / split).glob(f"*_{split}.csv"))
+        if not paths:
+            raise FileNotFoundError(f"{folder}/{split}: no *_{split}.csv files; write them with prepare_data/e2e_heldout.py")
+        splits[split] = []
+        for path in paths:
+            subject = path.name[: -len(f"_{split}.csv")]
+            with open(path, newline="", encoding="utf-8") as f:
+                for line_no, row in enumerate(csv.reader(f), 1):
+                    if len(row) < 4 or len(row) > 7 or row[-1] not in LETTERS[: len(row) - 2]:
+                        raise ValueError(f"{path}:{line_no}: expected question, 2-5 choices, answer letter")
+                    splits[split].append(MCExample(row[0], row[1:-1], LETTERS.index(row[-1]), subject))
+    return splits["test"], splits["dev"]
+
+
+def helm_shot_order(train: List[MCExample], k: int = 5, seed: int = 0) -> List[MCExample]:
+    """The k in-context examples HELM's adapter picks from a subject's train (dev) split, in its order
+    (InContextLearningAdapter.sample_examples, trial 0): labels (correct answer texts) by count, ties shuffled,
+    then one example per label in turn, drawn at random without replacement."""
+    rng = random.Random(seed)
+    by_label: Dict[str, List[MCExample]] = {}
+    for ex in train:
+        by_label.setdefault(ex.choices[ex.answer], []).append(ex)
+    by_count: Dict[int, List[str]] = {}
+    for label, exs in sorted(by_label.items()):
+        by_count.setdefault(len(exs), []).append(label)
+    labels = []
+    for count in sorted(by_count, reverse=True):
+        rng.shuffle(by_count[count])
+        labels += by_count[count]
+    shots, n = [], min(k, len(train))
+    while n > 0:
+        for label in labels:
+            if n == 0:
+                break
+            if by_label[label]:
+                shots.append(by_label[label].pop(rng.randrange(len(by_label[label]))))
+                n -= 1
+    return shots
 
 
 # ---- TruthfulQA (mc_single) and BBQ ---------------------------------------------------------------------------------
@@ -362,6 +409,11 @@ def load_task(task: str, source: str, data_dir: Path) -> tuple:
             items = mc_items(rest, lambda i, ex: shots,
                              lambda ex: "The following are multiple choice questions (with answers).", "Passage")
         return items, note + "; the first 5 examples are the shots and are not scored"
+    if task == "mmlu_csv":
+        test, dev = load_mmlu_csv(Path(data_dir))
+        subjects = sorted({ex.group for ex in dev})
+        shots = [s for subject in subjects for s in helm_shot_order([ex for ex in dev if ex.group == subject])]
+        return mmlu_items(test, shots), f"MMLU-format CSVs in {data_dir}/{{dev,test}}: 5 shots from dev in HELM's order"
     if task == "gsm8k":
         local = Path(data_dir) / "gsm8k"
         if source == "hub":
