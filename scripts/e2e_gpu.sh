@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU part of scripts/e2e.sh: a QLoRA (NF4) fine-tune of SmolLM2-135M-Instruct on data/e2e inside a fixed time
+# budget, writing a small adapter (LoRA r8 on all linear layers, fp32: 9.8 MB) and its loss curve and log to $OUT.
+#
+#   bash scripts/e2e_gpu.sh site     # here (PyPI reachable): .wheels/train_site = bitsandbytes (CUDA 13 library only)
+#                                    # + jsonargparse for the GPU machine's Python 3.12 (~7 MB, git-ignored)
+#   bash scripts/e2e_gpu.sh train    # on the GPU machine, with checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct,
+#                                    # data/e2e and .wheels/train_site there; results in $OUT/e2e_adapter/
+# Then here: bash scripts/e2e.sh --adapter <folder with adapter.safetensors>   (merge, serve, evaluate, table)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:-train}
+ckpt=checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+
+if [ "$stage" = site ]; then
+  dest=.wheels/train_site
+  rm -rf "$dest"; mkdir -p "$dest"
+  python3 -m pip install -q --no-deps --no-compile --target "$dest" --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --only-binary=:all: bitsandbytes==0.50.2 "jsonargparse==4.41.0" docstring-parser \
+    || exit 1
+  find "$dest/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name '*cuda130*' -delete
+  du -sh "$dest" data/e2e
+  exit 0
+fi
+[ "$stage" = train ] || { echo "usage: $0 [site|train]"; exit 2; }
+
+out=${OUT:-/tmp/oneday-e2e}
+work=/tmp/oneday-e2e-run   # optimizer state (30 MB) stays here: only the files listed below go to $OUT
+mkdir -p "$out/e2e_adapter"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d .wheels/train_site ] && export PYTHONPATH="$PWD/.wheels/train_site:$PYTHONPATH"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+for f in "$ckpt/model_config.json" data/e2e/train.safetensors; do
+  [ -f "$f" ] || { echo "missing $f: convert the checkpoint and carry data/e2e (see scripts/e2e.sh)"; exit 2; }
+done
+python3 -c "import torch, lightning, bitsandbytes, jsonargparse; print('gpu:', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'bnb', bitsandbytes.__version__)" \
+  || { echo "missing packages: carry .wheels/train_site (bash scripts/e2e_gpu.sh site)"; exit 2; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/e2e_adapter/gpu.txt"
+
+rm -rf "$work"
+# 3 epochs of ~1.5M tokens (16 x 512 packed tokens per step) take ~4 minutes at ~19k tokens/s on an H100;
+# --max_time stops and saves earlier if the machine is slower.
+timeout 580 python3 finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/e2e --out_dir "$work" \
+    --quantize bnb.nf4 --lora_r 8 --lora_alpha 16 --lora_targets all --learning_rate 3e-4 \
+    --batch_size 16 --micro_batch_size 8 --epochs 3 --max_time 00:08:00 \
+    --eval_interval 50 --eval_samples 200 --save_interval 100 --log_interval 10 --sample_tokens 0 --seed 1337 \
+    2>&1 | tee "$out/e2e_adapter/train.log"
+rc=${PIPESTATUS[0]}
+for f in adapter_best.safetensors adapter.safetensors prompt_style.json train_config.json loss.png; do
+  [ -f "$work/$f" ] && cp "$work/$f" "$out/e2e_adapter/"
+done
+[ -d "$work/logs" ] && find "$work/logs" -name '*.csv' -exec cp {} "$out/e2e_adapter/" \;
+ls -la "$out/e2e_adapter"
+[ $rc -eq 0 ] && [ -f "$out/e2e_adapter/adapter_best.safetensors" ] && echo "e2e_gpu: OK" || { echo "e2e_gpu: FAILED (rc $rc)"; exit 1; }
