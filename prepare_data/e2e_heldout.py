@@ -5,8 +5,8 @@ reads) plus the file the e2e recipe decontaminates against.
 
 For each task ("subject") the examples are shuffled with a seed fixed per subject; the first `n_dev` become the dev
 split (HELM takes its 5 in-context examples from it) and the next `n_test` the test split. Choices beyond four are cut
-to the correct one plus three seeded distractors (HELM's MMLU reader knows the letters A-D only), kept in their
-original order. Written:
+to the correct one plus three seeded distractors (HELM's MMLU reader knows the letters A-D only), in a seeded
+order (date_understanding lists the correct answer first). Written:
 
     <out_dir>/dev/<subject>_dev.csv, <out_dir>/test/<subject>_test.csv   rows: question, A, B[, C, D], answer letter
     <out_dir>/decontaminate.jsonl   {"subject", "split", "question"} for every dev and test example: the text of the
@@ -58,7 +58,8 @@ def to_four(example: dict, rng: random.Random) -> tuple:
     best = max(range(len(choices)), key=lambda i: scores[i])
     if scores.count(scores[best]) != 1:
         raise Malformed("more than one best choice")
-    keep = sorted([best] + rng.sample([i for i in range(len(choices)) if i != best], min(3, len(choices) - 1)))
+    keep = [best] + rng.sample([i for i in range(len(choices)) if i != best], min(3, len(choices) - 1))
+    rng.shuffle(keep)  # some tasks (date_understanding) list the correct answer first: it must not always be A
     return example["input"].strip(), [str(choices[i]).strip() for i in keep], keep.index(best)
 
 
