@@ -12,6 +12,8 @@ order (date_understanding lists the correct answer first). Written:
     <out_dir>/decontaminate.jsonl   {"subject", "split", "question"} for every dev and test example: the text of the
                                     row the training sources (prepare_bigbench / prepare_bbq) make of that example, so
                                     the recipe's n-gram decontamination removes it and anything sharing 13 words with it
+    <out_dir>/train/<subject>.jsonl every other item as a training row in the scored format (instruction = HELM's
+                                    MMLU prompt for that one question, output = the answer letter)
     <out_dir>/heldout.json          what was written, counts and the settings
 
 The BIG-bench files come from prepare_data/fetch_offline_assets.py (data/assets/bigbench).
@@ -88,6 +90,7 @@ def build(bigbench_dir: Path, out_dir: Path, subjects: Optional[List[str]] = Non
     root, out_dir = Path(bigbench_dir), Path(out_dir)
     summary = {"seed": seed, "n_dev": n_dev, "subjects": {}}
     decontam = []
+    (out_dir / "train").mkdir(parents=True, exist_ok=True)
     for subject in subjects or list(SUBJECTS):
         if subject not in SUBJECTS:
             raise SystemExit(f"--subjects: unknown {subject!r}; known: {', '.join(SUBJECTS)}")
@@ -105,6 +108,18 @@ def build(bigbench_dir: Path, out_dir: Path, subjects: Optional[List[str]] = Non
             write_csv(out_dir / split / f"{subject}_{split}.csv", rows)
             for i in ids:
                 decontam.append({"subject": subject, "split": split, "question": row_text(example_row(examples[i]))})
+        # Every other item becomes a training row in the format the held-out items are scored in (HELM's MMLU
+        # prompt, zero-shot, answered by the letter), so the fine-tune learns the tasks and the answer format.
+        with open(out_dir / "train" / f"{subject}.jsonl", "w", encoding="utf-8") as f:
+            for i in order[wanted:]:
+                try:
+                    question, choices, answer = to_four(examples[i], rng)
+                except Malformed:
+                    continue
+                options = "".join(f"\n{LETTERS[j]}. {c}" for j, c in enumerate(choices))
+                header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}."
+                row = {"instruction": f"{header}\n\n{question}{options}\nAnswer:", "output": LETTERS[answer]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         summary["subjects"][subject] = {"files": sorted(map(str, sorted(p for g in globs for p in root.glob(g)))),
                                         "examples": len(examples), "dev": n_dev, "test": len(splits["test"])}
     with open(out_dir / "decontaminate.jsonl", "w", encoding="utf-8") as f:

@@ -11,7 +11,7 @@ import pytest
 
 from prepare_data import dedup as dd
 from prepare_data.data_utils import row_text
-from prepare_data.e2e_heldout import SUBJECTS, build
+from prepare_data.e2e_heldout import LETTERS, SUBJECTS, build
 from prepare_data.prepare_bbq import load as load_bbq
 from prepare_data.prepare_bigbench import load as load_bigbench
 from prepare_data.prepare_mix import DECONTAMINATE, eval_questions
@@ -104,6 +104,20 @@ def test_csvs_are_what_helm_reads(heldout):
     build(tmp / "bb", tmp / "again", n_dev=5, n_test=10, seed=7)
     for p in (tmp / "heldout").rglob("*.csv"):
         assert p.read_bytes() == (tmp / "again" / p.relative_to(tmp / "heldout")).read_bytes()
+
+
+def test_training_rows_are_the_other_items_in_the_scored_format(heldout):
+    tmp, _ = heldout
+    heldout_questions = {r[0] for p in (tmp / "heldout").rglob("*.csv") for r in csv.reader(open(p, newline=""))}
+    for subject in SUBJECTS:
+        rows = [json.loads(line) for line in open(tmp / "heldout" / "train" / f"{subject}.jsonl")]
+        n_examples = 40 * (2 if subject in ("bbq_lite", "logical_deduction") else 1)
+        assert len(rows) == n_examples - 15  # every item not held out
+        for r in rows:
+            assert r["instruction"].endswith("\nAnswer:") and r["output"] in "ABCD"
+            options = r["instruction"].split("\n")[3:-1]
+            assert options[0].startswith("A. ") and options[LETTERS.index(r["output"])].startswith(f"{r['output']}. ")
+            assert not any(q in r["instruction"] for q in heldout_questions)
 
 
 def test_decontamination_removes_every_heldout_item(heldout):
