@@ -120,6 +120,16 @@ def pick_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+def pick_dtype(precision: str, device: str) -> torch.dtype:
+    """bf16, fp16 or fp32; auto is bf16 on a GPU that supports it, else fp32."""
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if precision not in dtypes:
+        raise SystemExit(f"--precision {precision!r}: choose bf16, fp16, fp32 or auto")
+    return dtypes[precision]
+
+
 def main(
     prompt: str = "What is the capital of France?",
     checkpoint_dir: str = "smollm2-135m",
@@ -153,9 +163,7 @@ def main(
         device: cuda, cpu or auto.
     """
     device = pick_device(device)
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    dtype = pick_dtype(precision, device)
     if quantize is not None and device != "cuda":
         raise SystemExit(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); drop it to run on {device}")
     checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)

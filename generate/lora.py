@@ -11,11 +11,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate.base import generate_and_print, pick_device  # noqa: E402
+from generate.base import generate_and_print, pick_device, pick_dtype  # noqa: E402
 from lora import load_adapter, merge_lora, read_adapter  # noqa: E402
 from prompts import get_style, load_style, render  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -70,9 +68,7 @@ def main(
     if quantize == "auto":
         quantize = settings.get("quantize") if device == "cuda" else None
     quantize = None if quantize in (None, "none") else quantize
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    dtype = pick_dtype(precision, device)
     if checkpoint_dir is None:
         if not settings.get("checkpoint_dir"):
             raise SystemExit(f"{adapter}: does not name its base checkpoint; pass --checkpoint_dir")

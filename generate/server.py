@@ -35,12 +35,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate.base import pick_device  # noqa: E402
+from generate.base import pick_device, pick_dtype  # noqa: E402
 from generate.engine import Engine, Request, Result  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -289,27 +288,23 @@ def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantiz
     from utils import load_model, resolve_checkpoint_dir
 
     device = pick_device(device)
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if precision not in dtypes:
-        raise SystemExit(f"--precision {precision!r}: choose bf16, fp16, fp32 or auto")
+    dtype = pick_dtype(precision, device)
     if quantize is not None and device != "cuda":
         raise SystemExit(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); drop it to serve on {device}")
     checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     t0 = time.perf_counter()
     if adapter_dir is not None:
-        model = _load_with_adapter(checkpoint_dir, Path(adapter_dir), device, dtypes[precision], quantize)
+        model = _load_with_adapter(checkpoint_dir, Path(adapter_dir), device, dtype, quantize)
         adapter_folder = Path(adapter_dir) if Path(adapter_dir).is_dir() else Path(adapter_dir).parent
         style_dirs = [adapter_folder, checkpoint_dir]
     else:
-        model = load_model(checkpoint_dir, device=device, dtype=dtypes[precision], quantize=quantize)
+        model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
         style_dirs = [checkpoint_dir]
     model.eval()
     log.info(json.dumps({"event": "loaded", "checkpoint": str(checkpoint_dir), "adapter": adapter_dir,
-                         "seconds": round(time.perf_counter() - t0, 2), "device": device, "precision": precision,
-                         "quantize": quantize}))
+                         "seconds": round(time.perf_counter() - t0, 2), "device": device,
+                         "dtype": str(dtype).removeprefix("torch."), "quantize": quantize}))
     if prompt_style == "auto":  # the template the checkpoint (or adapter) was fine-tuned with, or none
         style = next((load_style(d) for d in style_dirs if (d / "prompt_style.json").is_file()), None)
     elif prompt_style == "none":
