@@ -85,7 +85,8 @@ def load_checkpoint(model: GPT, checkpoint_dir: Path, strict: bool = True) -> No
 
 def load_model(checkpoint_dir: Path, device="cpu", dtype: torch.dtype = torch.float32,
                quantize: Optional[str] = None) -> GPT:
-    """Builds the model from model_config.json and loads its weights; `quantize` ("bnb.nf4", ...) needs a GPU."""
+    """Builds the model from model_config.json and loads its weights; `quantize` ("bnb.nf4", ...) goes through
+    bitsandbytes (quantize.py), which also runs its 4-bit layers on the CPU (the tests use that)."""
     config = Config.from_json(Path(checkpoint_dir) / "model_config.json")
     if quantize is not None:
         from quantize import load_quantized  # bitsandbytes is only imported when asked for

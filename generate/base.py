@@ -130,6 +130,11 @@ def pick_dtype(precision: str, device: str) -> torch.dtype:
     return dtypes[precision]
 
 
+def check_quantize_device(quantize: Optional[str], device: str) -> None:
+    if quantize is not None and device != "cuda":
+        raise SystemExit(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); drop it to run on {device}")
+
+
 def main(
     prompt: str = "What is the capital of France?",
     checkpoint_dir: str = "smollm2-135m",
@@ -164,8 +169,7 @@ def main(
     """
     device = pick_device(device)
     dtype = pick_dtype(precision, device)
-    if quantize is not None and device != "cuda":
-        raise SystemExit(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); drop it to run on {device}")
+    check_quantize_device(quantize, device)
     checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     t0 = time.perf_counter()

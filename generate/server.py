@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate.base import pick_device, pick_dtype  # noqa: E402
+from generate.base import check_quantize_device, pick_device, pick_dtype  # noqa: E402
 from generate.engine import Engine, Request, Result  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -289,8 +289,7 @@ def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantiz
 
     device = pick_device(device)
     dtype = pick_dtype(precision, device)
-    if quantize is not None and device != "cuda":
-        raise SystemExit(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); drop it to serve on {device}")
+    check_quantize_device(quantize, device)
     checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     t0 = time.perf_counter()
