@@ -87,6 +87,8 @@ class LoRALinear(nn.Module):
     their B matrices (rows of all parts, r).
     """
 
+    fused_matmul = True  # class-wide switch: False forces the generic path (the unoptimised reference)
+
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  parts: Optional[Sequence[Tuple[int, int]]] = None) -> None:
         super().__init__()
@@ -131,10 +133,18 @@ class LoRALinear(nn.Module):
         return placed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
-        return y + self.lora_delta(x)
+            return self.base(x)
+        if self.fused_matmul and torch.is_grad_enabled() and isinstance(self.dropout, nn.Identity) and self.fused_ok:
+            B = self.lora_B if self.covers_all_rows else self.placed_B(torch.float32)
+            return LoRAMatmul.apply(x, self.lora_A, B, self.scaling, self.base)
+        return self.base(x) + self.lora_delta(x)
+
+    @property
+    def fused_ok(self) -> bool:
+        """LoRAMatmul (training) handles plain and 4-bit bases; int8 (bnb's outlier matmul) and inference (bnb's 4-bit
+        matrix-vector kernel, no dequantization) take the generic path."""
+        return not is_bnb(self.base) or type(self.base).__name__ == "Linear4bit"
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) fp32 matrix that merging adds to the base weight."""
@@ -145,7 +155,7 @@ class LoRALinear(nn.Module):
         makes the layer a plain linear of the compute dtype: there is no way back to 4 bits without new error."""
         if self.merged:
             return
-        if not isinstance(self.base, nn.Linear) or type(self.base).__module__.startswith("bitsandbytes"):
+        if is_bnb(self.base):
             from quantize import dequantized_linear
 
             self.base = dequantized_linear(self.base)
@@ -161,6 +171,57 @@ class LoRALinear(nn.Module):
             w = self.base.weight
             w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
         self.merged = False
+
+
+class LoRAMatmul(torch.autograd.Function):
+    """y = x W^T (+ bias) + scaling * (x A^T) B^T in as few kernels as the math allows, for LoRA without dropout.
+
+    W is the frozen base weight: a plain linear's, or a 4-bit layer's dequantized on the spot (once in forward, once
+    in backward; never kept). The adapter's output is accumulated into the base output by one addmm, so no separate
+    delta tensor is written and read back. Saved for backward: x (shared with any other layer that reads the same
+    tensor), the small x A^T, and bf16 copies of A and B. Gradients of the fp32 A and B come back in fp32; the base
+    matmul of the backward pass is skipped when x needs no gradient (the first layer's input).
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, scaling, base):
+        x2 = x.reshape(-1, x.shape[-1])
+        A_c, B_c = A.to(x.dtype), B.to(x.dtype)
+        W = base_weight(base, x.dtype)
+        y = x2 @ W.t() if base.bias is None else torch.addmm(base.bias.to(x.dtype), x2, W.t())
+        h = x2 @ A_c.t()
+        y.addmm_(h, B_c.t(), alpha=scaling)
+        ctx.save_for_backward(x, h, A_c, B_c)
+        ctx.scaling, ctx.base = scaling, base
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, A_c, B_c = ctx.saved_tensors
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dh = (dy2 @ B_c) * ctx.scaling  # (N, rank): the gradient reaching x A^T
+        dA = dh.t() @ x2
+        dB = (dy2.t() @ h) * ctx.scaling
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dy2 @ base_weight(ctx.base, dy.dtype)
+            dx.addmm_(dh, A_c)
+            dx = dx.view_as(x)
+        return dx, dA.float(), dB.float(), None, None
+
+
+def base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen (out, in) weight a plain or 4-bit base layer computes with, in `dtype`."""
+    if not is_bnb(base):
+        return base.weight.to(dtype)
+    from quantize import dequantize_weight
+
+    return dequantize_weight(base).to(dtype)
+
+
+def is_bnb(module: nn.Module) -> bool:
+    """bitsandbytes layers subclass nn.Linear, so isinstance cannot tell them apart."""
+    return type(module).__module__.startswith("bitsandbytes")
 
 
 def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, parts, r: int, scaling: float, out_features: int

@@ -251,7 +251,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.fc_2 is not None:
-            return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+            return self.proj(swiglu(self.fc_1(x), self.fc_2(x)))
         return self.proj(F.gelu(self.fc_1(x), approximate=self.gelu_approximate))
 
 
@@ -262,10 +262,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in fp32 and scale in the input dtype, as the reference Llama does, so bf16 results match.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 and scale in the input dtype, as the reference Llama does, so bf16 results match.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def make_norm(config: Config) -> nn.Module:
@@ -291,6 +299,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x_rot[..., : n // 2], x_rot[..., n // 2:]
     rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.numel() else rotated
+
+
+_PLAIN = {}
+
+
+def compile_elementwise(enable: bool = True) -> None:
+    """Swaps rms_norm, apply_rope and swiglu for torch.compile'd versions (or back, with enable=False).
+
+    Eager PyTorch runs each of them as 5-10 kernels that write fp32 or bf16 intermediates and keeps several for the
+    backward pass; compiled, each is one fused kernel forward and one backward that keep only their inputs. Matmuls
+    and attention are untouched. finetune/lora.py turns this on for CUDA training (--fuse)."""
+    g = globals()
+    for name in ("rms_norm", "apply_rope", "swiglu"):
+        _PLAIN.setdefault(name, g[name])
+        g[name] = torch.compile(_PLAIN[name]) if enable else _PLAIN[name]
 
 
 class KVCache(nn.Module):

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lora import LoRAConfig, inject_lora, lora_state_dict, read_adapter, check_adapter_fits, save_adapter  # noqa: E402
+from lora import LoRAConfig, LoRALinear, inject_lora, lora_state_dict, read_adapter, check_adapter_fits, save_adapter  # noqa: E402
+import model as model_module  # noqa: E402
 from model import GPT, Config, document_mask, segment_positions  # noqa: E402
 from utils import load_model, resolve_checkpoint_dir  # noqa: E402
 
@@ -48,7 +49,7 @@ def setup(
     strategy: str = "auto",
     lora_r: int = 16,
     lora_alpha: float = 32.0,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = 0.0,
     lora_targets: str = "all",
     learning_rate: float = 2e-4,
     min_lr_ratio: float = 0.0,
@@ -63,8 +64,10 @@ def setup(
     max_steps: Optional[int] = None,
     max_seq_length: Optional[int] = None,
     packing: bool = True,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: Union[bool, int] = False,
     neftune_alpha: float = 0.0,
+    fused: bool = True,
+    cuda_graph: bool = False,
     compile: bool = False,
     eval_interval: int = 100,
     eval_samples: Optional[int] = 1000,
@@ -89,7 +92,8 @@ def setup(
         strategy: Fabric strategy: auto, ddp, ...
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha; the update is scaled by alpha / r.
-        lora_dropout: dropout on the LoRA branch input.
+        lora_dropout: dropout on the LoRA branch input. 0 (the default) lets every adapted layer run as one fused
+            LoRA matmul (lora.LoRAMatmul); above 0 the slower generic path runs.
         lora_targets: presets all | attn | mlp | qv, or a comma list of q,k,v,o,gate,up,down,head.
         learning_rate: peak learning rate after warm-up.
         min_lr_ratio: the cosine decays to learning_rate * min_lr_ratio.
@@ -108,7 +112,12 @@ def setup(
         packing: pack several samples into each row (attention never crosses samples); false pads length-bucketed
             batches instead.
         activation_checkpointing: recompute each block in the backward pass: much less memory, ~30% more compute.
+            true: every block; a number N: the first N blocks only (spend the memory left over on speed).
         neftune_alpha: NEFTune noise on the embeddings during training (5 is the paper's value); 0 disables.
+        fused: the fused LoRA matmul (lora.LoRAMatmul) and, on a GPU, RMSNorm, RoPE and SwiGLU compiled into fused
+            kernels (model.compile_elementwise); false runs the plain reference path.
+        cuda_graph: on a GPU, capture one micro-batch's forward and backward as a CUDA graph and replay it (packed
+            rows only; one device): removes the kernel-launch overhead that dominates small micro-batches.
         compile: torch.compile each block (GPU).
         eval_interval: validate every this many steps (and at the start and the end).
         eval_samples: validate on at most this many validation samples; null means all.
@@ -133,6 +142,8 @@ def setup(
 
     # Everything that can be wrong with the inputs is found here, before a GPU second is spent.
     lora = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
+    if cuda_graph and (not packing or devices != 1):
+        raise SystemExit("--cuda_graph true needs fixed shapes and one device: use --packing true --devices 1")
     if quantize is not None:
         from quantize import check_mode
 
@@ -189,8 +200,13 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
                  f"LoRA {lora.targets} r={lora.r}: {sum(p.numel() for p in lora_state_dict(model).values()):,} trainable "
                  f"parameters")
     gpt = model
+    on_gpu = fabric.device.type == "cuda"
     if a.activation_checkpointing:
-        enable_activation_checkpointing(gpt)
+        n = None if a.activation_checkpointing is True else int(a.activation_checkpointing)
+        enable_activation_checkpointing(gpt, n, preserve_rng_state=lora.dropout > 0)
+    LoRALinear.fused_matmul = a.fused
+    if a.fused and on_gpu:
+        model_module.compile_elementwise()
     if a.neftune_alpha > 0:
         gpt.wte.register_forward_hook(partial(neftune_hook, alpha=a.neftune_alpha))
     if a.compile:
@@ -236,6 +252,7 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
         validate_and_log(fabric, model, gpt, val_examples, a, state, checkpoint_dir)
     model.train()  # load_model returns eval mode: without this LoRA dropout and NEFTune would silently be off
     step_times: List[float] = []
+    graphed = None  # the captured micro-step (--cuda_graph), made at the first step
     while state["step"] < total_steps:
         batches = epoch_batches(train_examples, rows, a.micro_batch_size, a.seed, state["epoch"])
         n_steps = math.ceil(len(batches) / micro_per_step)
@@ -252,11 +269,18 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
             if world > 1 and len(step_batches) % world:  # every rank needs as many passes: wrap around
                 step_batches += batches[:world - len(step_batches) % world]
             mine = step_batches[rank::world]
-            collated = [collate(train_examples, b, a.packing, fabric.device) for b in mine]
+            collated = [collate(train_examples, b, a.packing, fabric.device, fixed_length=max_seq_length if a.cuda_graph
+                                else None) for b in mine]
             n_local = sum(int((c["targets"] != IGNORE).sum()) for c in collated)
             n_global = fabric.all_reduce(torch.tensor(float(n_local), device=fabric.device), reduce_op="sum").item()
             loss_total = 0.0
-            for i, batch in enumerate(collated):
+            if a.cuda_graph:
+                if graphed is None:
+                    graphed = GraphedMicroStep(gpt, trainable, collated[0])
+                for batch in collated:
+                    loss_total += graphed(batch).item()
+                torch._foreach_mul_([p.grad for p in trainable], 1.0 / max(n_global, 1.0))
+            for i, batch in enumerate(collated if not a.cuda_graph else []):
                 with fabric.no_backward_sync(model, enabled=i < len(collated) - 1):
                     loss_sum, _ = training_loss(model, batch)
                     # DDP averages gradients over ranks, so scale by world: the result is the mean over every
@@ -266,7 +290,7 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
             if a.grad_clip:
                 fabric.clip_gradients(model, optimizer, max_norm=a.grad_clip)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not a.cuda_graph)  # the graph accumulates into fixed gradient buffers
             scheduler.step()
             state["step"] += 1
             state["step_in_epoch"] += 1
@@ -423,8 +447,10 @@ def epoch_batches(examples: Examples, rows: Optional[List[List[int]]], micro_bat
     return [batches[i] for i in perm]
 
 
-def collate(examples: Examples, batch: List[List[int]], packed: bool, device) -> Dict[str, torch.Tensor]:
-    """Right-padded (B, T) inputs and targets (IGNORE on prompt and padding); for packed rows also segment ids."""
+def collate(examples: Examples, batch: List[List[int]], packed: bool, device, fixed_length: Optional[int] = None
+            ) -> Dict[str, torch.Tensor]:
+    """Right-padded (B, T) inputs and targets (IGNORE on prompt and padding); for packed rows also segment ids.
+    fixed_length pads every batch to that T and always includes the segment ids (the CUDA graph's fixed shapes)."""
     split = examples.split
     rows_idx, rows_tgt, rows_seg = [], [], []
     for row in batch:
@@ -439,7 +465,7 @@ def collate(examples: Examples, batch: List[List[int]], packed: bool, device) ->
         rows_idx.append(torch.cat(idx))
         rows_tgt.append(torch.cat(tgt))
         rows_seg.append(torch.cat(seg))
-    T = max(len(r) for r in rows_idx)
+    T = fixed_length or max(len(r) for r in rows_idx)
     B = len(rows_idx)
     idx = torch.zeros(B, T, dtype=torch.long)
     targets = torch.full((B, T), IGNORE, dtype=torch.long)
@@ -450,7 +476,7 @@ def collate(examples: Examples, batch: List[List[int]], packed: bool, device) ->
         idx[b, :L], targets[b, :L], segments[b, :L] = rows_idx[b], rows_tgt[b], rows_seg[b]
         n_tokens += L
     out = {"idx": idx.to(device), "targets": targets.to(device), "n_tokens": torch.tensor(n_tokens)}
-    if packed and any(len(row) > 1 for row in batch):
+    if packed and (fixed_length or any(len(row) > 1 for row in batch)):
         out["segments"] = segments.to(device)
     return out
 
@@ -459,9 +485,11 @@ def collate(examples: Examples, batch: List[List[int]], packed: bool, device) ->
 # The training step
 
 
-def training_loss(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, int]:
+def training_loss(model, batch: Dict[str, torch.Tensor], select_targets: bool = True) -> Tuple[torch.Tensor, int]:
     """(sum of the token losses, number of counted tokens) for one micro-batch. Packed rows get a document mask and
-    RoPE positions that restart per sample; otherwise no mask at all, so SDPA takes its causal flash path."""
+    RoPE positions that restart per sample; otherwise no mask at all, so SDPA takes its causal flash path.
+    select_targets=False sends every position through the head (fixed shapes, no host sync: for CUDA graphs) and
+    returns None for the count."""
     pos_ids = mask = None
     if "segments" in batch:
         segments = batch["segments"]
@@ -470,27 +498,33 @@ def training_loss(model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, 
         pos_ids = segment_positions(segments)
     hidden = model.hidden_states(batch["idx"], pos_ids=pos_ids, mask=mask)
     head = model.lm_head if hasattr(model, "lm_head") else model.module.lm_head
-    return chunked_cross_entropy(head, hidden, batch["targets"])
+    return chunked_cross_entropy(head, hidden, batch["targets"], select_targets=select_targets)
 
 
-def chunked_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 256 * 2**20
-                          ) -> Tuple[torch.Tensor, int]:
+def chunked_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 256 * 2**20,
+                          select_targets: bool = True) -> Tuple[torch.Tensor, Optional[int]]:
     """Summed cross-entropy of head(hidden) against targets without ever holding all fp32 logits.
 
-    Only positions with a target go through the head; they go in chunks whose fp32 logits take about `chunk_bytes`,
-    each recomputed in the backward pass instead of kept (the head matmul is ~1% of a 7B model's FLOPs)."""
-    keep = targets != IGNORE
-    h = hidden[keep]
-    t = targets[keep]
-    n = t.numel()
-    if n == 0:
-        return hidden.sum() * 0.0, 0
+    Only positions with a target go through the head (all positions with select_targets=False); they go in chunks
+    whose fp32 logits take about `chunk_bytes`, each recomputed in the backward pass instead of kept (the head
+    matmul is ~1% of a 7B model's FLOPs)."""
+    if select_targets:
+        keep = targets != IGNORE
+        h, t = hidden[keep], targets[keep]
+        n = t.numel()
+        if n == 0:
+            return hidden.sum() * 0.0, 0
+    else:
+        h, t = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+        n = None
+    rows = t.numel()
     vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
     size = max(128, chunk_bytes // (4 * vocab))
     total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, n, size):
+    for i in range(0, rows, size):
         if torch.is_grad_enabled():
-            total = total + checkpoint(_ce_sum, head, h[i:i + size], t[i:i + size], use_reentrant=False)
+            total = total + checkpoint(_ce_sum, head, h[i:i + size], t[i:i + size], use_reentrant=False,
+                                       preserve_rng_state=False)
         else:
             total = total + _ce_sum(head, h[i:i + size], t[i:i + size])
     return total, n
@@ -500,18 +534,57 @@ def _ce_sum(head, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), t, reduction="sum")
 
 
-def enable_activation_checkpointing(model: GPT) -> None:
-    """Each block's activations are recomputed in the backward pass (non-reentrant checkpointing); parameter names
-    and the module tree stay as they are, so checkpoints and adapters do not notice."""
-    for block in model.blocks:
+def enable_activation_checkpointing(model: GPT, n_blocks: Optional[int] = None, preserve_rng_state: bool = True
+                                    ) -> None:
+    """Each block's activations (of the first n_blocks; default all) are recomputed in the backward pass
+    (non-reentrant checkpointing); parameter names and the module tree stay as they are, so checkpoints and adapters
+    do not notice. preserve_rng_state is needed only when something random runs inside a block (LoRA dropout)."""
+    for block in list(model.blocks)[:n_blocks]:
         plain = block.forward
 
         def forward(*args, _plain=plain, _block=block, **kwargs):
             if torch.is_grad_enabled() and _block.training:
-                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+                return checkpoint(_plain, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **kwargs)
             return _plain(*args, **kwargs)
 
         block.forward = forward
+
+
+class GraphedMicroStep:
+    """Forward and backward of one micro-batch, captured once as a CUDA graph and replayed for every later one.
+
+    At micro-batch 1 eager PyTorch spends longer launching a QLoRA step's thousands of small kernels than the GPU
+    spends running them (Mistral-7B, 1 x 2048, H100: a 333 ms step held 183 ms of GPU work); a replay launches them
+    all at once. Shapes must be fixed (packed rows padded to max_seq_length, see collate). Each replay ADDS the
+    gradients of the summed token loss to every parameter's .grad, a fixed buffer: scale them, step, and zero them
+    in place (zero_grad(set_to_none=False)), never replace them.
+    """
+
+    def __init__(self, model, params: List[torch.Tensor], batch: Dict[str, torch.Tensor], warmup: int = 2) -> None:
+        self.params = params
+        self.static = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor) and v.is_cuda}
+        for p in params:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compilation, cuBLAS workspaces) off the capture
+            for _ in range(warmup):
+                loss, _ = training_loss(model, self.static, select_targets=False)
+                torch.autograd.grad(loss, params, materialize_grads=True)
+        torch.cuda.current_stream().wait_stream(side)
+        del loss
+        torch.cuda.empty_cache()  # the warm-up's cached blocks would otherwise sit beside the graph's own pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, _ = training_loss(model, self.static, select_targets=False)
+            grads = torch.autograd.grad(self.loss, params, materialize_grads=True)
+            torch._foreach_add_([p.grad for p in params], grads)
+
+    def __call__(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        for k, v in self.static.items():
+            v.copy_(batch[k], non_blocking=True)
+        self.graph.replay()
+        return self.loss
 
 
 def neftune_hook(module, inputs, output, alpha: float):

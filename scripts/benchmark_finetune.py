@@ -1,9 +1,10 @@
 """Tokens/s and peak memory of one QLoRA training step (forward, backward, AdamW) for any registered model config,
 with random weights built directly on the GPU (no checkpoint on disk). Uses finetune/lora.py's own step code.
 
-    python scripts/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x1,1x0,4x1
+    python scripts/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x0,1xp20,4x1
 
-Each configuration MBxC is micro-batch MB with activation checkpointing C (1 on, 0 off); one JSON line each:
+Each configuration MBxC is micro-batch MB with activation checkpointing C: 1 (every block), 0 (none) or pN (the
+first N blocks); one JSON line each:
 tokens_per_s (median over --steps after --warmup steps, timed with CUDA events) and peak_mem_gib
 (torch.cuda.max_memory_allocated, weights included), like the peer scripts in ../shared/anchors.
 `--table results.jsonl` prints a Markdown table of such lines (ours and the peers').
@@ -19,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.lora import enable_activation_checkpointing, make_optimizer, training_loss  # noqa: E402
-from lora import LoRAConfig, inject_lora  # noqa: E402
+import model as model_module  # noqa: E402
+from finetune.lora import GraphedMicroStep, enable_activation_checkpointing, make_optimizer, training_loss  # noqa: E402
+from lora import LoRAConfig, LoRALinear, inject_lora  # noqa: E402
 from model import Config  # noqa: E402
 
 
@@ -52,35 +54,64 @@ def build(config: Config, quantize: Optional[str], lora: LoRAConfig, device: str
     return model.train()
 
 
-def set_checkpointing(model, on: bool) -> None:
+def set_checkpointing(model, spec: str) -> Optional[int]:
+    """spec 1 / 0 / pN -> checkpointing on every block / none / the first N blocks; returns the number of blocks."""
     for block in model.blocks:
         block.__dict__.pop("forward", None)  # back to the plain Block.forward
-    if on:
-        enable_activation_checkpointing(model)
+    n = {"1": len(model.blocks), "0": 0}.get(spec)
+    if n is None:
+        if not spec.startswith("p") or not spec[1:].isdigit():
+            raise ValueError(f"checkpointing {spec!r}: use 1, 0 or pN (the first N blocks)")
+        n = min(int(spec[1:]), len(model.blocks))
+    if n:
+        enable_activation_checkpointing(model, n, preserve_rng_state=False)
+    return n
 
 
-def bench(model, seq: int, mb: int, ckpt: bool, steps: int, warmup: int, device: str) -> dict:
+def bench(model, seq: int, mb: int, ckpt: str, steps: int, warmup: int, device: str,
+          profile: bool = False, cuda_graph: bool = False) -> dict:
     set_checkpointing(model, ckpt)
-    optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], 1e-4, 0.0, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer("adamw", params, 1e-4, 0.0, device)
     g = torch.Generator(device).manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (mb, seq + 1), device=device, generator=g)
-    batch = {"idx": tokens[:, :-1], "targets": tokens[:, 1:]}
+    batch = {"idx": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous()}
+    n = batch["targets"].numel()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    graphed = GraphedMicroStep(model, params, batch) if cuda_graph else None
+
+    def step():
+        if graphed is not None:
+            loss_sum = graphed(batch)
+            torch._foreach_mul_([p.grad for p in params], 1.0 / n)
+        else:
+            loss_sum, _ = training_loss(model, batch)
+            (loss_sum / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=graphed is None)
+        return loss_sum
+
     times, loss = [], None
     for i in range(warmup + steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss_sum, n = training_loss(model, batch)
-        (loss_sum / n).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum = step()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
         loss = loss_sum.item() / n
     median = sorted(times[warmup:])[len(times[warmup:]) // 2]
-    del optimizer
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+        print(table, file=sys.stderr, flush=True)
+    del optimizer, graphed
     return {"step_s_median": round(median, 4), "tokens_per_s": round(mb * seq / median, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(loss, 4)}
 
@@ -111,11 +142,14 @@ def main(
     quantize: Optional[str] = "bnb.nf4-dq",
     lora_r: int = 16,
     lora_alpha: float = 16.0,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = 0.0,
     lora_targets: str = "all",
     steps: int = 8,
     warmup: int = 3,
+    fused: bool = True,
+    cuda_graph: bool = False,
     compile: bool = False,
+    profile: bool = False,
     table: Optional[Path] = None,
 ) -> None:
     """Benchmark QLoRA training steps.
@@ -123,15 +157,18 @@ def main(
     Args:
         model: a registered config name (python -c 'import model; print(model.known_names())').
         seq: sequence length.
-        configs: comma list of MBxC: micro-batch MB, activation checkpointing C (1/0).
+        configs: comma list of MBxC: micro-batch MB, activation checkpointing C (1, 0 or pN: the first N blocks).
         quantize: base weights (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8) or null for bf16.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha.
-        lora_dropout: LoRA dropout.
+        lora_dropout: LoRA dropout (0, as Unsloth's anchor, takes the fused LoRA matmul).
         lora_targets: LoRA targets (all = every linear of the blocks, as the peers).
         steps: timed steps (the median is reported).
         warmup: untimed steps first.
+        fused: the fused LoRA matmul and compiled RMSNorm/RoPE/SwiGLU, as finetune/lora.py --fused.
+        cuda_graph: capture forward+backward as a CUDA graph, as finetune/lora.py --cuda_graph.
         compile: torch.compile each block.
+        profile: after timing each configuration, profile one more step and print its CUDA kernels by total time.
         table: instead of benchmarking, print a Markdown table of the JSON lines in this file.
     """
     if table is not None:
@@ -143,6 +180,9 @@ def main(
     lora = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
     t0 = time.perf_counter()
     net = build(config, quantize, lora, "cuda", torch.bfloat16)
+    LoRALinear.fused_matmul = fused
+    if fused:
+        model_module.compile_elementwise()
     if compile:
         for block in net.blocks:
             block.compile()
@@ -150,11 +190,14 @@ def main(
                       "mem_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
                       "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}), flush=True)
     for spec in configs.split(","):
-        mb, ckpt = (int(v) for v in spec.lower().split("x"))
-        result = {"system": "oneday" + (" (compiled)" if compile else ""), "model": config.name, "seq": seq, "mb": mb,
-                  "grad_ckpt": bool(ckpt), "quantize": quantize, "lora_r": lora_r}
+        mb, ckpt = spec.lower().split("x")
+        mb = int(mb)
+        tags = [t for t, on in (("fused", fused), ("graph", cuda_graph), ("compiled", compile)) if on]
+        result = {"system": "oneday" + (f" ({'+'.join(tags)})" if tags else ""), "model": config.name, "seq": seq,
+                  "mb": mb, "grad_ckpt": {"1": True, "0": False}.get(ckpt, f"first {ckpt[1:]} blocks"),
+                  "quantize": quantize, "lora_r": lora_r}
         try:
-            result.update(bench(net, seq, mb, bool(ckpt), steps, warmup, "cuda"))
+            result.update(bench(net, seq, mb, ckpt, steps, warmup, "cuda", profile, cuda_graph))
         except torch.cuda.OutOfMemoryError:
             result["error"] = "out of memory"
         for p in net.parameters():

@@ -1,0 +1,186 @@
+"""The speed paths of training give the same loss and gradients as the plain path: lora.LoRAMatmul (plain and 4-bit
+bases, q/k/v parts, bias), model.compile_elementwise (compiled RMSNorm/RoPE/SwiGLU), checkpointing of the first N
+blocks, and the fixed-shape loss that CUDA graphs replay (finetune/lora.py --cuda_graph; the graph itself is checked
+on the GPU by scripts/gpu_check_fused.py)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import model as model_module
+from finetune import lora as ft
+from lora import LoRAConfig, LoRALinear, LoRAMatmul, inject_lora, qkv_parts
+from model import GPT, Config
+from tiny_data import make_samples, write_split
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIG = dict(name="tiny", block_size=64, vocab_size=61, n_layer=3, n_head=4, n_query_groups=2, n_embd=32,
+              intermediate_size=48)
+
+
+def lora_layer(base, parts=None, seed=0):
+    torch.manual_seed(seed)
+    layer = LoRALinear(base, r=4, alpha=8.0, parts=parts)
+    nn.init.normal_(layer.lora_B, std=0.3)  # B = 0 at init would hide every mistake in B's gradient
+    return layer
+
+
+def grads_of(layer, x, fused: bool):
+    """Output and gradients through the fused LoRAMatmul or the generic base(x) + lora_delta(x)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = layer(x) if fused else layer.base(x) + layer.lora_delta(x)
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return y.detach(), (x.grad if x.requires_grad else None), layer.lora_A.grad, layer.lora_B.grad
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("targets", [("q", "k", "v"), ("q", "v"), ("k",)])
+def test_lora_matmul_matches_generic_path(bias, targets):
+    config = Config(**CONFIG)
+    base = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_query_groups) * config.head_size, bias=bias)
+    layer = lora_layer(base.requires_grad_(False), qkv_parts(config, targets))
+    x = torch.randn(2, 7, config.n_embd, requires_grad=True)
+    fused, plain = grads_of(layer, x, True), grads_of(layer, x, False)
+    for a, b, name in zip(fused, plain, ("y", "dx", "dA", "dB")):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    assert fused[3].dtype == torch.float32 and fused[2].dtype == torch.float32  # master weights' grads stay fp32
+
+
+def test_lora_matmul_without_input_grad_skips_dx():
+    layer = lora_layer(nn.Linear(16, 24, bias=False).requires_grad_(False))
+    y, dx, dA, dB = grads_of(layer, torch.randn(3, 16), True)
+    _, _, dA_ref, dB_ref = grads_of(layer, torch.randn(3, 16), False)
+    assert dx is None and dA is not None and dB is not None
+
+
+def test_lora_matmul_on_4bit_base_matches_bitsandbytes_path():
+    bnb = pytest.importorskip("bitsandbytes")
+    from quantize import quantized_layer, quantized_weight
+
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 96, bias=False)
+    base = quantized_layer(dense, "bnb.nf4", torch.float32)
+    base.weight = quantized_weight(base, dense.weight.detach(), "cpu")
+    assert isinstance(base, bnb.nn.Linear4bit)
+    layer = lora_layer(base)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    fused, plain = grads_of(layer, x, True), grads_of(layer, x, False)  # plain = bitsandbytes' own 4-bit matmul
+    for a, b, name in zip(fused, plain, ("y", "dx", "dA", "dB")):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_path_is_taken_only_when_it_applies():
+    calls = []
+    original = LoRAMatmul.apply
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    layer = lora_layer(nn.Linear(8, 8))
+    LoRAMatmul.apply = spy
+    try:
+        layer(torch.randn(2, 8))
+        assert len(calls) == 1
+        with torch.no_grad():  # inference keeps the base layer's own kernel (bnb's 4-bit matrix-vector product)
+            layer(torch.randn(2, 8))
+        layer.dropout = nn.Dropout(0.1)
+        layer(torch.randn(2, 8))
+        assert len(calls) == 1
+    finally:
+        LoRAMatmul.apply = original
+
+
+def tiny_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = GPT(Config(**CONFIG))
+    inject_lora(model, LoRAConfig(r=4, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    return model.to(dtype).train() if dtype != torch.float32 else model.train()
+
+
+def loss_and_grads(model, batch, select_targets=True):
+    for p in model.parameters():
+        p.grad = None
+    loss, _ = ft.training_loss(model, batch, select_targets=select_targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def packed_batch(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fused") / "s.safetensors"
+    write_split(path, make_samples(16, CONFIG["vocab_size"], seed=3))
+    ex = ft.make_examples(ft.load_split(path), max_seq_length=64)
+    rows = ft.pack(ex.lengths.tolist(), 48)
+    return ex, rows
+
+
+def assert_same(a, b, **tol):
+    torch.testing.assert_close(a[0], b[0], **tol)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], msg=lambda m: f"{name}: {m}", **tol)
+
+
+def test_compiled_elementwise_same_loss_and_grads(packed_batch):
+    ex, rows = packed_batch
+    batch = ft.collate(ex, rows[:2], packed=True, device="cpu")
+    model = tiny_model()
+    plain = loss_and_grads(model, batch)
+    model_module.compile_elementwise()
+    try:
+        assert model_module.rms_norm is not model_module._PLAIN["rms_norm"]
+        fused = loss_and_grads(model, batch)
+    finally:
+        model_module.compile_elementwise(False)
+    assert model_module.rms_norm is model_module._PLAIN["rms_norm"]
+    assert_same(plain, fused, rtol=1e-4, atol=5e-5)  # fp32, summed in another order
+
+
+def test_checkpointing_first_blocks_same_loss_and_grads(packed_batch):
+    ex, rows = packed_batch
+    batch = ft.collate(ex, rows[:2], packed=True, device="cpu")
+    reference = loss_and_grads(tiny_model(), batch)
+    model = tiny_model()
+    ft.enable_activation_checkpointing(model, 2, preserve_rng_state=False)
+    assert [("forward" in b.__dict__) for b in model.blocks] == [True, True, False]
+    assert_same(reference, loss_and_grads(model, batch))
+
+
+def test_fixed_shape_batch_and_loss_equal_the_selected_ones(packed_batch):
+    ex, rows = packed_batch
+    plain = ft.collate(ex, rows[:2], packed=True, device="cpu")
+    fixed = ft.collate(ex, rows[:2], packed=True, device="cpu", fixed_length=64)
+    assert fixed["idx"].shape == (2, 64) and "segments" in fixed and plain["idx"].shape[1] < 64
+    model = tiny_model()
+    loss, n = ft.training_loss(model, plain)
+    loss_fixed, n_fixed = ft.training_loss(model, fixed, select_targets=False)
+    assert n_fixed is None and n == int((fixed["targets"] != ft.IGNORE).sum())
+    torch.testing.assert_close(loss, loss_fixed)
+    assert_same(loss_and_grads(model, plain), loss_and_grads(model, fixed, select_targets=False))
+
+
+def test_fused_paths_in_bf16_stay_within_bf16_tolerance(packed_batch):
+    """The whole fast path at once, in bf16 as on the GPU, against the plain fp32 model."""
+    ex, rows = packed_batch
+    batch = ft.collate(ex, rows[:2], packed=True, device="cpu", fixed_length=64)
+    reference = loss_and_grads(tiny_model(), batch)
+    model = tiny_model(dtype=torch.bfloat16)
+    for layer in model.modules():  # LoRA master weights stay fp32, as in training
+        if isinstance(layer, LoRALinear):
+            layer.float().base.to(torch.bfloat16)
+    ft.enable_activation_checkpointing(model, 1, preserve_rng_state=False)
+    model_module.compile_elementwise()
+    try:
+        fast = loss_and_grads(model, batch, select_targets=False)
+    finally:
+        model_module.compile_elementwise(False)
+    torch.testing.assert_close(fast[0], reference[0], rtol=2e-2, atol=0)
+    for name, g in reference[1].items():
+        err = (fast[1][name].float() - g).norm() / g.norm()
+        assert err < 0.05, f"{name}: relative gradient error {err:.3f}"
