@@ -12,8 +12,14 @@ order (date_understanding lists the correct answer first). Written:
     <out_dir>/decontaminate.jsonl   {"subject", "split", "question"} for every dev and test example: the text of the
                                     row the training sources (prepare_bigbench / prepare_bbq) make of that example, so
                                     the recipe's n-gram decontamination removes it and anything sharing 13 words with it
-    <out_dir>/train/<subject>.jsonl every other item as a training row in the scored format (instruction = HELM's
-                                    MMLU prompt for that one question, output = the answer letter)
+    <out_dir>/train/<subject>.jsonl every other item that shares no 13-word run with a held-out one, in the format
+                                    it is scored in: HELM's MMLU prompt with its in-context examples. A row is one
+                                    conversation {"system": HELM's instructions, "messages": [user "Question: ...
+                                    Answer:", assistant letter, ...]} of `train_shots` + 1 items, so read with the
+                                    recipe's mmlu-style template (reply prefix " ", "\n\n" before the next question) it
+                                    is character for character HELM's 5-shot prompt, and every one of its answers is a
+                                    training target (each in the context of the ones before it). `train_passes` groups
+                                    the items anew each pass (different shots for every item).
     <out_dir>/heldout.json          what was written, counts and the settings
 
 The BIG-bench files come from prepare_data/fetch_offline_assets.py (data/assets/bigbench).
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from prepare_data import dedup as dd  # noqa: E402
 from prepare_data.data_utils import Malformed, row_text  # noqa: E402
 from prepare_data.prepare_bigbench import example_row  # noqa: E402
 
@@ -85,10 +92,38 @@ def read_csv(path: Path) -> List[tuple]:
     return out
 
 
+def question_block(question: str, choices: List[str]) -> str:
+    """One item as HELM's MMLU prompt shows it (scripts/eval_tasks.mc_block), up to "Answer:"."""
+    return f"Question: {question}\n" + "".join(f"{LETTERS[j]}. {c}\n" for j, c in enumerate(choices)) + "Answer:"
+
+
+def instructions(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}."
+
+
+def shot_rows(subject: str, items: List[tuple], shots: int, passes: int, seed: int) -> List[dict]:
+    """Each pass shuffles the items and cuts them into conversations of shots + 1 questions, each answered."""
+    rows = []
+    for p in range(passes):
+        order = list(range(len(items)))
+        random.Random(f"{seed}:{subject}:pass{p}").shuffle(order)
+        for lo in range(0, len(order), shots + 1):
+            messages = []
+            for i in order[lo:lo + shots + 1]:
+                question, choices, answer = items[i]
+                messages += [{"role": "user", "content": question_block(question, choices)},
+                             {"role": "assistant", "content": LETTERS[answer]}]
+            rows.append({"system": instructions(subject), "messages": messages})
+    return rows
+
+
 def build(bigbench_dir: Path, out_dir: Path, subjects: Optional[List[str]] = None, n_dev: int = 5,
-          n_test: Optional[int] = None, seed: int = 1234) -> dict:
+          n_test: Optional[int] = None, seed: int = 1234, train_shots: int = 5, train_passes: int = 1,
+          ngram: int = 13, min_words: int = 8) -> dict:
     root, out_dir = Path(bigbench_dir), Path(out_dir)
-    summary = {"seed": seed, "n_dev": n_dev, "subjects": {}}
+    summary = {"seed": seed, "n_dev": n_dev, "train_shots": train_shots, "train_passes": train_passes, "subjects": {}}
+    if train_shots < 0 or train_passes < 1:
+        raise SystemExit(f"--train_shots {train_shots} / --train_passes {train_passes}: need shots >= 0 and passes >= 1")
     decontam = []
     (out_dir / "train").mkdir(parents=True, exist_ok=True)
     for subject in subjects or list(SUBJECTS):
@@ -103,36 +138,47 @@ def build(bigbench_dir: Path, out_dir: Path, subjects: Optional[List[str]] = Non
         if wanted > len(examples) // 2:
             raise SystemExit(f"{subject}: {wanted} held-out items leave too little of its {len(examples)} for training")
         splits = {"dev": order[:n_dev], "test": order[n_dev:wanted]}
+        held_out = []
         for split, ids in splits.items():
             rows = [to_four(examples[i], rng) for i in ids]
             write_csv(out_dir / split / f"{subject}_{split}.csv", rows)
             for i in ids:
-                decontam.append({"subject": subject, "split": split, "question": row_text(example_row(examples[i]))})
-        # Every other item becomes a training row in the format the held-out items are scored in (HELM's MMLU
-        # prompt, zero-shot, answered by the letter), so the fine-tune learns the tasks and the answer format.
+                held_out.append(row_text(example_row(examples[i])))
+                decontam.append({"subject": subject, "split": split, "question": held_out[-1]})
+        # Every other item is a training item, unless it shares a 13-word run with a held-out one (prepare_mix's
+        # decontamination would drop it, and with it the whole conversation it is an in-context example in).
+        items = []
+        for i in order[wanted:]:
+            try:
+                items.append(to_four(examples[i], rng))
+            except Malformed:
+                continue
+        index = dd.EvalIndex([(subject, q) for q in held_out], ngram=ngram, min_words=min_words)
+        overlapping = index.find([question_block(q, c) for q, c, _ in items])
+        clean = [it for j, it in enumerate(items) if j not in overlapping]
+        rows = shot_rows(subject, clean, train_shots, train_passes, seed)
+        spanning = index.find([row_text(r) for r in rows])  # a 13-word run across two questions: rare, drop the row
+        rows = [r for j, r in enumerate(rows) if j not in spanning]
         with open(out_dir / "train" / f"{subject}.jsonl", "w", encoding="utf-8") as f:
-            for i in order[wanted:]:
-                try:
-                    question, choices, answer = to_four(examples[i], rng)
-                except Malformed:
-                    continue
-                options = "".join(f"\n{LETTERS[j]}. {c}" for j, c in enumerate(choices))
-                header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}."
-                row = {"instruction": f"{header}\n\n{question}{options}\nAnswer:", "output": LETTERS[answer]}
+            for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         summary["subjects"][subject] = {"files": sorted(map(str, sorted(p for g in globs for p in root.glob(g)))),
-                                        "examples": len(examples), "dev": n_dev, "test": len(splits["test"])}
+                                        "examples": len(examples), "dev": n_dev, "test": len(splits["test"]),
+                                        "train_items": len(clean), "train_items_overlapping_heldout": len(overlapping),
+                                        "train_rows": len(rows), "train_rows_dropped_spanning_overlap": len(spanning)}
     with open(out_dir / "decontaminate.jsonl", "w", encoding="utf-8") as f:
         for r in decontam:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     (out_dir / "heldout.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out_dir}: " + ", ".join(f"{s} {v['test']}+{v['dev']}" for s, v in summary["subjects"].items()),
-          file=sys.stderr)
+    print(f"wrote {out_dir}: " + ", ".join(f"{s} {v['test']}+{v['dev']} held out, {v['train_items']} to train on "
+                                          f"({v['train_items_overlapping_heldout']} overlapping)"
+                                          for s, v in summary["subjects"].items()), file=sys.stderr)
     return summary
 
 
 def main(out_dir: Path = Path("data/e2e_heldout"), bigbench_dir: Path = Path("data/assets/bigbench"),
-         subjects: Optional[List[str]] = None, n_dev: int = 5, n_test: Optional[int] = None, seed: int = 1234) -> None:
+         subjects: Optional[List[str]] = None, n_dev: int = 5, n_test: Optional[int] = None, seed: int = 1234,
+         train_shots: int = 5, train_passes: int = 1) -> None:
     """Write the held-out dev/test CSVs and the decontamination file.
 
     Args:
@@ -142,8 +188,11 @@ def main(out_dir: Path = Path("data/e2e_heldout"), bigbench_dir: Path = Path("da
         n_dev: dev items per subject (HELM uses 5 in-context examples)
         n_test: test items per subject (default: 150, 100 for the small date_understanding)
         seed: seed of the per-subject shuffles
+        train_shots: in-context examples before each training question (HELM's MMLU prompt has 5); 0 = one
+            question per row
+        train_passes: how many times each training item is asked, each time grouped with different items
     """
-    build(bigbench_dir, out_dir, subjects, n_dev, n_test, seed)
+    build(bigbench_dir, out_dir, subjects, n_dev, n_test, seed, train_shots, train_passes)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The e2e demo's data: held-out splits as HELM's MMLU scenario reads them, kept out of training by decontamination,
-and in-context examples in HELM's order. Fake BIG-bench task files made here; no model, no tokenizer."""
+in-context examples in HELM's order, training rows that are HELM's prompt; and the report's paired base-vs-fine-tuned
+comparison. Fake BIG-bench task files made here; no model, no tokenizer."""
 import csv
 import json
+import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import cycle
 from pathlib import Path
 
@@ -14,8 +16,10 @@ from prepare_data.data_utils import row_text
 from prepare_data.e2e_heldout import LETTERS, SUBJECTS, build
 from prepare_data.prepare_bbq import load as load_bbq
 from prepare_data.prepare_bigbench import load as load_bigbench
-from prepare_data.prepare_mix import DECONTAMINATE, eval_questions
-from scripts.eval_tasks import MCExample, helm_shot_order, load_task
+from prepare_data.prepare_generic import load as load_generic
+from prepare_data.prepare_mix import DECONTAMINATE, eval_questions, read_recipe
+from prompts import conversation_segments, get_style
+from scripts.eval_tasks import MCExample, helm_shot_order, load_task, mmlu_items
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 
@@ -106,18 +110,37 @@ def test_csvs_are_what_helm_reads(heldout):
         assert p.read_bytes() == (tmp / "again" / p.relative_to(tmp / "heldout")).read_bytes()
 
 
-def test_training_rows_are_the_other_items_in_the_scored_format(heldout):
-    tmp, _ = heldout
-    heldout_questions = {r[0] for p in (tmp / "heldout").rglob("*.csv") for r in csv.reader(open(p, newline=""))}
+def test_training_rows_are_the_other_items_in_the_scored_format(tmp_path):
+    """Read with the e2e recipe's template, a training row up to its last "Answer:" is exactly the prompt HELM (and
+    scripts/evaluate.py) sends for its last question with the others as in-context examples; every answer, and only
+    the answers, is a target; every item not held out is asked once per pass."""
+    fake_bigbench(tmp_path / "bb")
+    build(tmp_path / "bb", tmp_path / "heldout", n_dev=5, n_test=10, seed=7, train_shots=5, train_passes=2)
+    style = get_style(read_recipe(Path("prepare_data/recipes/e2e.yaml"))["prompt_style"])
+    heldout_questions = {r[0] for p in (tmp_path / "heldout").rglob("*.csv") for r in csv.reader(open(p, newline=""))}
     for subject in SUBJECTS:
-        rows = [json.loads(line) for line in open(tmp / "heldout" / "train" / f"{subject}.jsonl")]
-        n_examples = 40 * (2 if subject in ("bbq_lite", "logical_deduction") else 1)
-        assert len(rows) == n_examples - 15  # every item not held out
-        for r in rows:
-            assert r["instruction"].endswith("\nAnswer:") and r["output"] in "ABCD"
-            options = r["instruction"].split("\n")[3:-1]
-            assert options[0].startswith("A. ") and options[LETTERS.index(r["output"])].startswith(f"{r['output']}. ")
-            assert not any(q in r["instruction"] for q in heldout_questions)
+        rows = load_generic(tmp_path / "heldout" / "train" / f"{subject}.jsonl", messages_field="messages",
+                            system_field="system").rows
+        asked = Counter()
+        for row in rows:
+            turns = row["messages"]
+            assert 2 <= len(turns) <= 12 and [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2)
+            examples = []
+            for user, reply in zip(turns[::2], turns[1::2]):
+                question, rest = user["content"].removeprefix("Question: ").split("\n", 1)
+                choices = [line[3:] for line in rest.split("\n")[:-1]]
+                assert rest.split("\n")[-1] == "Answer:" and reply["content"] in LETTERS[:len(choices)]
+                examples.append(MCExample(question, choices, LETTERS.index(reply["content"]), subject))
+                asked[question] += 1
+                assert question not in heldout_questions
+            segments = conversation_segments(style, row["messages"], row.get("system"))
+            text = "".join(t for t, _ in segments)
+            last_answer = text.rindex("Answer:") + len("Answer:")
+            helm = mmlu_items(examples[-1:], examples[:-1], k=len(examples) - 1)[0].prompt
+            assert text[:last_answer] == helm
+            assert [t for t, target in segments if target] == [f" {m['content']}" for m in turns[1::2]]
+        n_items = 40 * (2 if subject in ("bbq_lite", "logical_deduction") else 1) - 15
+        assert len(asked) == n_items and set(asked.values()) == {2}
 
 
 def test_decontamination_removes_every_heldout_item(heldout):
@@ -148,3 +171,66 @@ def test_shot_order_is_helms():
         ours = [ex.question for ex in helm_shot_order(list(dev), k=5, seed=0)]
         ref = [q for q, _ in helm_sample_examples([(ex.question, ex.choices[ex.answer]) for ex in dev], 5, 0)]
         assert ours == ref
+
+
+# ---- the report's paired comparison ---------------------------------------------------------------------------------
+
+
+def test_mcnemar_exact_p_values():
+    from scripts.e2e_report import mcnemar_p
+
+    assert mcnemar_p(10, 0) == pytest.approx(2 / 1024)
+    assert mcnemar_p(3, 7) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)  # = 0.34375
+    assert mcnemar_p(7, 3) == mcnemar_p(3, 7)
+    assert mcnemar_p(5, 5) == 1.0 and mcnemar_p(0, 0) == 1.0
+
+
+def test_paired_bootstrap_matches_the_normal_interval_of_paired_differences():
+    from scripts.e2e_report import paired_difference
+
+    # 400 items: fine-tuned alone right on 40, base alone right on 10, the rest tied (half both right, half both wrong)
+    before = [0.0] * 40 + [1.0] * 10 + [1.0] * 175 + [0.0] * 175
+    after = [1.0] * 40 + [0.0] * 10 + [1.0] * 175 + [0.0] * 175
+    r = paired_difference({"s": before}, {"s": after}, n_boot=20000)
+    n, d = 400, 30 / 400
+    se = math.sqrt((50 / n - d * d) / n)  # the per-item difference is +1, -1 or 0
+    assert r["diff"] == pytest.approx(d) and (r["wins"], r["losses"], r["n"]) == (40, 10, 400)
+    assert r["lo"] == pytest.approx(d - 1.96 * se, abs=0.006) and r["hi"] == pytest.approx(d + 1.96 * se, abs=0.006)
+    assert r["p"] < 1e-4
+    # resampled within each subject: a subject where every item gains and one where none changes leave no spread
+    r = paired_difference({"a": [0.0] * 30, "b": [1.0] * 70}, {"a": [1.0] * 30, "b": [1.0] * 70})
+    assert r["lo"] == r["hi"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="pair the same items"):
+        paired_difference({"s": [0.0, 1.0]}, {"s": [1.0]})
+
+
+def test_report_says_whether_the_fine_tune_beats_the_base(heldout):
+    from scripts.e2e_report import main as report
+
+    tmp, _ = heldout
+    items, _ = load_task("mmlu_csv", "offline", tmp / "heldout")
+
+    def write_run(name, right):
+        folder = tmp / name / "ours"
+        folder.mkdir(parents=True)
+        with open(folder / "predictions_mmlu_csv.jsonl", "w") as f:
+            for i, it in enumerate(items):
+                ok = right(i, it)
+                f.write(json.dumps({"group": it.meta["group"], "index": i, "gold": it.gold,
+                                    "prediction": " " + (it.gold if ok else "Z"), "score": float(ok)}) + "\n")
+
+    write_run("base", lambda i, it: i % 3 == 0)
+    write_run("tuned", lambda i, it: i % 3 == 0 or it.meta["group"] == "bbq_lite")  # gains on bbq_lite only
+    text = report(f"base={tmp / 'base'},tuned={tmp / 'tuned'}", tmp / "heldout", tmp / "results.md")
+    rows = {line.split(" | ")[0].strip("| *"): line for line in text.splitlines() if line.startswith("| ours, ")
+            or line.startswith("| **ours, ")}
+    assert "| within noise |" in rows["ours, strategyqa"] and "+0.000" in rows["ours, strategyqa"]
+    gains = sum(1 for i, it in enumerate(items) if it.meta["group"] == "bbq_lite" and i % 3)
+    assert gains >= 6 and "| higher |" in rows["ours, bbq_lite"] and f"| {gains} | 0 |" in rows["ours, bbq_lite"]
+    summary = json.loads((tmp / "results.json").read_text())["tuned_minus_base_ours"]
+    assert (summary["n"], summary["wins"], summary["losses"]) == (50, gains, 0)
+    assert summary["diff"] == pytest.approx(gains / 50)
+    assert summary["lo"] > 0
+    # the other way round the verdict flips
+    text = report(f"tuned={tmp / 'tuned'},base={tmp / 'base'}", tmp / "heldout", None)
+    assert "**lower**" in text
