@@ -269,8 +269,8 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
             if world > 1 and len(step_batches) % world:  # every rank needs as many passes: wrap around
                 step_batches += batches[:world - len(step_batches) % world]
             mine = step_batches[rank::world]
-            collated = [collate(train_examples, b, a.packing, fabric.device, fixed_length=max_seq_length if a.cuda_graph
-                                else None) for b in mine]
+            fixed = dict(fixed_length=max_seq_length, fixed_rows=a.micro_batch_size) if a.cuda_graph else {}
+            collated = [collate(train_examples, b, a.packing, fabric.device, **fixed) for b in mine]
             n_local = sum(int((c["targets"] != IGNORE).sum()) for c in collated)
             n_global = fabric.all_reduce(torch.tensor(float(n_local), device=fabric.device), reduce_op="sum").item()
             loss_total = 0.0
@@ -447,10 +447,11 @@ def epoch_batches(examples: Examples, rows: Optional[List[List[int]]], micro_bat
     return [batches[i] for i in perm]
 
 
-def collate(examples: Examples, batch: List[List[int]], packed: bool, device, fixed_length: Optional[int] = None
-            ) -> Dict[str, torch.Tensor]:
+def collate(examples: Examples, batch: List[List[int]], packed: bool, device, fixed_length: Optional[int] = None,
+            fixed_rows: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Right-padded (B, T) inputs and targets (IGNORE on prompt and padding); for packed rows also segment ids.
-    fixed_length pads every batch to that T and always includes the segment ids (the CUDA graph's fixed shapes)."""
+    fixed_length / fixed_rows pad every batch to that T / B (rows of padding only: no target) and always include
+    the segment ids: the CUDA graph's fixed shapes."""
     split = examples.split
     rows_idx, rows_tgt, rows_seg = [], [], []
     for row in batch:
@@ -466,12 +467,12 @@ def collate(examples: Examples, batch: List[List[int]], packed: bool, device, fi
         rows_tgt.append(torch.cat(tgt))
         rows_seg.append(torch.cat(seg))
     T = fixed_length or max(len(r) for r in rows_idx)
-    B = len(rows_idx)
+    B = max(len(rows_idx), fixed_rows or 0)
     idx = torch.zeros(B, T, dtype=torch.long)
     targets = torch.full((B, T), IGNORE, dtype=torch.long)
     segments = torch.full((B, T), -1, dtype=torch.long)  # padding: a segment of its own, attends only to itself
     n_tokens = 0
-    for b in range(B):
+    for b in range(len(rows_idx)):
         L = len(rows_idx[b])
         idx[b, :L], targets[b, :L], segments[b, :L] = rows_idx[b], rows_tgt[b], rows_seg[b]
         n_tokens += L

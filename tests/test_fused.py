@@ -155,8 +155,9 @@ def test_checkpointing_first_blocks_same_loss_and_grads(packed_batch):
 def test_fixed_shape_batch_and_loss_equal_the_selected_ones(packed_batch):
     ex, rows = packed_batch
     plain = ft.collate(ex, rows[:2], packed=True, device="cpu")
-    fixed = ft.collate(ex, rows[:2], packed=True, device="cpu", fixed_length=64)
-    assert fixed["idx"].shape == (2, 64) and "segments" in fixed and plain["idx"].shape[1] < 64
+    fixed = ft.collate(ex, rows[:2], packed=True, device="cpu", fixed_length=64, fixed_rows=3)  # a short last batch
+    assert fixed["idx"].shape == (3, 64) and "segments" in fixed and plain["idx"].shape[1] < 64
+    assert (fixed["targets"][2] == ft.IGNORE).all() and fixed["n_tokens"] == plain["n_tokens"]
     model = tiny_model()
     loss, n = ft.training_loss(model, plain)
     loss_fixed, n_fixed = ft.training_loss(model, fixed, select_targets=False)

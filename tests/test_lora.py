@@ -246,11 +246,15 @@ def test_benchmark_builds_a_random_qlora_model_without_a_checkpoint():
     config = Config(**GQA)
     model = bench.build(config, "bnb.nf4", LoRAConfig(r=4), "cpu", torch.bfloat16)
     assert isinstance(model.blocks[1].mlp.fc_2.base, bnb.nn.Linear4bit)
-    bench.set_checkpointing(model, True)
-    assert "forward" in model.blocks[0].__dict__
+    bench.set_checkpointing(model, "p1")  # the first block only
+    assert "forward" in model.blocks[0].__dict__ and "forward" not in model.blocks[1].__dict__
+    with pytest.raises(ValueError, match="pN"):
+        bench.set_checkpointing(model, "yes")
+    bench.set_checkpointing(model, "1")
+    assert all("forward" in b.__dict__ for b in model.blocks)
     tokens = torch.randint(0, 97, (2, 17))
     loss, n = training_loss(model, {"idx": tokens[:, :-1], "targets": tokens[:, 1:]})
     (loss / n).backward()
     assert n == 32 and abs(loss.item() / n - torch.log(torch.tensor(97.0)).item()) < 0.5  # random model: ~log(vocab)
-    bench.set_checkpointing(model, False)
+    bench.set_checkpointing(model, "0")
     assert "forward" not in model.blocks[0].__dict__
