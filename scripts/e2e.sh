@@ -93,5 +93,5 @@ $skip_base || evaluate base "$ckpt"
 evaluate finetuned "$out/merged"
 
 echo "== 5. table"
-note="$(date +%Y-%m-%d) · adapter $adapter_file ($( [ -f "$adapter/gpu.txt" ] && cat "$adapter/gpu.txt" || echo 'CPU fine-tune'))"
+note="$(date +%Y-%m-%d) · adapter $adapter_file ($( { [ -f "$adapter/gpu.txt" ] && cat "$adapter/gpu.txt"; } || { grep -m1 "^gpu: .*MiB" "$adapter/train.log" 2>/dev/null | cut -c6-; } || echo 'CPU fine-tune'))"
 python scripts/e2e_report.py --runs "base=$out/base,finetuned=$out/finetuned" --heldout data/e2e_heldout --out "$out/results.md" --note "$note"
