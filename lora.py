@@ -41,7 +41,7 @@ PRESETS = {
 class LoRAConfig:
     r: int = 16
     alpha: float = 32.0
-    dropout: float = 0.05
+    dropout: float = 0.0  # > 0 leaves the fused LoRAMatmul for the slower generic path
     targets: Tuple[str, ...] = PRESETS["all"]
 
     def __post_init__(self):
@@ -144,7 +144,7 @@ class LoRALinear(nn.Module):
     def fused_ok(self) -> bool:
         """LoRAMatmul (training) handles plain and 4-bit bases; int8 (bnb's outlier matmul) and inference (bnb's 4-bit
         matrix-vector kernel, no dequantization) take the generic path."""
-        return not is_bnb(self.base) or type(self.base).__name__ == "Linear4bit"
+        return not is_bnb(self.base) or type(self.base).__name__ != "Linear8bitLt"
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) fp32 matrix that merging adds to the base weight."""

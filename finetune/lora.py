@@ -112,7 +112,7 @@ def setup(
         packing: pack several samples into each row (attention never crosses samples); false pads length-bucketed
             batches instead.
         activation_checkpointing: recompute each block in the backward pass: much less memory, ~30% more compute.
-            true: every block; a number N: the first N blocks only (spend the memory left over on speed).
+            true (or 1): every block; a number N >= 2: the first N blocks only (spend the memory left over on speed).
         neftune_alpha: NEFTune noise on the embeddings during training (5 is the paper's value); 0 disables.
         fused: the fused LoRA matmul (lora.LoRAMatmul) and, on a GPU, RMSNorm, RoPE and SwiGLU compiled into fused
             kernels (model.compile_elementwise); false runs the plain reference path.
@@ -144,6 +144,13 @@ def setup(
     lora = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
     if cuda_graph and (not packing or devices != 1):
         raise SystemExit("--cuda_graph true needs fixed shapes and one device: use --packing true --devices 1")
+    if cuda_graph and not (torch.cuda.is_available() and accelerator != "cpu"):
+        raise SystemExit("--cuda_graph true needs a CUDA GPU; drop it to train on the CPU")
+    if cuda_graph and lora_dropout > 0 and activation_checkpointing:
+        raise SystemExit("--cuda_graph true with --lora_dropout > 0 and activation checkpointing is not supported "
+                         "(the recomputed dropout masks would need the RNG state inside the graph); set one of them off")
+    if activation_checkpointing is not True and activation_checkpointing < 0:
+        raise SystemExit(f"--activation_checkpointing {activation_checkpointing}: use true, false or a number of blocks >= 0")
     if quantize is not None:
         from quantize import check_mode
 
@@ -202,7 +209,7 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
     gpt = model
     on_gpu = fabric.device.type == "cuda"
     if a.activation_checkpointing:
-        n = None if a.activation_checkpointing is True else int(a.activation_checkpointing)
+        n = None if a.activation_checkpointing in (True, 1) else int(a.activation_checkpointing)  # "1" reads as true
         enable_activation_checkpointing(gpt, n, preserve_rng_state=lora.dropout > 0)
     LoRALinear.fused_matmul = a.fused
     if a.fused and on_gpu:
@@ -519,13 +526,14 @@ def chunked_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, chu
         h, t = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
         n = None
     rows = t.numel()
+    random_head = not isinstance(getattr(head, "dropout", None), (torch.nn.Identity, type(None)))
     vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
     size = max(128, chunk_bytes // (4 * vocab))
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, rows, size):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # a LoRA head with dropout must see the same mask when recomputed
             total = total + checkpoint(_ce_sum, head, h[i:i + size], t[i:i + size], use_reentrant=False,
-                                       preserve_rng_state=False)
+                                       preserve_rng_state=random_head)
         else:
             total = total + _ce_sum(head, h[i:i + size], t[i:i + size])
     return total, n
