@@ -304,7 +304,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 _PLAIN = {}
 
 
-def compile_elementwise(enable: bool = True) -> None:
+def compile_elementwise(enable: bool = True, backend: str = "inductor") -> None:
     """Swaps rms_norm, apply_rope and swiglu for torch.compile'd versions (or back, with enable=False).
 
     Eager PyTorch runs each of them as 5-10 kernels that write fp32 or bf16 intermediates and keeps several for the
@@ -313,7 +313,7 @@ def compile_elementwise(enable: bool = True) -> None:
     g = globals()
     for name in ("rms_norm", "apply_rope", "swiglu"):
         _PLAIN.setdefault(name, g[name])
-        g[name] = torch.compile(_PLAIN[name]) if enable else _PLAIN[name]
+        g[name] = torch.compile(_PLAIN[name], backend=backend) if enable else _PLAIN[name]
 
 
 class KVCache(nn.Module):
