@@ -69,13 +69,19 @@ def set_checkpointing(model, spec: str) -> Optional[int]:
 
 
 def bench(model, seq: int, mb: int, ckpt: str, steps: int, warmup: int, device: str,
-          profile: bool = False, cuda_graph: bool = False) -> dict:
+          profile: bool = False, cuda_graph: bool = False, docs_per_row: int = 1) -> dict:
     set_checkpointing(model, ckpt)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer("adamw", params, 1e-4, 0.0, device)
     g = torch.Generator(device).manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (mb, seq + 1), device=device, generator=g)
     batch = {"idx": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous()}
+    if docs_per_row > 1:  # packed rows as finetune/lora.py makes them: documents of random lengths, a document mask
+        cuts = torch.randperm(seq - 1, generator=torch.Generator().manual_seed(0))[:docs_per_row - 1] + 1
+        segments = torch.zeros(seq, dtype=torch.long)
+        for c in cuts.tolist():
+            segments[c:] += 1
+        batch["segments"] = segments.expand(mb, seq).contiguous().to(device)
     n = batch["targets"].numel()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -148,6 +154,7 @@ def main(
     warmup: int = 3,
     fused: bool = True,
     cuda_graph: bool = False,
+    docs_per_row: int = 1,
     compile: bool = False,
     profile: bool = False,
     table: Optional[Path] = None,
@@ -167,6 +174,8 @@ def main(
         warmup: untimed steps first.
         fused: the fused LoRA matmul and compiled RMSNorm/RoPE/SwiGLU, as finetune/lora.py --fused.
         cuda_graph: capture forward+backward as a CUDA graph, as finetune/lora.py --cuda_graph.
+        docs_per_row: above 1, each row packs this many documents with a document mask (the trainer's packed rows;
+            attention then takes SDPA's masked path instead of causal flash).
         compile: torch.compile each block.
         profile: after timing each configuration, profile one more step and print its CUDA kernels by total time.
         table: instead of benchmarking, print a Markdown table of the JSON lines in this file.
@@ -195,9 +204,9 @@ def main(
         tags = [t for t, on in (("fused", fused), ("graph", cuda_graph), ("compiled", compile)) if on]
         result = {"system": "oneday" + (f" ({'+'.join(tags)})" if tags else ""), "model": config.name, "seq": seq,
                   "mb": mb, "grad_ckpt": {"1": True, "0": False}.get(ckpt, f"first {ckpt[1:]} blocks"),
-                  "quantize": quantize, "lora_r": lora_r}
+                  "quantize": quantize, "lora_r": lora_r, "docs_per_row": docs_per_row}
         try:
-            result.update(bench(net, seq, mb, ckpt, steps, warmup, "cuda", profile, cuda_graph))
+            result.update(bench(net, seq, mb, ckpt, steps, warmup, "cuda", profile, cuda_graph, docs_per_row))
         except torch.cuda.OutOfMemoryError:
             result["error"] = "out of memory"
         for p in net.parameters():
