@@ -140,6 +140,17 @@ class LoRALinear(nn.Module):
             return LoRAMatmul.apply(x, self.lora_A, B, self.scaling, self.base)
         return self.base(x) + self.lora_delta(x)
 
+    def swiglu_forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """self(swiglu(gate, up)) for the down projection of a gated MLP (model.MLP calls it). In training the fused
+        path keeps gate and up (which SwiGLU's backward needs anyway) instead of also keeping their product, the
+        widest activation of the block, and recomputes the product in the backward pass."""
+        import model
+
+        if self.merged or not (self.fused_matmul and torch.is_grad_enabled() and isinstance(self.dropout, nn.Identity)
+                               and self.fused_ok and self.covers_all_rows):
+            return self(model.swiglu(gate, up))
+        return SwiGLULoRAMatmul.apply(gate, up, self.lora_A, self.lora_B, self.scaling, self.base)
+
     @property
     def fused_ok(self) -> bool:
         """LoRAMatmul (training) handles plain and 4-bit bases; int8 (bnb's outlier matmul) and inference (bnb's 4-bit
@@ -208,6 +219,40 @@ class LoRAMatmul(torch.autograd.Function):
             dx.addmm_(dh, A_c)
             dx = dx.view_as(x)
         return dx, dA.float(), dB.float(), None, None
+
+
+class SwiGLULoRAMatmul(torch.autograd.Function):
+    """LoRAMatmul of swiglu(gate, up), saving gate and up but not their product (see LoRALinear.swiglu_forward)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, A, B, scaling, base):
+        import model
+
+        act = model.swiglu(gate, up)
+        x2 = act.reshape(-1, act.shape[-1])
+        A_c, B_c = A.to(act.dtype), B.to(act.dtype)
+        W = base_weight(base, act.dtype)
+        y = x2 @ W.t() if base.bias is None else torch.addmm(base.bias.to(act.dtype), x2, W.t())
+        h = x2 @ A_c.t()
+        y.addmm_(h, B_c.t(), alpha=scaling)
+        ctx.save_for_backward(gate, up, h, A_c, B_c)
+        ctx.scaling, ctx.base = scaling, base
+        return y.view(*act.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        import model
+
+        gate, up, h, A_c, B_c = ctx.saved_tensors
+        act = model.swiglu(gate, up)  # recomputed: one cheap fused kernel instead of a stored (tokens, 4-5x dim) tensor
+        x2, dy2 = act.reshape(-1, act.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dh = (dy2 @ B_c) * ctx.scaling
+        dA = dh.t() @ x2
+        dB = (dy2.t() @ h) * ctx.scaling
+        d_act = dy2 @ base_weight(ctx.base, dy.dtype)
+        d_act.addmm_(dh, A_c)
+        d_gate, d_up = model.swiglu_backward(gate, up, d_act.view_as(act))
+        return d_gate, d_up, dA.float(), dB.float(), None, None
 
 
 def base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:

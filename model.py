@@ -251,7 +251,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.fc_2 is not None:
-            return self.proj(swiglu(self.fc_1(x), self.fc_2(x)))
+            gate, up = self.fc_1(x), self.fc_2(x)
+            if hasattr(self.proj, "swiglu_forward"):  # LoRA's fused SwiGLU + down projection (lora.py)
+                return self.proj.swiglu_forward(gate, up)
+            return self.proj(swiglu(gate, up))
         return self.proj(F.gelu(self.fc_1(x), approximate=self.gelu_approximate))
 
 
@@ -274,6 +277,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
+    """Gradients of swiglu(gate, up) for an incoming gradient, in fp32 inside: (d gate, d up)."""
+    g, u, d = gate.float(), up.float(), grad.float()
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    return (d * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (d * silu).to(up.dtype)
 
 
 def make_norm(config: Config) -> nn.Module:
@@ -311,7 +322,7 @@ def compile_elementwise(enable: bool = True, backend: str = "inductor") -> None:
     backward pass; compiled, each is one fused kernel forward and one backward that keep only their inputs. Matmuls
     and attention are untouched. finetune/lora.py turns this on for CUDA training (--fuse)."""
     g = globals()
-    for name in ("rms_norm", "apply_rope", "swiglu"):
+    for name in ("rms_norm", "apply_rope", "swiglu", "swiglu_backward"):
         _PLAIN.setdefault(name, g[name])
         g[name] = torch.compile(_PLAIN[name], backend=backend) if enable else _PLAIN[name]
 

@@ -80,6 +80,41 @@ def test_lora_matmul_on_4bit_base_matches_bitsandbytes_path():
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_swiglu_backward_matches_autograd():
+    torch.manual_seed(0)
+    g, u, d = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
+    model_module.swiglu(g, u).backward(d)
+    dg, du = model_module.swiglu_backward(g.detach(), u.detach(), d)
+    torch.testing.assert_close(dg, g.grad)
+    torch.testing.assert_close(du, u.grad)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_swiglu_down_projection_matches_generic_path(quantized):
+    """The down projection that recomputes swiglu(gate, up) instead of saving it: same output and gradients."""
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32, bias=False)
+    base = dense.requires_grad_(False)
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+        from quantize import quantized_layer, quantized_weight
+
+        base = quantized_layer(dense, "bnb.nf4", torch.float32)
+        base.weight = quantized_weight(base, dense.weight.detach(), "cpu")
+    layer = lora_layer(base)
+    g0, u0 = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    results = []
+    for fused in (True, False):
+        layer.zero_grad(set_to_none=True)
+        g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+        y = layer.swiglu_forward(g, u) if fused else layer.base(model_module.swiglu(g, u)) + layer.lora_delta(
+            model_module.swiglu(g, u))
+        (y * torch.linspace(-1, 1, 32)).sum().backward()
+        results.append((y.detach(), g.grad, u.grad, layer.lora_A.grad, layer.lora_B.grad))
+    for a, b, name in zip(*results, ("y", "d gate", "d up", "dA", "dB")):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
 def test_fused_path_is_taken_only_when_it_applies():
     calls = []
     original = LoRAMatmul.apply
@@ -191,7 +226,11 @@ def test_fused_paths_in_bf16_stay_within_bf16_tolerance(packed_batch, backend):
     """The whole fast path at once, in bf16 as on the GPU, against the plain fp32 model."""
     ex, rows = packed_batch
     batch = ft.collate(ex, rows[:2], packed=True, device="cpu", fixed_length=64)
-    reference = loss_and_grads(tiny_model(), batch)
+    LoRALinear.fused_matmul = False  # the reference: generic LoRA, eager elementwise, fp32
+    try:
+        reference = loss_and_grads(tiny_model(), batch)
+    finally:
+        LoRALinear.fused_matmul = True
     model = tiny_model(dtype=torch.bfloat16)
     for layer in model.modules():  # LoRA master weights stay fp32, as in training
         if isinstance(layer, LoRALinear):
