@@ -129,6 +129,7 @@ def test_train_script_runs_existing_scripts_with_their_flags():
         flags = {w[2:] for w in words if w.startswith("--")}
         assert flags <= parameters(script), f"{words[1]}: unknown flags {flags - parameters(script)}"
     assert "--quantize bnb.nf4-dq" in out and "--max_time 20:00:00" in out and "--lora_r 128" in out
+    assert "--cuda_graph true" in out
     recipe = re.search(r"--recipe (\S+)", out).group(1)
     assert (ROOT / recipe).is_file()
 
