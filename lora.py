@@ -196,29 +196,16 @@ class LoRAMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, scaling, base):
-        x2 = x.reshape(-1, x.shape[-1])
-        A_c, B_c = A.to(x.dtype), B.to(x.dtype)
-        W = base_weight(base, x.dtype)
-        y = x2 @ W.t() if base.bias is None else torch.addmm(base.bias.to(x.dtype), x2, W.t())
-        h = x2 @ A_c.t()
-        y.addmm_(h, B_c.t(), alpha=scaling)
+        y, h, A_c, B_c = lora_matmul(x, A, B, scaling, base)
         ctx.save_for_backward(x, h, A_c, B_c)
         ctx.scaling, ctx.base = scaling, base
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x, h, A_c, B_c = ctx.saved_tensors
-        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        dh = (dy2 @ B_c) * ctx.scaling  # (N, rank): the gradient reaching x A^T
-        dA = dh.t() @ x2
-        dB = (dy2.t() @ h) * ctx.scaling
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = dy2 @ base_weight(ctx.base, dy.dtype)
-            dx.addmm_(dh, A_c)
-            dx = dx.view_as(x)
-        return dx, dA.float(), dB.float(), None, None
+        dx, dA, dB = lora_matmul_backward(dy, x, h, A_c, B_c, ctx.scaling, ctx.base, ctx.needs_input_grad[0])
+        return dx, dA, dB, None, None
 
 
 class SwiGLULoRAMatmul(torch.autograd.Function):
@@ -228,16 +215,10 @@ class SwiGLULoRAMatmul(torch.autograd.Function):
     def forward(ctx, gate, up, A, B, scaling, base):
         import model
 
-        act = model.swiglu(gate, up)
-        x2 = act.reshape(-1, act.shape[-1])
-        A_c, B_c = A.to(act.dtype), B.to(act.dtype)
-        W = base_weight(base, act.dtype)
-        y = x2 @ W.t() if base.bias is None else torch.addmm(base.bias.to(act.dtype), x2, W.t())
-        h = x2 @ A_c.t()
-        y.addmm_(h, B_c.t(), alpha=scaling)
+        y, h, A_c, B_c = lora_matmul(model.swiglu(gate, up), A, B, scaling, base)
         ctx.save_for_backward(gate, up, h, A_c, B_c)
         ctx.scaling, ctx.base = scaling, base
-        return y.view(*act.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -245,14 +226,34 @@ class SwiGLULoRAMatmul(torch.autograd.Function):
 
         gate, up, h, A_c, B_c = ctx.saved_tensors
         act = model.swiglu(gate, up)  # recomputed: one cheap fused kernel instead of a stored (tokens, 4-5x dim) tensor
-        x2, dy2 = act.reshape(-1, act.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        dh = (dy2 @ B_c) * ctx.scaling
-        dA = dh.t() @ x2
-        dB = (dy2.t() @ h) * ctx.scaling
-        d_act = dy2 @ base_weight(ctx.base, dy.dtype)
-        d_act.addmm_(dh, A_c)
-        d_gate, d_up = model.swiglu_backward(gate, up, d_act.view_as(act))
-        return d_gate, d_up, dA.float(), dB.float(), None, None
+        d_act, dA, dB = lora_matmul_backward(dy, act, h, A_c, B_c, ctx.scaling, ctx.base, True)
+        d_gate, d_up = model.swiglu_backward(gate, up, d_act)
+        return d_gate, d_up, dA, dB, None, None
+
+
+def lora_matmul(x, A, B, scaling: float, base: nn.Module):
+    """LoRAMatmul's forward math: (y, x A^T, A and B in x's dtype)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    A_c, B_c = A.to(x.dtype), B.to(x.dtype)
+    W = base_weight(base, x.dtype)
+    y = x2 @ W.t() if base.bias is None else torch.addmm(base.bias.to(x.dtype), x2, W.t())
+    h = x2 @ A_c.t()
+    y.addmm_(h, B_c.t(), alpha=scaling)
+    return y.view(*x.shape[:-1], y.shape[-1]), h, A_c, B_c
+
+
+def lora_matmul_backward(dy, x, h, A_c, B_c, scaling: float, base: nn.Module, need_dx: bool):
+    """LoRAMatmul's backward math: (dx or None, fp32 dA, fp32 dB)."""
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dh = (dy2 @ B_c) * scaling  # (N, rank): the gradient reaching x A^T
+    dA = dh.t() @ x2
+    dB = (dy2.t() @ h) * scaling
+    dx = None
+    if need_dx:
+        dx = dy2 @ base_weight(base, dy.dtype)
+        dx.addmm_(dh, A_c)
+        dx = dx.view_as(x)
+    return dx, dA.float(), dB.float()
 
 
 def base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -287,13 +287,14 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
                 for batch in collated:
                     loss_total += graphed(batch).item()
                 torch._foreach_mul_([p.grad for p in trainable], 1.0 / max(n_global, 1.0))
-            for i, batch in enumerate(collated if not a.cuda_graph else []):
-                with fabric.no_backward_sync(model, enabled=i < len(collated) - 1):
-                    loss_sum, _ = training_loss(model, batch)
-                    # DDP averages gradients over ranks, so scale by world: the result is the mean over every
-                    # counted token of the whole step, however tokens fall into micro-batches and ranks.
-                    fabric.backward(loss_sum * world / max(n_global, 1.0))
-                loss_total += loss_sum.item()
+            else:
+                for i, batch in enumerate(collated):
+                    with fabric.no_backward_sync(model, enabled=i < len(collated) - 1):
+                        loss_sum, _ = training_loss(model, batch)
+                        # DDP averages gradients over ranks, so scale by world: the result is the mean over every
+                        # counted token of the whole step, however tokens fall into micro-batches and ranks.
+                        fabric.backward(loss_sum * world / max(n_global, 1.0))
+                    loss_total += loss_sum.item()
             if a.grad_clip:
                 fabric.clip_gradients(model, optimizer, max_norm=a.grad_clip)
             optimizer.step()
