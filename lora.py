@@ -190,20 +190,27 @@ class LoRAMatmul(torch.autograd.Function):
     W is the frozen base weight: a plain linear's, or a 4-bit layer's dequantized on the spot (once in forward, once
     in backward; never kept). The adapter's output is accumulated into the base output by one addmm, so no separate
     delta tensor is written and read back. Saved for backward: x (shared with any other layer that reads the same
-    tensor), the small x A^T, and bf16 copies of A and B. Gradients of the fp32 A and B come back in fp32; the base
+    tensor; when x is an RMSNorm's output, the norm's input instead, see forward), the small x A^T, and bf16 copies
+    of A and B. Gradients of the fp32 A and B come back in fp32; the base
     matmul of the backward pass is skipped when x needs no gradient (the first layer's input).
     """
 
     @staticmethod
     def forward(ctx, x, A, B, scaling, base):
         y, h, A_c, B_c = lora_matmul(x, A, B, scaling, base)
-        ctx.save_for_backward(x, h, A_c, B_c)
+        # x = norm(x_in) (model.RMSNorm tags its output): keep x_in, which the norm keeps for its own backward
+        # anyway, and recompute x in backward, one cheap elementwise kernel, instead of keeping a second tensor.
+        ctx.norm, x_in = getattr(x, "normed_from", (None, x))
+        ctx.save_for_backward(x_in, h, A_c, B_c)
         ctx.scaling, ctx.base = scaling, base
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, h, A_c, B_c = ctx.saved_tensors
+        if ctx.norm is not None:
+            with torch.no_grad():
+                x = ctx.norm(x)
         dx, dA, dB = lora_matmul_backward(dy, x, h, A_c, B_c, ctx.scaling, ctx.base, ctx.needs_input_grad[0])
         return dx, dA, dB, None, None
 

@@ -222,7 +222,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split([n_head * hs, n_kv * hs, n_kv * hs], dim=-1)
         q = q.view(B, T, n_head, hs).transpose(1, 2)  # (B, heads, T, hs)
         k = k.view(B, T, n_kv, hs).transpose(1, 2)
-        v = v.view(B, T, n_kv, hs).transpose(1, 2)
+        # A copy, not a view: attention keeps v for its backward, and a view would keep the whole q|k|v output alive
+        # beside the rotated q and k (in training, 1.25 x n_embd more per token and layer for Mistral's shapes).
+        v = v.contiguous().view(B, T, n_kv, hs).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if input_pos is not None:
@@ -265,7 +267,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        y = rms_norm(x, self.weight, self.eps)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Lets LoRA's fused matmul (lora.LoRAMatmul), which reads y, keep x instead (kept for this norm's own
+            # backward anyway) and recompute y in its backward: one fewer (tokens, n_embd) tensor per norm.
+            y.normed_from = (self, x)
+        return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

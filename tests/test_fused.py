@@ -266,3 +266,51 @@ def test_chunked_loss_recomputes_a_random_lora_head_with_the_same_dropout_mask()
         grads.append((loss.detach(), head.lora_A.grad.clone(), head.lora_B.grad.clone()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def saved_bytes_per_token_and_block(model, idx) -> float:
+    """What autograd keeps for the backward pass of the blocks: distinct storages of activations, (batch, ...)
+    tensors of 3 or more dimensions, as big as v or bigger; LoRA's 2-D x A^T and A, B copies and small statistics are
+    left out."""
+    c = model.config
+    floor = idx.numel() * c.n_query_groups * c.head_size * 2  # the smallest activation kept: v, in bf16
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if t.dim() >= 3 and s.data_ptr() not in params and s.nbytes() >= floor:
+            kept[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = model.wte(idx).detach()
+    cos, sin = (t.to(x.dtype) for t in model_module.rope(torch.arange(idx.size(1)), c.rope_n_elem, c.rope_base))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for block in model.blocks:
+            x = block(x, cos, sin, None, None)
+    return sum(kept.values()) / idx.numel() / c.n_layer
+
+
+def test_fused_block_keeps_only_what_its_backward_needs(backend):
+    """Per token and block the fast path keeps the block input and the attention residual (the norms' inputs), q, k
+    and v after RoPE, the attention output and the MLP's gate and up: no norm output (LoRAMatmul recomputes it) and
+    no q|k|v projection output (v is copied out of it). The plain path keeps more; a change that brings a kept copy
+    back fails here before it costs gigabytes on the GPU."""
+    c = Config(**CONFIG)
+    model = tiny_model(dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    idx = torch.randint(0, c.vocab_size, (2, 24))
+    LoRALinear.fused_matmul = False
+    try:
+        plain = saved_bytes_per_token_and_block(model, idx)
+    finally:
+        LoRALinear.fused_matmul = True
+    model_module.compile_elementwise(backend=backend)
+    try:
+        fused = saved_bytes_per_token_and_block(model, idx)
+    finally:
+        model_module.compile_elementwise(False)
+    kv = c.n_query_groups * c.head_size
+    assert fused == 2 * (4 * c.n_embd + 2 * kv + 2 * c.intermediate_size)
+    assert plain > fused + 2 * (2 * c.n_embd)
