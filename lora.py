@@ -234,6 +234,7 @@ class SwiGLULoRAMatmul(torch.autograd.Function):
         gate, up, h, A_c, B_c = ctx.saved_tensors
         act = model.swiglu(gate, up)  # recomputed: one cheap fused kernel instead of a stored (tokens, 4-5x dim) tensor
         d_act, dA, dB = lora_matmul_backward(dy, act, h, A_c, B_c, ctx.scaling, ctx.base, True)
+        del act  # before d_gate and d_up exist: this is the widest point of a block's backward pass
         d_gate, d_up = model.swiglu_backward(gate, up, d_act)
         return d_gate, d_up, dA, dB, None, None
 

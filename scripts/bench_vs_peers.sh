@@ -14,9 +14,10 @@ stage=${1:-}
 
 # Our configurations (benchmark_finetune.py --configs, MBxC as that script spells C today: 1 every block checkpointed,
 # 0 none, pN the first N blocks): enough to have a candidate under each cap. Change these as the trainer gains modes.
-OURS_mistral_2048="1x0,2x0,1x1,2x1,4x1,1xp24,2xp16"
-OURS_mistral_4096="1x0,1x1,2x1,1xp16,1xp29"
-OURS_llama13b_2048="1x0,1x1,2x1,4x1,1xp20,1xp24"
+# A trailing o offloads the checkpointed blocks' inputs to host memory (--offload_checkpoints).
+OURS_mistral_2048="1x0,2xp4o,3x0,1xp18o,1xp20o,4x1o,2x1o"
+OURS_mistral_4096="1x0,1xp4o,1xp6o,1x1o,2x1o,1xp26o,1xp28o"
+OURS_llama13b_2048="1x1o,1x0,1xp6o,2x1o,4x1o,1xp4o"
 # Unsloth's likely best under each cap, most useful first (the budget may cut the tail). From the anchors' table:
 # offloaded checkpointing ("offload") costs ~0.5 GiB per extra 2,048 tokens on a 7B (1x2048 5.0 GiB, 4x2048 6.6) and
 # speeds up with micro-batch, so the largest one under 8 GiB is its 8-GiB best (6x2048 ~7.6 GiB is the guess, 8x2048
@@ -24,7 +25,7 @@ OURS_llama13b_2048="1x0,1x1,2x1,4x1,1xp20,1xp24"
 # GiB), so 1x/2x of it are the 16/24-GiB candidates. 1x offloaded is only its leanest row (a 13B may fit 8 GiB only so).
 UNSLOTH_mistral_2048="4xoffload,6xoffload,1xnone,8xoffload,2xnone,1xoffload"
 UNSLOTH_mistral_4096="2xoffload,3xoffload,1xnone,4xoffload,1xoffload"
-UNSLOTH_llama13b_2048="4xoffload,1xnone,8xoffload,1xoffload"
+UNSLOTH_llama13b_2048="1xoffload,8xoffload,1xnone,4xoffload"
 
 case "$stage" in
   mistral-2048) arch=mistral-7b; model=Mistral-7B-v0.1; seq=2048; ours=$OURS_mistral_2048; peer=$UNSLOTH_mistral_2048 ;;

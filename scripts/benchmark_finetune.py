@@ -55,17 +55,30 @@ def build(config: Config, quantize: Optional[str], lora: LoRAConfig, device: str
 
 
 def set_checkpointing(model, spec: str) -> Optional[int]:
-    """spec 1 / 0 / pN -> checkpointing on every block / none / the first N blocks; returns the number of blocks."""
+    """spec 1 / 0 / pN -> checkpointing on every block / none / the first N blocks, and a trailing o (1o, p20o) for
+    offloaded checkpoints (finetune/lora.py --offload_checkpoints); returns the number of blocks."""
     for block in model.blocks:
         block.__dict__.pop("forward", None)  # back to the plain Block.forward
+    offload = spec.endswith("o")
+    spec = spec[:-1] if offload else spec
     n = {"1": len(model.blocks), "0": 0}.get(spec)
     if n is None:
         if not spec.startswith("p") or not spec[1:].isdigit():
-            raise ValueError(f"checkpointing {spec!r}: use 1, 0 or pN (the first N blocks)")
+            raise ValueError(f"checkpointing {spec!r}: use 1, 0 or pN (the first N blocks), then o to offload")
         n = min(int(spec[1:]), len(model.blocks))
     if n:
-        enable_activation_checkpointing(model, n, preserve_rng_state=False)
+        enable_activation_checkpointing(model, n, preserve_rng_state=False, offload=offload)
     return n
+
+
+def ckpt_label(spec: str):
+    """The table's checkpointing column: true, false, "first N blocks", "offloaded", "first N blocks, offloaded"."""
+    offload = spec.endswith("o")
+    spec = spec[:-1] if offload else spec
+    label = {"1": True, "0": False}.get(spec, f"first {spec[1:]} blocks")
+    if offload:
+        return "offloaded" if label is True else f"{label}, offloaded"
+    return label
 
 
 def bench(model, seq: int, mb: int, ckpt: str, steps: int, warmup: int, device: str,
@@ -164,7 +177,8 @@ def main(
     Args:
         model: a registered config name (python -c 'import model; print(model.known_names())').
         seq: sequence length.
-        configs: comma list of MBxC: micro-batch MB, activation checkpointing C (1, 0 or pN: the first N blocks).
+        configs: comma list of MBxC: micro-batch MB, activation checkpointing C (1, 0 or pN: the first N blocks;
+            a trailing o offloads the checkpoints: 1o, p20o).
         quantize: base weights (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8) or null for bf16.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha.
@@ -203,7 +217,7 @@ def main(
         mb = int(mb)
         tags = [t for t, on in (("fused", fused), ("graph", cuda_graph), ("compiled", compile)) if on]
         result = {"system": "oneday" + (f" ({'+'.join(tags)})" if tags else ""), "model": config.name, "seq": seq,
-                  "mb": mb, "grad_ckpt": {"1": True, "0": False}.get(ckpt, f"first {ckpt[1:]} blocks"),
+                  "mb": mb, "grad_ckpt": ckpt_label(ckpt),
                   "quantize": quantize, "lora_r": lora_r, "docs_per_row": docs_per_row}
         try:
             result.update(bench(net, seq, mb, ckpt, steps, warmup, "cuda", profile, cuda_graph, docs_per_row))

@@ -225,6 +225,16 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(ckpt, data, tmp_path,
         assert torch.equal(a[k], b[k]), k
 
 
+def test_offloaded_checkpointing_trains_like_no_checkpointing(ckpt, data, tmp_path):
+    kw = dict(lora_dropout=0.0, sample_tokens=0)
+    run(ckpt, data, tmp_path / "plain", **kw)
+    run(ckpt, data, tmp_path / "offloaded", activation_checkpointing=True, offload_checkpoints=True, **kw)
+    a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "offloaded")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=lambda m: f"{k}: {m}")
+
+
 def test_two_process_ddp_matches_one_process(ckpt, data, tmp_path):
     """2 CPU processes (gloo) with 1 micro-batch each == 1 process accumulating the same 2 micro-batches."""
     common = ["--checkpoint_dir", str(ckpt), "--data_dir", str(data), "--max_steps", "3", "--batch_size", "2",
@@ -299,6 +309,10 @@ def test_bad_inputs_fail_early_with_one_line(ckpt, data, tmp_path):
     with pytest.raises(SystemExit) as e:
         run(ckpt, data, tmp_path / "nothing", resume=True)
     assert "nothing to resume" in one_line_error(e)
+
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, data, tmp_path / "o8", offload_checkpoints=True)
+    assert "add --activation_checkpointing" in one_line_error(e)
 
 
 def test_resume_refuses_changed_settings_and_foreign_adapters(ckpt, data, tmp_path):

@@ -208,6 +208,30 @@ def test_checkpointing_first_blocks_same_loss_and_grads(packed_batch):
     assert_same(reference, loss_and_grads(model, batch))
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_checkpointing_keeps_block_inputs_only_when_not_offloaded(packed_batch, offload):
+    """Plain checkpointing keeps every block's input on the device; offloaded, each is let go once the next block has
+    parked its own (the last one stays: its recompute comes first), and the recompute gets it back from the copy,
+    with the same loss and gradients."""
+    import weakref
+
+    ex, rows = packed_batch
+    batch = ft.collate(ex, rows[:2], packed=True, device="cpu")
+    reference = loss_and_grads(tiny_model(), batch)
+    model = tiny_model()
+    ft.enable_activation_checkpointing(model, preserve_rng_state=False, offload=offload)
+    inputs = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))
+    for p in model.parameters():
+        p.grad = None
+    loss, _ = ft.training_loss(model, batch)
+    alive = [ref() is not None for ref in inputs]
+    assert alive == ([False, False, True] if offload else [True, True, True])
+    loss.backward()
+    assert_same(reference, (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+
+
 def test_fixed_shape_batch_and_loss_equal_the_selected_ones(packed_batch):
     ex, rows = packed_batch
     plain = ft.collate(ex, rows[:2], packed=True, device="cpu")
