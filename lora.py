@@ -200,7 +200,12 @@ class LoRAMatmul(torch.autograd.Function):
         y, h, A_c, B_c = lora_matmul(x, A, B, scaling, base)
         # x = norm(x_in) (model.RMSNorm tags its output): keep x_in, which the norm keeps for its own backward
         # anyway, and recompute x in backward, one cheap elementwise kernel, instead of keeping a second tensor.
-        ctx.norm, x_in = getattr(x, "normed_from", (None, x))
+        ctx.norm, x_in = None, x
+        if hasattr(x, "normed_from"):
+            norm, source, source_version, version = x.normed_from
+            src = source()
+            if src is not None and src._version == source_version and x._version == version:
+                ctx.norm, x_in = norm, src
         ctx.save_for_backward(x_in, h, A_c, B_c)
         ctx.scaling, ctx.base = scaling, base
         return y
@@ -210,7 +215,7 @@ class LoRAMatmul(torch.autograd.Function):
         x, h, A_c, B_c = ctx.saved_tensors
         if ctx.norm is not None:
             with torch.no_grad():
-                x = ctx.norm(x)
+                x = ctx.norm.forward(x)  # not ctx.norm(x): the module's hooks ran in the forward pass already
         dx, dA, dB = lora_matmul_backward(dy, x, h, A_c, B_c, ctx.scaling, ctx.base, ctx.needs_input_grad[0])
         return dx, dA, dB, None, None
 

@@ -8,6 +8,7 @@ converters in scripts/, never here.
 import difflib
 import json
 import math
+import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -270,8 +271,9 @@ class RMSNorm(nn.Module):
         y = rms_norm(x, self.weight, self.eps)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # Lets LoRA's fused matmul (lora.LoRAMatmul), which reads y, keep x instead (kept for this norm's own
-            # backward anyway) and recompute y in its backward: one fewer (tokens, n_embd) tensor per norm.
-            y.normed_from = (self, x)
+            # backward anyway) and recompute y in its backward: one fewer (tokens, n_embd) tensor per norm. A weak
+            # reference, so the tag never keeps x alive itself; the versions tell if x or y was changed in place.
+            y.normed_from = (self, weakref.ref(x), x._version, y._version)
         return y
 
 

@@ -155,6 +155,9 @@ def setup(
                          "(the recomputed dropout masks would need the RNG state inside the graph); set one of them off")
     if offload_checkpoints and not activation_checkpointing:
         raise SystemExit("--offload_checkpoints true offloads checkpointed blocks' inputs: add --activation_checkpointing")
+    if offload_checkpoints and compile:
+        raise SystemExit("--offload_checkpoints true with --compile true is not supported (the copies' streams would "
+                         "be traced into the compiled blocks); set one of them off")
     if activation_checkpointing is not True and activation_checkpointing < 0:
         raise SystemExit(f"--activation_checkpointing {activation_checkpointing}: use true, false or a number of blocks >= 0")
     if quantize is not None:
@@ -570,15 +573,15 @@ def enable_activation_checkpointing(model: GPT, n_blocks: Optional[int] = None, 
             if _copy is None:
                 return checkpoint(_plain, x, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
                                   **kwargs)
-            _copy.park(x)  # x itself is not handed to checkpoint, which would keep it: the copy gives it back
-            return checkpoint(_call_with_input, _plain, _copy, *args, use_reentrant=False,
+            parked = _copy.park(x)  # x itself is not handed to checkpoint, which would keep it: the copy gives it back
+            return checkpoint(_call_with_input, _plain, _copy, parked, *args, use_reentrant=False,
                               preserve_rng_state=preserve_rng_state, **kwargs)
 
         block.forward = forward
 
 
-def _call_with_input(forward, copy: "HostCopy", *args, **kwargs):
-    return forward(copy.take(), *args, **kwargs)
+def _call_with_input(forward, copy: "HostCopy", parked: int, *args, **kwargs):
+    return forward(copy.take(parked), *args, **kwargs)
 
 
 class HostCopy:
@@ -590,7 +593,8 @@ class HostCopy:
     for this copy). take() gives x back: the first time (the forward pass) the GPU tensor itself; later (the
     recompute) a copy back from the host, started early: fetching block i's input prefetches block i-1's. The host
     buffer is allocated once and reused, at a fixed address, so CUDA graphs can replay the copies. On the CPU (tests)
-    the "host copy" is a plain clone, which exercises the same bookkeeping."""
+    the "host copy" is a plain clone, which exercises the same bookkeeping. One input per block: a second forward
+    pass before the first one's backward would overwrite it, so take() refuses a recompute of an older pass."""
 
     _stream = None
 
@@ -600,6 +604,7 @@ class HostCopy:
         self.copied = self.ready = None
         self.first_take = False
         self.requires_grad = False
+        self.parked = 0  # counts park() calls: which forward pass the kept input belongs to
 
     @classmethod
     def side_stream(cls):
@@ -607,13 +612,15 @@ class HostCopy:
             cls._stream = torch.cuda.Stream()
         return cls._stream
 
-    def park(self, x: torch.Tensor) -> None:
+    def park(self, x: torch.Tensor) -> int:
         if self.previous is not None:
             self.previous.let_go()
         self.gpu, self.first_take, self.requires_grad = x, True, x.requires_grad
+        self.prefetched = self.ready = None  # left over from a backward pass that stopped half way
+        self.parked += 1
         if not x.is_cuda:
             self.host = x.detach().clone()
-            return
+            return self.parked
         if self.host is None or self.host.shape != x.shape or self.host.dtype != x.dtype:
             self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         stream = self.side_stream()
@@ -622,13 +629,18 @@ class HostCopy:
             self.host.copy_(x.detach(), non_blocking=True)
             self.copied = torch.cuda.Event()
             self.copied.record(stream)
+        return self.parked
 
     def let_go(self) -> None:
         if self.gpu is not None and self.copied is not None:
             torch.cuda.current_stream().wait_event(self.copied)  # x's memory is reused only after the copy read it
         self.gpu = None
 
-    def take(self) -> torch.Tensor:
+    def take(self, parked: int) -> torch.Tensor:
+        if parked != self.parked:
+            raise RuntimeError("offloaded checkpointing keeps one input per block: a second forward pass ran before "
+                               "the first one's backward; run each backward before the next forward, or turn "
+                               "--offload_checkpoints off")
         if self.first_take:  # the forward pass
             self.first_take = False
             return self.gpu
@@ -684,6 +696,7 @@ class GraphedMicroStep:
                 loss, _ = training_loss(model, self.static, select_targets=False)
                 loss.backward()
         torch.cuda.current_stream().wait_stream(side)
+        assert all(p.grad is not None for p in params)  # backward() adds into these in place: replays accumulate
         torch._foreach_zero_([p.grad for p in params])  # the warm-up's gradients do not count
         del loss
         torch.cuda.empty_cache()  # the warm-up's cached blocks would otherwise sit beside the graph's own pool

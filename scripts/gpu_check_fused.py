@@ -7,7 +7,8 @@ linear, packed rows with a document mask, bf16:
 1. plain (generic LoRA, eager elementwise) vs fused (LoRAMatmul + compiled RMSNorm/RoPE/SwiGLU), eager;
 2. fused + checkpointing of the first blocks + CUDA graph: two replays accumulate the gradients of two micro-batches,
    which must equal the sum of the plain path's gradients for the two;
-3. the same with the checkpointed blocks' inputs offloaded to pinned host memory (--offload_checkpoints).
+3. the same with the checkpointed blocks' inputs offloaded to pinned host memory (--offload_checkpoints);
+and that an RMSNorm output recomputed without grad (as LoRAMatmul's backward does) equals the forward's bit for bit.
 Prints one JSON line per comparison (loss and the worst relative gradient error) and exits non-zero on a mismatch.
 """
 
@@ -77,6 +78,15 @@ def main() -> None:
     ok &= abs(fused1[0] - plain1[0]) / abs(plain1[0]) < 1e-2 and err < 3e-2
     print(json.dumps(row), flush=True)
 
+    # LoRAMatmul recomputes RMSNorm outputs in backward (no-grad compiled kernel) instead of keeping the forward's
+    # (training kernel): the two must agree bit for bit
+    x = torch.randn(2, 512, config.n_embd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    norm = net.blocks[0].norm_1
+    y = norm(x)
+    with torch.no_grad():
+        same = torch.equal(y.detach(), norm.forward(x.detach()))
+    print(json.dumps({"check": "RMSNorm recomputed (no grad) == forward (compiled)", "equal": same}), flush=True)
+    ok &= same
     summed = [a + b for a, b in zip(plain1[1], plain2[1])]
     for n_ckpt, offload in ((2, False), (3, True)):
         for block in net.blocks:

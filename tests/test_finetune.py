@@ -313,6 +313,9 @@ def test_bad_inputs_fail_early_with_one_line(ckpt, data, tmp_path):
     with pytest.raises(SystemExit) as e:
         run(ckpt, data, tmp_path / "o8", offload_checkpoints=True)
     assert "add --activation_checkpointing" in one_line_error(e)
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, data, tmp_path / "o9", activation_checkpointing=True, offload_checkpoints=True, compile=True)
+    assert "with --compile true is not supported" in one_line_error(e)
 
 
 def test_resume_refuses_changed_settings_and_foreign_adapters(ckpt, data, tmp_path):

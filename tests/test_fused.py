@@ -232,6 +232,46 @@ def test_checkpointing_keeps_block_inputs_only_when_not_offloaded(packed_batch, 
     assert_same(reference, (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
 
 
+def test_offloaded_checkpointing_refuses_a_second_forward_before_the_backward(packed_batch):
+    """One parked input per block: the second pass overwrites the first's, so the first's backward must fail loudly
+    instead of recomputing from the wrong input."""
+    ex, rows = packed_batch
+    model = tiny_model()
+    ft.enable_activation_checkpointing(model, preserve_rng_state=False, offload=True)
+    first, _ = ft.training_loss(model, ft.collate(ex, rows[:2], packed=True, device="cpu"))
+    ft.training_loss(model, ft.collate(ex, rows[2:4], packed=True, device="cpu"))
+    with pytest.raises(RuntimeError, match="a second forward pass ran before the first one's backward"):
+        first.backward()
+
+
+def test_norm_output_changed_in_place_is_kept_not_recomputed():
+    """LoRAMatmul recomputes an RMSNorm's output from the norm's input only while both are as the norm left them;
+    after an in-place change of either it keeps what it was given, so gradients stay right."""
+    torch.manual_seed(0)
+    norm = model_module.RMSNorm(16, eps=1e-5).requires_grad_(False)  # frozen, as in LoRA: its backward keeps nothing
+    layer = lora_layer(nn.Linear(16, 24, bias=False).requires_grad_(False))
+    x = torch.randn(3, 16)
+    grads = []
+    for change in (None, "output", "input"):
+        layer.zero_grad(set_to_none=True)
+        source = x.clone()
+        y = norm(source)
+        if change == "output":
+            y.mul_(2)
+        elif change == "input":
+            with torch.no_grad():
+                source.add_(1)  # after the norm ran: a recompute from it now would give another y
+        (layer(y).float() * torch.linspace(-1, 1, 24)).sum().backward()
+        expected = lora_layer(nn.Linear(16, 24, bias=False).requires_grad_(False))
+        expected.load_state_dict(layer.state_dict())
+        y_ref = y.detach().clone()
+        ((expected.base(y_ref) + expected.lora_delta(y_ref)).float() * torch.linspace(-1, 1, 24)).sum().backward()
+        torch.testing.assert_close(layer.lora_A.grad, expected.lora_A.grad, msg=lambda m: f"{change}: {m}")
+        torch.testing.assert_close(layer.lora_B.grad, expected.lora_B.grad, msg=lambda m: f"{change}: {m}")
+        grads.append(layer.lora_A.grad.clone())
+    assert not torch.equal(grads[0], grads[1])  # the in-place change mattered, and was followed
+
+
 def test_fixed_shape_batch_and_loss_equal_the_selected_ones(packed_batch):
     ex, rows = packed_batch
     plain = ft.collate(ex, rows[:2], packed=True, device="cpu")
