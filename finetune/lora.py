@@ -573,7 +573,8 @@ def enable_activation_checkpointing(model: GPT, n_blocks: Optional[int] = None, 
             if _copy is None:
                 return checkpoint(_plain, x, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
                                   **kwargs)
-            parked = _copy.park(x)  # x itself is not handed to checkpoint, which would keep it: the copy gives it back
+            # x itself is not handed to checkpoint, which would keep it: the copy gives it back
+            parked = _copy.park(x)
             return checkpoint(_call_with_input, _plain, _copy, parked, *args, use_reentrant=False,
                               preserve_rng_state=preserve_rng_state, **kwargs)
 
