@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import model
 from model import GPT, Config
 
 # Canonical target names -> where they live. gate/up/down follow the Hugging Face names of the gated MLP; for a
@@ -135,7 +136,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if self.fused_matmul and torch.is_grad_enabled() and isinstance(self.dropout, nn.Identity) and self.fused_ok:
+        if self.takes_fused_path:
             B = self.lora_B if self.covers_all_rows else self.placed_B(torch.float32)
             return LoRAMatmul.apply(x, self.lora_A, B, self.scaling, self.base)
         return self.base(x) + self.lora_delta(x)
@@ -144,18 +145,16 @@ class LoRALinear(nn.Module):
         """self(swiglu(gate, up)) for the down projection of a gated MLP (model.MLP calls it). In training the fused
         path keeps gate and up (which SwiGLU's backward needs anyway) instead of also keeping their product, the
         widest activation of the block, and recomputes the product in the backward pass."""
-        import model
-
-        if self.merged or not (self.fused_matmul and torch.is_grad_enabled() and isinstance(self.dropout, nn.Identity)
-                               and self.fused_ok and self.covers_all_rows):
+        if self.merged or not (self.takes_fused_path and self.covers_all_rows):
             return self(model.swiglu(gate, up))
         return SwiGLULoRAMatmul.apply(gate, up, self.lora_A, self.lora_B, self.scaling, self.base)
 
     @property
-    def fused_ok(self) -> bool:
-        """LoRAMatmul (training) handles plain and 4-bit bases; int8 (bnb's outlier matmul) and inference (bnb's 4-bit
-        matrix-vector kernel, no dequantization) take the generic path."""
-        return not is_bnb(self.base) or type(self.base).__name__ != "Linear8bitLt"
+    def takes_fused_path(self) -> bool:
+        """LoRAMatmul serves training without dropout on plain and 4-bit bases; int8 (bnb's outlier matmul), dropout
+        and inference (bnb's 4-bit matrix-vector kernel, no dequantization) take the generic path."""
+        return (self.fused_matmul and torch.is_grad_enabled() and isinstance(self.dropout, nn.Identity)
+                and (not is_bnb(self.base) or type(self.base).__name__ != "Linear8bitLt"))
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) fp32 matrix that merging adds to the base weight."""
@@ -191,8 +190,8 @@ class LoRAMatmul(torch.autograd.Function):
     in backward; never kept). The adapter's output is accumulated into the base output by one addmm, so no separate
     delta tensor is written and read back. Saved for backward: x (shared with any other layer that reads the same
     tensor; when x is an RMSNorm's output, the norm's input instead, see forward), the small x A^T, and bf16 copies
-    of A and B. Gradients of the fp32 A and B come back in fp32; the base
-    matmul of the backward pass is skipped when x needs no gradient (the first layer's input).
+    of A and B. Gradients of the fp32 A and B come back in fp32; the base matmul of the backward pass is skipped when
+    x needs no gradient (the first layer's input).
     """
 
     @staticmethod
@@ -225,8 +224,6 @@ class SwiGLULoRAMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, A, B, scaling, base):
-        import model
-
         y, h, A_c, B_c = lora_matmul(model.swiglu(gate, up), A, B, scaling, base)
         ctx.save_for_backward(gate, up, h, A_c, B_c)
         ctx.scaling, ctx.base = scaling, base
@@ -234,8 +231,6 @@ class SwiGLULoRAMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        import model
-
         gate, up, h, A_c, B_c = ctx.saved_tensors
         act = model.swiglu(gate, up)  # recomputed: one cheap fused kernel instead of a stored (tokens, 4-5x dim) tensor
         d_act, dA, dB = lora_matmul_backward(dy, act, h, A_c, B_c, ctx.scaling, ctx.base, True)

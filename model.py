@@ -329,7 +329,7 @@ def compile_elementwise(enable: bool = True, backend: str = "inductor") -> None:
 
     Eager PyTorch runs each of them as 5-10 kernels that write fp32 or bf16 intermediates and keeps several for the
     backward pass; compiled, each is one fused kernel forward and one backward that keep only their inputs. Matmuls
-    and attention are untouched. finetune/lora.py turns this on for CUDA training (--fuse)."""
+    and attention are untouched. finetune/lora.py turns this on for CUDA training (--fused)."""
     g = globals()
     for name in ("rms_norm", "apply_rope", "swiglu", "swiglu_backward"):
         _PLAIN.setdefault(name, g[name])

@@ -688,7 +688,7 @@ class GraphedMicroStep:
     def __init__(self, model, params: List[torch.Tensor], batch: Dict[str, torch.Tensor], warmup: int = 2) -> None:
         self.params = params
         self.static = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor) and v.is_cuda}
-        for p in params:
+        for p in params:  # fixed buffers: backward() adds into them in place, so replays accumulate
             p.grad = torch.zeros_like(p) if p.grad is None else p.grad
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -697,7 +697,6 @@ class GraphedMicroStep:
                 loss, _ = training_loss(model, self.static, select_targets=False)
                 loss.backward()
         torch.cuda.current_stream().wait_stream(side)
-        assert all(p.grad is not None for p in params)  # backward() adds into these in place: replays accumulate
         torch._foreach_zero_([p.grad for p in params])  # the warm-up's gradients do not count
         del loss
         torch.cuda.empty_cache()  # the warm-up's cached blocks would otherwise sit beside the graph's own pool

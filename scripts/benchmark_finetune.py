@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -54,28 +54,31 @@ def build(config: Config, quantize: Optional[str], lora: LoRAConfig, device: str
     return model.train()
 
 
-def set_checkpointing(model, spec: str) -> Optional[int]:
-    """spec 1 / 0 / pN -> checkpointing on every block / none / the first N blocks, and a trailing o (1o, p20o) for
-    offloaded checkpoints (finetune/lora.py --offload_checkpoints); returns the number of blocks."""
-    for block in model.blocks:
-        block.__dict__.pop("forward", None)  # back to the plain Block.forward
+def parse_checkpointing(spec: str) -> Tuple[Optional[int], bool]:
+    """spec 1 / 0 / pN -> checkpointing on every block (None) / none (0) / the first N blocks (N), and a trailing o
+    (1o, p20o) for offloaded checkpoints (finetune/lora.py --offload_checkpoints): (blocks, offload)."""
     offload = spec.endswith("o")
     spec = spec[:-1] if offload else spec
-    n = {"1": len(model.blocks), "0": 0}.get(spec)
-    if n is None:
-        if not spec.startswith("p") or not spec[1:].isdigit():
-            raise ValueError(f"checkpointing {spec!r}: use 1, 0 or pN (the first N blocks), then o to offload")
-        n = min(int(spec[1:]), len(model.blocks))
-    if n:
+    if spec in ("1", "0"):
+        return (None if spec == "1" else 0), offload
+    if not spec.startswith("p") or not spec[1:].isdigit():
+        raise ValueError(f"checkpointing {spec!r}: use 1, 0 or pN (the first N blocks), then o to offload")
+    return int(spec[1:]), offload
+
+
+def set_checkpointing(model, spec: str) -> None:
+    """Checkpointing as `spec` says (see parse_checkpointing), from the plain blocks up."""
+    for block in model.blocks:
+        block.__dict__.pop("forward", None)  # back to the plain Block.forward
+    n, offload = parse_checkpointing(spec)
+    if n != 0:
         enable_activation_checkpointing(model, n, preserve_rng_state=False, offload=offload)
-    return n
 
 
 def ckpt_label(spec: str):
     """The table's checkpointing column: true, false, "first N blocks", "offloaded", "first N blocks, offloaded"."""
-    offload = spec.endswith("o")
-    spec = spec[:-1] if offload else spec
-    label = {"1": True, "0": False}.get(spec, f"first {spec[1:]} blocks")
+    n, offload = parse_checkpointing(spec)
+    label = True if n is None else (f"first {n} blocks" if n else False)
     if offload:
         return "offloaded" if label is True else f"{label}, offloaded"
     return label
