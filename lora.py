@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fp8
 import model
 from model import GPT, Config
 
@@ -89,6 +90,7 @@ class LoRALinear(nn.Module):
     """
 
     fused_matmul = True  # class-wide switch: False forces the generic path (the unoptimised reference)
+    fp8_matmul = False  # class-wide switch: the fused path's base matmuls in FP8 (fp8.py; finetune/lora.py --fp8)
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  parts: Optional[Sequence[Tuple[int, int]]] = None) -> None:
@@ -138,7 +140,7 @@ class LoRALinear(nn.Module):
             return self.base(x)
         if self.takes_fused_path:
             B = self.lora_B if self.covers_all_rows else self.placed_B(torch.float32)
-            return LoRAMatmul.apply(x, self.lora_A, B, self.scaling, self.base)
+            return LoRAMatmul.apply(x, self.lora_A, B, self.scaling, self.base, self.base_in_fp8)
         return self.base(x) + self.lora_delta(x)
 
     def swiglu_forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -147,7 +149,7 @@ class LoRALinear(nn.Module):
         widest activation of the block, and recomputes the product in the backward pass."""
         if self.merged or not (self.takes_fused_path and self.covers_all_rows):
             return self(model.swiglu(gate, up))
-        return SwiGLULoRAMatmul.apply(gate, up, self.lora_A, self.lora_B, self.scaling, self.base)
+        return SwiGLULoRAMatmul.apply(gate, up, self.lora_A, self.lora_B, self.scaling, self.base, self.base_in_fp8)
 
     @property
     def takes_fused_path(self) -> bool:
@@ -155,6 +157,11 @@ class LoRALinear(nn.Module):
         and inference (bnb's 4-bit matrix-vector kernel, no dequantization) take the generic path."""
         return (self.fused_matmul and torch.is_grad_enabled() and isinstance(self.dropout, nn.Identity)
                 and (not is_bnb(self.base) or type(self.base).__name__ != "Linear8bitLt"))
+
+    @property
+    def base_in_fp8(self) -> bool:
+        """Whether the fused path runs this layer's base matmuls in FP8 (LoRALinear.fp8_matmul on and a shape FP8 takes)."""
+        return self.fp8_matmul and fp8.supported(self.base) is None
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) fp32 matrix that merging adds to the base weight."""
@@ -195,8 +202,8 @@ class LoRAMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, scaling, base):
-        y, h, A_c, B_c = lora_matmul(x, A, B, scaling, base)
+    def forward(ctx, x, A, B, scaling, base, in_fp8):
+        y, h, A_c, B_c = lora_matmul(x, A, B, scaling, base, in_fp8)
         # x = norm(x_in) (model.RMSNorm tags its output): keep x_in, which the norm keeps for its own backward
         # anyway, and recompute x in backward, one cheap elementwise kernel, instead of keeping a second tensor.
         ctx.norm, x_in = None, x
@@ -206,7 +213,7 @@ class LoRAMatmul(torch.autograd.Function):
             if src is not None and src._version == source_version and x._version == version:
                 ctx.norm, x_in = norm, src
         ctx.save_for_backward(x_in, h, A_c, B_c)
-        ctx.scaling, ctx.base = scaling, base
+        ctx.scaling, ctx.base, ctx.in_fp8 = scaling, base, in_fp8
         return y
 
     @staticmethod
@@ -215,42 +222,46 @@ class LoRAMatmul(torch.autograd.Function):
         if ctx.norm is not None:
             with torch.no_grad():
                 x = ctx.norm.forward(x)  # not ctx.norm(x): the module's hooks ran in the forward pass already
-        dx, dA, dB = lora_matmul_backward(dy, x, h, A_c, B_c, ctx.scaling, ctx.base, ctx.needs_input_grad[0])
-        return dx, dA, dB, None, None
+        dx, dA, dB = lora_matmul_backward(dy, x, h, A_c, B_c, ctx.scaling, ctx.base, ctx.needs_input_grad[0],
+                                          ctx.in_fp8)
+        return dx, dA, dB, None, None, None
 
 
 class SwiGLULoRAMatmul(torch.autograd.Function):
     """LoRAMatmul of swiglu(gate, up), saving gate and up but not their product (see LoRALinear.swiglu_forward)."""
 
     @staticmethod
-    def forward(ctx, gate, up, A, B, scaling, base):
-        y, h, A_c, B_c = lora_matmul(model.swiglu(gate, up), A, B, scaling, base)
+    def forward(ctx, gate, up, A, B, scaling, base, in_fp8):
+        y, h, A_c, B_c = lora_matmul(model.swiglu(gate, up), A, B, scaling, base, in_fp8)
         ctx.save_for_backward(gate, up, h, A_c, B_c)
-        ctx.scaling, ctx.base = scaling, base
+        ctx.scaling, ctx.base, ctx.in_fp8 = scaling, base, in_fp8
         return y
 
     @staticmethod
     def backward(ctx, dy):
         gate, up, h, A_c, B_c = ctx.saved_tensors
         act = model.swiglu(gate, up)  # recomputed: one cheap fused kernel instead of a stored (tokens, 4-5x dim) tensor
-        d_act, dA, dB = lora_matmul_backward(dy, act, h, A_c, B_c, ctx.scaling, ctx.base, True)
+        d_act, dA, dB = lora_matmul_backward(dy, act, h, A_c, B_c, ctx.scaling, ctx.base, True, ctx.in_fp8)
         del act  # before d_gate and d_up exist: this is the widest point of a block's backward pass
         d_gate, d_up = model.swiglu_backward(gate, up, d_act)
-        return d_gate, d_up, dA, dB, None, None
+        return d_gate, d_up, dA, dB, None, None, None
 
 
-def lora_matmul(x, A, B, scaling: float, base: nn.Module):
+def lora_matmul(x, A, B, scaling: float, base: nn.Module, in_fp8: bool = False):
     """LoRAMatmul's forward math: (y, x A^T, A and B in x's dtype)."""
     x2 = x.reshape(-1, x.shape[-1])
     A_c, B_c = A.to(x.dtype), B.to(x.dtype)
-    W = base_weight(base, x.dtype)
-    y = x2 @ W.t() if base.bias is None else torch.addmm(base.bias.to(x.dtype), x2, W.t())
+    if in_fp8:
+        y = fp8.linear(x2, base)
+    else:
+        W = base_weight(base, x.dtype)
+        y = x2 @ W.t() if base.bias is None else torch.addmm(base.bias.to(x.dtype), x2, W.t())
     h = x2 @ A_c.t()
     y.addmm_(h, B_c.t(), alpha=scaling)
     return y.view(*x.shape[:-1], y.shape[-1]), h, A_c, B_c
 
 
-def lora_matmul_backward(dy, x, h, A_c, B_c, scaling: float, base: nn.Module, need_dx: bool):
+def lora_matmul_backward(dy, x, h, A_c, B_c, scaling: float, base: nn.Module, need_dx: bool, in_fp8: bool = False):
     """LoRAMatmul's backward math: (dx or None, fp32 dA, fp32 dB)."""
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     dh = (dy2 @ B_c) * scaling  # (N, rank): the gradient reaching x A^T
@@ -258,7 +269,7 @@ def lora_matmul_backward(dy, x, h, A_c, B_c, scaling: float, base: nn.Module, ne
     dB = (dy2.t() @ h) * scaling
     dx = None
     if need_dx:
-        dx = dy2 @ base_weight(base, dy.dtype)
+        dx = fp8.input_grad(dy2, base) if in_fp8 else dy2 @ base_weight(base, dy.dtype)
         dx.addmm_(dh, A_c)
         dx = dx.view_as(x)
     return dx, dA.float(), dB.float()

@@ -4,7 +4,7 @@ with random weights built directly on the GPU (no checkpoint on disk). Uses fine
     python scripts/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x0,1xp20,4x1
 
 Each configuration MBxC is micro-batch MB with activation checkpointing C: 1 (every block), 0 (none) or pN (the
-first N blocks); one JSON line each:
+first N blocks), optionally +fp8 (FP8 base matmuls); one JSON line each:
 tokens_per_s (median over --steps after --warmup steps, timed with CUDA events) and peak_mem_gib
 (torch.cuda.max_memory_allocated, weights included), like the peer scripts in ../shared/anchors.
 `--table results.jsonl` prints a Markdown table of such lines (ours and the peers').
@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import fp8  # noqa: E402
 import model as model_module  # noqa: E402
 from finetune.lora import GraphedMicroStep, enable_activation_checkpointing, make_optimizer, training_loss  # noqa: E402
 from lora import LoRAConfig, LoRALinear, inject_lora  # noqa: E402
@@ -181,7 +182,8 @@ def main(
         model: a registered config name (python -c 'import model; print(model.known_names())').
         seq: sequence length.
         configs: comma list of MBxC: micro-batch MB, activation checkpointing C (1, 0 or pN: the first N blocks;
-            a trailing o offloads the checkpoints: 1o, p20o).
+            a trailing o offloads the checkpoints: 1o, p20o); +fp8 after one runs it with FP8 base matmuls
+            (finetune/lora.py --fp8): 1x0+fp8.
         quantize: base weights (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8) or null for bf16.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha.
@@ -209,6 +211,7 @@ def main(
     LoRALinear.fused_matmul = fused
     if fused:
         model_module.compile_elementwise()
+        fp8.compile_kernels()  # used by +fp8 configurations only; compiles lazily
     if compile:
         for block in net.blocks:
             block.compile()
@@ -216,9 +219,14 @@ def main(
                       "mem_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
                       "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}), flush=True)
     for spec in configs.split(","):
-        mb, ckpt = spec.lower().split("x")
+        spec, _, extra = spec.lower().partition("+")
+        if extra not in ("", "fp8") or (extra and not fused):
+            raise ValueError(f"config {spec}+{extra}: the only suffix is +fp8, and it needs --fused true")
+        LoRALinear.fp8_matmul = extra == "fp8"
+        mb, ckpt = spec.split("x")
         mb = int(mb)
-        tags = [t for t, on in (("fused", fused), ("graph", cuda_graph), ("compiled", compile)) if on]
+        tags = [t for t, on in (("fused", fused), ("graph", cuda_graph), ("compiled", compile),
+                                ("fp8", LoRALinear.fp8_matmul)) if on]
         result = {"system": "oneday" + (f" ({'+'.join(tags)})" if tags else ""), "model": config.name, "seq": seq,
                   "mb": mb, "grad_ckpt": ckpt_label(ckpt),
                   "quantize": quantize, "lora_r": lora_r, "docs_per_row": docs_per_row}

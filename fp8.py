@@ -1,0 +1,144 @@
+"""FP8 base matmuls for LoRA training (finetune/lora.py --fp8 true).
+
+A LoRA layer's frozen base weight costs up to three matmuls per training step: the forward pass, its recomputation
+under activation checkpointing, and the gradient of the layer's input (a frozen weight has no gradient of its own).
+They are most of a QLoRA step's time. With --fp8 they run on the FP8 tensor cores (torch._scaled_mm; compute
+capability 8.9+, about twice the bf16 rate on an H100):
+
+- The weight is decoded from its 4-bit blocks straight to float8 e4m3 with one scale per tensor (the largest block
+  scale / 448): one kernel that writes 1 byte per weight, where bf16 dequantization writes 2. The backward pass
+  decodes it again, transposed, because FP8 matmuls take both operands contracted along their rows. Neither copy is
+  kept. A plain (bf16) base weight is scaled and cast the same way.
+- The activation going in (x in forward, the output gradient in backward) is cast per row, each token with its own
+  scale (its largest magnitude / 448), so one large token does not flush the others' small values to zero.
+- The product comes out in bf16. The adapters (x A^T, B), norms, attention and the loss stay as they were.
+
+Numerics: e4m3 keeps 3 mantissa bits, so each weight and activation entering a base matmul carries up to 1/16
+relative rounding error on top of the 4-bit quantization. scripts/e2e_gpu.sh compare trains SmolLM2 on real data
+with and without it; the README carries the loss curves.
+
+The decode and per-row cast are plain PyTorch, compiled into fused kernels on a GPU (compile_kernels) and run
+eagerly elsewhere: on a CPU torch._scaled_mm computes the same math, which is how the tests check this file.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+
+
+def is_4bit(base: nn.Module) -> bool:
+    return type(base).__name__ == "Linear4bit" and type(base).__module__.startswith("bitsandbytes")
+
+
+def supported(base: nn.Module) -> Optional[str]:
+    """None if `base` can take the FP8 path, else why not (the caller keeps bf16 for that layer)."""
+    if base.in_features % 16 or base.out_features % 16:
+        return f"{base.in_features}x{base.out_features} is not a multiple of 16 (FP8 matmuls need that)"
+    if type(base).__module__.startswith("bitsandbytes") and not is_4bit(base):
+        return f"{type(base).__name__} base layers are not supported; use a 4-bit or bf16 base"
+    return None
+
+
+def device_problem(device: torch.device) -> Optional[str]:
+    """None if FP8 matmuls run on `device`, else a one-line reason."""
+    if device.type == "cpu":
+        return None  # emulated: correct but not fast (how the tests run it)
+    if device.type != "cuda":
+        return f"FP8 matmuls need a CUDA GPU, not {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"FP8 matmuls need compute capability 8.9+ (L4, RTX 4090, H100, B200); "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}; drop --fp8")
+    return None
+
+
+def nested_absmax(absmax: torch.Tensor, code2: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor,
+                  blocksize2: int) -> torch.Tensor:
+    """QLoRA's double quantization: the 4-bit blocks' fp32 scales from their 8-bit codes (bitsandbytes'
+    dequantize_blockwise, plus the offset bitsandbytes subtracted before quantizing them)."""
+    n = absmax.numel()
+    scales = absmax2.float().repeat_interleave(blocksize2)[:n]
+    return code2.float()[absmax.long()] * scales + offset.float()
+
+
+def decode_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: Tuple[int, int],
+                transpose: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A bitsandbytes 4-bit weight (two codes per byte, high nibble first, one fp32 scale per block of the flattened
+    weight) as (float8 e4m3 weight, fp32 scalar scale): weight ~ w8 * scale. Shape (out, in), or (in, out) when
+    `transpose`, contiguous either way."""
+    scale = absmax.float().amax() / E4M3_MAX
+    packed = packed.reshape(-1)
+    idx = torch.stack((packed >> 4, packed & 15), dim=-1).reshape(absmax.numel(), -1).long()
+    w = code.float()[idx] * (absmax.float() / scale)[:, None]
+    w = w.reshape(shape)
+    if transpose:
+        w = w.t()
+    return w.to(E4M3).contiguous(), scale
+
+
+def cast_weight(weight: torch.Tensor, transpose: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A full-precision (out, in) weight as (float8 e4m3 weight, fp32 scalar scale), (in, out) when `transpose`."""
+    w = weight.float()
+    scale = w.abs().amax().clamp(min=1e-12) / E4M3_MAX
+    w = w / scale
+    if transpose:
+        w = w.t()
+    return w.to(E4M3).contiguous(), scale
+
+
+def cast_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> (float8 e4m3 (M, K), fp32 (M, 1) per-row scales): x ~ x8 * scale."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (x.float() / scale).to(E4M3), scale
+
+
+_PLAIN = {"decode_4bit": decode_4bit, "cast_weight": cast_weight, "cast_rows": cast_rows,
+          "nested_absmax": nested_absmax}
+
+
+def compile_kernels(enable: bool = True) -> None:
+    """Swaps decode_4bit, cast_weight, cast_rows and nested_absmax for torch.compile'd versions (one fused kernel
+    each instead of a chain of elementwise ones), or back with enable=False. finetune/lora.py does this on a GPU."""
+    g = globals()
+    for name, fn in _PLAIN.items():
+        # Weights come in a handful of fixed shapes (specialise on each); activations' row counts vary (dynamic).
+        g[name] = torch.compile(fn, dynamic=name == "cast_rows") if enable else fn
+
+
+def weight_fp8(base: nn.Module, transpose: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The frozen weight of `base` (a plain or bitsandbytes 4-bit linear) in float8 with its scalar scale."""
+    if not is_4bit(base):
+        return cast_weight(base.weight, transpose)
+    state = base.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # repacked by bitsandbytes' CPU inference kernel
+        from quantize import dequantize_weight
+
+        return cast_weight(dequantize_weight(base), transpose)
+    absmax = state.absmax
+    if state.nested:
+        absmax = nested_absmax(absmax, state.state2.code, state.state2.absmax, state.offset, state.state2.blocksize)
+    return decode_4bit(base.weight, absmax, state.code, (base.out_features, base.in_features), transpose)
+
+
+def scaled_mm(a: torch.Tensor, b8: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a (M, K) @ (b8 * b_scale)^T for b8 (N, K) float8: a is cast per row, the product comes out in `out_dtype`."""
+    a8, a_scale = cast_rows(a)
+    return torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=b_scale.reshape(1, 1).expand(1, b8.shape[0]).contiguous(),
+                            out_dtype=out_dtype)
+
+
+def linear(x2: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    """x2 (M, in) @ W^T (+ bias) with the base weight in FP8: the forward (and recomputed) base matmul."""
+    w8, scale = weight_fp8(base, transpose=False)
+    y = scaled_mm(x2, w8, scale, x2.dtype)
+    return y if base.bias is None else y.add_(base.bias.to(y.dtype))
+
+
+def input_grad(dy2: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    """dy2 (M, out) @ W with the base weight in FP8: the backward pass's base matmul."""
+    w8t, scale = weight_fp8(base, transpose=True)  # (in, out): rows are contracted, as _scaled_mm wants
+    return scaled_mm(dy2, w8t, scale, dy2.dtype)
