@@ -104,6 +104,9 @@ def compile_kernels(enable: bool = True) -> None:
     """Swaps decode_4bit, cast_weight, cast_rows and nested_absmax for torch.compile'd versions (one fused kernel
     each instead of a chain of elementwise ones), or back with enable=False. finetune/lora.py does this on a GPU."""
     g = globals()
+    # decode_4bit specialises on each (shape, transpose): 8 for a model's four linear shapes, dynamo's default limit
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 64)
     for name, fn in _PLAIN.items():
         # Weights come in a handful of fixed shapes (specialise on each); activations' row counts vary (dynamic).
         g[name] = torch.compile(fn, dynamic=name == "cast_rows") if enable else fn
