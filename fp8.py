@@ -96,20 +96,80 @@ def cast_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).to(E4M3), scale
 
 
+def triton_kernels():
+    """decode_4bit and cast_rows as hand-written Triton kernels: what the GPU runs (compile_kernels). torch.compile
+    makes 2-3x slower kernels of the same math: a looped two-pass reduction for the wide rows of the MLP, and
+    per-element index arithmetic for the decode. Defined on first call, so that TRITON_INTERPRET=1 set by a test
+    runs them on the CPU."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode_kernel(packed, absmax, code, scale, out, N, K, BLOCKSIZE: tl.constexpr, TRANSPOSE: tl.constexpr,
+                      BN: tl.constexpr, BC: tl.constexpr):
+        # One (BN rows x 2*BC columns) tile of the (N, K) weight; byte c of a row holds columns 2c (high nibble) and
+        # 2c+1 (low nibble), and the scale of the block that element n*K + 2c falls in.
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]  # byte columns
+        mask = (rows < N) & (cols < K // 2)
+        byte = tl.load(packed + rows * (K // 2) + cols, mask=mask, other=0).to(tl.int32)
+        s = tl.load(absmax + (rows * K + 2 * cols) // BLOCKSIZE, mask=mask, other=0.0) / tl.load(scale)
+        hi = tl.load(code + (byte >> 4)) * s
+        lo = tl.load(code + (byte & 15)) * s
+        w = tl.interleave(hi, lo).to(tl.float8e4nv)  # (BN, 2*BC): columns 2c, 2c+1
+        k = tl.program_id(1) * 2 * BC + tl.arange(0, 2 * BC)[None, :]
+        wmask = (rows < N) & (k < K)
+        if TRANSPOSE:
+            tl.store(out + k * N + rows, w, mask=wmask)
+        else:
+            tl.store(out + rows * K + k, w, mask=wmask)
+
+    @triton.jit
+    def cast_rows_kernel(x, out, scales, K, BLOCK: tl.constexpr):
+        # One row per program, held in registers: read once, its maximum, then the scaled cast.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        v = tl.load(x + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / 448.0
+        tl.store(scales + row, scale)
+        tl.store(out + row * K + cols, (v / scale).to(tl.float8e4nv), mask=cols < K)
+
+    def decode(packed, absmax, code, shape, transpose):
+        N, K = shape
+        scale = absmax.float().amax() / E4M3_MAX
+        out = torch.empty((K, N) if transpose else (N, K), device=packed.device, dtype=E4M3)
+        BN, BC = 64, 64
+        grid = (triton.cdiv(N, BN), triton.cdiv(K // 2, BC))
+        decode_kernel[grid](packed, absmax.float().contiguous(), code.float().contiguous(), scale, out, N, K,
+                            BLOCKSIZE=(N * K) // absmax.numel(), TRANSPOSE=transpose, BN=BN, BC=BC)
+        return out, scale
+
+    def cast(x):
+        x = x.contiguous()
+        M, K = x.shape
+        out = torch.empty((M, K), device=x.device, dtype=E4M3)
+        scales = torch.empty((M, 1), device=x.device, dtype=torch.float32)
+        BLOCK = triton.next_power_of_2(K)
+        cast_rows_kernel[(M,)](x, out, scales, K, BLOCK=BLOCK, num_warps=min(16, max(4, BLOCK // 1024)))
+        return out, scales
+
+    return decode, cast
+
+
 _PLAIN = {"decode_4bit": decode_4bit, "cast_weight": cast_weight, "cast_rows": cast_rows,
           "nested_absmax": nested_absmax}
 
 
 def compile_kernels(enable: bool = True) -> None:
-    """Swaps decode_4bit, cast_weight, cast_rows and nested_absmax for torch.compile'd versions (one fused kernel
-    each instead of a chain of elementwise ones), or back with enable=False. finetune/lora.py does this on a GPU."""
+    """On a GPU: decode_4bit and cast_rows become the Triton kernels of triton_kernels(), cast_weight and
+    nested_absmax torch.compile'd (one fused kernel each instead of a chain of elementwise ones); enable=False puts
+    the plain versions back. finetune/lora.py does this on a GPU."""
     g = globals()
-    # decode_4bit specialises on each (shape, transpose): 8 for a model's four linear shapes, dynamo's default limit
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, 64)
-    for name, fn in _PLAIN.items():
-        # Weights come in a handful of fixed shapes (specialise on each); activations' row counts vary (dynamic).
-        g[name] = torch.compile(fn, dynamic=name == "cast_rows") if enable else fn
+    g.update(_PLAIN)
+    if enable:
+        g["decode_4bit"], g["cast_rows"] = triton_kernels()
+        g["cast_weight"] = torch.compile(cast_weight)
+        g["nested_absmax"] = torch.compile(nested_absmax)
 
 
 def weight_fp8(base: nn.Module, transpose: bool) -> Tuple[torch.Tensor, torch.Tensor]:

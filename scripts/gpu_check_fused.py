@@ -9,7 +9,7 @@ linear, packed rows with a document mask, bf16:
    which must equal the sum of the plain path's gradients for the two;
 3. the same with the checkpointed blocks' inputs offloaded to pinned host memory (--offload_checkpoints);
 4. FP8 base matmuls (--fp8): the compiled 4-bit -> float8 decode equals bitsandbytes' dequantization rounded to
-   float8, the GPU's scaled matmul equals the float8 values multiplied out in fp32, and fused + FP8 training (eager,
+   float8 (the Triton kernel), the Triton per-row cast equals eager PyTorch's, the GPU's scaled matmul equals the float8 values multiplied out in fp32, and fused + FP8 training (eager,
    then graphed with offloaded checkpoints) stays near the plain path (looser: e4m3 rounding);
 and that an RMSNorm output recomputed without grad (as LoRAMatmul's backward does) equals the forward's bit for bit.
 Prints one JSON line per comparison (loss and the worst relative gradient error) and exits non-zero on a mismatch.
@@ -78,6 +78,13 @@ def check_fp8_kernels(net) -> bool:
                                        "rounded to float8", "fraction_equal": same}), flush=True)
             ok &= same > 0.9999  # fp32 products in another order may tip a rare tie
         x = torch.randn(1000, base.in_features, device="cuda", dtype=torch.bfloat16)
+        x[1] *= 1000
+        x8, x_scale = fp8.cast_rows(x)  # the Triton kernel
+        plain8, plain_scale = fp8._PLAIN["cast_rows"](x)  # eager PyTorch
+        same = (x8.float() == plain8.float()).float().mean().item()
+        print(json.dumps({"check": f"FP8 per-row cast (Triton) == eager PyTorch, {base.in_features} columns",
+                          "fraction_equal": same, "scales_equal": torch.equal(x_scale, plain_scale)}), flush=True)
+        ok &= same > 0.9999 and torch.equal(x_scale, plain_scale)
         w8, scale = fp8.weight_fp8(base, False)
         y = fp8.scaled_mm(x, w8, scale, torch.bfloat16).float()
         x8, x_scale = fp8.cast_rows(x)
