@@ -105,24 +105,31 @@ def triton_kernels():
     import triton.language as tl
 
     @triton.jit
-    def decode_kernel(packed, absmax, code, scale, out, N, K, BLOCKSIZE: tl.constexpr, TRANSPOSE: tl.constexpr,
-                      BN: tl.constexpr, BC: tl.constexpr):
-        # One (BN rows x 2*BC columns) tile of the (N, K) weight; byte c of a row holds columns 2c (high nibble) and
-        # 2c+1 (low nibble), and the scale of the block that element n*K + 2c falls in.
+    def decode_kernel(packed, absmax, code, scale, out, n_bytes, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
+        # (out, in) order: BLOCK bytes of the flattened weight -> 2 * BLOCK float8 values, written as BLOCK 16-bit
+        # pairs (the high nibble's value first in memory, i.e. the low byte of the little-endian pair).
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_bytes
+        byte = tl.load(packed + offs, mask=mask, other=0).to(tl.int32)
+        s = tl.load(absmax + offs // (BLOCKSIZE // 2), mask=mask, other=0.0) / tl.load(scale)
+        hi = (tl.load(code + (byte >> 4)) * s).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16)
+        lo = (tl.load(code + (byte & 15)) * s).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16)
+        tl.store(out + offs, (hi | (lo << 8)).to(tl.int16, bitcast=True), mask=mask)
+
+    @triton.jit
+    def decode_t_kernel(packed, absmax, code, scale, out, N, K, BLOCKSIZE: tl.constexpr, BN: tl.constexpr,
+                        BC: tl.constexpr):
+        # (in, out) order: a tile of BN rows x BC bytes of the (N, K) weight; byte c of row n holds W[n, 2c] (high
+        # nibble) and W[n, 2c+1], stored at out[2c, n] and out[2c+1, n].
         rows = tl.program_id(0) * BN + tl.arange(0, BN)[:, None]
-        cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]  # byte columns
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]
         mask = (rows < N) & (cols < K // 2)
         byte = tl.load(packed + rows * (K // 2) + cols, mask=mask, other=0).to(tl.int32)
-        s = tl.load(absmax + (rows * K + 2 * cols) // BLOCKSIZE, mask=mask, other=0.0) / tl.load(scale)
-        hi = tl.load(code + (byte >> 4)) * s
-        lo = tl.load(code + (byte & 15)) * s
-        w = tl.interleave(hi, lo).to(tl.float8e4nv)  # (BN, 2*BC): columns 2c, 2c+1
-        k = tl.program_id(1) * 2 * BC + tl.arange(0, 2 * BC)[None, :]
-        wmask = (rows < N) & (k < K)
-        if TRANSPOSE:
-            tl.store(out + k * N + rows, w, mask=wmask)
-        else:
-            tl.store(out + rows * K + k, w, mask=wmask)
+        s = tl.load(absmax + (rows * (K // 2) + cols) // (BLOCKSIZE // 2), mask=mask, other=0.0) / tl.load(scale)
+        hi = (tl.load(code + (byte >> 4)) * s).to(tl.float8e4nv)
+        lo = (tl.load(code + (byte & 15)) * s).to(tl.float8e4nv)
+        tl.store(out + (2 * cols) * N + rows, hi, mask=mask)
+        tl.store(out + (2 * cols + 1) * N + rows, lo, mask=mask)
 
     @triton.jit
     def cast_rows_kernel(x, out, scales, K, BLOCK: tl.constexpr):
@@ -137,11 +144,18 @@ def triton_kernels():
     def decode(packed, absmax, code, shape, transpose):
         N, K = shape
         scale = absmax.float().amax() / E4M3_MAX
-        out = torch.empty((K, N) if transpose else (N, K), device=packed.device, dtype=E4M3)
-        BN, BC = 64, 64
-        grid = (triton.cdiv(N, BN), triton.cdiv(K // 2, BC))
-        decode_kernel[grid](packed, absmax.float().contiguous(), code.float().contiguous(), scale, out, N, K,
-                            BLOCKSIZE=(N * K) // absmax.numel(), TRANSPOSE=transpose, BN=BN, BC=BC)
+        absmax, code = absmax.float().contiguous(), code.float().contiguous()
+        blocksize = (N * K) // absmax.numel()
+        if transpose:
+            out = torch.empty((K, N), device=packed.device, dtype=E4M3)
+            BN, BC = 64, 32
+            grid = (triton.cdiv(N, BN), triton.cdiv(K // 2, BC))
+            decode_t_kernel[grid](packed, absmax, code, scale, out, N, K, BLOCKSIZE=blocksize, BN=BN, BC=BC)
+        else:
+            out = torch.empty((N, K), device=packed.device, dtype=E4M3)
+            n_bytes, BLOCK = N * K // 2, 1024
+            decode_kernel[(triton.cdiv(n_bytes, BLOCK),)](packed, absmax, code, scale, out.view(torch.int16), n_bytes,
+                                                         BLOCKSIZE=blocksize, BLOCK=BLOCK)
         return out, scale
 
     def cast(x):
