@@ -90,7 +90,8 @@ class LoRALinear(nn.Module):
     """
 
     fused_matmul = True  # class-wide switch: False forces the generic path (the unoptimised reference)
-    fp8_matmul = False  # class-wide switch: the fused path's base matmuls in FP8 (fp8.py; finetune/lora.py --fp8)
+    fp8_matmul = None  # class-wide switch (fp8.py; finetune/lora.py --fp8): the fused path's base matmuls in FP8:
+    #                    "grad" the input-gradient matmul of the backward pass only, "all" the forward ones too
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  parts: Optional[Sequence[Tuple[int, int]]] = None) -> None:
@@ -140,7 +141,7 @@ class LoRALinear(nn.Module):
             return self.base(x)
         if self.takes_fused_path:
             B = self.lora_B if self.covers_all_rows else self.placed_B(torch.float32)
-            return LoRAMatmul.apply(x, self.lora_A, B, self.scaling, self.base, self.base_in_fp8)
+            return LoRAMatmul.apply(x, self.lora_A, B, self.scaling, self.base, self.fp8_mode)
         return self.base(x) + self.lora_delta(x)
 
     def swiglu_forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -149,7 +150,7 @@ class LoRALinear(nn.Module):
         widest activation of the block, and recomputes the product in the backward pass."""
         if self.merged or not (self.takes_fused_path and self.covers_all_rows):
             return self(model.swiglu(gate, up))
-        return SwiGLULoRAMatmul.apply(gate, up, self.lora_A, self.lora_B, self.scaling, self.base, self.base_in_fp8)
+        return SwiGLULoRAMatmul.apply(gate, up, self.lora_A, self.lora_B, self.scaling, self.base, self.fp8_mode)
 
     @property
     def takes_fused_path(self) -> bool:
@@ -159,9 +160,10 @@ class LoRALinear(nn.Module):
                 and (not is_bnb(self.base) or type(self.base).__name__ != "Linear8bitLt"))
 
     @property
-    def base_in_fp8(self) -> bool:
-        """Whether the fused path runs this layer's base matmuls in FP8 (LoRALinear.fp8_matmul on and a shape FP8 takes)."""
-        return self.fp8_matmul and fp8.supported(self.base) is None
+    def fp8_mode(self) -> Optional[str]:
+        """Which of the fused path's base matmuls run in FP8 for this layer: LoRALinear.fp8_matmul ("grad" or "all")
+        if its shape takes FP8, else None."""
+        return self.fp8_matmul if self.fp8_matmul and fp8.supported(self.base) is None else None
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) fp32 matrix that merging adds to the base weight."""
@@ -202,8 +204,8 @@ class LoRAMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, scaling, base, in_fp8):
-        y, h, A_c, B_c = lora_matmul(x, A, B, scaling, base, in_fp8)
+    def forward(ctx, x, A, B, scaling, base, fp8_mode):
+        y, h, A_c, B_c = lora_matmul(x, A, B, scaling, base, fp8_mode == "all")
         # x = norm(x_in) (model.RMSNorm tags its output): keep x_in, which the norm keeps for its own backward
         # anyway, and recompute x in backward, one cheap elementwise kernel, instead of keeping a second tensor.
         ctx.norm, x_in = None, x
@@ -213,7 +215,7 @@ class LoRAMatmul(torch.autograd.Function):
             if src is not None and src._version == source_version and x._version == version:
                 ctx.norm, x_in = norm, src
         ctx.save_for_backward(x_in, h, A_c, B_c)
-        ctx.scaling, ctx.base, ctx.in_fp8 = scaling, base, in_fp8
+        ctx.scaling, ctx.base, ctx.fp8_mode = scaling, base, fp8_mode
         return y
 
     @staticmethod
@@ -223,7 +225,7 @@ class LoRAMatmul(torch.autograd.Function):
             with torch.no_grad():
                 x = ctx.norm.forward(x)  # not ctx.norm(x): the module's hooks ran in the forward pass already
         dx, dA, dB = lora_matmul_backward(dy, x, h, A_c, B_c, ctx.scaling, ctx.base, ctx.needs_input_grad[0],
-                                          ctx.in_fp8)
+                                          ctx.fp8_mode is not None)
         return dx, dA, dB, None, None, None
 
 
@@ -231,17 +233,18 @@ class SwiGLULoRAMatmul(torch.autograd.Function):
     """LoRAMatmul of swiglu(gate, up), saving gate and up but not their product (see LoRALinear.swiglu_forward)."""
 
     @staticmethod
-    def forward(ctx, gate, up, A, B, scaling, base, in_fp8):
-        y, h, A_c, B_c = lora_matmul(model.swiglu(gate, up), A, B, scaling, base, in_fp8)
+    def forward(ctx, gate, up, A, B, scaling, base, fp8_mode):
+        y, h, A_c, B_c = lora_matmul(model.swiglu(gate, up), A, B, scaling, base, fp8_mode == "all")
         ctx.save_for_backward(gate, up, h, A_c, B_c)
-        ctx.scaling, ctx.base, ctx.in_fp8 = scaling, base, in_fp8
+        ctx.scaling, ctx.base, ctx.fp8_mode = scaling, base, fp8_mode
         return y
 
     @staticmethod
     def backward(ctx, dy):
         gate, up, h, A_c, B_c = ctx.saved_tensors
         act = model.swiglu(gate, up)  # recomputed: one cheap fused kernel instead of a stored (tokens, 4-5x dim) tensor
-        d_act, dA, dB = lora_matmul_backward(dy, act, h, A_c, B_c, ctx.scaling, ctx.base, True, ctx.in_fp8)
+        d_act, dA, dB = lora_matmul_backward(dy, act, h, A_c, B_c, ctx.scaling, ctx.base, True,
+                                             ctx.fp8_mode is not None)
         del act  # before d_gate and d_up exist: this is the widest point of a block's backward pass
         d_gate, d_up = model.swiglu_backward(gate, up, d_act)
         return d_gate, d_up, dA, dB, None, None, None

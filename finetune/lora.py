@@ -70,7 +70,7 @@ def setup(
     offload_checkpoints: bool = False,
     neftune_alpha: float = 0.0,
     fused: bool = True,
-    fp8: bool = False,
+    fp8: Optional[Literal["grad", "all"]] = None,
     cuda_graph: bool = False,
     compile: bool = False,
     eval_interval: int = 100,
@@ -123,10 +123,10 @@ def setup(
         neftune_alpha: NEFTune noise on the embeddings during training (5 is the paper's value); 0 disables.
         fused: the fused LoRA matmul (lora.LoRAMatmul) and, on a GPU, RMSNorm, RoPE and SwiGLU compiled into fused
             kernels (model.compile_elementwise); false runs the plain reference path.
-        fp8: run the frozen base weights' matmuls on FP8 tensor cores (fp8.py; needs --fused, no LoRA dropout and a
-            GPU of compute capability 8.9+ such as an H100 or RTX 4090): the 4-bit weights are decoded straight to
-            float8, activations cast per token. ~1.3x faster steps on an H100; adds e4m3 rounding (3 mantissa bits) to
-            the base matmuls' inputs, so compare a short run's loss against one without it before a long one.
+        fp8: run frozen base weights' matmuls on FP8 tensor cores (fp8.py; needs --fused, no LoRA dropout and a GPU
+            of compute capability 8.9+ such as an H100 or RTX 4090): "grad" the backward pass's input-gradient matmuls
+            only (the forward pass is untouched), "all" the forward ones too (~1.3x faster steps on an H100 than
+            none, but e4m3 activations shift the model's outputs: on SmolLM2 it diverged on 2 of 3 seeds; see README).
         cuda_graph: on a GPU, capture one micro-batch's forward and backward as a CUDA graph and replay it (packed
             rows only; one device): removes the kernel-launch overhead that dominates small micro-batches.
         compile: torch.compile each block (GPU).
@@ -166,11 +166,11 @@ def setup(
         raise SystemExit("--offload_checkpoints true with --compile true is not supported (the copies' streams would "
                          "be traced into the compiled blocks); set one of them off")
     if fp8 and not (fused and lora_dropout == 0):
-        raise SystemExit("--fp8 true runs inside the fused LoRA matmul: set --fused true and --lora_dropout 0")
+        raise SystemExit(f"--fp8 {fp8} runs inside the fused LoRA matmul: set --fused true and --lora_dropout 0")
     if fp8 and torch.cuda.is_available() and accelerator != "cpu":
         problem = fp8_module.device_problem(torch.device("cuda"))
         if problem:
-            raise SystemExit(f"--fp8 true: {problem}")
+            raise SystemExit(f"--fp8 {fp8}: {problem}")
     if activation_checkpointing is not True and activation_checkpointing < 0:
         raise SystemExit(f"--activation_checkpointing {activation_checkpointing}: use true, false or a number of blocks >= 0")
     if quantize is not None:
@@ -239,7 +239,8 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
     LoRALinear.fp8_matmul = a.fp8
     if a.fp8:
         layers = lora_modules(gpt).values()
-        fabric.print(f"FP8 base matmuls in {sum(m.base_in_fp8 for m in layers)} of {len(layers)} LoRA layers")
+        fabric.print(f"FP8 base matmuls ({a.fp8}) in {sum(m.fp8_mode is not None for m in layers)} of {len(layers)} "
+                     "LoRA layers")
         if on_gpu:
             fp8_module.compile_kernels()
     if a.neftune_alpha > 0:

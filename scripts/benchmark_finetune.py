@@ -4,7 +4,8 @@ with random weights built directly on the GPU (no checkpoint on disk). Uses fine
     python scripts/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x0,1xp20,4x1
 
 Each configuration MBxC is micro-batch MB with activation checkpointing C: 1 (every block), 0 (none) or pN (the
-first N blocks), optionally +fp8 (FP8 base matmuls); one JSON line each:
+first N blocks), optionally +fp8 (FP8 base matmuls) or +fp8grad (FP8 input-gradient matmuls only); one JSON line
+each:
 tokens_per_s (median over --steps after --warmup steps, timed with CUDA events) and peak_mem_gib
 (torch.cuda.max_memory_allocated, weights included), like the peer scripts in ../shared/anchors.
 `--table results.jsonl` prints a Markdown table of such lines (ours and the peers').
@@ -183,7 +184,7 @@ def main(
         seq: sequence length.
         configs: comma list of MBxC: micro-batch MB, activation checkpointing C (1, 0 or pN: the first N blocks;
             a trailing o offloads the checkpoints: 1o, p20o); +fp8 after one runs it with FP8 base matmuls
-            (finetune/lora.py --fp8): 1x0+fp8.
+            (finetune/lora.py --fp8 all), +fp8grad with FP8 input-gradient matmuls only (--fp8 grad): 1x0+fp8.
         quantize: base weights (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8) or null for bf16.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha.
@@ -220,13 +221,13 @@ def main(
                       "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}), flush=True)
     for spec in configs.split(","):
         spec, _, extra = spec.lower().partition("+")
-        if extra not in ("", "fp8") or (extra and not fused):
-            raise ValueError(f"config {spec}+{extra}: the only suffix is +fp8, and it needs --fused true")
-        LoRALinear.fp8_matmul = extra == "fp8"
+        if extra not in ("", "fp8", "fp8grad") or (extra and not fused):
+            raise ValueError(f"config {spec}+{extra}: the suffixes are +fp8 and +fp8grad, and they need --fused true")
+        LoRALinear.fp8_matmul = {"": None, "fp8": "all", "fp8grad": "grad"}[extra]
         mb, ckpt = spec.split("x")
         mb = int(mb)
         tags = [t for t, on in (("fused", fused), ("graph", cuda_graph), ("compiled", compile),
-                                ("fp8", LoRALinear.fp8_matmul)) if on]
+                                (extra, extra)) if on]
         result = {"system": "oneday" + (f" ({'+'.join(tags)})" if tags else ""), "model": config.name, "seq": seq,
                   "mb": mb, "grad_ckpt": ckpt_label(ckpt),
                   "quantize": quantize, "lora_r": lora_r, "docs_per_row": docs_per_row}

@@ -41,7 +41,7 @@ gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohea
 if [ "$stage" = compare ]; then
   # The training fast path (fused kernels + CUDA graph) against the plain reference on the same real data, seed and
   # settings: their validation losses must agree within noise (issue 6). Short runs, ~1 minute each: fast_offload
-  # adds offloaded checkpointing of every block, fast_fp8 FP8 base matmuls; a mode@SEED runs it with another seed
+  # adds offloaded checkpointing of every block, fast_fp8 FP8 base matmuls, fast_fp8grad FP8 only in the backward pass's input-gradient matmuls; a mode@SEED runs it with another seed
   # (the reference at other seeds is the noise band). COMPARE_MODES picks the runs.
   modes=${COMPARE_MODES:-reference fast fast_offload fast_fp8 reference@1338 reference@1339}
   for run in $modes; do
@@ -50,7 +50,8 @@ if [ "$stage" = compare ]; then
       reference) flags="--fused false --cuda_graph false" ;;
       fast) flags="--fused true --cuda_graph true" ;;
       fast_offload) flags="--fused true --cuda_graph true --activation_checkpointing true --offload_checkpoints true" ;;
-      fast_fp8) flags="--fused true --cuda_graph true --fp8 true" ;;
+      fast_fp8) flags="--fused true --cuda_graph true --fp8 all" ;;
+      fast_fp8grad) flags="--fused true --cuda_graph true --fp8 grad" ;;
       *) echo "unknown compare mode $mode"; exit 2 ;;
     esac
     rm -rf "/tmp/oneday-compare-$run"

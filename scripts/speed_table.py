@@ -80,7 +80,9 @@ def best_under(rows: list[dict], system: str, model: str, seq: int, cap: float):
 def describe(row) -> str:
     if row is None:
         return "nothing under the cap"
-    return (f"{float(row['tokens_per_s']):,.0f} ({row.get('mb', '?')} x {row['seq']}, {ckpt_word(row.get('grad_ckpt'))}, "
+    system = row["system"].lower()
+    fp8 = "FP8 input-gradient matmuls, " if "fp8grad" in system else "FP8 base matmuls, " if "fp8" in system else ""
+    return (f"{float(row['tokens_per_s']):,.0f} ({row.get('mb', '?')} x {row['seq']}, {fp8}{ckpt_word(row.get('grad_ckpt'))}, "
             f"{float(row['peak_mem_gib']):.2f} GiB)")
 
 

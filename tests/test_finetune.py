@@ -235,11 +235,13 @@ def test_offloaded_checkpointing_trains_like_no_checkpointing(ckpt, data, tmp_pa
         torch.testing.assert_close(a[k], b[k], msg=lambda m: f"{k}: {m}")
 
 
-def test_fp8_base_matmuls_train_like_bf16(ckpt, data, tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["grad", "all"])
+def test_fp8_base_matmuls_train_like_bf16(ckpt, data, tmp_path, capsys, mode):
     kw = dict(lora_dropout=0.0, sample_tokens=0)
     run(ckpt, data, tmp_path / "plain", **kw)
-    run(ckpt, data, tmp_path / "fp8", fp8=True, **kw)
-    assert "FP8 base matmuls in" in capsys.readouterr().out
+    run(ckpt, data, tmp_path / "fp8", fp8=mode, **kw)
+    out = capsys.readouterr().out
+    assert f"FP8 base matmuls ({mode}) in 15 of 15 LoRA layers" in out, [l for l in out.splitlines() if "FP8" in l]
     a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "fp8")
     assert any(not torch.equal(a[k], b[k]) for k in a)  # FP8 ran
     (_, start), *_, (_, plain) = json.loads(torch.load(tmp_path / "plain/state.ckpt", weights_only=True)["state"])["history"]["val"]
@@ -333,8 +335,8 @@ def test_bad_inputs_fail_early_with_one_line(ckpt, data, tmp_path):
         run(ckpt, data, tmp_path / "o9", activation_checkpointing=True, offload_checkpoints=True, compile=True)
     assert "with --compile true is not supported" in one_line_error(e)
     with pytest.raises(SystemExit) as e:
-        run(ckpt, data, tmp_path / "o10", fp8=True, fused=False)
-    assert "--fp8 true runs inside the fused LoRA matmul" in one_line_error(e)
+        run(ckpt, data, tmp_path / "o10", fp8="grad", fused=False)
+    assert "--fp8 grad runs inside the fused LoRA matmul" in one_line_error(e)
 
 
 def test_resume_refuses_changed_settings_and_foreign_adapters(ckpt, data, tmp_path):

@@ -74,9 +74,11 @@ def test_cast_rows_scales_each_row_by_its_own_maximum():
 
 @pytest.mark.parametrize("mode", ["bnb.nf4-dq", None])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp8_lora_layer_computes_the_fp8_rounded_math(mode, bias):
+@pytest.mark.parametrize("fp8_mode", ["all", "grad"])
+def test_fp8_lora_layer_computes_the_fp8_rounded_math(mode, bias, fp8_mode):
     """Forward, input gradient and adapter gradients of the fused layer in FP8 against the same math written out with
-    explicit e4m3 rounding in fp32 (weights per tensor, activations and output gradients per row)."""
+    explicit e4m3 rounding in fp32 (weights per tensor, activations and output gradients per row). With "grad" only
+    the input gradient is rounded; the forward pass is the bf16 path's."""
     base = quantized(96, 64, mode, bias) if mode else nn.Linear(64, 96, bias=bias).to(torch.bfloat16)
     base.requires_grad_(False)
     torch.manual_seed(1)
@@ -84,49 +86,53 @@ def test_fp8_lora_layer_computes_the_fp8_rounded_math(mode, bias):
     nn.init.normal_(layer.lora_B, std=0.3)
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
     weights = torch.linspace(-1, 1, 96)
-    LoRALinear.fp8_matmul = True
+    LoRALinear.fp8_matmul = fp8_mode
     try:
-        assert layer.base_in_fp8
+        assert layer.fp8_mode == fp8_mode
         y = layer(x)
         (y.float() * weights).sum().backward()
     finally:
-        LoRALinear.fp8_matmul = False
+        LoRALinear.fp8_matmul = None
 
     W = dequantized_fp32(base) if mode else base.weight.float()
     w_scale = W.abs().amax() / fp8.E4M3_MAX
     x2 = x.detach().reshape(-1, 64).float()
     x_scale = x2.abs().amax(1, keepdim=True) / fp8.E4M3_MAX
     A, B = layer.lora_A.detach().to(torch.bfloat16).float(), layer.lora_B.detach().to(torch.bfloat16).float()
+    y_exact = x2 @ W.t() + layer.scaling * (x2 @ A.t()) @ B.t() + (base.bias.float() if bias else 0)
     y_ref = e4m3(x2, x_scale) @ e4m3(W, w_scale).t() + layer.scaling * (x2 @ A.t()) @ B.t()
     if bias:
         y_ref += base.bias.float()
-    torch.testing.assert_close(y.detach().reshape(-1, 96).float(), y_ref, rtol=2e-2, atol=2e-2)
+    y = y.detach().reshape(-1, 96).float()
+    torch.testing.assert_close(y, y_ref if fp8_mode == "all" else y_exact, rtol=2e-2, atol=2e-2)
+    # and the forward pass really is (or is not) FP8: nearer the e4m3 math than the unrounded math, or the reverse
+    near, far = (y_ref, y_exact) if fp8_mode == "all" else (y_exact, y_ref)
+    assert (y - near).norm() < (y - far).norm() / 3
 
     dy = weights.to(torch.bfloat16).float().expand(10, 96)
     dy_scale = dy.abs().amax(1, keepdim=True) / fp8.E4M3_MAX
     dx_ref = e4m3(dy, dy_scale) @ e4m3(W, w_scale) + layer.scaling * (dy @ B) @ A
-    torch.testing.assert_close(x.grad.reshape(-1, 64).float(), dx_ref, rtol=2e-2, atol=2e-2)
+    dx = x.grad.reshape(-1, 64).float()
+    torch.testing.assert_close(dx, dx_ref, rtol=2e-2, atol=2e-2)
+    dx_exact = dy @ W + layer.scaling * (dy @ B) @ A
+    assert (dx - dx_ref).norm() < (dx - dx_exact).norm() / 3  # the input gradient is FP8 in both modes
     dA_ref = layer.scaling * (dy @ B).t() @ x2  # the adapters' own matmuls stay bf16
     torch.testing.assert_close(layer.lora_A.grad, dA_ref, rtol=2e-2, atol=2e-2)
-
-    # and FP8 is really what ran: the output is much nearer the FP8 math than the unrounded (bf16 path's) math
-    y_exact = x2 @ W.t() + layer.scaling * (x2 @ A.t()) @ B.t() + (base.bias.float() if bias else 0)
-    y = y.detach().reshape(-1, 96).float()
-    assert (y - y_ref).norm() < (y - y_exact).norm() / 3
 
 
 def test_odd_shapes_keep_bf16():
     layer = LoRALinear(nn.Linear(24, 40), r=2, alpha=2.0)
-    LoRALinear.fp8_matmul = True
+    LoRALinear.fp8_matmul = "all"
     try:
-        assert not layer.base_in_fp8 and "multiple of 16" in fp8.supported(layer.base)
+        assert layer.fp8_mode is None and "multiple of 16" in fp8.supported(layer.base)
     finally:
-        LoRALinear.fp8_matmul = False
+        LoRALinear.fp8_matmul = None
 
 
-def test_fp8_model_loss_and_grads_near_bf16_path():
-    """A tiny NF4 GQA model with LoRA on every linear: FP8 base matmuls move the loss by well under 1% and the LoRA
-    gradients by a few percent (e4m3 rounding), not more."""
+@pytest.mark.parametrize("fp8_mode", ["all", "grad"])
+def test_fp8_model_loss_and_grads_near_bf16_path(fp8_mode):
+    """A tiny NF4 GQA model with LoRA on every linear: FP8 base matmuls move the loss by well under 1% (not at all
+    with "grad") and the LoRA gradients by a few percent (e4m3 rounding), not more."""
     pytest.importorskip("bitsandbytes")
     from quantize import empty_quantized_model, quantize_model
 
@@ -142,20 +148,22 @@ def test_fp8_model_loss_and_grads_near_bf16_path():
             nn.init.normal_(p, std=0.05)
     idx = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
 
-    def run(in_fp8):
-        LoRALinear.fp8_matmul = in_fp8
+    def run(mode):
+        LoRALinear.fp8_matmul = mode
         try:
             model.zero_grad(set_to_none=True)
             logits = model(idx[:, :-1])
             loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
             loss.backward()
         finally:
-            LoRALinear.fp8_matmul = False
+            LoRALinear.fp8_matmul = None
         return loss.item(), [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
 
-    (loss_bf16, g_bf16), (loss_fp8, g_fp8) = run(False), run(True)
-    assert loss_fp8 != loss_bf16
-    assert abs(loss_fp8 - loss_bf16) / loss_bf16 < 5e-3
+    (loss_bf16, g_bf16), (loss_fp8, g_fp8) = run(None), run(fp8_mode)
+    if fp8_mode == "grad":
+        assert loss_fp8 == loss_bf16 and any(not torch.equal(a, b) for a, b in zip(g_fp8, g_bf16))
+    else:
+        assert loss_fp8 != loss_bf16 and abs(loss_fp8 - loss_bf16) / loss_bf16 < 5e-3
     errs = [((a - b).norm() / b.norm()).item() for a, b in zip(g_fp8, g_bf16)]
     assert max(errs) < 0.15 and sum(errs) / len(errs) < 0.06, errs
 

@@ -63,6 +63,13 @@ def test_verdict_per_cap(tmp_path, capsys):
     assert "1 of 3 (model, seq, cap) cells PASS" in out
 
 
+def test_fp8_rows_say_so_in_the_verdict():
+    fp8 = row("oneday (fused+graph+fp8)", 14_000, 7.9, mb=1, ckpt="none")
+    assert speed_table.describe(fp8) == "14,000 (1 x 2048, FP8 base matmuls, off, 7.90 GiB)"
+    assert "FP8 input-gradient" in speed_table.describe(row("oneday (fused+graph+fp8grad)", 14_000, 7.9, mb=1, ckpt="none"))
+    assert "FP8" not in speed_table.describe(row("oneday (fused+graph)", 14_000, 7.9, mb=1, ckpt="none"))
+
+
 def test_cap_edges_and_missing_sides():
     rows = [row("oneday", 5_000, 8.0), row("unsloth-x", 4_000, 8.0),  # exactly at the cap counts
             row("oneday", 3_000, 20.0, seq=4096), row("unsloth-x", 9_000, 10.0, seq=4096),
