@@ -1,8 +1,8 @@
-"""FP8 base matmuls for LoRA training (finetune/lora.py --fp8 true).
+"""FP8 base matmuls for LoRA training (finetune/lora.py --fp8 grad|all).
 
 A LoRA layer's frozen base weight costs up to three matmuls per training step: the forward pass, its recomputation
 under activation checkpointing, and the gradient of the layer's input (a frozen weight has no gradient of its own).
-They are most of a QLoRA step's time. With --fp8 they run on the FP8 tensor cores (torch._scaled_mm; compute
+They are most of a QLoRA step's time. With --fp8 all they run on the FP8 tensor cores (--fp8 grad: the last only) (torch._scaled_mm; compute
 capability 8.9+; on an H100 Mistral-7B's base matmuls took 44 ms a step instead of 75 in bf16):
 
 - The weight is decoded from its 4-bit blocks straight to float8 e4m3 with one scale per tensor (the largest block
@@ -19,8 +19,10 @@ and move the model's output (scripts/fp8_accuracy.py), and with FP8 in every mat
 diverged on 2 of 3 seeds (scripts/e2e_gpu.sh compare; README). "grad" keeps the forward pass exact and puts FP8 only
 in the backward pass's input-gradient matmuls.
 
-The decode and per-row cast are plain PyTorch, compiled into fused kernels on a GPU (compile_kernels) and run
-eagerly elsewhere: on a CPU torch._scaled_mm computes the same math, which is how the tests check this file.
+The decode and the per-row cast are written twice: in plain PyTorch (the reference, and what a CPU runs, where
+torch._scaled_mm computes the same math: how the tests check this file) and as Triton kernels that a GPU runs
+(compile_kernels), checked against the PyTorch ones by the tests under Triton's interpreter and on the GPU by
+scripts/gpu_check_fused.py.
 """
 
 from typing import Optional, Tuple
@@ -99,10 +101,9 @@ def cast_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def triton_kernels():
-    """decode_4bit and cast_rows as hand-written Triton kernels: what the GPU runs (compile_kernels). torch.compile
-    makes 2-3x slower kernels of the same math: a looped two-pass reduction for the wide rows of the MLP, and
-    per-element index arithmetic for the decode. Defined on first call, so that TRITON_INTERPRET=1 set by a test
-    runs them on the CPU."""
+    """decode_4bit and cast_rows as hand-written Triton kernels: what the GPU runs (compile_kernels). torch.compile's
+    kernels of the same math were 1.2-10x slower on an H100 (scripts/gpu_fp8_kernels.py). Defined on first call, so
+    that a process started with TRITON_INTERPRET=1 runs them on the CPU."""
     import triton
     import triton.language as tl
 

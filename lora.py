@@ -200,7 +200,8 @@ class LoRAMatmul(torch.autograd.Function):
     delta tensor is written and read back. Saved for backward: x (shared with any other layer that reads the same
     tensor; when x is an RMSNorm's output, the norm's input instead, see forward), the small x A^T, and bf16 copies
     of A and B. Gradients of the fp32 A and B come back in fp32; the base matmul of the backward pass is skipped when
-    x needs no gradient (the first layer's input).
+    x needs no gradient (the first layer's input). With fp8_mode ("grad" or "all", LoRALinear.fp8_matmul) the base
+    matmul of the backward pass (and with "all" of the forward pass) runs in FP8 (fp8.py).
     """
 
     @staticmethod
