@@ -2,8 +2,9 @@
 
 A LoRA layer's frozen base weight costs up to three matmuls per training step: the forward pass, its recomputation
 under activation checkpointing, and the gradient of the layer's input (a frozen weight has no gradient of its own).
-They are most of a QLoRA step's time. With --fp8 all they run on the FP8 tensor cores (--fp8 grad: the last only) (torch._scaled_mm; compute
-capability 8.9+; on an H100 Mistral-7B's base matmuls took 44 ms a step instead of 75 in bf16):
+They are most of a QLoRA step's time. With --fp8 all they run on the FP8 tensor cores (torch._scaled_mm; compute
+capability 8.9+; on an H100 Mistral-7B's base matmuls took 44 ms a step instead of 75 in bf16); --fp8 grad puts only
+the last of them there:
 
 - The weight is decoded from its 4-bit blocks straight to float8 e4m3 with one scale per tensor (the largest block
   scale / 448): one kernel that writes 1 byte per weight, where bf16 dequantization writes 2. The backward pass
@@ -207,8 +208,8 @@ def weight_fp8(base: nn.Module, transpose: bool) -> Tuple[torch.Tensor, torch.Te
 def scaled_mm(a: torch.Tensor, b8: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """a (M, K) @ (b8 * b_scale)^T for b8 (N, K) float8: a is cast per row, the product comes out in `out_dtype`."""
     a8, a_scale = cast_rows(a)
-    return torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=b_scale.reshape(1, 1).expand(1, b8.shape[0]).contiguous(),
-                            out_dtype=out_dtype)
+    b_scales = b_scale.reshape(1, 1).expand(1, b8.shape[0]).contiguous()  # row-wise scaling wants one per column
+    return torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=b_scales, out_dtype=out_dtype)
 
 
 def linear(x2: torch.Tensor, base: nn.Module) -> torch.Tensor:

@@ -23,7 +23,7 @@ from lora import LoRAConfig, LoRALinear, inject_lora  # noqa: E402
 from utils import load_model  # noqa: E402
 
 
-def lora_grads(checkpoint_dir: Path, dtype: torch.dtype, fp8_mode, idx, targets, seed: int):
+def lora_grads(checkpoint_dir: Path, dtype: torch.dtype, fp8_mode, idx, targets, seed: int, keep=()):
     model = load_model(checkpoint_dir, device="cpu", dtype=dtype)
     torch.manual_seed(seed)
     inject_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.0))
@@ -31,6 +31,9 @@ def lora_grads(checkpoint_dir: Path, dtype: torch.dtype, fp8_mode, idx, targets,
         if "lora_B" in name:
             nn.init.normal_(p, std=0.01)  # B = 0 at init would leave A without a gradient
     LoRALinear.fp8_matmul = fp8_mode
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and fp8_mode == "all" and name.split(".", 2)[-1] in keep:
+            module.fp8_matmul = "grad"  # this layer's forward pass stays bf16 (an instance setting over the class's)
     try:
         logits = model(idx)
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -40,29 +43,38 @@ def lora_grads(checkpoint_dir: Path, dtype: torch.dtype, fp8_mode, idx, targets,
     return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), data_dir: Path = Path("data/e2e"),
-         rows: int = 2, seq: int = 512, seed: int = 1338) -> None:
+def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
+         data_dir: Path = Path("data/e2e"), rows: int = 2, seq: int = 512, seed: int = 1338,
+         keep_forward_bf16: str = "") -> None:
     """Args:
         checkpoint_dir: a converted checkpoint.
         data_dir: prepared data (its train split's first rows x seq tokens are the batch).
         rows: rows in the batch.
         seq: tokens per row.
         seed: LoRA initialisation seed.
+        keep_forward_bf16: comma list of a block's linears (attn.qkv, attn.proj, mlp.fc_1, mlp.fc_2, mlp.proj) whose
+            forward pass stays bf16 in the --fp8 all run, to find which layers move the output (then only that run
+            and the fp32 reference run).
     """
+    keep = tuple(k for k in keep_forward_bf16.split(",") if k)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     split = load_split(data_dir / "train.safetensors")
     n = rows * (seq + 1)
     tokens = split.tokens[:n].long().view(rows, seq + 1)
     targets = tokens[:, 1:].clone()
     targets[~split.loss_mask[:n].view(rows, seq + 1)[:, 1:].bool()] = -100  # prompt tokens carry no loss
-    runs = [("fp32", torch.float32, None), ("bf16", torch.bfloat16, None), ("bf16 + --fp8 grad", torch.bfloat16, "grad"),
-            ("bf16 + --fp8 all", torch.bfloat16, "all")]
+    all_label = "bf16 + --fp8 all" + (f" (forward bf16: {keep_forward_bf16})" if keep else "")
+    runs = [("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
+            ("bf16 + --fp8 grad", torch.bfloat16, "grad"), (all_label, torch.bfloat16, "all")]
+    if keep:  # only the reference and the variant
+        runs = [runs[0], runs[-1]]
     reference = None
     for label, dtype, mode in runs:
-        loss, grads = lora_grads(checkpoint_dir, dtype, mode, tokens[:, :-1], targets, seed)
+        loss, grads = lora_grads(checkpoint_dir, dtype, mode, tokens[:, :-1], targets, seed, keep)
         reference = reference or grads
         errs = [((grads[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference]
-        print(json.dumps({"run": label, "loss": round(loss, 4), "lora_grad_rel_err_vs_fp32_mean": round(sum(errs) / len(errs), 3),
+        print(json.dumps({"run": label, "loss": round(loss, 4),
+                          "lora_grad_rel_err_vs_fp32_mean": round(sum(errs) / len(errs), 3),
                           "worst": round(max(errs), 3), "checkpoint": checkpoint_dir.name, "tokens": rows * seq}),
               flush=True)
 

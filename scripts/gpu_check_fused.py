@@ -8,9 +8,10 @@ linear, packed rows with a document mask, bf16:
 2. fused + checkpointing of the first blocks + CUDA graph: two replays accumulate the gradients of two micro-batches,
    which must equal the sum of the plain path's gradients for the two;
 3. the same with the checkpointed blocks' inputs offloaded to pinned host memory (--offload_checkpoints);
-4. FP8 base matmuls (--fp8): the compiled 4-bit -> float8 decode equals bitsandbytes' dequantization rounded to
-   float8 (the Triton kernel), the Triton per-row cast equals eager PyTorch's, the GPU's scaled matmul equals the float8 values multiplied out in fp32, and fused + FP8 training (eager,
-   then graphed with offloaded checkpoints) stays near the plain path (looser: e4m3 rounding);
+4. FP8 base matmuls (--fp8): the 4-bit -> float8 decode (the Triton kernel) equals bitsandbytes' dequantization
+   rounded to float8, the Triton per-row cast equals eager PyTorch's, the GPU's scaled matmul equals the float8 values
+   multiplied out in fp32, and fused + FP8 training (eager "grad" and "all", then "all" graphed with offloaded
+   checkpoints) stays near the plain path (looser: e4m3 rounding);
 and that an RMSNorm output recomputed without grad (as LoRAMatmul's backward does) equals the forward's bit for bit.
 Prints one JSON line per comparison (loss and the worst relative gradient error) and exits non-zero on a mismatch.
 """
