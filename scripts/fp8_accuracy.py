@@ -12,15 +12,45 @@ same float8 values as rounding the dequantized weight (tests/test_fp8.py), so th
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import fp8  # noqa: E402
 from finetune.lora import load_split  # noqa: E402
-from lora import LoRAConfig, LoRALinear, inject_lora  # noqa: E402
+from lora import LoRAConfig, LoRALinear, base_weight, inject_lora  # noqa: E402
 from utils import load_model  # noqa: E402
+
+
+def e4m3(t: torch.Tensor, block: int = 0) -> torch.Tensor:
+    """t (M, K) rounded through float8 e4m3 and back to fp32: one scale per row, or per `block` elements of a row."""
+    t = t.float()
+    if block:
+        t = t.reshape(t.shape[0], -1, block)
+    scale = t.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / fp8.E4M3_MAX
+    return ((t / scale).to(fp8.E4M3).float() * scale).reshape(t.shape[0], -1)
+
+
+def emulate(round_weights: bool, activation_block) -> None:
+    """Swaps fp8.linear / fp8.input_grad for fp32 emulations: weights rounded to e4m3 per tensor (as the kernels do)
+    or left exact; activations and output gradients rounded per row (block 0), per `activation_block` elements, or
+    left exact (None). What would a finer scale, or exact weights, change?"""
+    def weight(base):
+        w = base_weight(base, torch.float32)
+        return e4m3(w.reshape(1, -1)).reshape(w.shape) if round_weights else w
+
+    def act(t):
+        return t.float() if activation_block is None else e4m3(t, activation_block)
+
+    def linear(x2, base):
+        y = act(x2) @ weight(base).t()
+        return (y if base.bias is None else y + base.bias.float()).to(x2.dtype)
+
+    fp8.linear = linear
+    fp8.input_grad = lambda dy2, base: (act(dy2) @ weight(base)).to(dy2.dtype)
 
 
 def lora_grads(checkpoint_dir: Path, dtype: torch.dtype, fp8_mode, idx, targets, seed: int, keep=()):
@@ -45,7 +75,7 @@ def lora_grads(checkpoint_dir: Path, dtype: torch.dtype, fp8_mode, idx, targets,
 
 def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
          data_dir: Path = Path("data/e2e"), rows: int = 2, seq: int = 512, seed: int = 1338,
-         keep_forward_bf16: str = "") -> None:
+         keep_forward_bf16: str = "", emulate_rounding: Optional[str] = None) -> None:
     """Args:
         checkpoint_dir: a converted checkpoint.
         data_dir: prepared data (its train split's first rows x seq tokens are the batch).
@@ -55,7 +85,15 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         keep_forward_bf16: comma list of a block's linears (attn.qkv, attn.proj, mlp.fc_1, mlp.fc_2, mlp.proj) whose
             forward pass stays bf16 in the --fp8 all run, to find which layers move the output (then only that run
             and the fp32 reference run).
+        emulate_rounding: instead of the real FP8 matmuls, emulate them in fp32 for the --fp8 all run (then only that
+            run and the fp32 reference run): "weights" rounds only the weights, "activations" only the activations
+            (per row), "blocks" both with one activation scale per 64 elements of a row instead of per row.
     """
+    if emulate_rounding is not None:
+        choices = {"weights": (True, None), "activations": (False, 0), "blocks": (True, 64)}
+        if emulate_rounding not in choices:
+            raise SystemExit(f"--emulate_rounding {emulate_rounding}: use one of {sorted(choices)}")
+        emulate(*choices[emulate_rounding])
     keep = tuple(k for k in keep_forward_bf16.split(",") if k)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     split = load_split(data_dir / "train.safetensors")
@@ -63,10 +101,11 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
     tokens = split.tokens[:n].long().view(rows, seq + 1)
     targets = tokens[:, 1:].clone()
     targets[~split.loss_mask[:n].view(rows, seq + 1)[:, 1:].bool()] = -100  # prompt tokens carry no loss
-    all_label = "bf16 + --fp8 all" + (f" (forward bf16: {keep_forward_bf16})" if keep else "")
+    all_label = "bf16 + --fp8 all" + (f" (forward bf16: {keep_forward_bf16})" if keep else "") + (
+        f" (emulated, rounding: {emulate_rounding})" if emulate_rounding else "")
     runs = [("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
             ("bf16 + --fp8 grad", torch.bfloat16, "grad"), (all_label, torch.bfloat16, "all")]
-    if keep:  # only the reference and the variant
+    if keep or emulate_rounding:  # only the reference and the variant
         runs = [runs[0], runs[-1]]
     reference = None
     for label, dtype, mode in runs:
