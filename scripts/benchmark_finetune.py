@@ -212,7 +212,8 @@ def main(
     LoRALinear.fused_matmul = fused
     if fused:
         model_module.compile_elementwise()
-        fp8.compile_kernels()  # used by +fp8 configurations only; compiles lazily
+        if "+fp8" in configs.lower():
+            fp8.compile_kernels()
     if compile:
         for block in net.blocks:
             block.compile()

@@ -26,12 +26,11 @@ from utils import load_model  # noqa: E402
 
 
 def e4m3(t: torch.Tensor, block: int = 0) -> torch.Tensor:
-    """t (M, K) rounded through float8 e4m3 and back to fp32: one scale per row, or per `block` elements of a row."""
-    t = t.float()
-    if block:
-        t = t.reshape(t.shape[0], -1, block)
-    scale = t.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / fp8.E4M3_MAX
-    return ((t / scale).to(fp8.E4M3).float() * scale).reshape(t.shape[0], -1)
+    """t (M, K) rounded through float8 e4m3 (fp8.cast_rows) and back to fp32: one scale per row, or per `block`
+    elements of a row."""
+    rows = t.reshape(-1, block) if block else t
+    t8, scale = fp8.cast_rows(rows)
+    return (t8.float() * scale).reshape(t.shape)
 
 
 def emulate(round_weights: bool, activation_block) -> None:
@@ -39,8 +38,10 @@ def emulate(round_weights: bool, activation_block) -> None:
     or left exact; activations and output gradients rounded per row (block 0), per `activation_block` elements, or
     left exact (None). What would a finer scale, or exact weights, change?"""
     def weight(base):
-        w = base_weight(base, torch.float32)
-        return e4m3(w.reshape(1, -1)).reshape(w.shape) if round_weights else w
+        if not round_weights:
+            return base_weight(base, torch.float32)
+        w8, scale = fp8.cast_weight(base_weight(base, torch.float32), transpose=False)
+        return w8.float() * scale
 
     def act(t):
         return t.float() if activation_block is None else e4m3(t, activation_block)
