@@ -14,7 +14,8 @@ stage=${1:-}
 
 # Our configurations (benchmark_finetune.py --configs, MBxC as that script spells C today: 1 every block checkpointed,
 # 0 none, pN the first N blocks): enough to have a candidate under each cap. Change these as the trainer gains modes.
-# A trailing o offloads the checkpointed blocks' inputs to host memory (--offload_checkpoints).
+# A trailing o offloads the checkpointed blocks' inputs to host memory (--offload_checkpoints); +fp8 / +fp8grad after
+# a configuration runs it with finetune/lora.py --fp8 all / grad (the defaults stay bf16: see the README on FP8).
 OURS_mistral_2048="1x0,2xp4o,3x0,1xp18o,1xp20o,4x1o,2x1o"
 OURS_mistral_4096="1x0,1xp4o,1xp6o,1x1o,2x1o,1xp26o,1xp28o"
 OURS_llama13b_2048="1x1o,1x0,1xp6o,2x1o,4x1o,1xp4o"

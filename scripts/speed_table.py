@@ -82,8 +82,8 @@ def describe(row) -> str:
         return "nothing under the cap"
     system = row["system"].lower()
     fp8 = "FP8 input-gradient matmuls, " if "fp8grad" in system else "FP8 base matmuls, " if "fp8" in system else ""
-    return (f"{float(row['tokens_per_s']):,.0f} ({row.get('mb', '?')} x {row['seq']}, {fp8}{ckpt_word(row.get('grad_ckpt'))}, "
-            f"{float(row['peak_mem_gib']):.2f} GiB)")
+    return (f"{float(row['tokens_per_s']):,.0f} ({row.get('mb', '?')} x {row['seq']}, {fp8}"
+            f"{ckpt_word(row.get('grad_ckpt'))}, {float(row['peak_mem_gib']):.2f} GiB)")
 
 
 def rows_table(rows: list[dict]) -> list[str]:
