@@ -66,6 +66,20 @@ def check_fp8_kernels(net) -> bool:
     import bitsandbytes.functional as BF
 
     ok = True
+    for N, K in ((4096, 4096), (14336, 4096)):  # Mistral-7B's shapes too: a kernel once went wrong only on some
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        state.dtype = torch.float32
+        reference = BF.dequantize_4bit(packed, state)
+        for transpose in (False, True):
+            w8, scale = fp8.decode_4bit(packed, state.absmax, state.code, (N, K), transpose)
+            expected = (reference / scale).to(fp8.E4M3)
+            expected = expected.t() if transpose else expected
+            same = (w8.float() == expected.float()).float().mean().item()
+            print(json.dumps({"check": f"FP8 decode of a random {N}x{K} NF4 weight (transpose={transpose}) == "
+                                       "bitsandbytes' dequantization rounded to float8", "fraction_equal": same}),
+                  flush=True)
+            ok &= same > 0.9999
     for name in ("attn.qkv", "mlp.proj"):
         base = net.blocks[0].get_submodule(name).base
         state = copy.copy(base.weight.quant_state)

@@ -206,3 +206,27 @@ def check_triton_kernels():
     x8, scales = cast(x)
     expected, expected_scales = fp8.cast_rows(x)
     assert torch.equal(scales, expected_scales) and same(x8, expected, x.float() / expected_scales)
+
+
+def test_self_check_finds_a_wrong_kernel_and_compile_kernels_keeps_the_plain_one(monkeypatch, capsys):
+    """compile_kernels only swaps in a Triton kernel that agrees with its PyTorch version on this device: a decode
+    that gets every other value wrong (as a bad bitcast did on an H100) is refused with a warning."""
+    def bad_decode(packed, absmax, code, shape, transpose):
+        w8, scale = fp8.decode_4bit(packed, absmax, code, shape, transpose)
+        w = w8.float()
+        w.view(-1)[1::2] *= -1
+        return w.to(fp8.E4M3), scale
+
+    assert fp8.self_check(fp8.decode_4bit, fp8.cast_rows, device="cpu") == {}
+    wrong = fp8.self_check(bad_decode, fp8.cast_rows, device="cpu")
+    assert list(wrong) == ["decode_4bit"] and 0.4 < wrong["decode_4bit"] < 0.6
+    real_check = fp8.self_check
+    monkeypatch.setattr(fp8, "triton_kernels", lambda: (bad_decode, fp8._PLAIN["cast_rows"]))
+    monkeypatch.setattr(fp8, "self_check", lambda decode, cast: real_check(decode, cast, device="cpu"))
+    try:
+        fp8.compile_kernels()
+        assert fp8.decode_4bit is fp8._PLAIN["decode_4bit"]
+        assert "Triton decode_4bit agrees with its PyTorch version on only" in capsys.readouterr().err
+    finally:
+        fp8.compile_kernels(False)
+    assert fp8.cast_weight is fp8._PLAIN["cast_weight"]
