@@ -54,8 +54,9 @@ def emulate(round_weights: bool, activation_block) -> None:
     fp8.input_grad = lambda dy2, base: (act(dy2) @ weight(base)).to(dy2.dtype)
 
 
-def lora_grads(checkpoint_dir: Path, dtype: torch.dtype, fp8_mode, idx, targets, seed: int, keep=()):
-    model = load_model(checkpoint_dir, device="cpu", dtype=dtype)
+def lora_grads(checkpoint_dir: Path, dtype: torch.dtype, fp8_mode, idx, targets, seed: int, keep=(), device="cpu",
+               quantize=None):
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
     torch.manual_seed(seed)
     inject_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.0))
     for name, p in model.named_parameters():
@@ -66,17 +67,18 @@ def lora_grads(checkpoint_dir: Path, dtype: torch.dtype, fp8_mode, idx, targets,
         if isinstance(module, LoRALinear) and fp8_mode == "all" and name.split(".", 2)[-1] in keep:
             module.fp8_matmul = "grad"  # this layer's forward pass stays bf16 (an instance setting over the class's)
     try:
-        logits = model(idx)
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        logits = model(idx.to(device))
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100)
         loss.backward()
     finally:
         LoRALinear.fp8_matmul = None
-    return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
          data_dir: Path = Path("data/e2e"), rows: int = 2, seq: int = 512, seed: int = 1338,
-         keep_forward_bf16: str = "", emulate_rounding: Optional[str] = None) -> None:
+         keep_forward_bf16: str = "", emulate_rounding: Optional[str] = None, device: str = "cpu",
+         quantize: Optional[str] = None, kernels: str = "triton") -> None:
     """Args:
         checkpoint_dir: a converted checkpoint.
         data_dir: prepared data (its train split's first rows x seq tokens are the batch).
@@ -89,6 +91,11 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         emulate_rounding: instead of the real FP8 matmuls, emulate them in fp32 for the --fp8 all run (then only that
             run and the fp32 reference run): "weights" rounds only the weights, "activations" only the activations
             (per row), "blocks" both with one activation scale per 64 elements of a row instead of per row.
+        device: "cpu" or "cuda" (where torch._scaled_mm runs on the FP8 tensor cores).
+        quantize: e.g. "bnb.nf4": a 4-bit base as finetune/lora.py --quantize makes it (the fp32 reference then
+            computes with the dequantized weights), so the FP8 decode of the 4-bit blocks is what runs.
+        kernels: on a GPU, "triton" (fp8.compile_kernels(), what finetune/lora.py runs) or "plain" (the PyTorch
+            reference kernels): the two must give the same loss.
     """
     if emulate_rounding is not None:
         choices = {"weights": (True, None), "activations": (False, 0), "blocks": (True, 64)}
@@ -96,6 +103,10 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
             raise SystemExit(f"--emulate_rounding {emulate_rounding}: use one of {sorted(choices)}")
         emulate(*choices[emulate_rounding])
     keep = tuple(k for k in keep_forward_bf16.split(",") if k)
+    if kernels not in ("triton", "plain"):
+        raise SystemExit(f"--kernels {kernels}: use triton or plain")
+    if device != "cpu":
+        fp8.compile_kernels(kernels == "triton")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     split = load_split(data_dir / "train.safetensors")
     n = rows * (seq + 1)
@@ -110,12 +121,13 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         runs = [runs[0], runs[-1]]
     reference = None
     for label, dtype, mode in runs:
-        loss, grads = lora_grads(checkpoint_dir, dtype, mode, tokens[:, :-1], targets, seed, keep)
+        loss, grads = lora_grads(checkpoint_dir, dtype, mode, tokens[:, :-1], targets, seed, keep, device, quantize)
         reference = reference or grads
         errs = [((grads[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference]
         print(json.dumps({"run": label, "loss": round(loss, 4),
                           "lora_grad_rel_err_vs_fp32_mean": round(sum(errs) / len(errs), 3),
-                          "worst": round(max(errs), 3), "checkpoint": checkpoint_dir.name, "tokens": rows * seq}),
+                          "worst": round(max(errs), 3), "checkpoint": checkpoint_dir.name, "tokens": rows * seq,
+                          "device": device, "quantize": quantize, "kernels": kernels if device != "cpu" else "plain"}),
               flush=True)
 
 
