@@ -125,9 +125,8 @@ def setup(
             kernels (model.compile_elementwise); false runs the plain reference path.
         fp8: run frozen base weights' matmuls on FP8 tensor cores (fp8.py; needs --fused, no LoRA dropout and a GPU
             of compute capability 8.9+ such as an H100 or RTX 4090): "grad" the backward pass's input-gradient matmuls
-            only (the forward pass is untouched), "all" the forward ones too (Mistral-7B 1 x 2048 steps 1.2x faster
-            on an H100, but e4m3 activations shift the model's outputs: on SmolLM2 it diverged on 2 of 3 seeds; see
-            the README before using it).
+            only (the forward pass is untouched), "all" the forward ones too (the fastest: see the README's speed
+            table; its training loss starts a little higher, and on SmolLM2 its validation curve matched bf16's).
         cuda_graph: on a GPU, capture one micro-batch's forward and backward as a CUDA graph and replay it (packed
             rows only; one device): removes the kernel-launch overhead that dominates small micro-batches.
         compile: torch.compile each block (GPU).
