@@ -119,7 +119,7 @@ def triton_kernels():
     def decode_kernel(packed, absmax, code, scale, out, n_bytes, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
         # (out, in) order: BLOCK bytes of the flattened weight -> 2 * BLOCK float8 values, the high nibble's first.
         # (An earlier version packed each pair into an int16 through integer bitcasts; on an H100 a quarter of its
-        # values came out wrong: scripts/gpu_check_fused.py now checks every kernel on several shapes.)
+        # values came out wrong. compile_kernels' self_check and scripts/gpu_check_fused.py now catch such a kernel.)
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_bytes
@@ -203,8 +203,8 @@ def compile_kernels(enable: bool = True) -> None:
         if "cast_rows" not in wrong:
             g["cast_rows"] = cast
         for name, fraction in wrong.items():
-            print(f"Warning: fp8.py's Triton {name} agrees with its PyTorch version on only {fraction:.1%} of values on "
-                  f"this GPU; using the (slower) PyTorch version", file=sys.stderr)
+            print(f"Warning: fp8.py's Triton {name} agrees with its PyTorch version on only {fraction:.1%} of values "
+                  f"on this GPU; using the (slower) PyTorch version", file=sys.stderr)
         g["cast_weight"] = torch.compile(cast_weight)
         g["nested_absmax"] = torch.compile(nested_absmax)
 

@@ -68,7 +68,8 @@ def lora_grads(checkpoint_dir: Path, dtype: torch.dtype, fp8_mode, idx, targets,
             module.fp8_matmul = "grad"  # this layer's forward pass stays bf16 (an instance setting over the class's)
     try:
         logits = model(idx.to(device))
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100)
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
+                                           ignore_index=-100)
         loss.backward()
     finally:
         LoRALinear.fp8_matmul = None
