@@ -58,6 +58,17 @@ def close(losses, reference_losses, grad_err: float, grad_tol: float = 3e-2) -> 
     return all(abs(a - b) / abs(b) < 1e-2 for a, b in zip(losses, reference_losses)) and grad_err < grad_tol
 
 
+def decode_matches(label: str, w8: torch.Tensor, scale: torch.Tensor, reference: torch.Tensor, transpose: bool
+                   ) -> bool:
+    """Prints and checks one FP8 decode against bitsandbytes' fp32 dequantization `reference` rounded to float8."""
+    expected = (reference / scale).to(fp8.E4M3)
+    expected = expected.t() if transpose else expected
+    same = (w8.float() == expected.float()).float().mean().item()
+    print(json.dumps({"check": f"FP8 decode of {label} (transpose={transpose}) == bitsandbytes' dequantization "
+                               "rounded to float8", "fraction_equal": same}), flush=True)
+    return same > 0.9999  # fp32 products in another order may tip a rare tie
+
+
 def check_fp8_kernels(net) -> bool:
     """The Triton decode against bitsandbytes, the Triton per-row cast against eager PyTorch, and torch._scaled_mm
     against fp32 math on the same float8 values."""
@@ -73,13 +84,7 @@ def check_fp8_kernels(net) -> bool:
         reference = BF.dequantize_4bit(packed, state)
         for transpose in (False, True):
             w8, scale = fp8.decode_4bit(packed, state.absmax, state.code, (N, K), transpose)
-            expected = (reference / scale).to(fp8.E4M3)
-            expected = expected.t() if transpose else expected
-            same = (w8.float() == expected.float()).float().mean().item()
-            print(json.dumps({"check": f"FP8 decode of a random {N}x{K} NF4 weight (transpose={transpose}) == "
-                                       "bitsandbytes' dequantization rounded to float8", "fraction_equal": same}),
-                  flush=True)
-            ok &= same > 0.9999
+            ok &= decode_matches(f"a random {N}x{K} NF4 weight", w8, scale, reference, transpose)
     for name in ("attn.qkv", "mlp.proj"):
         base = net.blocks[0].get_submodule(name).base
         state = copy.copy(base.weight.quant_state)
@@ -87,12 +92,7 @@ def check_fp8_kernels(net) -> bool:
         reference = BF.dequantize_4bit(base.weight.data, state)
         for transpose in (False, True):
             w8, scale = fp8.weight_fp8(base, transpose)
-            expected = (reference / scale).to(fp8.E4M3)
-            expected = expected.t() if transpose else expected
-            same = (w8.float() == expected.float()).float().mean().item()
-            print(json.dumps({"check": f"FP8 decode of {name} (transpose={transpose}) == bitsandbytes' dequantization "
-                                       "rounded to float8", "fraction_equal": same}), flush=True)
-            ok &= same > 0.9999  # fp32 products in another order may tip a rare tie
+            ok &= decode_matches(name, w8, scale, reference, transpose)
         x = torch.randn(1000, base.in_features, device="cuda", dtype=torch.bfloat16)
         x[1] *= 1000
         x8, x_scale = fp8.cast_rows(x)  # the Triton kernel
