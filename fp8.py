@@ -251,20 +251,40 @@ def weight_fp8(base: nn.Module, transpose: bool) -> Tuple[torch.Tensor, torch.Te
 
 
 def scaled_mm(a: torch.Tensor, b8: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a (M, K) @ (b8 * b_scale)^T for b8 (N, K) float8: a is cast per row, the product comes out in `out_dtype`."""
+    """a (M, K) @ (b8 * b_scale)^T for b8 (N, K) float8 and a scalar or (1, N) b_scale: a is cast per row, the
+    product comes out in `out_dtype`."""
     a8, a_scale = cast_rows(a)
-    b_scales = b_scale.reshape(1, 1).expand(1, b8.shape[0]).contiguous()  # row-wise scaling wants one per column
-    return torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=b_scales, out_dtype=out_dtype)
+    return torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=column_scales(b_scale, b8.shape[0]),
+                            out_dtype=out_dtype)
+
+
+def column_scales(scale: torch.Tensor, n: int) -> torch.Tensor:
+    """A scalar scale as the (1, n) row of per-column scales that row-wise scaled matmuls want."""
+    return scale if scale.dim() == 2 else scale.reshape(1, 1).expand(1, n).contiguous()
+
+
+def base_fp8(base: nn.Module, transpose: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """weight_fp8 with the scale already as scaled_mm's (1, N) row; a frozen 4-bit weight's is made once and kept
+    on its quant_state (one fewer kernel per matmul)."""
+    w8, scale = weight_fp8(base, transpose)
+    if not is_4bit(base):
+        return w8, scale
+    state = base.weight.quant_state
+    if getattr(state, "fp8_columns", None) is None:
+        state.fp8_columns = {}
+    if transpose not in state.fp8_columns:
+        state.fp8_columns[transpose] = column_scales(scale, w8.shape[0])
+    return w8, state.fp8_columns[transpose]
 
 
 def linear(x2: torch.Tensor, base: nn.Module) -> torch.Tensor:
     """x2 (M, in) @ W^T (+ bias) with the base weight in FP8: the forward (and recomputed) base matmul."""
-    w8, scale = weight_fp8(base, transpose=False)
+    w8, scale = base_fp8(base, transpose=False)
     y = scaled_mm(x2, w8, scale, x2.dtype)
     return y if base.bias is None else y.add_(base.bias.to(y.dtype))
 
 
 def input_grad(dy2: torch.Tensor, base: nn.Module) -> torch.Tensor:
     """dy2 (M, out) @ W with the base weight in FP8: the backward pass's base matmul."""
-    w8t, scale = weight_fp8(base, transpose=True)  # (in, out): rows are contracted, as _scaled_mm wants
+    w8t, scale = base_fp8(base, transpose=True)  # (in, out): rows are contracted, as _scaled_mm wants
     return scaled_mm(dy2, w8t, scale, dy2.dtype)

@@ -92,6 +92,9 @@ class LoRALinear(nn.Module):
     fused_matmul = True  # class-wide switch: False forces the generic path (the unoptimised reference)
     fp8_matmul = None  # class-wide switch (fp8.py; finetune/lora.py --fp8): the fused path's base matmuls in FP8:
     #                    "grad" the input-gradient matmul of the backward pass only, "all" the forward ones too
+    recompute_inputs = True  # class-wide switch (finetune/lora.py --recompute_inputs): the fused path recomputes an
+    #                          RMSNorm output or SwiGLU product it reads in its backward pass; False keeps them
+    #                          (more memory, less time: see LoRAMatmul)
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  parts: Optional[Sequence[Tuple[int, int]]] = None) -> None:
@@ -141,7 +144,7 @@ class LoRALinear(nn.Module):
             return self.base(x)
         if self.takes_fused_path:
             B = self.lora_B if self.covers_all_rows else self.placed_B(torch.float32)
-            return LoRAMatmul.apply(x, self.lora_A, B, self.scaling, self.base, self.fp8_mode)
+            return LoRAMatmul.apply(x, self.lora_A, B, self.scaling, self.base, self.fp8_mode, self.recompute_inputs)
         return self.base(x) + self.lora_delta(x)
 
     def swiglu_forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -150,7 +153,8 @@ class LoRALinear(nn.Module):
         widest activation of the block, and recomputes the product in the backward pass."""
         if self.merged or not (self.takes_fused_path and self.covers_all_rows):
             return self(model.swiglu(gate, up))
-        return SwiGLULoRAMatmul.apply(gate, up, self.lora_A, self.lora_B, self.scaling, self.base, self.fp8_mode)
+        return SwiGLULoRAMatmul.apply(gate, up, self.lora_A, self.lora_B, self.scaling, self.base, self.fp8_mode,
+                                      self.recompute_inputs)
 
     @property
     def takes_fused_path(self) -> bool:
@@ -202,15 +206,19 @@ class LoRAMatmul(torch.autograd.Function):
     of A and B. Gradients of the fp32 A and B come back in fp32; the base matmul of the backward pass is skipped when
     x needs no gradient (the first layer's input). With fp8_mode ("grad" or "all", LoRALinear.fp8_matmul) the base
     matmul of the backward pass (and with "all" of the forward pass) runs in FP8 (fp8.py).
+
+    recompute=False (LoRALinear.recompute_inputs) keeps x even when it is a norm's output. For Mistral-7B that is
+    two (tokens, 4096) tensors per block, plus SwiGLULoRAMatmul's (tokens, 14336) product: 1.4 GiB per 1,000 tokens
+    of a micro-batch, for 128 fewer elementwise kernels a step.
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, scaling, base, fp8_mode):
+    def forward(ctx, x, A, B, scaling, base, fp8_mode, recompute=True):
         y, h, A_c, B_c = lora_matmul(x, A, B, scaling, base, fp8_mode == "all")
         # x = norm(x_in) (model.RMSNorm tags its output): keep x_in, which the norm keeps for its own backward
         # anyway, and recompute x in backward, one cheap elementwise kernel, instead of keeping a second tensor.
         ctx.norm, x_in = None, x
-        if hasattr(x, "normed_from"):
+        if recompute and hasattr(x, "normed_from"):
             norm, source, source_version, version = x.normed_from
             src = source()
             if src is not None and src._version == source_version and x._version == version:
@@ -227,28 +235,30 @@ class LoRAMatmul(torch.autograd.Function):
                 x = ctx.norm.forward(x)  # not ctx.norm(x): the module's hooks ran in the forward pass already
         dx, dA, dB = lora_matmul_backward(dy, x, h, A_c, B_c, ctx.scaling, ctx.base, ctx.needs_input_grad[0],
                                           ctx.fp8_mode is not None)
-        return dx, dA, dB, None, None, None
+        return dx, dA, dB, None, None, None, None
 
 
 class SwiGLULoRAMatmul(torch.autograd.Function):
     """LoRAMatmul of swiglu(gate, up), saving gate and up but not their product (see LoRALinear.swiglu_forward)."""
 
     @staticmethod
-    def forward(ctx, gate, up, A, B, scaling, base, fp8_mode):
-        y, h, A_c, B_c = lora_matmul(model.swiglu(gate, up), A, B, scaling, base, fp8_mode == "all")
-        ctx.save_for_backward(gate, up, h, A_c, B_c)
+    def forward(ctx, gate, up, A, B, scaling, base, fp8_mode, recompute=True):
+        act = model.swiglu(gate, up)
+        y, h, A_c, B_c = lora_matmul(act, A, B, scaling, base, fp8_mode == "all")
+        ctx.save_for_backward(gate, up, h, A_c, B_c, *(() if recompute else (act,)))
         ctx.scaling, ctx.base, ctx.fp8_mode = scaling, base, fp8_mode
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        gate, up, h, A_c, B_c = ctx.saved_tensors
-        act = model.swiglu(gate, up)  # recomputed: one cheap fused kernel instead of a stored (tokens, 4-5x dim) tensor
+        gate, up, h, A_c, B_c, *kept = ctx.saved_tensors
+        # Recomputed unless kept: one cheap fused kernel instead of a stored (tokens, 3.5-5x dim) tensor.
+        act = kept.pop() if kept else model.swiglu(gate, up)
         d_act, dA, dB = lora_matmul_backward(dy, act, h, A_c, B_c, ctx.scaling, ctx.base, True,
                                              ctx.fp8_mode is not None)
         del act  # before d_gate and d_up exist: this is the widest point of a block's backward pass
         d_gate, d_up = model.swiglu_backward(gate, up, d_act)
-        return d_gate, d_up, dA, dB, None, None, None
+        return d_gate, d_up, dA, dB, None, None, None, None
 
 
 def lora_matmul(x, A, B, scaling: float, base: nn.Module, in_fp8: bool = False):

@@ -203,8 +203,12 @@ class Block(nn.Module):
         h = self.attn(self.norm_1(x), cos, sin, mask, input_pos)
         if self.parallel_residual:
             return x + h + self.mlp(self.norm_2(x))
-        x = x + h
-        return x + self.mlp(self.norm_2(x))
+        if isinstance(self.norm_2, RMSNorm):
+            x, normed = self.norm_2.add_forward(x, h)  # x + h and its norm in one kernel (compiled)
+        else:
+            x = x + h
+            normed = self.norm_2(x)
+        return x + self.mlp(normed)
 
 
 class CausalSelfAttention(nn.Module):
@@ -268,7 +272,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        y = rms_norm(x, self.weight, self.eps)
+        return self.tagged(rms_norm(x, self.weight, self.eps), x)
+
+    def add_forward(self, x, h):
+        """(x + h, self(x + h)): a residual add and the norm after it. Compiled (compile_elementwise), one kernel
+        each way instead of two: the backward pass adds the gradient from the residual path inside the norm's."""
+        x, y = add_rms_norm(x, h, self.weight, self.eps)
+        return x, self.tagged(y, x)
+
+    def tagged(self, y, x):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # Lets LoRA's fused matmul (lora.LoRAMatmul), which reads y, keep x instead (kept for this norm's own
             # backward anyway) and recompute y in its backward: one fewer (tokens, n_embd) tensor per norm. A weak
@@ -282,6 +294,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float):
+    x = x + h
+    return x, _PLAIN.get("rms_norm", rms_norm)(x, weight, eps)  # the plain one: compiled, it fuses with the add
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -325,13 +342,14 @@ _PLAIN = {}
 
 
 def compile_elementwise(enable: bool = True, backend: str = "inductor") -> None:
-    """Swaps rms_norm, apply_rope and swiglu for torch.compile'd versions (or back, with enable=False).
+    """Swaps rms_norm (alone and after a residual add), apply_rope and swiglu for torch.compile'd versions (or back,
+    with enable=False).
 
     Eager PyTorch runs each of them as 5-10 kernels that write fp32 or bf16 intermediates and keeps several for the
     backward pass; compiled, each is one fused kernel forward and one backward that keep only their inputs. Matmuls
     and attention are untouched. finetune/lora.py turns this on for CUDA training (--fused)."""
     g = globals()
-    for name in ("rms_norm", "apply_rope", "swiglu", "swiglu_backward"):
+    for name in ("rms_norm", "add_rms_norm", "apply_rope", "swiglu", "swiglu_backward"):
         _PLAIN.setdefault(name, g[name])
         g[name] = torch.compile(_PLAIN[name], backend=backend) if enable else _PLAIN[name]
 

@@ -15,12 +15,12 @@ stage=${1:-}
 # Our configurations (benchmark_finetune.py --configs, MBxC as that script spells C today: 1 every block checkpointed,
 # 0 none, pN the first N blocks): enough to have a candidate under each cap. Change these as the trainer gains modes.
 # A trailing o offloads the checkpointed blocks' inputs to host memory (--offload_checkpoints); +fp8 / +fp8grad after
-# a configuration runs it with finetune/lora.py --fp8 all / grad. The defaults are the README table's runs (FP8 all);
-# its bf16 table ran 1x0,2xp4o,3x0,1xp18o,1xp20o,4x1o,2x1o / 1x0,1xp4o,1xp6o,1x1o,2x1o,1xp26o,1xp28o /
-# 1x1o,1x0,1xp6o,2x1o,4x1o,1xp4o.
-OURS_mistral_2048="3x0+fp8,1x0+fp8,1xp16o+fp8,1xp15o+fp8,1xp14o+fp8"
-OURS_mistral_4096="1x0+fp8,1xp4o+fp8,1xp6o+fp8,1xp22o+fp8,1xp24o+fp8,1xp26o+fp8"
-OURS_llama13b_2048="1x1o+fp8,1x0+fp8,1xp6o+fp8,1xp4o+fp8,1xp30o+fp8"
+# a configuration runs it with finetune/lora.py --fp8 all / grad, +keep with --recompute_inputs false. The defaults
+# are the README table's runs (FP8 all); its bf16 table ran 1x0,2xp4o,3x0,1xp18o,1xp20o,4x1o,2x1o /
+# 1x0,1xp4o,1xp6o,1x1o,2x1o,1xp26o,1xp28o / 1x1o,1x0,1xp6o,2x1o,4x1o,1xp4o.
+OURS_mistral_2048="1x0+fp8,3x0+fp8,2x0+fp8+keep,1xp15o+fp8,1xp16o+fp8"
+OURS_mistral_4096="1x0+fp8+keep,1xp3o+fp8,1xp4o+fp8,1xp24o+fp8,1xp26o+fp8"
+OURS_llama13b_2048="1x1o+fp8,1x0+fp8+keep,1xp4o+fp8,1xp6o+fp8,1x0+fp8"
 # Unsloth's likely best under each cap, most useful first (the budget may cut the tail). From the anchors' table:
 # offloaded checkpointing ("offload") costs ~0.5 GiB per extra 2,048 tokens on a 7B (1x2048 5.0 GiB, 4x2048 6.6) and
 # speeds up with micro-batch, so the largest one under 8 GiB is its 8-GiB best (6x2048 ~7.6 GiB is the guess, 8x2048

@@ -4,13 +4,14 @@ with random weights built directly on the GPU (no checkpoint on disk). Uses fine
     python scripts/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x0,1xp20,4x1
 
 Each configuration MBxC is micro-batch MB with activation checkpointing C: 1 (every block), 0 (none) or pN (the
-first N blocks), optionally +fp8 (FP8 base matmuls) or +fp8grad (FP8 input-gradient matmuls only); one JSON line
-each:
+first N blocks), optionally +fp8 (FP8 base matmuls) or +fp8grad (FP8 input-gradient matmuls only) and +keep
+(--recompute_inputs false); one JSON line each:
 tokens_per_s (median over --steps after --warmup steps, timed with CUDA events) and peak_mem_gib
 (torch.cuda.max_memory_allocated, weights included), like the peer scripts in ../shared/anchors.
 `--table results.jsonl` prints a Markdown table of such lines (ours and the peers').
 """
 
+import gc
 import json
 import sys
 import time
@@ -135,6 +136,13 @@ def bench(model, seq: int, mb: int, ckpt: str, steps: int, warmup: int, device: 
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
         print(table, file=sys.stderr, flush=True)
+        if graphed is None:  # eager: which operators (and shapes) launched the kernels
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+                step()
+                torch.cuda.synchronize()
+            table = prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=70)
+            print(table, file=sys.stderr, flush=True)
     del optimizer, graphed
     return {"step_s_median": round(median, 4), "tokens_per_s": round(mb * seq / median, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(loss, 4)}
@@ -184,7 +192,8 @@ def main(
         seq: sequence length.
         configs: comma list of MBxC: micro-batch MB, activation checkpointing C (1, 0 or pN: the first N blocks;
             a trailing o offloads the checkpoints: 1o, p20o); +fp8 after one runs it with FP8 base matmuls
-            (finetune/lora.py --fp8 all), +fp8grad with FP8 input-gradient matmuls only (--fp8 grad): 1x0+fp8.
+            (finetune/lora.py --fp8 all), +fp8grad with FP8 input-gradient matmuls only (--fp8 grad); +keep keeps
+            the norm outputs and SwiGLU products for the backward pass (--recompute_inputs false): 1x0+fp8+keep.
         quantize: base weights (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8) or null for bf16.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha.
@@ -197,7 +206,8 @@ def main(
         docs_per_row: above 1, each row packs this many documents with a document mask (the trainer's packed rows;
             attention then takes SDPA's masked path instead of causal flash).
         compile: torch.compile each block.
-        profile: after timing each configuration, profile one more step and print its CUDA kernels by total time.
+        profile: after timing each configuration, profile one more step and print its CUDA kernels by total time;
+            without --cuda_graph also the operators that launched them, by input shapes.
         table: instead of benchmarking, print a Markdown table of the JSON lines in this file.
     """
     if table is not None:
@@ -220,15 +230,21 @@ def main(
     print(json.dumps({"built": config.name, "quantize": quantize, "s": round(time.perf_counter() - t0, 1),
                       "mem_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
                       "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}), flush=True)
-    for spec in configs.split(","):
-        spec, _, extra = spec.lower().partition("+")
-        if extra not in ("", "fp8", "fp8grad") or (extra and not fused):
-            raise ValueError(f"config {spec}+{extra}: the suffixes are +fp8 and +fp8grad, and they need --fused true")
-        LoRALinear.fp8_matmul = {"": None, "fp8": "all", "fp8grad": "grad"}[extra]
+    for i, spec in enumerate(configs.split(",")):
+        if i:  # each configuration compiles afresh, as its own trainer process would: a second shape would otherwise
+            # recompile the compiled kernels for dynamic shapes (one H100 call: 3x0 after 1x0 and 2x0 ran 17% slower
+            # with 3 GiB more peak memory than 3x0 alone)
+            torch._dynamo.reset()
+            gc.collect()
+        spec, *extras = spec.lower().split("+")
+        if not set(extras) <= {"fp8", "fp8grad", "keep"} or {"fp8", "fp8grad"} <= set(extras) or (extras and not fused):
+            raise ValueError(f"config {'+'.join([spec, *extras])}: the suffixes are +fp8 or +fp8grad and +keep, and "
+                             "they need --fused true")
+        LoRALinear.fp8_matmul = "all" if "fp8" in extras else "grad" if "fp8grad" in extras else None
+        LoRALinear.recompute_inputs = "keep" not in extras
         mb, ckpt = spec.split("x")
         mb = int(mb)
-        tags = [t for t, on in (("fused", fused), ("graph", cuda_graph), ("compiled", compile),
-                                (extra, extra)) if on]
+        tags = [t for t, on in (("fused", fused), ("graph", cuda_graph), ("compiled", compile)) if on] + extras
         result = {"system": "oneday" + (f" ({'+'.join(tags)})" if tags else ""), "model": config.name, "seq": seq,
                   "mb": mb, "grad_ckpt": ckpt_label(ckpt),
                   "quantize": quantize, "lora_r": lora_r, "docs_per_row": docs_per_row}

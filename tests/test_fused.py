@@ -337,12 +337,13 @@ def saved_bytes_per_token_and_block(model, idx) -> float:
     c = model.config
     floor = idx.numel() * c.n_query_groups * c.head_size * 2  # the smallest activation kept: v, in bf16
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
+    kept, alive = {}, []
 
     def pack(t):
         s = t.untyped_storage()
         if t.dim() >= 3 and s.data_ptr() not in params and s.nbytes() >= floor:
             kept[s.data_ptr()] = s.nbytes()
+            alive.append(t)  # so that no later tensor reuses its address and goes uncounted
         return t
 
     x = model.wte(idx).detach()
@@ -376,3 +377,29 @@ def test_fused_block_keeps_only_what_its_backward_needs(backend):
     kv = c.n_query_groups * c.head_size
     assert fused == 2 * (4 * c.n_embd + 2 * kv + 2 * c.intermediate_size)
     assert plain > fused + 2 * (2 * c.n_embd)
+
+
+def test_keeping_inputs_gives_the_same_grads_and_keeps_the_norm_outputs_and_swiglu_product(packed_batch, backend):
+    """LoRALinear.recompute_inputs = False (finetune/lora.py --recompute_inputs false) keeps both norm outputs and the
+    SwiGLU product instead of recomputing them in the backward pass: the same loss and gradients, and exactly those
+    three tensors more per token and block."""
+    c = Config(**CONFIG)
+    ex, rows = packed_batch
+    batch = ft.collate(ex, rows[:2], packed=True, device="cpu")
+    model = tiny_model()
+    bf16 = tiny_model(dtype=torch.bfloat16)
+    for name, p in bf16.named_parameters():
+        p.requires_grad_("lora_" in name)
+    idx = torch.randint(0, c.vocab_size, (2, 24))
+    model_module.compile_elementwise(backend=backend)
+    try:
+        recomputed, lean = loss_and_grads(model, batch), saved_bytes_per_token_and_block(bf16, idx)
+        LoRALinear.recompute_inputs = False
+        kept, keeping = loss_and_grads(model, batch), saved_bytes_per_token_and_block(bf16, idx)
+    finally:
+        LoRALinear.recompute_inputs = True
+        model_module.compile_elementwise(False)
+    assert_same(recomputed, kept, rtol=0, atol=0)
+    # In the first block, whose input needs no gradient, the kept norm_1 output replaces the block input rather than
+    # adding to it: nothing else there keeps that input.
+    assert keeping == lean + 2 * (2 * c.n_embd + c.intermediate_size) - 2 * c.n_embd / c.n_layer
