@@ -351,7 +351,11 @@ def compile_elementwise(enable: bool = True, backend: str = "inductor") -> None:
     g = globals()
     for name in ("rms_norm", "add_rms_norm", "apply_rope", "swiglu", "swiglu_backward"):
         _PLAIN.setdefault(name, g[name])
-        g[name] = torch.compile(_PLAIN[name], backend=backend) if enable else _PLAIN[name]
+        # The norms round where eager rounds (the residual sum, the normalised value before the weight): LoRAMatmul
+        # recomputes a norm from its stored input with rms_norm, and must get the values that add_rms_norm gave the
+        # forward pass (inductor's default skips those roundings, differently in each kernel)
+        options = {"emulate_precision_casts": True} if "rms_norm" in name and backend == "inductor" else None
+        g[name] = torch.compile(_PLAIN[name], backend=backend, options=options) if enable else _PLAIN[name]
 
 
 class KVCache(nn.Module):

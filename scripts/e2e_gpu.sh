@@ -42,8 +42,8 @@ if [ "$stage" = compare ]; then
   # The training fast path (fused kernels + CUDA graph) against the plain reference on the same real data, seed and
   # settings: their validation losses must agree within noise (issue 6). Short runs, under a minute each on an H100
   # (six runs and the checkpoint conversion took 386 s): fast_offload adds offloaded checkpointing of every block,
-  # fast_fp8 FP8 base matmuls (--fp8 all), fast_fp8grad FP8 only in the backward pass's input-gradient matmuls; a
-  # mode@SEED runs it with another seed (the reference at other seeds is the noise band). COMPARE_MODES picks the runs.
+  # fast_fp8 FP8 base matmuls (--fp8 all), fast_fp8grad FP8 only in the backward pass's input-gradient matmuls,
+  # fast_fp8_keep fast_fp8 with --recompute_inputs false; a mode@SEED runs it with another seed (the reference at other seeds is the noise band). COMPARE_MODES picks the runs.
   default="reference fast fast_offload fast_fp8 reference@1338 fast_fp8@1338 reference@1339 fast_fp8@1339"
   modes=${COMPARE_MODES:-$default}
   for run in $modes; do
@@ -54,6 +54,7 @@ if [ "$stage" = compare ]; then
       fast_offload) flags="--fused true --cuda_graph true --activation_checkpointing true --offload_checkpoints true" ;;
       fast_fp8) flags="--fused true --cuda_graph true --fp8 all" ;;
       fast_fp8grad) flags="--fused true --cuda_graph true --fp8 grad" ;;
+      fast_fp8_keep) flags="--fused true --cuda_graph true --fp8 all --recompute_inputs false" ;;
       *) echo "unknown compare mode $mode"; exit 2 ;;
     esac
     rm -rf "/tmp/oneday-compare-$run"

@@ -12,7 +12,8 @@ linear, packed rows with a document mask, bf16:
    rounded to float8, the Triton per-row cast equals eager PyTorch's, the GPU's scaled matmul equals the float8 values
    multiplied out in fp32, and fused + FP8 training (eager "grad" and "all", then "all" graphed with offloaded
    checkpoints) stays near the plain path (looser: e4m3 rounding);
-and that an RMSNorm output recomputed without grad (as LoRAMatmul's backward does) equals the forward's bit for bit.
+and that an RMSNorm output recomputed without grad (as LoRAMatmul's backward does) equals the forward's bit for bit,
+also where the forward fused the norm with the residual add before it.
 Prints one JSON line per comparison (loss and the worst relative gradient error) and exits non-zero on a mismatch.
 """
 
@@ -150,6 +151,13 @@ def main() -> None:
     with torch.no_grad():
         same = torch.equal(y.detach(), norm.forward(x.detach()))
     print(json.dumps({"check": "RMSNorm recomputed (no grad) == forward (compiled)", "equal": same}), flush=True)
+    ok &= same
+    # ... also after the residual add it is fused with (Block: norm_2.add_forward): recomputed from the stored sum
+    s, y = net.blocks[0].norm_2.add_forward(x, torch.randn_like(x))
+    with torch.no_grad():
+        same = torch.equal(y.detach(), net.blocks[0].norm_2.forward(s.detach()))
+    print(json.dumps({"check": "RMSNorm of a residual add recomputed from the sum == forward (compiled)",
+                      "equal": same}), flush=True)
     ok &= same
     summed = [a + b for a, b in zip(plain1[1], plain2[1])]
     for n_ckpt, offload in ((2, False), (3, True)):

@@ -403,3 +403,26 @@ def test_keeping_inputs_gives_the_same_grads_and_keeps_the_norm_outputs_and_swig
     # In the first block, whose input needs no gradient, the kept norm_1 output replaces the block input rather than
     # adding to it: nothing else there keeps that input.
     assert keeping == lean + 2 * (2 * c.n_embd + c.intermediate_size) - 2 * c.n_embd / c.n_layer
+
+
+def test_compiled_norms_round_like_eager_so_a_recomputed_norm_equals_the_forward(backend):
+    """Block fuses the residual add into norm_2 (RMSNorm.add_forward); LoRAMatmul's backward recomputes the norm from
+    the stored sum with the plain rms_norm kernel. Compiled, both must round where eager does, or the recomputed input
+    differs from the forward's (what an H100 showed before they did)."""
+    torch.manual_seed(0)
+    norm = model_module.RMSNorm(256, 1e-5).to(torch.bfloat16)
+    nn.init.normal_(norm.weight, 1.0, 0.1)
+    x, h = torch.randn(2, 32, 256, dtype=torch.bfloat16), torch.randn(2, 32, 256, dtype=torch.bfloat16)
+    eager_sum, eager_y = model_module.add_rms_norm(x, h, norm.weight, norm.eps)
+    patch = {"emulate_precision_casts_on_saved_tensors": False}  # torch >= 2.13 only: behave like older inductors
+    patch = {k: v for k, v in patch.items() if hasattr(torch._inductor.config, k)}
+    model_module.compile_elementwise(backend=backend)
+    try:
+        with torch._inductor.config.patch(patch), torch.no_grad():
+            s, y = norm.add_forward(x, h)
+            recomputed = norm.forward(s)
+    finally:
+        model_module.compile_elementwise(False)
+    assert torch.equal(s, eager_sum)
+    assert torch.equal(y, eager_y)
+    assert torch.equal(recomputed, y)
