@@ -82,6 +82,7 @@ def describe(row) -> str:
         return "nothing under the cap"
     system = row["system"].lower()
     fp8 = "FP8 input-gradient matmuls, " if "fp8grad" in system else "FP8 base matmuls, " if "fp8" in system else ""
+    fp8 += "norm and SwiGLU outputs kept, " if "+keep" in system else ""
     return (f"{float(row['tokens_per_s']):,.0f} ({row.get('mb', '?')} x {row['seq']}, {fp8}"
             f"{ckpt_word(row.get('grad_ckpt'))}, {float(row['peak_mem_gib']):.2f} GiB)")
 
