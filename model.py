@@ -276,7 +276,8 @@ class RMSNorm(nn.Module):
 
     def add_forward(self, x, h):
         """(x + h, self(x + h)): a residual add and the norm after it. Compiled (compile_elementwise), one kernel
-        each way instead of two: the backward pass adds the gradient from the residual path inside the norm's."""
+        each way instead of two: the backward pass adds the gradient from the residual path inside the norm's.
+        Called directly by Block, so hooks registered on this module do not see it."""
         x, y = add_rms_norm(x, h, self.weight, self.eps)
         return x, self.tagged(y, x)
 

@@ -129,8 +129,9 @@ def setup(
             only (the forward pass is untouched), "all" the forward ones too (the fastest: see the README's speed
             table; its training loss starts a little higher, and on SmolLM2 its validation curve matched bf16's).
         recompute_inputs: the fused LoRA matmuls recompute the RMSNorm outputs and SwiGLU products they read in the
-            backward pass; false keeps them instead: a few % faster when memory allows (for Mistral-7B 1.4 GiB more
-            per 1,000 tokens of a micro-batch, in the blocks without activation checkpointing).
+            backward pass; false keeps them instead: 3% faster on an H100 with --fp8 all when memory allows (for
+            Mistral-7B 1.35 GiB more per 1,000 tokens of a micro-batch, in the blocks without activation
+            checkpointing). Needs --fused true and --lora_dropout 0.
         cuda_graph: on a GPU, capture one micro-batch's forward and backward as a CUDA graph and replay it (packed
             rows only; one device): removes the kernel-launch overhead that dominates small micro-batches.
         compile: torch.compile each block (GPU).
@@ -171,6 +172,9 @@ def setup(
                          "be traced into the compiled blocks); set one of them off")
     if fp8 and not (fused and lora_dropout == 0):
         raise SystemExit(f"--fp8 {fp8} runs inside the fused LoRA matmul: set --fused true and --lora_dropout 0")
+    if not recompute_inputs and not (fused and lora_dropout == 0):
+        raise SystemExit("--recompute_inputs false applies to the fused LoRA matmul: set --fused true and "
+                         "--lora_dropout 0, or drop it")
     if fp8 and torch.cuda.is_available() and accelerator != "cpu":
         problem = fp8_module.device_problem(torch.device("cuda"))
         if problem:
@@ -787,7 +791,12 @@ def validate(fabric, model, examples: Examples, micro_batch_size: int) -> float:
 
 def validate_and_log(fabric, model, gpt, val_examples, a, state, checkpoint_dir) -> None:
     t0 = time.perf_counter()
-    val_loss = validate(fabric, model, val_examples, a.micro_batch_size)
+    # Evaluation runs the compiled kernels eagerly: its batches (and the sample's tokens) vary in length, and a
+    # compiled function that has seen several lengths recompiles for dynamic shapes, also for the training step
+    # compiled after it (slower, more memory: docs/speed/h100_2026-11-24_e.md, "Ordering").
+    eager = torch.compiler.set_stance("force_eager")
+    with eager:
+        val_loss = validate(fabric, model, val_examples, a.micro_batch_size)
     state["history"]["val"].append((state["step"], val_loss))
     fabric.log_dict({"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, step=state["step"])
     fabric.print(f"step {state['step']} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f} | "
@@ -797,7 +806,8 @@ def validate_and_log(fabric, model, gpt, val_examples, a, state, checkpoint_dir)
         if fabric.global_rank == 0:
             save_adapter(gpt, Path(a.out_dir) / "adapter_best.safetensors", extra=adapter_extra(a, state))
     if a.sample_tokens > 0 and fabric.global_rank == 0:
-        print_sample(fabric, gpt, val_examples, checkpoint_dir, a.sample_tokens)
+        with eager:
+            print_sample(fabric, gpt, val_examples, checkpoint_dir, a.sample_tokens)
     fabric.barrier()
 
 

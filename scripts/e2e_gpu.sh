@@ -43,7 +43,8 @@ if [ "$stage" = compare ]; then
   # settings: their validation losses must agree within noise (issue 6). Short runs, under a minute each on an H100
   # (six runs and the checkpoint conversion took 386 s): fast_offload adds offloaded checkpointing of every block,
   # fast_fp8 FP8 base matmuls (--fp8 all), fast_fp8grad FP8 only in the backward pass's input-gradient matmuls,
-  # fast_fp8_keep fast_fp8 with --recompute_inputs false; a mode@SEED runs it with another seed (the reference at other seeds is the noise band). COMPARE_MODES picks the runs.
+  # fast_fp8_keep fast_fp8 with --recompute_inputs false; a mode@SEED runs it with another seed (the reference at
+  # other seeds is the noise band). COMPARE_MODES picks the runs.
   default="reference fast fast_offload fast_fp8 reference@1338 fast_fp8@1338 reference@1339 fast_fp8@1339"
   modes=${COMPARE_MODES:-$default}
   for run in $modes; do

@@ -337,6 +337,9 @@ def test_bad_inputs_fail_early_with_one_line(ckpt, data, tmp_path):
     with pytest.raises(SystemExit) as e:
         run(ckpt, data, tmp_path / "o10", fp8="grad", fused=False)
     assert "--fp8 grad runs inside the fused LoRA matmul" in one_line_error(e)
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, data, tmp_path / "o11", recompute_inputs=False, lora_dropout=0.1)
+    assert "--recompute_inputs false applies to the fused LoRA matmul" in one_line_error(e)
 
 
 def test_resume_refuses_changed_settings_and_foreign_adapters(ckpt, data, tmp_path):

@@ -3,6 +3,8 @@ bases, q/k/v parts, bias), model.compile_elementwise (compiled RMSNorm/RoPE/SwiG
 blocks, and the fixed-shape loss that CUDA graphs replay (finetune/lora.py --cuda_graph; the graph itself is checked
 on the GPU by scripts/gpu_check_fused.py)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -386,29 +388,32 @@ def test_keeping_inputs_gives_the_same_grads_and_keeps_the_norm_outputs_and_swig
     c = Config(**CONFIG)
     ex, rows = packed_batch
     batch = ft.collate(ex, rows[:2], packed=True, device="cpu")
-    model = tiny_model()
-    bf16 = tiny_model(dtype=torch.bfloat16)
-    for name, p in bf16.named_parameters():
+    model = tiny_model(dtype=torch.bfloat16)  # bf16, as trained: a recomputed norm must round like the kept one
+    for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     idx = torch.randint(0, c.vocab_size, (2, 24))
     model_module.compile_elementwise(backend=backend)
     try:
-        recomputed, lean = loss_and_grads(model, batch), saved_bytes_per_token_and_block(bf16, idx)
+        recomputed, lean = loss_and_grads(model, batch), saved_bytes_per_token_and_block(model, idx)
         LoRALinear.recompute_inputs = False
-        kept, keeping = loss_and_grads(model, batch), saved_bytes_per_token_and_block(bf16, idx)
+        kept, keeping = loss_and_grads(model, batch), saved_bytes_per_token_and_block(model, idx)
     finally:
         LoRALinear.recompute_inputs = True
         model_module.compile_elementwise(False)
     assert_same(recomputed, kept, rtol=0, atol=0)
     # In the first block, whose input needs no gradient, the kept norm_1 output replaces the block input rather than
     # adding to it: nothing else there keeps that input.
-    assert keeping == lean + 2 * (2 * c.n_embd + c.intermediate_size) - 2 * c.n_embd / c.n_layer
+    expected = lean + 2 * (2 * c.n_embd + c.intermediate_size) - 2 * c.n_embd / c.n_layer
+    assert keeping == pytest.approx(expected)
 
 
 def test_compiled_norms_round_like_eager_so_a_recomputed_norm_equals_the_forward(backend):
     """Block fuses the residual add into norm_2 (RMSNorm.add_forward); LoRAMatmul's backward recomputes the norm from
     the stored sum with the plain rms_norm kernel. Compiled, both must round where eager does, or the recomputed input
-    differs from the forward's (what an H100 showed before they did)."""
+    differs from the forward's (what an H100 showed before they did). The forward runs as in training (inputs that
+    need gradients, so the compiled training graph); the recompute without gradients, as in the backward pass."""
+    if backend != "inductor":
+        pytest.skip("no inductor here: the other backends run the plain functions, which round like eager anyway")
     torch.manual_seed(0)
     norm = model_module.RMSNorm(256, 1e-5).to(torch.bfloat16)
     nn.init.normal_(norm.weight, 1.0, 0.1)
@@ -418,11 +423,55 @@ def test_compiled_norms_round_like_eager_so_a_recomputed_norm_equals_the_forward
     patch = {k: v for k, v in patch.items() if hasattr(torch._inductor.config, k)}
     model_module.compile_elementwise(backend=backend)
     try:
-        with torch._inductor.config.patch(patch), torch.no_grad():
-            s, y = norm.add_forward(x, h)
-            recomputed = norm.forward(s)
+        with torch._inductor.config.patch(patch):
+            s, y = norm.add_forward(x.requires_grad_(), h.requires_grad_())
+            with torch.no_grad():
+                recomputed = norm.forward(s.detach())
     finally:
         model_module.compile_elementwise(False)
-    assert torch.equal(s, eager_sum)
-    assert torch.equal(y, eager_y)
-    assert torch.equal(recomputed, y)
+    assert torch.equal(s.detach(), eager_sum)
+    assert torch.equal(y.detach(), eager_y)
+    assert torch.equal(recomputed, y.detach())
+
+
+class _OneProcess:
+    """What validate_and_log asks of Fabric, for one CPU process."""
+    device, global_rank, world_size = torch.device("cpu"), 0, 1
+
+    def all_reduce(self, t, reduce_op):
+        return t
+
+    def print(self, *args, **kwargs):
+        pass
+
+    def log_dict(self, *args, **kwargs):
+        pass
+
+    def barrier(self):
+        pass
+
+
+def test_validation_runs_the_compiled_kernels_eagerly(packed_batch):
+    """Validation batches vary in length; if they went through the compiled norm/RoPE/SwiGLU, those would recompile
+    for dynamic shapes before the first training step compiles. validate_and_log must compile nothing."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    ex, _ = packed_batch
+    assert len(set(ex.lengths.tolist())) > 1
+    model = tiny_model()
+    a = SimpleNamespace(micro_batch_size=2, sample_tokens=0, out_dir="unused")
+    state = {"step": 0, "history": {"val": []}, "best_val": float("inf")}
+    model_module.compile_elementwise(backend="aot_eager")
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        ft.validate_and_log(_OneProcess(), model, model, ex, a, state, None)
+        compiled_in_validation = counters["stats"]["unique_graphs"]
+        ft.training_loss(model, ft.collate(ex, [[0]], packed=True, device="cpu"))[0].backward()
+    finally:
+        model_module.compile_elementwise(False)
+    assert state["history"]["val"] and math.isfinite(state["history"]["val"][0][1])
+    assert compiled_in_validation == 0
+    assert counters["stats"]["unique_graphs"] > 0  # the training step does compile: the counter can see it

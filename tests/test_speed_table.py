@@ -68,7 +68,8 @@ def test_fp8_rows_say_so_in_the_verdict():
     assert speed_table.describe(fp8) == "14,000 (1 x 2048, FP8 base matmuls, off, 7.90 GiB)"
     assert "FP8 input-gradient" in speed_table.describe(row("oneday (fused+graph+fp8grad)", 14_000, 7.9, mb=1, ckpt="none"))
     kept = row("oneday (fused+graph+fp8+keep)", 18_000, 21.8, mb=1, ckpt="none")
-    assert speed_table.describe(kept) == "18,000 (1 x 2048, FP8 base matmuls, norm and SwiGLU outputs kept, off, 21.80 GiB)"
+    assert speed_table.describe(kept) == ("18,000 (1 x 2048, FP8 base matmuls, norm and SwiGLU outputs kept, off, "
+                                          "21.80 GiB)")
     assert "FP8" not in speed_table.describe(row("oneday (fused+graph)", 14_000, 7.9, mb=1, ckpt="none"))
 
 
