@@ -258,10 +258,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.fc_2 is not None:
-            gate, up = self.fc_1(x), self.fc_2(x)
-            if hasattr(self.proj, "swiglu_forward"):  # LoRA's fused SwiGLU + down projection (lora.py)
-                return self.proj.swiglu_forward(gate, up)
-            return self.proj(swiglu(gate, up))
+            if hasattr(self.proj, "gated_mlp_forward"):  # LoRA's fused gated MLP (lora.py)
+                return self.proj.gated_mlp_forward(x, self.fc_1, self.fc_2)
+            return self.proj(swiglu(self.fc_1(x), self.fc_2(x)))
         return self.proj(F.gelu(self.fc_1(x), approximate=self.gelu_approximate))
 
 

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fp8 as fp8_module  # noqa: E402  (setup's --fp8 flag takes the plain name)
+from lora import compile_kernels as compile_lora_kernels  # noqa: E402
 from lora import (LoRAConfig, LoRALinear, check_adapter_fits, inject_lora, lora_modules, lora_state_dict,  # noqa: E402
                   read_adapter, save_adapter)
 import model as model_module  # noqa: E402
@@ -122,8 +123,9 @@ def setup(
             instead of on the GPU (0.5 GiB less for a 7B at 2,048 tokens per micro-batch, 0.8 GiB for a 13B; the
             copies overlap compute). What lets a 13B train in 8 GiB.
         neftune_alpha: NEFTune noise on the embeddings during training (5 is the paper's value); 0 disables.
-        fused: the fused LoRA matmul (lora.LoRAMatmul) and, on a GPU, RMSNorm, RoPE and SwiGLU compiled into fused
-            kernels (model.compile_elementwise); false runs the plain reference path.
+        fused: the fused LoRA matmuls (lora.LoRAMatmul, lora.lora_gated_mlp) and, on a GPU, RMSNorm, RoPE and SwiGLU
+            compiled into fused kernels (model.compile_elementwise, lora.compile_kernels); false runs the plain
+            reference path.
         fp8: run frozen base weights' matmuls on FP8 tensor cores (fp8.py; needs --fused, no LoRA dropout and a GPU
             of compute capability 8.9+ such as an H100 or RTX 4090): "grad" the backward pass's input-gradient matmuls
             only (the forward pass is untouched), "all" the forward ones too (the fastest: see the README's speed
@@ -244,6 +246,7 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
     LoRALinear.fused_matmul = a.fused
     if a.fused and on_gpu:
         model_module.compile_elementwise()
+        compile_lora_kernels(rank=lora.r)
     LoRALinear.fp8_matmul = a.fp8
     LoRALinear.recompute_inputs = a.recompute_inputs
     if a.fp8:

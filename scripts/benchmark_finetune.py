@@ -4,8 +4,9 @@ with random weights built directly on the GPU (no checkpoint on disk). Uses fine
     python scripts/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x0,1xp20,4x1
 
 Each configuration MBxC is micro-batch MB with activation checkpointing C: 1 (every block), 0 (none) or pN (the
-first N blocks), optionally +fp8 (FP8 base matmuls) or +fp8grad (FP8 input-gradient matmuls only) and +keep
-(--recompute_inputs false); one JSON line each:
+first N blocks), optionally +fp8 (FP8 base matmuls) or +fp8grad (FP8 input-gradient matmuls only), +keep
+(--recompute_inputs false) and +unfusedmlp (the gated MLP as three LoRA matmuls, not lora_gated_mlp); one JSON line
+each:
 tokens_per_s (median over --steps after --warmup steps, timed with CUDA events) and peak_mem_gib
 (torch.cuda.max_memory_allocated, weights included), like the peer scripts in ../shared/anchors.
 `--table results.jsonl` prints a Markdown table of such lines (ours and the peers').
@@ -26,6 +27,7 @@ import fp8  # noqa: E402
 import model as model_module  # noqa: E402
 from finetune.lora import GraphedMicroStep, enable_activation_checkpointing, make_optimizer, training_loss  # noqa: E402
 from lora import LoRAConfig, LoRALinear, inject_lora  # noqa: E402
+from lora import compile_kernels as compile_lora_kernels  # noqa: E402
 from model import Config  # noqa: E402
 
 
@@ -193,7 +195,9 @@ def main(
         configs: comma list of MBxC: micro-batch MB, activation checkpointing C (1, 0 or pN: the first N blocks;
             a trailing o offloads the checkpoints: 1o, p20o); +fp8 after one runs it with FP8 base matmuls
             (finetune/lora.py --fp8 all), +fp8grad with FP8 input-gradient matmuls only (--fp8 grad); +keep keeps
-            the norm outputs and SwiGLU products for the backward pass (--recompute_inputs false): 1x0+fp8+keep.
+            the norm outputs and SwiGLU products for the backward pass (--recompute_inputs false): 1x0+fp8+keep;
+            +unfusedmlp runs the gated MLP as three fused LoRA matmuls instead of lora.lora_gated_mlp (the
+            previous path, for comparison).
         quantize: base weights (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8) or null for bf16.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha.
@@ -222,6 +226,7 @@ def main(
     LoRALinear.fused_matmul = fused
     if fused:
         model_module.compile_elementwise()
+        compile_lora_kernels(rank=lora_r)
         if "+fp8" in configs.lower():
             fp8.compile_kernels()
     if compile:
@@ -237,11 +242,13 @@ def main(
             torch._dynamo.reset()
             gc.collect()
         spec, *extras = spec.lower().split("+")
-        if not set(extras) <= {"fp8", "fp8grad", "keep"} or {"fp8", "fp8grad"} <= set(extras) or (extras and not fused):
-            raise ValueError(f"config {'+'.join([spec, *extras])}: the suffixes are +fp8 or +fp8grad and +keep, and "
-                             "they need --fused true")
+        if (not set(extras) <= {"fp8", "fp8grad", "keep", "unfusedmlp"} or {"fp8", "fp8grad"} <= set(extras)
+                or (extras and not fused)):
+            raise ValueError(f"config {'+'.join([spec, *extras])}: the suffixes are +fp8 or +fp8grad, +keep and "
+                             "+unfusedmlp, and they need --fused true")
         LoRALinear.fp8_matmul = "all" if "fp8" in extras else "grad" if "fp8grad" in extras else None
         LoRALinear.recompute_inputs = "keep" not in extras
+        LoRALinear.fused_mlp = "unfusedmlp" not in extras
         mb, ckpt = spec.split("x")
         mb = int(mb)
         tags = [t for t, on in (("fused", fused), ("graph", cuda_graph), ("compiled", compile)) if on] + extras

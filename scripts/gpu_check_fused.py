@@ -4,7 +4,8 @@ linear, packed rows with a document mask, bf16:
 
     python scripts/gpu_check_fused.py
 
-1. plain (generic LoRA, eager elementwise) vs fused (LoRAMatmul + compiled RMSNorm/RoPE/SwiGLU), eager;
+1. plain (generic LoRA, eager elementwise) vs fused (LoRAMatmul, lora_gated_mlp with lora.py's Triton SwiGLU kernels,
+   compiled RMSNorm/RoPE/SwiGLU), eager;
 2. fused + checkpointing of the first blocks + CUDA graph: two replays accumulate the gradients of two micro-batches,
    which must equal the sum of the plain path's gradients for the two;
 3. the same with the checkpointed blocks' inputs offloaded to pinned host memory (--offload_checkpoints);
@@ -26,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fp8  # noqa: E402
+import lora  # noqa: E402
 import model as model_module  # noqa: E402
 from finetune.lora import GraphedMicroStep, training_loss  # noqa: E402
 from lora import LoRAConfig, LoRALinear  # noqa: E402
@@ -129,6 +131,7 @@ def main() -> None:
     def eager(batch, fused: bool):
         LoRALinear.fused_matmul = fused
         model_module.compile_elementwise(fused)
+        lora.compile_kernels(fused)
         for p in params:
             p.grad = None
         loss, _ = training_loss(net, batch, select_targets=False)
@@ -137,7 +140,10 @@ def main() -> None:
 
     plain1, plain2 = eager(b1, False), eager(b2, False)
     fused1 = eager(b1, True)
-    ok = True
+    triton_in_use = lora.swiglu_lora is not lora._PLAIN["swiglu_lora"]
+    print(json.dumps({"check": "compile_kernels' self-check accepted lora.py's Triton SwiGLU kernels on this GPU",
+                      "ok": triton_in_use}), flush=True)
+    ok = triton_in_use
     err = rel_err(fused1[1], plain1[1])
     row = {"check": "fused vs plain", "loss_plain": plain1[0], "loss_fused": fused1[0], "max_rel_grad_err": err}
     ok &= close([fused1[0]], [plain1[0]], err)

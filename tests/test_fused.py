@@ -4,11 +4,16 @@ blocks, and the fixed-shape loss that CUDA graphs replay (finetune/lora.py --cud
 on the GPU by scripts/gpu_check_fused.py)."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
+import lora
 import model as model_module
 from finetune import lora as ft
 from lora import LoRAConfig, LoRALinear, LoRAMatmul, inject_lora, qkv_parts
@@ -115,6 +120,174 @@ def test_swiglu_down_projection_matches_generic_path(quantized):
         results.append((y.detach(), g.grad, u.grad, layer.lora_A.grad, layer.lora_B.grad))
     for a, b, name in zip(*results, ("y", "d gate", "d up", "dA", "dB")):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+def gated_mlp(quantized=False, bias=False, dtype=torch.float32):
+    """model.MLP with LoRA on gate, up and down, each with its own rank and alpha (a mixed-up scaling shows)."""
+    c = Config(**{**CONFIG, "bias": bias})
+    torch.manual_seed(0)
+    mlp = model_module.MLP(c).to(dtype)
+    for name, r, alpha in (("fc_1", 4, 8.0), ("fc_2", 6, 3.0), ("proj", 3, 5.0)):
+        base = getattr(mlp, name).requires_grad_(False)
+        if quantized:
+            pytest.importorskip("bitsandbytes")
+            from quantize import quantized_layer, quantized_weight
+
+            dense = base
+            base = quantized_layer(dense, "bnb.nf4", dtype)
+            base.weight = quantized_weight(base, dense.weight.detach(), "cpu")
+            base.bias = dense.bias
+        layer = LoRALinear(base, r=r, alpha=alpha)
+        nn.init.normal_(layer.lora_B, std=0.3)
+        setattr(mlp, name, layer)
+    return mlp, model_module.RMSNorm(c.n_embd, eps=1e-5).to(dtype)
+
+
+def run_mlp(mlp, norm, x0, **switches):
+    """(output, input gradient, the six adapter gradients) and whether lora_gated_mlp ran, with LoRALinear's
+    class-wide switches set for the call."""
+    calls, original = [], lora.SwiGLULoRADown.apply
+    saved = {k: getattr(LoRALinear, k) for k in switches}
+    for k, v in switches.items():
+        setattr(LoRALinear, k, v)
+    lora.SwiGLULoRADown.apply = lambda *args: calls.append(1) or original(*args)
+    try:
+        mlp.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        y = mlp(norm(x))
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    finally:
+        lora.SwiGLULoRADown.apply = original
+        for k, v in saved.items():
+            setattr(LoRALinear, k, v)
+    layers = (mlp.fc_1, mlp.fc_2, mlp.proj)
+    return (y.detach(), x.grad, *(p.grad for m in layers for p in (m.lora_A, m.lora_B))), bool(calls)
+
+
+GRAD_NAMES = ("y", "dx", "gate dA", "gate dB", "up dA", "up dB", "down dA", "down dB")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_mlp_matches_generic_path(quantized, recompute, bias):
+    """lora_gated_mlp (gate, up, SwiGLU and down with the adapters added inside the SwiGLU kernels) against the generic
+    path of the same three layers: same output and gradients for the input and all six adapter matrices, with the
+    MLP's input an RMSNorm output (recomputed from the norm's input unless recompute=False)."""
+    mlp, norm = gated_mlp(quantized, bias)
+    x0 = torch.randn(2, 7, mlp.fc_1.in_features)
+    fused, took = run_mlp(mlp, norm, x0, recompute_inputs=recompute)
+    plain, took_plain = run_mlp(mlp, norm, x0, fused_matmul=False)
+    assert took and not took_plain
+    for a, b, name in zip(fused, plain, GRAD_NAMES):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("fp8_mode", ["grad", "all"])
+def test_gated_mlp_in_fp8_matches_the_unfused_mlp(fp8_mode):
+    """With FP8 base matmuls (emulated on the CPU) lora_gated_mlp gives what the three separate fused LoRA matmuls
+    give, within bf16 rounding: the same FP8 matmuls, the adapters added in another place."""
+    mlp, norm = gated_mlp(dtype=torch.bfloat16)
+    x0 = torch.randn(2, 7, mlp.fc_1.in_features, dtype=torch.bfloat16)
+    fused, took = run_mlp(mlp, norm, x0, fp8_matmul=fp8_mode)
+    unfused, took_unfused = run_mlp(mlp, norm, x0, fp8_matmul=fp8_mode, fused_mlp=False)
+    assert took and not took_unfused
+    for a, b, name in zip(fused, unfused, GRAD_NAMES):
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert err < 1e-2, (name, err)
+
+
+def test_gated_mlp_is_refused_where_it_does_not_apply():
+    mlp, norm = gated_mlp()
+    x0 = torch.randn(2, 7, mlp.fc_1.in_features)
+    assert run_mlp(mlp, norm, x0)[1]
+    mlp.fc_2.dropout = nn.Dropout(0.1)  # dropout takes the generic path
+    assert not run_mlp(mlp, norm, x0)[1]
+    mlp.fc_2.dropout = nn.Identity()
+    mlp.fc_1.merge()
+    assert not run_mlp(mlp, norm, x0)[1]
+    mlp.fc_1.unmerge()
+    calls, original = [], lora.SwiGLULoRADown.apply
+    lora.SwiGLULoRADown.apply = lambda *args: calls.append(1) or original(*args)
+    try:
+        with torch.no_grad():  # inference keeps the base layers' own kernels
+            mlp(norm(x0))
+        c = Config(**CONFIG)
+        model = GPT(c)
+        inject_lora(model, LoRAConfig(r=4, targets=("down",)))  # no adapters on gate and up
+        model(torch.randint(0, c.vocab_size, (1, 8))).sum().backward()
+    finally:
+        lora.SwiGLULoRADown.apply = original
+    assert calls == [] and model.blocks[0].mlp.proj.lora_A.grad is not None
+
+
+def test_swiglu_lora_triton_kernels_match_the_plain_math():
+    """lora.py's Triton SwiGLU kernels, run by Triton's CPU interpreter (a fresh process: the interpreter must be on
+    before triton is imported), against the plain PyTorch versions."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
+    done = subprocess.run([sys.executable, "-c", "import test_fused; test_fused.check_swiglu_lora_kernels()"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def check_swiglu_lora_kernels():
+    """Partial tiles in both directions, a rank (12) that the kernels pad to 16, a down-projection rank of its own;
+    with and without the SwiGLU product written over d. In fp16: Triton 3.5's interpreter rounds to bf16 by
+    truncation (the GPU rounds to nearest; scripts/gpu_check_fused.py compares bf16 there). Each value within two
+    fp16 steps (the plain forward rounds silu(gate) before multiplying, the kernel does not); the gradients, computed
+    in fp32 by both, nearly all equal."""
+    forward, backward = lora.triton_kernels()
+    gen = torch.Generator().manual_seed(0)
+    M, N, r, r2 = 70, 200, 12, 8
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(torch.float16)
+
+    g, u, d, h_g, h_u, dh = rand(M, N), rand(M, N), rand(M, N), rand(M, r), rand(M, r), rand(M, r2)
+    B_g, B_u, A = rand(N, r, std=0.3), rand(N, r, std=0.3), rand(r2, N, std=0.3)
+    args = (g, u, h_g, B_g, 0.5, h_u, B_u, 2.0)
+
+    def close(got, want, name, equal=0.0):
+        got, want = got.float(), want.float()
+        steps = want.abs().clamp_min(1e-2) / 512
+        assert got.shape == want.shape and bool(((got - want).abs() <= steps).all()), name
+        assert (got == want).float().mean() >= equal, name
+
+    close(forward(*args), lora._PLAIN["swiglu_lora"](*args), "forward")
+    expected = lora._PLAIN["swiglu_lora_backward"](*args, d, dh, A, True)
+    d_over = d.clone()
+    got = backward(*args, d_over, dh, A, True)
+    assert got[2].data_ptr() == d_over.data_ptr()  # the product went over d: no extra (M, N) tensor
+    for a, b, name in zip(got, expected, ("d gate", "d up", "act")):
+        close(a, b, name, equal=0.99 if name != "act" else 0.0)
+    d_kept = d.clone()
+    got = backward(*args, d_kept, dh, A, False)
+    assert got[2] is None and torch.equal(d_kept, d)
+    close(got[0], expected[0], "d gate without act", equal=0.99)
+
+
+def test_self_check_finds_a_wrong_swiglu_kernel_and_compile_kernels_keeps_the_plain_one(monkeypatch, capsys):
+    """A forward kernel that drops the up projection's adapter is refused with a warning."""
+    def bad_forward(g, u, h_g, B_g, s_g, h_u, B_u, s_u):
+        return lora._PLAIN["swiglu_lora"](g, u, h_g, B_g, s_g, h_u, B_u, 0.0)
+
+    plain = (lora._PLAIN["swiglu_lora"], lora._PLAIN["swiglu_lora_backward"])
+    assert lora.self_check(*plain, device="cpu") == 0
+    assert lora.self_check(bad_forward, plain[1], device="cpu") > 0.1
+    real_check = lora.self_check
+    monkeypatch.setattr(lora, "triton_kernels", lambda: (bad_forward, plain[1]))
+    monkeypatch.setattr(lora, "self_check", lambda f, b, rank: real_check(f, b, device="cpu", rank=rank))
+    try:
+        lora.compile_kernels()
+        assert lora.swiglu_lora is plain[0]
+        assert "lora.py's Triton SwiGLU kernels differ from the PyTorch versions" in capsys.readouterr().err
+        monkeypatch.setattr(lora, "triton_kernels", lambda: 1 / 0)  # e.g. no Triton for this GPU
+        lora.compile_kernels()
+        assert lora.swiglu_lora is plain[0] and "did not run on this GPU (ZeroDivisionError" in capsys.readouterr().err
+    finally:
+        lora.compile_kernels(False)
 
 
 def test_fused_path_is_taken_only_when_it_applies():
@@ -333,17 +506,19 @@ def test_chunked_loss_recomputes_a_random_lora_head_with_the_same_dropout_mask()
 
 
 def saved_bytes_per_token_and_block(model, idx) -> float:
-    """What autograd keeps for the backward pass of the blocks: distinct storages of activations, (batch, ...)
-    tensors of 3 or more dimensions, as big as v or bigger; LoRA's 2-D x A^T and A, B copies and small statistics are
-    left out."""
+    """What autograd keeps for the backward pass of the blocks: distinct storages of activations, (batch, ...) or
+    (tokens, ...) tensors as big as v or bigger; LoRA's x A^T (no wider than a lora_A has rows), its A, B copies and
+    small statistics are left out."""
     c = model.config
     floor = idx.numel() * c.n_query_groups * c.head_size * 2  # the smallest activation kept: v, in bf16
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    lora_width = max(p.shape[0] for name, p in model.named_parameters() if name.endswith("lora_A"))
     kept, alive = {}, []
 
     def pack(t):
         s = t.untyped_storage()
-        if t.dim() >= 3 and s.data_ptr() not in params and s.nbytes() >= floor:
+        wide = t.dim() >= 3 or (t.dim() == 2 and t.shape[-1] > lora_width)
+        if wide and s.data_ptr() not in params and s.nbytes() >= floor:
             kept[s.data_ptr()] = s.nbytes()
             alive.append(t)  # so that no later tensor reuses its address and goes uncounted
         return t
