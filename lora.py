@@ -168,8 +168,8 @@ class LoRALinear(nn.Module):
                       for m in layers)
         # On a GPU only with the Triton kernels: the plain ones keep more memory than the path below. On a CPU (the
         # tests) the plain ones compute the same math.
-        kernels = x.device.type == "cpu" or (swiglu_lora is not _PLAIN["swiglu_lora"] and x.dtype in HALF
-                                             and fc_1.r == fc_2.r and fc_1.scaling != 0 and fc_2.scaling != 0)
+        kernels = x.device.type == "cpu" or (swiglu_lora is not _PLAIN["swiglu_lora"]
+                                             and kernels_take(x.dtype, fc_1.r, fc_2.r, fc_1.scaling, fc_2.scaling))
         if self.fused_mlp and fusable and kernels and len({m.fp8_mode for m in layers}) == 1:
             return lora_gated_mlp(x, layers, self.fp8_mode, self.recompute_inputs)
         return self.swiglu_forward(fc_1(x), fc_2(x))
@@ -342,15 +342,14 @@ class SwiGLULoRADown(torch.autograd.Function):
     def backward(ctx, dy):
         g, u, h_g, h_u, B_gc, B_uc, h_d, A_dc, B_dc, *kept = ctx.saved_tensors
         gate, up, down = ctx.layers
-        dh_d = (dy @ B_dc) * down.scaling  # the gradient reaching act A_d^T
-        dB_d = (dy.t() @ h_d) * down.scaling
+        dh_d, dB_d = adapter_grads(dy, h_d, B_dc, down.scaling)  # dh_d: the gradient reaching act A_d^T
         d_act = base_input_grad(dy, down.base, ctx.in_fp8)
         d_g, d_u, act = swiglu_lora_backward(g, u, h_g, B_gc, gate.scaling, h_u, B_uc, up.scaling, d_act, dh_d, A_dc,
                                              not kept)
         dA_d = dh_d.t() @ (kept[0] if kept else act)
         del act, d_act
-        dh_g, dB_g = (d_g @ B_gc) * gate.scaling, (d_g.t() @ h_g) * gate.scaling
-        dh_u, dB_u = (d_u @ B_uc) * up.scaling, (d_u.t() @ h_u) * up.scaling
+        dh_g, dB_g = adapter_grads(d_g, h_g, B_gc, gate.scaling)
+        dh_u, dB_u = adapter_grads(d_u, h_u, B_uc, up.scaling)
         return (d_g, d_u, dh_g, dh_u, dB_g.float(), dB_u.float(), dA_d.float(), dB_d.float(), None, None, None)
 
 
@@ -383,6 +382,12 @@ def lora_matmul(x, A, B, scaling: float, base: nn.Module, in_fp8: bool = False):
     return y.view(*x.shape[:-1], y.shape[-1]), h, A_c, B_c
 
 
+def adapter_grads(dy2: torch.Tensor, h: torch.Tensor, B_c: torch.Tensor, scaling: float):
+    """For an adapter output scaling * h B^T that received the gradient dy2 (M, out): (the gradient reaching
+    h = x A^T (M, rank), B's gradient (out, rank)), in dy2's dtype."""
+    return (dy2 @ B_c) * scaling, (dy2.t() @ h) * scaling
+
+
 def base_matmul(x2: torch.Tensor, base: nn.Module, in_fp8: bool) -> torch.Tensor:
     """x2 (M, in) @ W^T (+ bias) for the frozen base weight, in FP8 or in x2's dtype."""
     if in_fp8:
@@ -399,9 +404,8 @@ def base_input_grad(dy2: torch.Tensor, base: nn.Module, in_fp8: bool) -> torch.T
 def lora_matmul_backward(dy, x, h, A_c, B_c, scaling: float, base: nn.Module, need_dx: bool, in_fp8: bool = False):
     """LoRAMatmul's backward math: (dx or None, fp32 dA, fp32 dB)."""
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    dh = (dy2 @ B_c) * scaling  # (N, rank): the gradient reaching x A^T
+    dh, dB = adapter_grads(dy2, h, B_c, scaling)
     dA = dh.t() @ x2
-    dB = (dy2.t() @ h) * scaling
     dx = None
     if need_dx:
         dx = base_input_grad(dy2, base, in_fp8)
@@ -425,14 +429,19 @@ def base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 def swiglu_lora(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float) -> torch.Tensor:
     """swiglu(g + s_g h_g B_g^T, u + s_u h_u B_u^T): g and u (M, N) the gate and up projections' base outputs, h
     (M, r) = x A^T and B (N, r) their adapters'."""
-    return model.swiglu(torch.addmm(g, h_g, B_g.t(), alpha=s_g), torch.addmm(u, h_u, B_u.t(), alpha=s_u))
+    return model.swiglu(*with_adapters(g, u, h_g, B_g, s_g, h_u, B_u, s_u))
+
+
+def with_adapters(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float):
+    """(g + s_g h_g B_g^T, u + s_u h_u B_u^T): the gate and up projections' outputs, as new tensors."""
+    return torch.addmm(g, h_g, B_g.t(), alpha=s_g), torch.addmm(u, h_u, B_u.t(), alpha=s_u)
 
 
 def swiglu_lora_backward(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float, d, dh, A, need_act: bool):
     """(d gate, d up, swiglu_lora's output or None) for the gradient d + dh A reaching swiglu_lora's output: d (M, N)
     the down projection's base input gradient, dh (M, r) (scaled) and A (r, N) its adapter's part. The Triton
     version writes the output over d."""
-    gate, up = torch.addmm(g, h_g, B_g.t(), alpha=s_g), torch.addmm(u, h_u, B_u.t(), alpha=s_u)
+    gate, up = with_adapters(g, u, h_g, B_g, s_g, h_u, B_u, s_u)
     act = model.swiglu(gate, up) if need_act else None
     d_gate, d_up = model.swiglu_backward(gate, up, torch.addmm(d, dh, A))
     return d_gate, d_up, act
@@ -447,7 +456,13 @@ def triton_kernels():
 
 
 _PLAIN = {"swiglu_lora": swiglu_lora, "swiglu_lora_backward": swiglu_lora_backward}
-HALF = (torch.bfloat16, torch.float16)  # the dtypes the Triton kernels take
+
+
+def kernels_take(dtype: torch.dtype, r_g: int, r_u: int, s_g: float, s_u: float) -> bool:
+    """Whether the Triton kernels take a gate and up projection's adapters of these ranks and scalings in this
+    dtype: bf16 or fp16, one rank, scalings not 0 (the kernels divide by them). lora_kernels.py runs the plain
+    versions otherwise, which LoRALinear.gated_mlp_forward avoids on a GPU."""
+    return dtype in (torch.bfloat16, torch.float16) and r_g == r_u and s_g != 0 and s_u != 0
 
 
 def compile_kernels(enable: bool = True, rank: int = 16) -> None:

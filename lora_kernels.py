@@ -4,7 +4,8 @@ Each kernel reads its (tokens, intermediate) inputs once and writes its outputs 
 are computed per tile on the tensor cores, and the sums are rounded to the input dtype where lora.swiglu_lora (the
 plain PyTorch version, the reference) rounds them. lora.compile_kernels swaps them in on a GPU after checking them
 against the plain versions; the tests run them in fp16 under Triton's CPU interpreter (TRITON_INTERPRET=1; Triton
-3.5's interpreter gets bf16 dots wrong and rounds to bf16 by truncation). Imported only there, so that machines without Triton never need it.
+3.5's interpreter gets bf16 dots wrong and rounds to bf16 by truncation). Imported only there, so that machines
+without Triton never need it.
 """
 
 import os
@@ -25,7 +26,8 @@ def add_low_rank(x, s, h, B, stride_bn, stride_br, rows, cols, M, N, R: tl.const
     # x + s h B^T on a tile of fp32 x: h (M, R) contiguous, element (n, r) of B at B + n * stride_bn + r * stride_br,
     # the rank padded with zeros to RP (a power of two >= 16, what tl.dot takes). The tensor cores accumulate the
     # product onto x / s: adding it after the dot instead (a layout conversion between the two) made the kernels
-    # 5-25% slower on an H100. The fp32 division and multiplication round far below the bf16 result.
+    # 3-31% slower on an H100 (docs/speed/h100_2026-11-24_f.md). The fp32 division and multiplication round far
+    # below the bf16 result.
     r = tl.arange(0, RP)
     ht = tl.load(h + rows[:, None] * R + r[None, :], mask=(rows[:, None] < M) & (r[None, :] < R), other=0.0)
     bt = tl.load(B + cols[None, :] * stride_bn + r[:, None] * stride_br, mask=(cols[None, :] < N) & (r[:, None] < R),
@@ -82,10 +84,8 @@ def grid(g: torch.Tensor):
 
 
 def supported(g: torch.Tensor, h_g: torch.Tensor, h_u: torch.Tensor, s_g: float, s_u: float) -> bool:
-    """bf16 or fp16 on a GPU (or the interpreter), the gate and up adapters of one rank, scalings not 0 (the kernels
-    divide by them); else the plain version."""
-    return ((g.is_cuda or INTERPRET) and g.dtype in lora.HALF and h_g.shape[1] == h_u.shape[1]
-            and s_g != 0 and s_u != 0)
+    """On a GPU (or the interpreter) and what lora.kernels_take accepts; else the plain version runs."""
+    return (g.is_cuda or INTERPRET) and lora.kernels_take(g.dtype, h_g.shape[1], h_u.shape[1], s_g, s_u)
 
 
 def swiglu_lora(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float) -> torch.Tensor:
