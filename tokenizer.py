@@ -62,6 +62,16 @@ class Tokenizer:
             return self.processor.get_vocab_size(with_added_tokens=True)
         return self.processor.vocab_size()
 
+    def fingerprint(self) -> str:
+        """Which token ids this tokenizer produces, whatever file it is stored in: a hash of its vocabulary size,
+        BOS/EOS ids and the ids of a probe text. prepare_data records it; finetune/lora.py compares it with the
+        checkpoint's, because ids from another tokenizer train silently on nonsense."""
+        import hashlib
+
+        probe = "The quick brown fox, 1234 ünïcode 東京 \n\t  <|im_start|> </s> {\"x\": [1.5e-3]}"
+        blob = json.dumps([self.vocab_size, self.bos_id, self.eos_id, self.use_bos, self._encode_plain([probe])[0]])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def token_to_id(self, token: str) -> Optional[int]:
         if self.backend == "huggingface":
             return self.processor.token_to_id(token)

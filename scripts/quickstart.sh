@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 gpu=false
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && gpu=true
 if ! python -c "import torch" 2>/dev/null; then
-  if $gpu; then python -m pip install -q "torch>=2.4,<2.14"
+  if $gpu; then python -m pip install -q "torch>=2.6,<2.15"
   else python -m pip install -q torch==2.13.0; fi  # the CPU wheel; a looser pin pulls gigabytes of CUDA packages
 fi
 python -m pip install -q -r requirements.txt
