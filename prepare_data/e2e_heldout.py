@@ -1,75 +1,61 @@
-"""Deterministic held-out evaluation splits of BIG-bench tasks, written as MMLU-format CSVs (what HELM's MMLU scenario
-reads) plus the file the e2e recipe decontaminates against.
+"""The e2e demo's evaluation: deterministic held-out multiple-choice items about Shakespeare's plays, written as
+MMLU-format CSVs (what HELM's MMLU scenario reads), and every other item as training rows in the format it is scored in.
 
-    python prepare_data/e2e_heldout.py --out_dir data/e2e_heldout
+    python prepare_data/e2e_heldout.py --out_dir data/e2e_heldout --train_shots 5 --train_passes 4
 
-For each task ("subject") the examples are shuffled with a seed fixed per subject; the first `n_dev` become the dev
-split (HELM takes its 5 in-context examples from it) and the next `n_test` the test split. Choices beyond four are cut
-to the correct one plus three seeded distractors (HELM's MMLU reader knows the letters A-D only), in a seeded
-order (date_understanding lists the correct answer first). Written:
+Two subjects, each "Which of these plays is this passage from?" + a speech of one of four plays, the four always listed
+in the same order (so a model has to tell the plays apart, not match a title among changing options: a 135M model
+fine-tuned on changing options learned nothing beyond the answer letters' frequencies):
+    shakespeare_tragedy   Hamlet, Macbeth, Othello, King Lear
+    shakespeare_comedy    A Midsummer Night's Dream, As You Like It, Twelfth Night, The Merchant of Venice
+The speeches come from prepare_data/prepare_shakespeare.py (public domain, offline). Each play's speeches are shuffled
+with a seed fixed per subject and taken in turn, one play after another, so the dev split (HELM takes its 5 in-context
+examples from it) and the test split hold the four plays equally; every other speech of the four plays is a training
+item, unless it shares a 13-word run with a held-out one. Written:
 
-    <out_dir>/dev/<subject>_dev.csv, <out_dir>/test/<subject>_test.csv   rows: question, A, B[, C, D], answer letter
-    <out_dir>/decontaminate.jsonl   {"subject", "split", "question"} for every dev and test example: the text of the
-                                    row the training sources (prepare_bigbench / prepare_bbq) make of that example, so
-                                    the recipe's n-gram decontamination removes it and anything sharing 13 words with it
-    <out_dir>/train/<subject>.jsonl every other item that shares no 13-word run with a held-out one, in the format
-                                    it is scored in: HELM's MMLU prompt with its in-context examples. A row is one
+    <out_dir>/dev/<subject>_dev.csv, <out_dir>/test/<subject>_test.csv   rows: question, A, B, C, D, answer letter
+    <out_dir>/decontaminate.jsonl   {"subject", "split", "question"} for every dev and test item, so a recipe's
+                                    n-gram decontamination (decontaminate.files) checks that none reached training
+    <out_dir>/train/<subject>.jsonl every other item, in HELM's MMLU prompt with its in-context examples. A row is one
                                     conversation {"system": HELM's instructions, "messages": [user "Question: ...
                                     Answer:", assistant letter, ...]} of `train_shots` + 1 items, so read with the
                                     recipe's mmlu-style template (reply prefix " ", "\n\n" before the next question) it
                                     is character for character HELM's 5-shot prompt, and every one of its answers is a
-                                    training target (each in the context of the ones before it). `train_passes` groups
-                                    the items anew each pass (different shots for every item).
+                                    training target. `train_passes` groups the items anew each pass.
     <out_dir>/heldout.json          what was written, counts and the settings
-
-The BIG-bench files come from prepare_data/fetch_offline_assets.py (data/assets/bigbench).
 """
 import csv
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cli import InputError  # noqa: E402
 from prepare_data import dedup as dd  # noqa: E402
-from prepare_data.data_utils import Malformed, row_text  # noqa: E402
-from prepare_data.prepare_bigbench import example_row  # noqa: E402
+from prepare_data.data_utils import row_text  # noqa: E402
+from prepare_data.prepare_shakespeare import Speech, speeches  # noqa: E402
 
-# subject -> (task.json globs under the BIG-bench folder, number of test items)
-SUBJECTS: Dict[str, tuple] = {
-    "bbq_lite": (["bbq_lite_json/*/task.json"], 150),
-    "logical_deduction": (["logical_deduction/*_objects/task.json"], 150),
-    "strategyqa": (["strategyqa/task.json"], 150),
-    "date_understanding": (["date_understanding/task.json"], 100),
-    "elementary_math_qa": (["elementary_math_qa/question_only/task.json"], 150),
+# subject -> the four plays it asks about, in the order its choices list them
+SUBJECTS: Dict[str, Tuple[str, ...]] = {
+    "shakespeare_tragedy": ("Hamlet", "Macbeth", "Othello", "King Lear"),
+    "shakespeare_comedy": ("A Midsummer Night's Dream", "As You Like It", "Twelfth Night", "The Merchant of Venice"),
 }
+QUESTION = "Which of these plays is this passage from?"
 LETTERS = "ABCD"
 
 
-def load_examples(root: Path, globs: List[str]) -> List[dict]:
-    paths = sorted(p for g in globs for p in root.glob(g))
-    if not paths:
-        raise SystemExit(f"{root}: no files match {globs}; run python prepare_data/fetch_offline_assets.py first")
-    out = []
-    for p in paths:
-        task = json.loads(p.read_text(encoding="utf-8"))
-        for ex in task.get("examples", []):
-            if isinstance(ex.get("target_scores"), dict) and len(ex["target_scores"]) >= 2:
-                out.append(ex)
-    return out
+def item(subject: str, speech: Speech) -> tuple:
+    """(question, choices, index of the correct one)."""
+    plays = SUBJECTS[subject]
+    return f"{QUESTION}\n{speech.text}", list(plays), plays.index(speech.play)
 
 
-def to_four(example: dict, rng: random.Random) -> tuple:
-    """(question, choices, index of the correct one) with at most four choices, the original order kept."""
-    choices = list(example["target_scores"])
-    scores = [example["target_scores"][c] for c in choices]
-    best = max(range(len(choices)), key=lambda i: scores[i])
-    if scores.count(scores[best]) != 1:
-        raise Malformed("more than one best choice")
-    keep = [best] + rng.sample([i for i in range(len(choices)) if i != best], min(3, len(choices) - 1))
-    rng.shuffle(keep)  # some tasks (date_understanding) list the correct answer first: it must not always be A
-    return example["input"].strip(), [str(choices[i]).strip() for i in keep], keep.index(best)
+def in_turn(groups: List[List[Speech]]) -> List[Speech]:
+    """The first of each group, then the second of each, ...: every prefix holds the groups (nearly) equally."""
+    return [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
 
 
 def write_csv(path: Path, rows: List[tuple]) -> None:
@@ -117,55 +103,56 @@ def shot_rows(subject: str, items: List[tuple], shots: int, passes: int, seed: i
     return rows
 
 
-def build(bigbench_dir: Path, out_dir: Path, subjects: Optional[List[str]] = None, n_dev: int = 5,
-          n_test: Optional[int] = None, seed: int = 1234, train_shots: int = 5, train_passes: int = 1,
+def build(shakespeare_dir: Path, out_dir: Path, subjects: Optional[List[str]] = None, n_dev: int = 5,
+          n_test: int = 160, seed: int = 1234, train_shots: int = 5, train_passes: int = 1,
           ngram: int = 13, min_words: int = 8) -> dict:
-    root, out_dir = Path(bigbench_dir), Path(out_dir)
-    summary = {"seed": seed, "n_dev": n_dev, "train_shots": train_shots, "train_passes": train_passes, "subjects": {}}
-    if train_shots < 0 or train_passes < 1:
-        raise SystemExit(f"--train_shots {train_shots} / --train_passes {train_passes}: need shots >= 0 and passes >= 1")
-    decontam = []
-    (out_dir / "train").mkdir(parents=True, exist_ok=True)
-    for subject in subjects or list(SUBJECTS):
-        if subject not in SUBJECTS:
-            raise SystemExit(f"--subjects: unknown {subject!r}; known: {', '.join(SUBJECTS)}")
-        globs, default_test = SUBJECTS[subject]
-        examples = load_examples(root, globs)
+    out_dir = Path(out_dir)
+    if train_shots < 0 or train_passes < 1 or n_dev < 0 or n_test < 1:
+        raise InputError(f"--train_shots {train_shots} / --train_passes {train_passes} / --n_dev {n_dev} / --n_test "
+                         f"{n_test}: need shots >= 0, passes >= 1, n_dev >= 0 and n_test >= 1")
+    unknown = sorted(set(subjects or []) - set(SUBJECTS))
+    if unknown:
+        raise InputError(f"--subjects: unknown {unknown}; known: {', '.join(SUBJECTS)}")
+    subjects = subjects or list(SUBJECTS)
+    all_speeches = speeches(shakespeare_dir)
+    splits, held = {}, []
+    for subject in subjects:
         rng = random.Random(f"{seed}:{subject}")  # a string seed: the same order in every Python process
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        wanted = n_dev + (n_test or default_test)
-        if wanted > len(examples) // 2:
-            raise SystemExit(f"{subject}: {wanted} held-out items leave too little of its {len(examples)} for training")
-        splits = {"dev": order[:n_dev], "test": order[n_dev:wanted]}
-        held_out = []
-        for split, ids in splits.items():
-            rows = [to_four(examples[i], rng) for i in ids]
+        groups = [[s for s in all_speeches if s.play == play] for play in SUBJECTS[subject]]
+        for g in groups:
+            rng.shuffle(g)
+        order = in_turn(groups)
+        if n_dev + n_test > len(order) // 2:
+            raise InputError(f"{subject}: {n_dev + n_test} held-out items leave too little of its {len(order)} "
+                             "for training")
+        splits[subject] = {"dev": order[:n_dev], "test": order[n_dev:n_dev + n_test], "rest": order[n_dev + n_test:]}
+        held += [item(subject, s)[0] for s in order[:n_dev + n_test]]
+    # What prepare_mix's decontamination will look for: every held-out question as asked.
+    index = dd.EvalIndex([("e2e_heldout", q) for q in held], ngram=ngram, min_words=min_words)
+    summary = {"seed": seed, "n_dev": n_dev, "train_shots": train_shots, "train_passes": train_passes,
+               "source": str(shakespeare_dir), "subjects": {}}
+    decontam = []
+    for folder in ("dev", "test", "train"):  # files of other subjects or settings would be read as this run's
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
+    (out_dir / "train").mkdir(parents=True)
+    for subject in subjects:
+        for split in ("dev", "test"):
+            rows = [item(subject, s) for s in splits[subject][split]]
             write_csv(out_dir / split / f"{subject}_{split}.csv", rows)
-            for i in ids:
-                held_out.append(row_text(example_row(examples[i])))
-                decontam.append({"subject": subject, "split": split, "question": held_out[-1]})
-        # Every other item is a training item, unless it shares a 13-word run with a held-out one (prepare_mix's
-        # decontamination would drop it, and with it the whole conversation it is an in-context example in).
-        items = []
-        for i in order[wanted:]:
-            try:
-                items.append(to_four(examples[i], rng))
-            except Malformed:
-                continue
-        index = dd.EvalIndex([(subject, q) for q in held_out], ngram=ngram, min_words=min_words)
-        overlapping = index.find([question_block(q, c) for q, c, _ in items])
-        clean = [it for j, it in enumerate(items) if j not in overlapping]
+            decontam += [{"subject": subject, "split": split, "question": q} for q, _, _ in rows]
+        rest = [item(subject, s) for s in splits[subject]["rest"]]
+        overlapping = index.find([q for q, _, _ in rest])  # a quotation, a refrain, a shared opening
+        clean = [it for j, it in enumerate(rest) if j not in overlapping]
         rows = shot_rows(subject, clean, train_shots, train_passes, seed)
         spanning = index.find([row_text(r) for r in rows])  # a 13-word run across two questions: rare, drop the row
         rows = [r for j, r in enumerate(rows) if j not in spanning]
         with open(out_dir / "train" / f"{subject}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        summary["subjects"][subject] = {"files": sorted(map(str, sorted(p for g in globs for p in root.glob(g)))),
-                                        "examples": len(examples), "dev": n_dev, "test": len(splits["test"]),
-                                        "train_items": len(clean), "train_items_overlapping_heldout": len(overlapping),
-                                        "train_rows": len(rows), "train_rows_dropped_spanning_overlap": len(spanning)}
+        summary["subjects"][subject] = {"plays": list(SUBJECTS[subject]), "speeches": len(rest) + n_dev + n_test,
+                                        "dev": n_dev, "test": len(splits[subject]["test"]), "train_items": len(clean),
+                                        "train_items_overlapping_heldout": len(overlapping), "train_rows": len(rows),
+                                        "train_rows_dropped_spanning_overlap": len(spanning)}
     with open(out_dir / "decontaminate.jsonl", "w", encoding="utf-8") as f:
         for r in decontam:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -176,26 +163,26 @@ def build(bigbench_dir: Path, out_dir: Path, subjects: Optional[List[str]] = Non
     return summary
 
 
-def main(out_dir: Path = Path("data/e2e_heldout"), bigbench_dir: Path = Path("data/assets/bigbench"),
-         subjects: Optional[List[str]] = None, n_dev: int = 5, n_test: Optional[int] = None, seed: int = 1234,
+def main(out_dir: Path = Path("data/e2e_heldout"), shakespeare_dir: Path = Path("data/assets/shakespeare"),
+         subjects: Optional[List[str]] = None, n_dev: int = 5, n_test: int = 160, seed: int = 1234,
          train_shots: int = 5, train_passes: int = 1) -> None:
-    """Write the held-out dev/test CSVs and the decontamination file.
+    """Write the held-out dev/test CSVs, the training rows and the decontamination file.
 
     Args:
-        out_dir: where dev/, test/, decontaminate.jsonl and heldout.json go
-        bigbench_dir: the BIG-bench task folders (prepare_data/fetch_offline_assets.py)
-        subjects: which tasks (default all of bbq_lite, logical_deduction, strategyqa, date_understanding, elementary_math_qa)
+        out_dir: where dev/, test/, train/, decontaminate.jsonl and heldout.json go
+        shakespeare_dir: the plays (prepare_data/fetch_offline_assets.py)
+        subjects: which subjects (default both: shakespeare_tragedy, shakespeare_comedy)
         n_dev: dev items per subject (HELM uses 5 in-context examples)
-        n_test: test items per subject (default: 150, 100 for the small date_understanding)
+        n_test: test items per subject (the four plays in turn)
         seed: seed of the per-subject shuffles
         train_shots: in-context examples before each training question (HELM's MMLU prompt has 5); 0 = one
             question per row
         train_passes: how many times each training item is asked, each time grouped with different items
     """
-    build(bigbench_dir, out_dir, subjects, n_dev, n_test, seed, train_shots, train_passes)
+    build(shakespeare_dir, out_dir, subjects, n_dev, n_test, seed, train_shots, train_passes)
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from cli import run
 
-    CLI(main, as_positional=False)
+    run(main)

