@@ -237,10 +237,6 @@ def weight_fp8(base: nn.Module, transpose: bool) -> Tuple[torch.Tensor, torch.Te
     if not is_4bit(base):
         return cast_weight(base.weight, transpose)
     state = base.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):  # repacked by bitsandbytes' CPU inference kernel
-        from quantize import dequantize_weight
-
-        return cast_weight(dequantize_weight(base), transpose)
     absmax = state.absmax
     if state.nested:
         absmax = nested_absmax(absmax, state.state2.code, state.state2.absmax, state.offset, state.state2.blocksize)

@@ -64,16 +64,40 @@ class Config:
             raise ValueError(f"unknown model config {name!r}.{hint} Known: python -c 'import model; print(model.known_names())'")
         return cls(**{**by_name[name.lower()], **overrides})
 
+    # A model_config.json must give the sizes: their defaults (Llama-2-7B's) would build another model. A file without
+    # one of the other fields (an older one) gets that field's default.
+    required = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "intermediate_size")
+
     @classmethod
     def from_json(cls, path: Path) -> "Config":
+        """Every problem with the file is an error whose message starts with its path."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: model config not found; convert a checkpoint into this folder first (see README)")
-        data = json.loads(path.read_text())
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        fix = "convert the checkpoint again"
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); {fix}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object {{...}}, not {type(data).__name__}; {fix}")
+        defaults = {f.name: f.default for f in fields(cls)}
+        unknown = sorted(set(data) - set(defaults))
         if unknown:
-            raise ValueError(f"{path}: unknown config fields {unknown}; known fields are {sorted(known)}")
+            raise ValueError(f"{path}: unknown config fields {unknown}; known fields are {sorted(defaults)}")
+        missing = [k for k in cls.required if k not in data]
+        if missing:
+            raise ValueError(f"{path}: missing {', '.join(missing)}; {fix}")
+        for key, value in data.items():
+            default = defaults[key]
+            if key in cls.required or default is None:  # sizes: the optional ones may be null (derived)
+                want = "a positive whole number"
+                ok = (type(value) is int and value > 0) or (value is None and key not in cls.required)
+            else:
+                want = f"a {type(default).__name__}"
+                ok = type(value) is type(default) or (type(default) is float and type(value) is int)
+            if not ok:
+                raise ValueError(f"{path}: {key} must be {want}, not {value!r}; {fix}")
         return cls(**data)
 
     def to_json(self, path: Path) -> None:

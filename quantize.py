@@ -13,6 +13,7 @@ from typing import Iterable, Tuple
 import torch
 import torch.nn as nn
 
+from cli import InputError
 from model import GPT, Config
 
 MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
@@ -21,7 +22,7 @@ BLOCKSIZE = 64  # QLoRA's block size for the 4-bit scales
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"--quantize {mode!r} is not supported; choose one of {list(MODES)}")
+        raise InputError(f"--quantize {mode!r} is not supported; choose one of {list(MODES)}")
 
 
 def is_quantized_linear(name: str) -> bool:
@@ -45,8 +46,14 @@ def quantized_layer(linear: nn.Linear, mode: str, dtype: torch.dtype) -> nn.Modu
         return bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
                                    threshold=6.0, device="meta")
     quant_type = mode.split(".")[1].split("-")[0]
-    return bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=dtype,
-                             compress_statistics=mode.endswith("-dq"), quant_type=quant_type, device="meta")
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=dtype,
+                              compress_statistics=mode.endswith("-dq"), quant_type=quant_type, device="meta")
+    # On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks the weight in place for its inference kernel at the first
+    # eval-mode forward without grad: training after that (e.g. after a validation) dequantizes the repacked bytes as
+    # if they were not (silently wrong losses), and the repacking fails outright on layers narrower than a block.
+    # One code path on every CPU: the standard layout.
+    layer.support_avx512bf16_for_cpu = False
+    return layer
 
 
 def quantized_weight(module: nn.Module, weight: torch.Tensor, device) -> nn.Parameter:
@@ -80,17 +87,17 @@ def quantize_model(model: GPT, tensors: Iterable[Tuple[str, torch.Tensor]], mode
     for name, tensor in tensors:
         module_name, _, param_name = name.rpartition(".")
         if name not in expected or module_name not in modules:
-            raise KeyError(f"{source}: tensor {name!r} does not belong to model {model.config.name!r}; "
-                           "is model_config.json from the same conversion?")
+            raise InputError(f"{source}: tensor {name!r} does not belong to model {model.config.name!r}; "
+                             "is model_config.json from the same conversion?")
         module = modules[module_name]
         current = getattr(module, param_name)
         if tuple(tensor.shape) != tuple(current.shape) and not (param_name == "weight" and is_quantized_linear(name)):
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+            raise InputError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(current.shape)}; model_config.json does not match the weights")
         tensor = tensor.to(device=device, dtype=dtype)
         if param_name == "weight" and is_quantized_linear(name):
             if tuple(tensor.shape) != (module.out_features, module.in_features):
-                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                raise InputError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
                                  f"{(module.out_features, module.in_features)}; model_config.json does not match the weights")
             module.weight = quantized_weight(module, tensor, device)
         else:
@@ -99,8 +106,8 @@ def quantize_model(model: GPT, tensors: Iterable[Tuple[str, torch.Tensor]], mode
         del tensor
     missing = sorted(expected - seen)
     if missing:
-        raise KeyError(f"{source}: missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
-                       "the checkpoint is incomplete, convert it again")
+        raise InputError(f"{source}: missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+                         "the checkpoint is incomplete, convert it again")
     # RMSNorm/LayerNorm have no buffers; the rest of the model is parameters, all filled now.
     if model.config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
@@ -134,13 +141,7 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, bnb.nn.Linear8bitLt):
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
         return weight.data.float() * scb.float().unsqueeze(1) / 127.0
-    state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes repacks CPU weights for its inference kernel
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-        weight.quant_state = module.quant_state = state
-    return BF.dequantize_4bit(weight.data, state)
+    return BF.dequantize_4bit(weight.data, weight.quant_state)  # never CPU-repacked: see quantized_layer
 
 
 def dequantized_linear(module: nn.Module) -> nn.Linear:

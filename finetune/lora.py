@@ -6,10 +6,12 @@
 Reads `train.safetensors` / `val.safetensors` (tokens, loss_mask, offsets; see prepare_data/) and writes to out_dir:
 `adapter.safetensors` (latest), `adapter_best.safetensors` (best validation loss), `adapters/step-*.safetensors`,
 `state.ckpt` (everything --resume needs), `train_config.json`, `prompt_style.json`, `logs/` (CSV, TensorBoard when
-installed) and `loss.png`. Every file is written to a temporary name and renamed, so a run killed at any moment loses
-at most the steps since its last checkpoint.
+installed), `loss.png` and `status.json` (running, stopped or finished). Every file is written to a temporary name and
+renamed, so a run killed at any moment loses at most the steps since its last checkpoint. Exit status: 0 finished,
+75 stopped by --max_time or a signal (continue with --resume true), 2 a bad input (one line, nothing written).
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -25,20 +27,38 @@ from typing import Dict, List, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                                 restricted_number_type)
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli import InputError  # noqa: E402
 import fp8 as fp8_module  # noqa: E402  (setup's --fp8 flag takes the plain name)
 from lora import compile_kernels as compile_lora_kernels  # noqa: E402
 from lora import (LoRAConfig, LoRALinear, check_adapter_fits, inject_lora, lora_modules, lora_state_dict,  # noqa: E402
                   read_adapter, save_adapter)
 import model as model_module  # noqa: E402
 from model import GPT, Config, document_mask, segment_positions  # noqa: E402
-from utils import load_model, resolve_checkpoint_dir  # noqa: E402
+from utils import checkpoint_files, load_config, load_model, resolve_checkpoint_dir  # noqa: E402
 
-START = time.monotonic()  # the time budget counts from process start: loading the model is part of the day
+
+def process_start() -> float:
+    """time.monotonic() when this process began (Linux: /proc/self/stat's starttime against /proc/uptime); elsewhere
+    now less the CPU time spent so far, which is mostly the imports before this line."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, after "(name)"
+        age = float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        age = -1.0
+    return time.monotonic() - (age if age >= 0 else time.process_time())  # < 0: a container's own uptime (lxcfs)
+
+
+START = process_start()  # the time budget counts from process start: imports and loading the model are part of the day
 IGNORE = -100
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by the budget or a signal, saved; continue with --resume true
+Dropout = restricted_number_type("Dropout", float, [(">=", 0), ("<", 1)])
+Seed = restricted_number_type("Seed", int, [(">=", 0), ("<", 2**32)])  # Lightning replaces any other seed by 0
 
 
 def setup(
@@ -47,48 +67,49 @@ def setup(
     out_dir: Optional[Path] = None,
     quantize: Optional[Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]] = None,
     precision: Optional[Literal["bf16-true", "32-true"]] = None,
-    devices: int = 1,
-    accelerator: str = "auto",
+    devices: PositiveInt = 1,
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto",
     strategy: str = "auto",
-    lora_r: int = 16,
-    lora_alpha: float = 32.0,
-    lora_dropout: float = 0.0,
+    lora_r: PositiveInt = 16,
+    lora_alpha: PositiveFloat = 32.0,
+    lora_dropout: Dropout = 0.0,
     lora_targets: str = "all",
-    learning_rate: float = 2e-4,
-    min_lr_ratio: float = 0.0,
-    weight_decay: float = 0.0,
-    warmup_steps: Optional[int] = None,
-    warmup_ratio: float = 0.03,
-    grad_clip: Optional[float] = 1.0,
+    learning_rate: PositiveFloat = 2e-4,
+    min_lr_ratio: ClosedUnitInterval = 0.0,
+    weight_decay: NonNegativeFloat = 0.0,
+    warmup_steps: Optional[NonNegativeInt] = None,
+    warmup_ratio: ClosedUnitInterval = 0.03,
+    grad_clip: Optional[PositiveFloat] = 1.0,
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw",
-    batch_size: int = 16,
-    micro_batch_size: int = 1,
-    epochs: int = 1,
-    max_steps: Optional[int] = None,
-    max_seq_length: Optional[int] = None,
+    batch_size: PositiveInt = 16,
+    micro_batch_size: PositiveInt = 1,
+    epochs: PositiveInt = 1,
+    max_steps: Optional[PositiveInt] = None,
+    max_seq_length: Optional[PositiveInt] = None,
     packing: bool = True,
-    activation_checkpointing: Union[bool, int] = False,
+    activation_checkpointing: Union[bool, NonNegativeInt] = False,
     offload_checkpoints: bool = False,
-    neftune_alpha: float = 0.0,
+    neftune_alpha: NonNegativeFloat = 0.0,
     fused: bool = True,
     fp8: Optional[Literal["grad", "all"]] = None,
     recompute_inputs: bool = True,
     cuda_graph: bool = False,
     compile: bool = False,
-    eval_interval: int = 100,
-    eval_samples: Optional[int] = 1000,
-    sample_tokens: int = 64,
-    save_interval: int = 100,
-    log_interval: int = 1,
+    eval_interval: PositiveInt = 100,
+    eval_samples: Optional[PositiveInt] = 1000,
+    sample_tokens: NonNegativeInt = 64,
+    save_interval: PositiveInt = 100,
+    log_interval: PositiveInt = 1,
     max_time: Optional[str] = "23:30:00",
     resume: bool = False,
-    seed: int = 1337,
+    seed: Seed = 1337,
 ) -> None:
     """Fine-tune a base model with LoRA (QLoRA with --quantize).
 
     Args:
         checkpoint_dir: converted base checkpoint folder or a registered name (smollm2-135m, mistral-7b, ...).
-        data_dir: prepared data folder with train.safetensors, val.safetensors and prompt_style.json.
+        data_dir: prepared data folder with train.safetensors, val.safetensors and prompt_style.json. An empty
+            val.safetensors (a recipe's val_size 0) trains without validation.
         out_dir: where adapters, state and logs go; default out/lora/<checkpoint>-<data>.
         quantize: 4-bit/8-bit base weights through bitsandbytes (QLoRA): bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8.
         precision: base weights and compute dtype; default bf16-true on a GPU, 32-true on CPU. LoRA weights and
@@ -143,93 +164,111 @@ def setup(
         save_interval: write an adapter and the resumable state every this many steps.
         log_interval: print a progress line every this many steps.
         max_time: wall-clock budget as [DD:]HH:MM:SS or seconds, counted from process start; the run stops and saves
-            before it runs out. null: no budget.
+            before it runs out, and exits with status 75 (status.json says "stopped"). null: no budget.
         resume: continue the run in out_dir from its last state (optimizer, scheduler, RNG and data position).
         seed: random seed (LoRA init, data order, dropout).
     """
     from lightning import Fabric
 
-    checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
+    try:
+        checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
+        checkpoint_files(checkpoint_dir)  # the weights are read after launch: find a folder without them now
+    except (FileNotFoundError, InputError) as e:
+        raise InputError(f"--checkpoint_dir {e}") from None
     data_dir = Path(data_dir)
     out_dir = Path(out_dir) if out_dir is not None else Path("out/lora") / f"{checkpoint_dir.name}-{data_dir.name}"
-    config = Config.from_json(checkpoint_dir / "model_config.json")
+    config = load_config(checkpoint_dir)
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and accelerator != "cpu" else "32-true"
-    args = dict(locals())
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in ("Fabric", "config")}
+    # Plain JSON values (Path -> str, jsonargparse's PositiveInt & co. -> int, float): state.ckpt loads without them.
+    args = json.loads(json.dumps({k: v for k, v in locals().items() if k not in ("Fabric", "config")}, default=str))
 
-    # Everything that can be wrong with the inputs is found here, before a GPU second is spent.
-    lora = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
+    # Everything that can be wrong with the inputs is found here, before a GPU second is spent or out_dir is touched.
+    try:
+        lora = LoRAConfig(r=args["lora_r"], alpha=args["lora_alpha"], dropout=args["lora_dropout"],
+                          targets=lora_targets)
+    except ValueError as e:
+        raise InputError(f"--lora_targets {lora_targets}: {e}") from None
+    parent = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # out_dir or the folder it will be made in
+    if not (parent.is_dir() and os.access(parent, os.W_OK)):
+        raise InputError(f"--out_dir {out_dir}: {parent} is {'not writable' if parent.is_dir() else 'a file'}; "
+                         "choose another --out_dir")
+    if not (data_dir.is_dir() and os.access(data_dir, os.R_OK | os.X_OK)):
+        raise InputError(f"--data_dir {data_dir}: {'not readable' if data_dir.is_dir() else 'no such folder'}; "
+                         "prepare the data with prepare_data/ (see README)")
+    if (quantize or optimizer != "adamw") and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(f"--quantize {quantize} --optimizer {optimizer}: needs bitsandbytes; "
+                         "pip install 'bitsandbytes>=0.45'")
     if cuda_graph and (not packing or devices != 1):
-        raise SystemExit("--cuda_graph true needs fixed shapes and one device: use --packing true --devices 1")
+        raise InputError("--cuda_graph true needs fixed shapes and one device: use --packing true --devices 1")
     if cuda_graph and not (torch.cuda.is_available() and accelerator != "cpu"):
-        raise SystemExit("--cuda_graph true needs a CUDA GPU; drop it to train on the CPU")
+        raise InputError("--cuda_graph true needs a CUDA GPU; drop it to train on the CPU")
     if cuda_graph and lora_dropout > 0 and activation_checkpointing:
-        raise SystemExit("--cuda_graph true with --lora_dropout > 0 and activation checkpointing is not supported "
+        raise InputError("--cuda_graph true with --lora_dropout > 0 and activation checkpointing is not supported "
                          "(the recomputed dropout masks would need the RNG state inside the graph); set one of them off")
     if offload_checkpoints and not activation_checkpointing:
-        raise SystemExit("--offload_checkpoints true offloads checkpointed blocks' inputs: add --activation_checkpointing")
+        raise InputError("--offload_checkpoints true offloads checkpointed blocks' inputs: add --activation_checkpointing")
     if offload_checkpoints and compile:
-        raise SystemExit("--offload_checkpoints true with --compile true is not supported (the copies' streams would "
+        raise InputError("--offload_checkpoints true with --compile true is not supported (the copies' streams would "
                          "be traced into the compiled blocks); set one of them off")
     if fp8 and not (fused and lora_dropout == 0):
-        raise SystemExit(f"--fp8 {fp8} runs inside the fused LoRA matmul: set --fused true and --lora_dropout 0")
+        raise InputError(f"--fp8 {fp8} runs inside the fused LoRA matmul: set --fused true and --lora_dropout 0")
     if not recompute_inputs and not (fused and lora_dropout == 0):
-        raise SystemExit("--recompute_inputs false applies to the fused LoRA matmul: set --fused true and "
+        raise InputError("--recompute_inputs false applies to the fused LoRA matmul: set --fused true and "
                          "--lora_dropout 0, or drop it")
     if fp8 and torch.cuda.is_available() and accelerator != "cpu":
         problem = fp8_module.device_problem(torch.device("cuda"))
         if problem:
-            raise SystemExit(f"--fp8 {fp8}: {problem}")
-    if activation_checkpointing is not True and activation_checkpointing < 0:
-        raise SystemExit(f"--activation_checkpointing {activation_checkpointing}: use true, false or a number of blocks >= 0")
-    if quantize is not None:
-        from quantize import check_mode
-
-        check_mode(quantize)
+            raise InputError(f"--fp8 {fp8}: {problem}")
     train_data = load_split(data_dir / "train.safetensors")
     val_data = load_split(data_dir / "val.safetensors")
     meta = read_meta(data_dir)
+    if (data_dir / "prompt_style.json").is_file():  # copied next to the adapter, where generate/lora.py reads it
+        from prompts import load_style
+
+        load_style(data_dir)
     if max_seq_length is None:
-        max_seq_length = meta.get("max_seq_length") or max(train_data.lengths().max().item(), 2)
-        max_seq_length = min(int(max_seq_length), config.block_size)
+        max_seq_length = min(meta.get("max_seq_length") or max([2, *train_data.lengths().tolist()]), config.block_size)
     if max_seq_length > config.block_size:
-        raise SystemExit(f"--max_seq_length {max_seq_length} exceeds the context of {config.name} "
+        raise InputError(f"--max_seq_length {max_seq_length} exceeds the context of {config.name} "
                          f"({config.block_size} tokens, {checkpoint_dir}/model_config.json); use at most that")
-    for name, split in (("train", train_data), ("val", val_data)):
-        if split.tokens.numel() and int(split.tokens.max()) >= config.vocab_size:
-            raise SystemExit(f"{data_dir}/{name}.safetensors: token id {int(split.tokens.max())} is outside the vocabulary "
-                             f"of {config.name} ({config.vocab_size}); prepare the data with this model's tokenizer")
+    check_tokenizer(data_dir, meta, checkpoint_dir, config, train_data, val_data)
+    train_examples = make_examples(train_data, max_seq_length)
+    if not train_examples.n:
+        raise InputError(f"{data_dir}/train.safetensors: no sample with a target token in its first {max_seq_length} "
+                         "tokens (an empty split, loss_mask all 0, or prompts longer than --max_seq_length); prepare "
+                         "the data again with rows that have responses")
+    val_examples = make_examples(val_data, max_seq_length, limit=eval_samples)
     args["effective_max_seq_length"] = max_seq_length
-    world = devices if isinstance(devices, int) else 1
-    if batch_size % (micro_batch_size * world):
-        raise SystemExit(f"--batch_size {batch_size} is not a multiple of --micro_batch_size {micro_batch_size} x "
-                         f"{world} devices; change one of them")
+    if batch_size % (micro_batch_size * devices):
+        raise InputError(f"--batch_size {batch_size} is not a multiple of --micro_batch_size {micro_batch_size} x "
+                         f"{devices} devices; change one of them")
     budget = parse_time(max_time) if max_time else None
     state_path = out_dir / "state.ckpt"
     if resume:
         if not state_path.is_file():
-            raise SystemExit(f"{state_path}: nothing to resume; run without --resume to start this out_dir")
-        check_resumable(out_dir, args)
+            raise InputError(f"{state_path}: nothing to resume; run without --resume to start this out_dir")
+        check_resumable(out_dir, args, config)
     elif state_path.is_file():
-        raise SystemExit(f"{out_dir} already holds a run; pass --resume true to continue it or choose another --out_dir")
+        raise InputError(f"{out_dir} already holds a run; pass --resume true to continue it or choose another --out_dir")
 
-    fabric = Fabric(devices=devices, accelerator=accelerator, strategy=strategy, precision="32-true",
-                    loggers=make_loggers(out_dir))
+    try:
+        fabric = Fabric(devices=devices, accelerator=accelerator, strategy=strategy, precision="32-true",
+                        loggers=make_loggers(out_dir))
+    except (ValueError, RuntimeError, ImportError) as e:  # Lightning's word on these flags
+        raise InputError(f"--accelerator {accelerator} --devices {devices} --strategy {strategy}: "
+                         f"{' '.join(str(e).split())}") from None
     # LoRA weights are fp32 on purpose and the base is cast by us, so Fabric itself casts nothing ("32-true").
-    fabric.launch(main, args, config, lora, train_data, val_data, max_seq_length, budget)
+    if fabric.launch(main, args, config, lora, train_examples, val_examples, max_seq_length, budget) == "stopped":
+        raise SystemExit(EXIT_STOPPED)
 
 
-def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Split", val_data: "Split",
-         max_seq_length: int, budget: Optional[float]) -> None:
+def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_examples: "Examples", val_examples: "Examples",
+         max_seq_length: int, budget: Optional[float]) -> str:
+    """Trains; returns "finished", or "stopped" when the budget or a signal ended it early (state saved)."""
     a = argparse_namespace(args)
     out_dir, checkpoint_dir, data_dir = Path(a.out_dir), Path(a.checkpoint_dir), Path(a.data_dir)
     dtype = torch.bfloat16 if a.precision == "bf16-true" else torch.float32
-    if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(args, indent=2) + "\n")
-        if (data_dir / "prompt_style.json").is_file():
-            shutil.copy(data_dir / "prompt_style.json", out_dir / "prompt_style.json")
     fabric.seed_everything(a.seed)  # the same LoRA init on every rank
 
     t0 = time.perf_counter()
@@ -269,9 +308,6 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
 
     world, rank = fabric.world_size, fabric.global_rank
     micro_per_step = a.batch_size // a.micro_batch_size  # over all devices
-    train_examples = make_examples(train_data, max_seq_length)
-    if not train_examples.n:
-        raise SystemExit(f"{data_dir}/train.safetensors: no sample has a target token (loss_mask is all 0)")
     rows = pack(train_examples.lengths.tolist(), max_seq_length) if a.packing else None
     n_micro = len(epoch_batches(train_examples, rows, a.micro_batch_size, a.seed, 0))
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
@@ -279,21 +315,29 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
     warmup = a.warmup_steps if a.warmup_steps is not None else round(a.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, warmup=warmup, total=total_steps,
                                                                      min_ratio=a.min_lr_ratio))
-    val_examples = make_examples(val_data, max_seq_length, limit=a.eval_samples)
-    truncated = int((train_data.lengths() - 1 > max_seq_length).sum())
+    truncated = int((train_examples.split.lengths() - 1 > max_seq_length).sum())
     fabric.print(f"{train_examples.n:,} training samples ({truncated} truncated to {max_seq_length} tokens), "
                  f"{'packed into ' + str(len(rows)) + ' rows, ' if rows else ''}{steps_per_epoch} steps per epoch; "
                  f"training {total_steps} steps of {a.batch_size} x {max_seq_length if rows else '<=' + str(max_seq_length)}"
                  f" tokens ({micro_per_step // world} micro-batches of {a.micro_batch_size} per device and step)")
+    if not val_examples.n:
+        fabric.print(f"{data_dir}/val.safetensors has no sample with a target token in its first {max_seq_length} "
+                     "tokens: training without validation (no val loss, no adapter_best.safetensors)")
 
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_val": float("inf"), "history": {"train": [], "val": []},
              "tokens": 0}
     if a.resume:
-        state = load_training_state(fabric, out_dir / "state.ckpt", gpt, optimizer, scheduler, state)
+        state = load_training_state(fabric, out_dir / "state.ckpt", gpt, optimizer, scheduler, state, args)
         fabric.print(f"Resumed {out_dir} at step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} "
                      "of it)")
     else:
         torch.manual_seed(a.seed + rank)  # dropout/NEFTune noise differs per rank; LoRA init above did not
+    if rank == 0:  # only now: a run that refused to start leaves nothing behind
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(args, indent=2) + "\n")
+        if (data_dir / "prompt_style.json").is_file():
+            shutil.copy(data_dir / "prompt_style.json", out_dir / "prompt_style.json")
+        write_status(out_dir, "running", state["step"], total_steps)
     stopper = Stopper(budget)
 
     if state["step"] == 0 and not a.resume:
@@ -310,7 +354,9 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
                 save_everything(fabric, gpt, optimizer, scheduler, state, out_dir, args)
                 fabric.print(f"Stopping at step {state['step']}: {stopper.reason}; saved. Continue with --resume true")
                 finish(fabric, state, out_dir)
-                return
+                if rank == 0:
+                    write_status(out_dir, "stopped", state["step"], total_steps, stopper.reason)
+                return "stopped"
             t_step = time.perf_counter()
             i0 = state["step_in_epoch"] * micro_per_step
             step_batches = batches[i0:i0 + micro_per_step]
@@ -336,8 +382,13 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
                         # counted token of the whole step, however tokens fall into micro-batches and ranks.
                         fabric.backward(loss_sum * world / max(n_global, 1.0))
                     loss_total += loss_sum.item()
+            loss = fabric.all_reduce(torch.tensor(loss_total, device=fabric.device), reduce_op="sum").item() / max(n_global, 1)
+            if not math.isfinite(loss):  # diverged: going on would only save broken adapters over the last good one
+                raise InputError(f"step {state['step'] + 1}: the training loss is {loss}; continue from the last save "
+                                 f"with a lower --learning_rate (now {a.learning_rate:g}) and --resume true")
             if a.grad_clip:
                 fabric.clip_gradients(model, optimizer, max_norm=a.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]  # this step's; the scheduler then sets the next one's
             optimizer.step()
             optimizer.zero_grad(set_to_none=not a.cuda_graph)  # the graph accumulates into fixed gradient buffers
             scheduler.step()
@@ -346,12 +397,10 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
             if fabric.device.type == "cuda":
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - t_step)
-            loss = fabric.all_reduce(torch.tensor(loss_total, device=fabric.device), reduce_op="sum").item() / max(n_global, 1)
             n_tok = fabric.all_reduce(torch.tensor(float(sum(int(c["n_tokens"]) for c in collated)),
                                                    device=fabric.device), reduce_op="sum").item()
             state["tokens"] += n_tok
             state["history"]["train"].append((state["step"], loss))
-            lr = scheduler.get_last_lr()[0]
             fabric.log_dict({"train_loss": loss, "lr": lr, "tokens_per_s": n_tok / step_times[-1]}, step=state["step"])
             if state["step"] % a.log_interval == 0 or state["step"] == total_steps:
                 recent = sorted(step_times[-20:])[len(step_times[-20:]) // 2]
@@ -374,6 +423,9 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_data: "Spli
             state["step_in_epoch"] = 0
     save_everything(fabric, gpt, optimizer, scheduler, state, out_dir, args, numbered=True)
     finish(fabric, state, out_dir)
+    if rank == 0:
+        write_status(out_dir, "finished", state["step"], total_steps)
+    return "finished"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -398,36 +450,67 @@ def load_split(path: Path) -> Split:
     path = Path(path)
     fix = "prepare the data again with prepare_data/ (see README)"
     if not path.is_file():
-        raise SystemExit(f"{path}: not found; {fix}")
+        raise InputError(f"{path}: not found; {fix}")
     try:
         d = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise SystemExit(f"{path}: not a readable safetensors file ({e}); {fix}") from None
+        raise InputError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())}); {fix}") from None
     missing = [k for k in ("tokens", "loss_mask", "offsets") if k not in d]
     if missing:
-        raise SystemExit(f"{path}: missing tensor(s) {missing}; expected tokens, loss_mask, offsets; {fix}")
+        raise InputError(f"{path}: missing tensor(s) {missing}; expected tokens, loss_mask, offsets; {fix}")
     tokens, mask, offsets = d["tokens"], d["loss_mask"], d["offsets"]
     if tokens.dim() != 1 or mask.shape != tokens.shape:
-        raise SystemExit(f"{path}: tokens {tuple(tokens.shape)} and loss_mask {tuple(mask.shape)} must be 1-D of one "
+        raise InputError(f"{path}: tokens {tuple(tokens.shape)} and loss_mask {tuple(mask.shape)} must be 1-D of one "
                          f"length; {fix}")
-    if offsets.dim() != 1 or offsets.numel() < 2 or offsets[0] != 0 or offsets[-1] != tokens.numel():
-        raise SystemExit(f"{path}: offsets must run from 0 to len(tokens)={tokens.numel()} with at least one sample; {fix}")
+    if (offsets.dim() != 1 or not offsets.numel() or offsets.is_floating_point() or offsets[0] != 0
+            or offsets[-1] != tokens.numel()):
+        raise InputError(f"{path}: offsets must be integers running from 0 to len(tokens)={tokens.numel()}; {fix}")
     if bool((offsets[1:] - offsets[:-1] < 2).any()):
         row = int((offsets[1:] - offsets[:-1] < 2).nonzero()[0])
-        raise SystemExit(f"{path}: sample {row} has fewer than 2 tokens (or offsets decrease); {fix}")
+        raise InputError(f"{path}: sample {row} has fewer than 2 tokens (or offsets decrease); {fix}")
     if tokens.is_floating_point() or (tokens.numel() and int(tokens.min()) < 0):
-        raise SystemExit(f"{path}: tokens must be non-negative integer ids; {fix}")
+        raise InputError(f"{path}: tokens must be non-negative integer ids; {fix}")
     return Split(tokens.long(), mask.to(torch.uint8), offsets.long())
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """The JSON object in `path`; a missing, unreadable or malformed file is one line naming it and `fix`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable or malformed JSON ({' '.join(str(e).split())}); {fix}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object {{...}}, found {type(data).__name__}; {fix}")
+    return data
 
 
 def read_meta(data_dir: Path) -> dict:
     path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{path}: malformed JSON ({e}); prepare the data again") from None
+    meta = read_json(path, "prepare the data again") if path.exists() else {}
+    value = meta.get("max_seq_length")
+    if value is not None and not (type(value) is int and value > 0):
+        raise InputError(f"{path}: max_seq_length {value!r} is not a positive whole number; prepare the data again "
+                         "or pass --max_seq_length")
+    return meta
+
+
+def check_tokenizer(data_dir: Path, meta: dict, checkpoint_dir: Path, config: Config, *splits: Split) -> None:
+    """Token ids from another tokenizer train silently on nonsense: compare the tokenizer that prepared the data
+    (its fingerprint in meta.json) with the checkpoint's, and for any data check that every id fits the vocabulary."""
+    recorded = meta.get("tokenizer_fingerprint")
+    if recorded is not None:
+        from tokenizer import Tokenizer
+
+        ours = Tokenizer(checkpoint_dir).fingerprint()
+        if recorded != ours:
+            raise InputError(f"{data_dir}/meta.json: the data was tokenized by {meta.get('tokenizer_dir', '?')}'s "
+                             f"tokenizer (fingerprint {recorded}), not {checkpoint_dir}'s ({ours}); prepare the data "
+                             f"again with --checkpoint_dir {checkpoint_dir}")
+    for name, split in zip(("train", "val"), splits):
+        if split.tokens.numel() and int(split.tokens.max()) >= config.vocab_size:
+            raise InputError(f"{data_dir}/{name}.safetensors: token id {int(split.tokens.max())} is outside the "
+                             f"vocabulary of {config.name} ({config.vocab_size}); prepare the data with this model's "
+                             "tokenizer")
 
 
 @dataclass
@@ -793,6 +876,8 @@ def validate(fabric, model, examples: Examples, micro_batch_size: int) -> float:
 
 
 def validate_and_log(fabric, model, gpt, val_examples, a, state, checkpoint_dir) -> None:
+    if not val_examples.n:  # an empty validation split: training without validation (see main)
+        return
     t0 = time.perf_counter()
     # Evaluation runs the compiled kernels eagerly: its batches (and the sample's tokens) vary in length, and a
     # compiled function that has seen several lengths recompiles for dynamic shapes, also for the training step
@@ -873,14 +958,31 @@ def save_everything(fabric, gpt, optimizer, scheduler, state, out_dir: Path, arg
     fabric.barrier()
 
 
-def load_training_state(fabric, path: Path, gpt, optimizer, scheduler, default: dict) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def load_training_state(fabric, path: Path, gpt, optimizer, scheduler, default: dict, args: dict) -> dict:
+    import pickle
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise InputError(f"{path}: unreadable ({' '.join(str(e).split())[:200]}); it cannot be resumed, start a new "
+                         "--out_dir") from None
     params = dict(gpt.named_parameters())
     with torch.no_grad():
         for k, v in payload["lora"].items():
             params[k].copy_(v)
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
+    # Both state dicts bring back the saved run's learning rate and weight decay: this run's flags win, as
+    # train_config.json says.
+    saved = json.loads(payload["args"])
+    changed = [f"--{k} {args[k]:g} (was {saved[k]:g})" for k in ("learning_rate", "weight_decay")
+               if saved.get(k, args[k]) != args[k]]
+    scheduler.base_lrs = [args["learning_rate"]] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=args["learning_rate"], lr=args["learning_rate"] * factor(scheduler.last_epoch),
+                     weight_decay=args["weight_decay"])
+    if changed:
+        fabric.print(f"Resuming with {' and '.join(changed)}, from this step on")
     rngs = payload["rng"]
     if rngs.size(0) != fabric.world_size:
         fabric.print(f"{path}: saved with {rngs.size(0)} ranks, resuming on {fabric.world_size}: dropout noise will differ")
@@ -896,16 +998,16 @@ RESUME_MUST_MATCH = ("checkpoint_dir", "data_dir", "quantize", "precision", "lor
                      "lora_targets", "batch_size", "micro_batch_size", "max_seq_length", "packing", "seed", "optimizer")
 
 
-def check_resumable(out_dir: Path, args: dict) -> None:
-    saved = json.loads((out_dir / "train_config.json").read_text()) if (out_dir / "train_config.json").is_file() else {}
+def check_resumable(out_dir: Path, args: dict, config: Config) -> None:
+    path = out_dir / "train_config.json"
+    saved = read_json(path, "restore it, or start a new --out_dir") if path.exists() else {}
     for key in RESUME_MUST_MATCH:
         if key in saved and saved[key] != args[key]:
-            raise SystemExit(f"{out_dir}/train_config.json: --{key} was {saved[key]!r}, now {args[key]!r}; resuming "
-                             f"needs the same value (or start a new --out_dir)")
+            raise InputError(f"{path}: --{key} was {saved[key]!r}, now {args[key]!r}; resuming needs the same value "
+                             "(or start a new --out_dir)")
     adapter = out_dir / "adapter.safetensors"
     if adapter.is_file():
-        settings, _ = read_adapter(adapter)
-        check_adapter_fits(settings, Config.from_json(Path(args["checkpoint_dir"]) / "model_config.json"), adapter)
+        check_adapter_fits(read_adapter(adapter)[0], config, adapter)
 
 
 class Stopper:
@@ -923,12 +1025,12 @@ class Stopper:
     def _on_signal(self, signum, frame) -> None:
         if self.signalled and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signalled = True
+        self.signalled = signal.Signals(signum).name
 
     def should_stop(self, fabric, step_times: List[float], eval_due: bool) -> bool:
-        stop = self.signalled
+        stop = bool(self.signalled)
         if self.signalled:
-            self.reason = "asked to stop (signal)"
+            self.reason = f"asked to stop ({self.signalled})"
         elif self.budget is not None:
             step = max(step_times[-5:]) if step_times else 0.0
             needed = 1.5 * step + 2 * self.save_s + (self.eval_s if eval_due else 0.0) + 10.0
@@ -948,10 +1050,18 @@ def finish(fabric, state: dict, out_dir: Path) -> None:
         return
     plot_losses(state["history"], out_dir / "loss.png")
     val = state["history"]["val"]
-    first, last = (val[0][1], val[-1][1]) if val else (float("nan"), float("nan"))
-    fabric.print(f"Done: {state['step']} steps, {state['tokens']:,.0f} tokens. Val loss {first:.4f} -> {last:.4f} "
-                 f"(best {state['best_val']:.4f}). Adapter: {out_dir / 'adapter.safetensors'}\n"
+    summary = f"Val loss {val[0][1]:.4f} -> {val[-1][1]:.4f} (best {state['best_val']:.4f})" if val else "No validation"
+    fabric.print(f"Done: {state['step']} steps, {state['tokens']:,.0f} tokens. {summary}. "
+                 f"Adapter: {out_dir / 'adapter.safetensors'}\n"
                  f"Try it: python generate/lora.py --adapter {out_dir / 'adapter.safetensors'} --prompt '...'")
+
+
+def write_status(out_dir: Path, status: str, step: int, total_steps: int, reason: str = "") -> None:
+    """status.json: "running", "stopped" (by the budget or a signal: continue with --resume true; the exit status is
+    75) or "finished" (exit status 0). A run that crashed still says "running"."""
+    tmp = out_dir / "status.json.tmp"
+    tmp.write_text(json.dumps({"status": status, "reason": reason, "step": step, "total_steps": total_steps}) + "\n")
+    os.replace(tmp, out_dir / "status.json")
 
 
 def plot_losses(history: dict, path: Path) -> None:
@@ -999,19 +1109,14 @@ def peak_memory(device: torch.device) -> str:
 
 
 def parse_time(value) -> float:
-    """"[DD:]HH:MM:SS" or a number of seconds -> seconds."""
-    text = str(value).strip()
+    """"[DD:]HH:MM:SS" or a number of seconds -> seconds (> 0)."""
     try:
-        if ":" not in text:
-            return float(text)
-        parts = [float(p) for p in text.split(":")]
+        parts = [float(p) for p in str(value).strip().split(":")]
     except ValueError:
-        raise SystemExit(f"--max_time {value!r}: use [DD:]HH:MM:SS (e.g. 23:30:00) or seconds") from None
-    if len(parts) > 4:
-        raise SystemExit(f"--max_time {value!r}: use [DD:]HH:MM:SS (e.g. 23:30:00) or seconds")
-    seconds = 0.0
-    for p, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
-        seconds += p * unit
+        parts = []
+    seconds = sum(p * unit for p, unit in zip(reversed(parts), (1, 60, 3600, 86400)))
+    if not 0 < len(parts) <= 4 or any(math.copysign(1, p) < 0 for p in parts) or not 0 < seconds < math.inf:
+        raise InputError(f"--max_time {value!r}: use [DD:]HH:MM:SS (e.g. 23:30:00) or seconds > 0; null for no budget")
     return seconds
 
 
@@ -1026,7 +1131,7 @@ class argparse_namespace:  # attribute access to the arguments dict, for brevity
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from cli import run
 
     torch.set_float32_matmul_precision("high")
-    CLI(setup)
+    run(setup)

@@ -27,8 +27,9 @@ run python scripts/download.py --repo_id "$base_repo" --checkpoint_dir "$out/che
 run python scripts/convert_hf_checkpoint.py --checkpoint_dir "$ckpt"
 run python prepare_data/prepare_mix.py --recipe "$recipe" --checkpoint_dir "$ckpt" --out_dir "$data"
 # --cuda_graph: the fast path (README, Measured); FINETUNE_ARGS come later, so "--cuda_graph false" there wins
+# exit status 75: stopped by --max_time (or a signal) with everything saved; merge what it has
 run python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir "$data" --out_dir "$run" --quantize bnb.nf4-dq \
-  --cuda_graph true --max_time "$max_time" "${extra[@]}"
+  --cuda_graph true --max_time "$max_time" "${extra[@]}" || [ $? -eq 75 ]
 adapter=$run/adapter_best.safetensors  # best validation loss; the latest one when no validation ran
 [ -f "$adapter" ] || [ -n "${DRY_RUN:-}" ] || adapter=$run/adapter.safetensors
 run python scripts/merge_lora.py --adapter "$adapter" --out_dir "$out/final"

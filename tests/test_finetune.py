@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli import InputError
 from finetune import lora as ft
 from lora import LoRAConfig, inject_lora
 from model import GPT, Config
@@ -160,12 +162,32 @@ def test_lr_schedule():
 # The whole script
 
 
+RUN = dict(max_steps=6, batch_size=4, micro_batch_size=2, eval_interval=3, save_interval=3, learning_rate=1e-2, lora_r=4,
+           seed=3, max_time=None, sample_tokens=4, accelerator="cpu")
+
+
 def run(ckpt, data, out, **kw):
-    args = dict(checkpoint_dir=str(ckpt), data_dir=data, out_dir=out, max_steps=6, batch_size=4, micro_batch_size=2,
-                eval_interval=3, save_interval=3, learning_rate=1e-2, lora_r=4, seed=3, max_time=None, sample_tokens=4,
-                accelerator="cpu")
-    args.update(kw)
-    ft.setup(**args)
+    ft.setup(**{**RUN, "checkpoint_dir": str(ckpt), "data_dir": data, "out_dir": out, **kw})
+
+
+def script(ckpt, data, out, **kw) -> list:
+    """The command line of run(...): python finetune/lora.py as a user runs it."""
+    args = {**RUN, "checkpoint_dir": ckpt, "data_dir": data, "out_dir": out, **kw}
+    flags = [f"--{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}" for k, v in args.items()]
+    return [sys.executable, "finetune/lora.py", *flags]
+
+
+def run_script(ckpt, data, out, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(script(ckpt, data, out, **kw), cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+
+
+def status(out) -> dict:
+    return json.loads((Path(out) / "status.json").read_text())
+
+
+def history(out) -> dict:
+    return json.loads(torch.load(Path(out) / "state.ckpt", weights_only=True)["state"])["history"]
 
 
 def adapter(out):
@@ -274,9 +296,89 @@ def test_two_process_ddp_matches_one_process(ckpt, data, tmp_path):
 
 
 def test_max_time_stops_cleanly_with_a_resumable_save(ckpt, data, tmp_path, capsys):
-    run(ckpt, data, tmp_path / "budget", max_steps=50, max_time="00:00:01")
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, data, tmp_path / "budget", max_steps=50, max_time="00:00:01")
+    assert e.value.code == ft.EXIT_STOPPED == 75
     assert "Stopping at step 0" in capsys.readouterr().out
     assert (tmp_path / "budget/state.ckpt").is_file() and (tmp_path / "budget/adapter.safetensors").is_file()
+
+
+def test_a_stopped_run_and_a_finished_one_differ_in_exit_status_and_status_json(ckpt, data, tmp_path):
+    out = tmp_path / "run"
+    stopped = run_script(ckpt, data, out, max_time=5)  # less than the stopper keeps in reserve: it stops at step 0
+    assert stopped.returncode == ft.EXIT_STOPPED == 75, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert "Stopping at step 0" in stopped.stdout and "Continue with --resume true" in stopped.stdout
+    assert status(out)["status"] == "stopped" and "--max_time" in status(out)["reason"] and status(out)["step"] == 0
+    finished = run_script(ckpt, data, out, resume=True)
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
+    assert status(out) == {"status": "finished", "reason": "", "step": 6, "total_steps": 6}
+
+
+def test_sigterm_stops_with_a_resumable_save_and_exit_status_75(ckpt, data, tmp_path):
+    out = tmp_path / "run"
+    # 2,000 steps: should the signal be lost, the run ends (exit status 0, a failure here) instead of hanging the test
+    proc = subprocess.Popen(script(ckpt, data, out, max_steps=2_000, eval_interval=10_000, save_interval=10_000),
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75, "".join(lines[-30:])
+    assert status(out)["status"] == "stopped" and status(out)["reason"] == "asked to stop (SIGTERM)"
+    saved = json.loads(torch.load(out / "state.ckpt", weights_only=True)["state"])["step"]
+    assert 2 <= saved == status(out)["step"] < 2_000
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the process start time from Linux's /proc")
+def test_the_time_budget_counts_from_process_start():
+    code = "import time; time.sleep(1); from finetune import lora; print(time.monotonic() - lora.START)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout) >= 1.0  # the sleep before the import counts
+
+
+def test_4bit_training_goes_on_as_if_no_validation_ran(data, tmp_path, monkeypatch):
+    """bitsandbytes 0.50 repacks 4-bit weights for its CPU inference kernel at the first eval-mode forward without grad
+    (on CPUs with AVX512-BF16; claimed here for every CPU), which made QLoRA on the CPU silently wrong after the
+    step-0 validation."""
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    wide = make_tiny_checkpoint(tmp_path / "wide", n_embd=64, intermediate_size=128)  # whole 64-weight blocks
+    run(wide, data, tmp_path / "validated", quantize="bnb.nf4", sample_tokens=0, max_steps=12, eval_interval=6)
+    monkeypatch.setattr(ft, "validate", lambda *args: 9.0)  # validation that runs nothing
+    run(wide, data, tmp_path / "unvalidated", quantize="bnb.nf4", sample_tokens=0, max_steps=12, eval_interval=6)
+    validated, unvalidated = (history(tmp_path / name) for name in ("validated", "unvalidated"))
+    assert validated["train"] == unvalidated["train"]
+    (_, start), *_, (_, end) = validated["val"]
+    assert end < start - 0.3 and max(loss for _, loss in validated["train"]) < start + 1.0, validated
+
+
+def test_resume_trains_with_the_new_learning_rate_and_says_so(ckpt, data, tmp_path, monkeypatch, capsys):
+    used = []  # (lr, weight_decay) of every optimizer step
+    make_optimizer = ft.make_optimizer
+
+    def recording(*args, **kwargs):
+        optimizer = make_optimizer(*args, **kwargs)
+        step = optimizer.step
+
+        def step_and_record(*a, **k):
+            used.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]))
+            return step(*a, **k)
+
+        optimizer.step = step_and_record
+        return optimizer
+
+    monkeypatch.setattr(ft, "make_optimizer", recording)
+    out = tmp_path / "run"
+    run(ckpt, data, out, max_steps=3, sample_tokens=0)
+    run(ckpt, data, out, max_steps=6, learning_rate=1e-3, weight_decay=0.1, resume=True, sample_tokens=0)
+    assert [lr for lr, _ in used[3:]] == pytest.approx([1e-3 * ft.lr_lambda(s, 0, 6, 0.0) for s in (3, 4, 5)])
+    assert [decay for _, decay in used] == [0.0] * 3 + [0.1] * 3
+    assert "Resuming with --learning_rate 0.001 (was 0.01) and --weight_decay 0.1 (was 0)" in capsys.readouterr().out
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["learning_rate"], saved["weight_decay"]) == (1e-3, 0.1)
 
 
 def one_line_error(excinfo) -> str:
@@ -288,27 +390,27 @@ def one_line_error(excinfo) -> str:
 def test_bad_inputs_fail_early_with_one_line(ckpt, data, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, bad, tmp_path / "o1")
     assert "train.safetensors: not found" in one_line_error(e)
 
     (bad / "train.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, bad, tmp_path / "o2")
     assert "not a readable safetensors file" in one_line_error(e)
 
     save_file({"tokens": torch.arange(10, dtype=torch.int32), "loss_mask": torch.ones(10, dtype=torch.uint8),
                "offsets": torch.tensor([0, 4, 9])}, str(bad / "train.safetensors"))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, bad, tmp_path / "o3")
-    assert "offsets must run from 0 to len(tokens)=10" in one_line_error(e)
+    assert "running from 0 to len(tokens)=10" in one_line_error(e)
 
     save_file({"tokens": torch.arange(10, dtype=torch.int32), "offsets": torch.tensor([0, 10])}, str(bad / "train.safetensors"))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, bad, tmp_path / "o4")
     assert "missing tensor(s) ['loss_mask']" in one_line_error(e)
 
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "o5", max_seq_length=100_000)
     assert "exceeds the context of tiny (256 tokens" in one_line_error(e)
 
@@ -316,28 +418,28 @@ def test_bad_inputs_fail_early_with_one_line(ckpt, data, tmp_path):
     big_vocab.mkdir()
     write_split(big_vocab / "train.safetensors", make_samples(4, 100_000, seed=0))
     write_split(big_vocab / "val.safetensors", make_samples(4, 50, seed=0))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, big_vocab, tmp_path / "o6")
     assert "is outside the vocabulary" in one_line_error(e)
 
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "o7", batch_size=5, micro_batch_size=2)
     assert "--batch_size 5 is not a multiple" in one_line_error(e)
 
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "nothing", resume=True)
     assert "nothing to resume" in one_line_error(e)
 
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "o8", offload_checkpoints=True)
     assert "add --activation_checkpointing" in one_line_error(e)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "o9", activation_checkpointing=True, offload_checkpoints=True, compile=True)
     assert "with --compile true is not supported" in one_line_error(e)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "o10", fp8="grad", fused=False)
     assert "--fp8 grad runs inside the fused LoRA matmul" in one_line_error(e)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "o11", recompute_inputs=False, lora_dropout=0.1)
     assert "--recompute_inputs false applies to the fused LoRA matmul" in one_line_error(e)
 
@@ -345,13 +447,13 @@ def test_bad_inputs_fail_early_with_one_line(ckpt, data, tmp_path):
 def test_resume_refuses_changed_settings_and_foreign_adapters(ckpt, data, tmp_path):
     out = tmp_path / "run"
     run(ckpt, data, out, max_steps=3, sample_tokens=0)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, data, out, max_steps=3)
     assert "already holds a run; pass --resume true" in one_line_error(e)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(ckpt, data, out, max_steps=6, resume=True, lora_r=8)
     assert "--lora_r was 4, now 8" in one_line_error(e)
     other = make_tiny_checkpoint(tmp_path / "other", n_embd=48)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         run(other, data, out, max_steps=6, resume=True)
     assert "--checkpoint_dir was" in one_line_error(e)

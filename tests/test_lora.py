@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from cli import InputError
 from lora import (LoRAConfig, LoRALinear, inject_lora, load_adapter, lora_modules, lora_state_dict, merge_lora,
                   parse_targets, save_adapter, strip_lora, unmerge_lora)
 from model import GPT, Config
@@ -153,7 +154,7 @@ def test_adapter_roundtrip_and_mismatch(tmp_path):
     other = GPT(Config(**{**GQA, "n_embd": 64}))
     with pytest.raises(ValueError, match="adapter was trained on 'tiny-gqa', which has another shape"):
         load_adapter(other, tmp_path / "adapter.safetensors")
-    with pytest.raises(FileNotFoundError, match="adapter not found"):
+    with pytest.raises(InputError, match="adapter not found"):
         load_adapter(other, tmp_path / "missing.safetensors")
 
 
@@ -189,6 +190,32 @@ def test_quantized_load_matches_dequantized_reference(tiny_ckpt, mode):
                 torch.testing.assert_close(roundtrip(w, mode), ref.get_submodule(name).weight)
     x = torch.randint(0, 300, (2, 9))
     torch.testing.assert_close(qmodel(x).float(), ref(x).float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.nf4-dq", "bnb.fp4"])
+def test_4bit_training_loss_is_the_same_after_an_eval_forward(monkeypatch, mode):
+    """bitsandbytes 0.50 repacks a 4-bit weight in place for its CPU inference kernel at the first eval-mode forward
+    without grad, on CPUs with AVX512-BF16 (claimed here for every CPU): training after a validation must not see it."""
+    from finetune.lora import training_loss
+    from quantize import empty_quantized_model, quantize_model
+
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    torch.manual_seed(0)
+    config = Config(**{**GQA, "n_embd": 64, "intermediate_size": 128})  # whole 64-weight blocks: the repacking runs
+    weights = [(name, p.detach()) for name, p in GPT(config).named_parameters()]
+    model = quantize_model(empty_quantized_model(config, mode, torch.float32), weights, mode, "cpu", torch.float32)
+    inject_lora(model, LoRAConfig(r=4, dropout=0.0))
+    randomize_lora(model)
+    tokens = torch.randint(0, 97, (2, 17))
+    batch = {"idx": tokens[:, :-1], "targets": tokens[:, 1:]}
+    model.train()
+    before, _ = training_loss(model, batch)
+    model.eval()
+    with torch.no_grad():
+        model(tokens)
+    model.train()
+    after, _ = training_loss(model, batch)
+    assert torch.equal(before, after), (before, after)
 
 
 def test_qlora_trains_and_merges_to_bf16_checkpoint(tiny_ckpt, tmp_path):
