@@ -14,9 +14,11 @@ The EOS token is not part of any style: data preparation appends the tokenizer's
 the server stops at EOS or at the style's `stop` strings.
 """
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
+
+from cli import InputError
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,21 @@ class PromptStyle:
     stop: Tuple[str, ...] = ()   # strings at which the server cuts a generation: the start of the next user turn
     default_system: str = ""     # system message used when a conversation has none
 
+    def __post_init__(self) -> None:
+        # styles come from recipes and prompt_style.json files: a wrong field fails here, not in the middle of tokenizing
+        for name, value in asdict(self).items():
+            if name == "stop" and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+                raise InputError(f"prompt style field 'stop' must be a list of strings, got {value!r}")
+            if name != "stop" and not isinstance(value, str):
+                raise InputError(f"prompt style field {name!r} must be a string, got {value!r}")
+        for name, keys in (("system", ["content"]), ("user", ["content"]), ("user_with_input", ["content", "input"])):
+            try:
+                getattr(self, name).format(**dict.fromkeys(keys, ""))
+            except (KeyError, IndexError, ValueError) as e:
+                raise InputError(f"prompt style field {name!r} = {getattr(self, name)!r} is not a template of "
+                                 f"{', '.join('{' + k + '}' for k in keys)} ({type(e).__name__}: {e}); "
+                                 f"write a literal brace as {{{{ or }}}}") from None
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["stop"] = list(self.stop)
@@ -41,10 +58,11 @@ class PromptStyle:
     def from_dict(cls, d: dict) -> "PromptStyle":
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"prompt style has unknown field(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        d = dict(d)
-        d["stop"] = tuple(d.get("stop", ()))
-        return cls(**d)
+            raise InputError(f"prompt style has unknown field(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        if "name" not in d:
+            raise InputError(f"a prompt style needs a 'name' (fields: {sorted(d)})")
+        stop = d.get("stop", ())
+        return cls(**{**d, "stop": tuple(stop) if isinstance(stop, list) else stop})
 
 
 STYLES: Dict[str, PromptStyle] = {
@@ -101,8 +119,8 @@ def get_style(style: Union[str, PromptStyle, dict]) -> PromptStyle:
         return style
     if isinstance(style, dict):
         return PromptStyle.from_dict(style)
-    if style not in STYLES:
-        raise ValueError(f"unknown prompt style {style!r}; choose one of {sorted(STYLES)} or give a prompt_style.json")
+    if not isinstance(style, str) or style not in STYLES:
+        raise InputError(f"unknown prompt style {style!r}; choose one of {sorted(STYLES)} or give a prompt_style.json")
     return STYLES[style]
 
 
@@ -167,15 +185,15 @@ def load_style(directory: Union[str, Path], default: Optional[str] = None) -> Pr
     path = Path(directory) / "prompt_style.json"
     if not path.is_file():
         if default is None:
-            raise FileNotFoundError(f"{path} not found: give the prompt style explicitly (one of {sorted(STYLES)})")
+            raise InputError(f"{path} not found: give the prompt style explicitly (one of {sorted(STYLES)})")
         return get_style(default)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-create it with prompts.save_style") from None
-    if isinstance(data, str) or list(data) == ["name"]:  # {"name": "alpaca"} or "alpaca" is enough
-        return get_style(data if isinstance(data, str) else data["name"])
+        raise InputError(f"{path}: not valid JSON ({e}); re-create it with prompts.save_style") from None
+    if isinstance(data, dict) and list(data) == ["name"]:  # {"name": "alpaca"} or "alpaca" is enough
+        data = data["name"]
     try:
-        return PromptStyle.from_dict(data)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+        return get_style(data)
+    except ValueError as e:
+        raise InputError(f"{path}: {e}") from None

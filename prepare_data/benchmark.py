@@ -9,19 +9,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import List
+
+from jsonargparse.typing import PositiveInt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prepare_data.prepare_mix import check_recipe, prepare
 
 
-def main(checkpoint_dir: Path, rows: int = 100_000, words_per_row: int = 120, decontaminate: bool = True,
-         seed: int = 0) -> None:
+def main(checkpoint_dir: Path, rows: PositiveInt = 100_000, words_per_row: PositiveInt = 120,
+         decontaminate_sets: List[str] = ["mmlu", "truthfulqa", "bbq"], seed: int = 0) -> None:
     """
     Args:
-        checkpoint_dir: the tokenizer to use
+        checkpoint_dir: the tokenizer to use (a checkpoint folder or a short name such as smollm2-135m)
         rows: number of synthetic rows
         words_per_row: average words per row (instruction + response)
-        decontaminate: include decontamination (needs the offline assets: prepare_data/fetch_offline_assets.py)
+        decontaminate_sets: evaluation sets to decontaminate against ([] for none): offline assets
+            (prepare_data/fetch_offline_assets.py), else the hub
         seed: seed of the synthetic text
     """
     words = Path(__file__).resolve().parent.parent.joinpath("prompts.py").read_text().split() * 3
@@ -30,12 +34,12 @@ def main(checkpoint_dir: Path, rows: int = 100_000, words_per_row: int = 120, de
         data = Path(tmp) / "rows.jsonl"
         with open(data, "w") as f:
             for i in range(rows):
-                n = rng.randint(words_per_row // 2, words_per_row * 3 // 2)
+                n = max(3, rng.randint(words_per_row // 2, words_per_row * 3 // 2))  # a third of it, the instruction, not empty
                 text = rng.choices(words, k=n)
                 f.write(json.dumps({"instruction": " ".join(text[: n // 3]), "input": "",
                                     "output": " ".join(text[n // 3:]) + f" {i}"}) + "\n")
         recipe = check_recipe({"name": "benchmark", "max_seq_length": 2048, "sources": [{"source": "generic", "data_file": str(data)}],
-                               "decontaminate": {"sets": ["mmlu", "truthfulqa", "bbq"]} if decontaminate else False})
+                               "decontaminate": {"sets": decontaminate_sets}}, "benchmark.py")
         t0 = time.perf_counter()
         report = prepare(recipe, checkpoint_dir, Path(tmp) / "out")
         seconds = time.perf_counter() - t0
@@ -44,6 +48,6 @@ def main(checkpoint_dir: Path, rows: int = 100_000, words_per_row: int = 120, de
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from cli import run
 
-    CLI(main, as_positional=False)
+    run(main)

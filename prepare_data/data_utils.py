@@ -1,22 +1,28 @@
 """The logic every prepare_data script shares: finding and reading source files, the common row schema, error
 reporting, tokenization with loss masks and truncation, and writing the data folder that finetune/lora.py reads.
 
+A bad file, folder or column raises `cli.InputError` (one line naming it, no traceback); a bad record inside a good
+file is only skipped and counted.
+
 A row is `{"messages": [{"role": "user", "content": ..., "input": ...}, {"role": "assistant", "content": ...}, ...]}`
 (optionally with `"system"`). Source scripts turn their dataset's records into rows through `collect`, raising
 `Malformed` for a record that cannot be used: it is skipped and counted, and the report shows the first few.
 """
 import csv
 import fnmatch
+import glob
 import gzip
-import io
 import json
 import random
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from cli import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_EXAMPLES = 5  # malformed / removed rows shown in the report, per source and reason
@@ -51,15 +57,28 @@ class SourceRows:
         if len(shown) < MAX_EXAMPLES and where:
             shown.append(where)
 
+    def require_rows(self, where: str) -> "SourceRows":
+        if not self.rows:
+            raise InputError(f"{where}: source {self.name!r} produced no rows from {self.read:,} records "
+                             f"({drop_reasons(self.dropped, self.examples)}); check its data file and options")
+        return self
+
+
+def drop_reasons(dropped: Dict[str, int], examples: Dict[str, List[str]], n: int = 3) -> str:
+    """The commonest reasons rows were skipped, each with its first example: the report's list, in one line."""
+    top = sorted(dropped.items(), key=lambda kv: -kv[1])[:n]
+    return "; ".join(f"{reason}: {count:,}" + (f" (e.g. {examples[reason][0]})" if examples.get(reason) else "")
+                     for reason, count in top) or "none was skipped"
+
 
 # ----------------------------------------------------------------------------------------------- rows
 def text_field(record: dict, key: str, required: bool = True) -> str:
     """A string field of a record, stripped. Missing/empty/non-string -> Malformed (if required) or ""."""
     value = record.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
     if value is None or (isinstance(value, float) and value != value):  # None or NaN (CSV/Parquet gaps)
         value = ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
     if not isinstance(value, str):
         raise Malformed(f"field {key!r} is {type(value).__name__}, expected text")
     value = value.strip()
@@ -121,101 +140,156 @@ def dedup_text(row: dict) -> str:
 
 # ---------------------------------------------------------------------------------------- files
 SUPPORTED = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")
+DataFile = Optional[Union[Path, List[Path]]]  # a file, a folder of supported files, a glob, or a list of those
 
 
-def hub_files(repo_id: str, patterns: Union[str, Sequence[str]], revision: Optional[str] = None) -> List[Path]:
+def bigbench_missing(path, task: str, alternative: str = "") -> str:
+    """What to do when BIG-bench task files are absent: the PyPI sdist that shipped them is no longer served."""
+    return (f"BIG-bench task files {task} not found at {path}: the bigbench PyPI package that shipped them is no longer "
+            f"served; copy github.com/google/BIG-bench's bigbench/benchmark_tasks/{task} to {path}"
+            + (f", or {alternative}" if alternative else ""))
+
+
+def hub_files(repo_id: str, patterns: Union[str, Sequence[str]], revision: Optional[str] = None,
+              fix: str = "download the files yourself and give data_file") -> List[Path]:
     """Download a dataset's real files from the Hugging Face hub (cached by huggingface_hub) matching the patterns."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     try:
         from huggingface_hub import HfApi, hf_hub_download
 
         names = HfApi().list_repo_files(repo_id, repo_type="dataset", revision=revision)
-        wanted = sorted(n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns))
-        if not wanted:
-            raise SystemExit(f"hub dataset {repo_id}: no file matches {patterns}; files are {names[:20]}")
-        print(f"downloading {len(wanted)} file(s) from hub dataset {repo_id}", file=sys.stderr)
-        return [Path(hf_hub_download(repo_id, n, repo_type="dataset", revision=revision)) for n in wanted]
-    except SystemExit:
-        raise
     except Exception as e:  # offline, gated (LIMA: accept its terms and `huggingface-cli login`), renamed...
-        raise SystemExit(f"could not download {patterns} from hub dataset {repo_id} ({type(e).__name__}: {e}); "
-                         f"download the files yourself and pass --data_file") from None
+        raise InputError(f"could not download {patterns} from hub dataset {repo_id} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})" + (f"; {fix}" if fix else "")) from None
+    wanted = sorted(n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns))
+    if not wanted:
+        raise InputError(f"hub dataset {repo_id}: no file matches {patterns}; files are {names[:20]}")
+    print(f"downloading {len(wanted)} file(s) from hub dataset {repo_id}", file=sys.stderr)
+    return [Path(hf_hub_download(repo_id, n, repo_type="dataset", revision=revision)) for n in wanted]
 
 
-def resolve_files(data_file: Union[None, str, Path, Sequence[Union[str, Path]]], repo_id: str, patterns) -> List[Path]:
+def _supported_files(p: Path) -> List[Path]:
+    if p.is_file():
+        return [p]
+    return sorted(q for q in p.rglob("*") if q.is_file() and q.name.endswith(SUPPORTED))
+
+
+def resolve_files(data_file: DataFile, repo_id: Optional[str], patterns) -> List[Path]:
     """`data_file` (a file, a folder of supported files, a glob, or a list of those) or else the hub files."""
     if data_file is None or data_file == "":
+        if repo_id is None:
+            raise InputError("this source has no copy on the hub: give data_file")
         return hub_files(repo_id, patterns)
     out: List[Path] = []
     for item in [data_file] if isinstance(data_file, (str, Path)) else data_file:
         p = Path(item).expanduser()
         if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
             p = REPO_ROOT / p
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.name.endswith(SUPPORTED))
+        if p.exists():
+            found = _supported_files(p)
         elif any(c in str(item) for c in "*?["):
-            found = sorted(Path().glob(str(item))) or sorted(REPO_ROOT.glob(str(item)))
+            matches = sorted(glob.glob(str(p))) or sorted(glob.glob(str(REPO_ROOT / p)))
+            if not matches:
+                raise InputError(f"data file {item}: the pattern matches nothing; check the path")
+            found = [f for m in matches for f in _supported_files(Path(m))]
+        elif "bigbench" in p.parts:  # data/assets/bigbench/<task>, filled by hand since the PyPI sdist is gone
+            task = "/".join(p.parts[p.parts.index("bigbench") + 1:])
+            raise InputError(bigbench_missing(item if task else f"{item}/<task>", task or "<task>",
+                                              repo_id and f"leave data_file out to download {repo_id} from the hub"))
         else:
-            found = [p] if p.is_file() else []
+            raise InputError(f"data file {item} not found; check the path")
         if not found:
-            raise SystemExit(f"data file {item} not found (or holds no {'/'.join(SUPPORTED)} files)")
+            raise InputError(f"data file {item}: no {'/'.join(SUPPORTED)} file there; point data_file at the data itself")
         out += found
     return out
 
 
-def _open_text(path: Path):
-    return io.TextIOWrapper(gzip.open(path), encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def _lines(path: Path) -> Iterator[str]:
+    """The lines of a text file (gzip-compressed if it ends in .gz), with one clear error for bytes that are not UTF-8."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            offset = 0
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    fix = f"it is gzip-compressed: name it {path.name}.gz" if raw.startswith(b"\x1f\x8b") else \
+                        "re-save the file as UTF-8"
+                    raise InputError(f"{path}: line {i} (byte {offset + e.start}) is not UTF-8 text; {fix}") from None
+                offset += len(raw)
+                yield line.removeprefix("\ufeff") if i == 1 else line  # a byte order mark (Excel) is not data
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: not a readable gzip file ({e}); decompress it or download it again") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a file") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found; check the path") from None
+
+
+def read_text(path: Path) -> str:
+    return "".join(_lines(Path(path)))
 
 
 def read_json(path: Path):
-    """A whole JSON document (BIG-bench task.json, Natural Instructions task files)."""
+    """A whole JSON document (BIG-bench task.json, Natural Instructions task files, recipes)."""
     try:
-        with _open_text(path) as f:
-            return json.load(f)
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{path}: not valid JSON ({e})") from None
+        raise InputError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the file") from None
 
 
 def read_records(path: Path, list_key: Optional[str] = None) -> Iterator[Tuple[int, Union[dict, Malformed]]]:
     """Yield (row number from 1, record) for JSONL, JSON (a list, or the list under `list_key`), CSV/TSV or Parquet.
-    A line that is not valid JSON comes back as a Malformed instead of a record."""
-    name = path.name.removesuffix(".gz")
+    A line that is not valid JSON comes back as a Malformed instead of a record. A file without any record is an error."""
+    n = 0
+    for n, record in enumerate(_records(path, path.name.removesuffix(".gz"), list_key), 1):
+        yield record
+    if n == 0:
+        raise InputError(f"{path}: no records in this file (empty, a header only, or an empty list); "
+                         f"check that it is the right file")
+
+
+def _records(path: Path, name: str, list_key: Optional[str]):
     if name.endswith(".jsonl"):
-        with _open_text(path) as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield i, Malformed(f"invalid JSON ({e.msg})")
-                    continue
-                yield i, record if isinstance(record, dict) else Malformed("line is not a JSON object")
+        for i, line in enumerate(_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, Malformed(f"invalid JSON ({e.msg})")
+                continue
+            yield i, record if isinstance(record, dict) else Malformed("line is not a JSON object")
     elif name.endswith(".json"):
         data = read_json(path)
         if isinstance(data, dict):
             key = list_key or next((k for k in ("data", "examples", "rows", "train") if isinstance(data.get(k), list)), None)
             if key is None or not isinstance(data.get(key), list):
-                raise SystemExit(f"{path}: JSON object has no list of records (keys: {list(data)[:10]}); use a JSON list or JSONL")
+                raise InputError(f"{path}: JSON object has no list of records (keys: {list(data)[:10]}); use a JSON list or JSONL")
             data = data[key]
+        if not isinstance(data, list):
+            raise InputError(f"{path}: holds a JSON {type(data).__name__}, not a list of records; use a JSON list or JSONL")
         for i, record in enumerate(data, 1):
             yield i, record if isinstance(record, dict) else Malformed("record is not a JSON object")
     elif name.endswith((".csv", ".tsv")):
-        with _open_text(path) as f:
-            for i, record in enumerate(csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ","), 2):
-                yield i, record  # row 1 is the header
+        for i, record in enumerate(csv.DictReader(_lines(path), delimiter="\t" if name.endswith(".tsv") else ","), 2):
+            yield i, Malformed("more fields than the header has") if None in record else record  # row 1 is the header
     elif name.endswith(".parquet"):
         try:
+            import pyarrow
             import pyarrow.parquet as pq
         except ImportError:
-            raise SystemExit(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`), or convert the file to JSONL") from None
-        i = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
-            for record in batch.to_pylist():
-                i += 1
-                yield i, record
+            raise InputError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`), or convert the file to JSONL") from None
+        try:
+            i = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+                for record in batch.to_pylist():
+                    i += 1
+                    yield i, record
+        except (pyarrow.ArrowException, OSError) as e:
+            raise InputError(f"{path}: not a readable Parquet file ({e}); download it again or convert it to JSONL") from None
     else:
-        raise SystemExit(f"{path}: unsupported file type; use one of {', '.join(SUPPORTED)}")
+        raise InputError(f"{path}: unsupported file type; use one of {', '.join(SUPPORTED)}")
 
 
 def collect(name: str, paths: Sequence[Path], parse: Callable[[dict], Union[None, dict, List[dict]]],
@@ -230,17 +304,15 @@ def collect(name: str, paths: Sequence[Path], parse: Callable[[dict], Union[None
         first = True
         for row_no, record in read_records(path, list_key):
             out.read += 1
-            if transform and isinstance(record, dict):
-                record = transform(record)
-            if first and isinstance(record, dict):
-                missing = [c for c in required if c not in record]
-                if missing:
-                    raise SystemExit(f"{path}: column {missing[0]!r} not found (columns: {sorted(record)}); "
-                                     f"is this the right file for source {name!r}?")
-                first = False
             try:
                 if isinstance(record, Malformed):
                     raise record
+                record = transform(record) if transform else record
+                missing = [c for c in required if c not in record] if first else []
+                first = False
+                if missing:
+                    raise InputError(f"{path}: column {missing[0]!r} not found (columns: {sorted(map(str, record))}); "
+                                     f"is this the right file for source {name!r}?")
                 parsed = parse(record)
             except (Malformed, KeyError, TypeError, AttributeError, IndexError) as e:
                 reason = f"malformed: {e}" if isinstance(e, Malformed) else f"malformed: {type(e).__name__} {e}"
@@ -271,7 +343,8 @@ def tokenize_rows(tokenizer, style, rows: Sequence[dict], max_seq_length: int, m
     import prompts
 
     if tokenizer.eos_id is None:
-        raise SystemExit("the tokenizer has no EOS id (generation_config.json / tokenizer_config.json): samples need one")
+        raise InputError(f"{tokenizer.checkpoint_dir}: the tokenizer has no EOS id (generation_config.json / "
+                         f"tokenizer_config.json); samples need one")
     bos = [tokenizer.bos_id] if tokenizer.use_bos and tokenizer.bos_id is not None else []
     header_segment = 1 if prompts.get_style(style).header else 0
     out = Tokenized([], [], [], {})
@@ -325,7 +398,7 @@ def _progress(total: int, what: str, enabled: bool = True):
     def step(n: int, done: bool = False) -> None:
         state["n"] += n
         now = time.perf_counter()
-        if enabled and ((done and state["last"] != -1) or now - state["last"] > 5) and total:
+        if enabled and total and state["last"] != -1 and (done or now - state["last"] > 5):
             rate = state["n"] / max(now - state["t0"], 1e-9)
             eta = (total - state["n"]) / max(rate, 1e-9)
             print(f"{what}: {state['n']:,}/{total:,} rows, {rate:,.0f} rows/s, ETA {eta:.0f}s", file=sys.stderr)

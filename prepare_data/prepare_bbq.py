@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import Malformed, SourceRows, collect, instruction_row, multiple_choice, resolve_files, text_field
+from prepare_data.data_utils import (DataFile, Malformed, SourceRows, collect, instruction_row, multiple_choice,
+                                     resolve_files, text_field)
 from prepare_data.prepare_bigbench import load_tasks
 
 REPO, FILES = "heegyu/bbq", ["data/*.jsonl", "*.jsonl"]
 
 
-def load(data_file: Optional[Path] = None, categories: Optional[List[str]] = None, answer_text: bool = False) -> SourceRows:
+def load(data_file: DataFile = None, categories: Optional[List[str]] = None, answer_text: bool = False) -> SourceRows:
     """
     Args:
         data_file: BBQ JSONL file(s) or BIG-bench bbq_lite_json task folder(s)

@@ -1,4 +1,5 @@
-"""BIG-bench JSON tasks (Apache-2.0; e.g. from the `bigbench` sdist, see fetch_offline_assets.py): a task.json with
+"""BIG-bench JSON tasks (Apache-2.0; a local copy of github.com/google/BIG-bench's bigbench/benchmark_tasks/<task>,
+e.g. in data/assets/bigbench/<task>: the bigbench PyPI sdist that shipped them is no longer served): a task.json with
 {"task_prefix"?, "examples": [{"input", "target": str | [str]} or {"input", "target_scores": {choice: score}}]}.
 Generative examples become input -> first target; multiple-choice ones become a lettered question -> best letter.
 Several BIG-bench tasks are in the challenge's evaluation: decontamination removes them unless you turn it off."""
@@ -6,10 +7,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import Malformed, SourceRows, instruction_row, multiple_choice, read_json, resolve_files
+from jsonargparse.typing import PositiveInt
 
-REPO, FILES = "bigbench", "*/task.json"  # there is no maintained hub copy in task.json form: pass --data_file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cli import InputError
+from prepare_data.data_utils import (DataFile, Malformed, SourceRows, bigbench_missing, instruction_row, multiple_choice,
+                                     read_json, resolve_files)
 
 
 def example_row(example: dict, task_prefix: str = "", answer_text: bool = False) -> dict:
@@ -42,7 +45,7 @@ def load_tasks(name: str, paths: List[Path], max_per_task: Optional[int] = None,
     for path in paths:
         task = read_json(path)
         if not isinstance(task, dict) or not isinstance(task.get("examples"), list):
-            raise SystemExit(f"{path}: column 'examples' not found; expected a BIG-bench task.json")
+            raise InputError(f"{path}: column 'examples' not found; expected a BIG-bench task.json")
         prefix = (task.get("task_prefix") or task.get("description") or "") if with_prefix else ""
         kept = 0
         for i, example in enumerate(task["examples"], 1):
@@ -58,7 +61,7 @@ def load_tasks(name: str, paths: List[Path], max_per_task: Optional[int] = None,
     return out
 
 
-def load(data_file: Optional[Path] = None, max_per_task: Optional[int] = None, with_prefix: bool = True,
+def load(data_file: DataFile = None, max_per_task: Optional[PositiveInt] = None, with_prefix: bool = True,
          answer_text: bool = False) -> SourceRows:
     """
     Args:
@@ -67,7 +70,10 @@ def load(data_file: Optional[Path] = None, max_per_task: Optional[int] = None, w
         with_prefix: use the task's `task_prefix` (or description) as the instruction
         answer_text: multiple-choice answers as "B. text" instead of the letter alone
     """
-    paths = [p for p in resolve_files(data_file, REPO, FILES) if p.suffix == ".json"]
+    if not data_file:  # no maintained hub copy is in task.json form
+        raise InputError("bigbench: give data_file, a task.json or a folder of tasks. "
+                         + bigbench_missing("data/assets/bigbench/<task>", "<task>"))
+    paths = [p for p in resolve_files(data_file, None, None) if p.suffix == ".json"]
     return load_tasks("bigbench", paths, max_per_task, with_prefix, answer_text)
 
 

@@ -2,15 +2,18 @@
 Record: {"article", "highlights", "id"}. The HELM summarisation prompt asks for a 3-sentence summary."""
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
+
+from jsonargparse.typing import PositiveInt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import SourceRows, collect, instruction_row, resolve_files, text_field
+from prepare_data.data_utils import DataFile, SourceRows, collect, instruction_row, resolve_files, text_field
 
 REPO = "abisee/cnn_dailymail"
 
 
-def load(data_file: Optional[Path] = None, split: str = "train", max_article_words: Optional[int] = 600,
+def load(data_file: DataFile = None, split: Literal["train", "validation", "test"] = "train",
+         max_article_words: Optional[PositiveInt] = 600,
          instruction: str = "Summarize the following article in 3 sentences.") -> SourceRows:
     """
     Args:

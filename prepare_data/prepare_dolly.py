@@ -5,12 +5,12 @@ from pathlib import Path
 from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import Malformed, SourceRows, collect, instruction_row, resolve_files, text_field
+from prepare_data.data_utils import DataFile, SourceRows, collect, instruction_row, resolve_files, text_field
 
 REPO, FILES = "databricks/databricks-dolly-15k", "databricks-dolly-15k.jsonl"
 
 
-def load(data_file: Optional[Path] = None, categories: Optional[List[str]] = None) -> SourceRows:
+def load(data_file: DataFile = None, categories: Optional[List[str]] = None) -> SourceRows:
     """
     Args:
         data_file: local databricks-dolly-15k.jsonl (default: download it from the hub)

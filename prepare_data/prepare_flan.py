@@ -4,16 +4,17 @@ templates applied to human-written datasets). Record: {"inputs", "targets", "tas
 import fnmatch
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
+
+from jsonargparse.typing import PositiveInt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import SourceRows, collect, instruction_row, resolve_files, text_field
-
-SUBMIXES = ("flan2021", "t0", "niv2", "cot", "dialog")
+from prepare_data.data_utils import DataFile, SourceRows, collect, instruction_row, resolve_files, text_field
 
 
-def load(data_file: Optional[Path] = None, submix: str = "flan2021", tasks: Optional[List[str]] = None,
-         template_types: Optional[List[str]] = None, max_per_task: Optional[int] = None) -> SourceRows:
+def load(data_file: DataFile = None, submix: Literal["flan2021", "t0", "niv2", "cot", "dialog"] = "flan2021",
+         tasks: Optional[List[str]] = None, template_types: Optional[List[str]] = None,
+         max_per_task: Optional[PositiveInt] = None) -> SourceRows:
     """
     Args:
         data_file: local submix file(s) with inputs/targets columns (default: the hub's parquet, needs pyarrow)
@@ -22,8 +23,6 @@ def load(data_file: Optional[Path] = None, submix: str = "flan2021", tasks: Opti
         template_types: keep only these template types (e.g. [zs_opt, zs_noopt] for zero-shot only)
         max_per_task: keep at most this many rows of each task (the first ones)
     """
-    if submix not in SUBMIXES:
-        raise SystemExit(f"flan: submix must be one of {SUBMIXES}, not {submix!r}")
     per_task = {}
 
     def parse(r: dict):

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import Malformed, SourceRows, chat_row, collect, instruction_row, resolve_files, text_field
+from cli import InputError
+from prepare_data.data_utils import (DataFile, Malformed, SourceRows, chat_row, collect, instruction_row, resolve_files,
+                                     text_field)
 
 _USER, _ASSISTANT = {"user", "human", "prompter"}, {"assistant", "gpt", "bot", "model"}
 
 
-def load(data_file: Optional[Path] = None, instruction_field: str = "instruction", input_field: Optional[str] = "input",
+def load(data_file: DataFile = None, instruction_field: str = "instruction", input_field: Optional[str] = "input",
          output_field: str = "output", messages_field: Optional[str] = None, system_field: Optional[str] = None,
          hub_repo: Optional[str] = None, hub_files: List[str] = ["*.jsonl", "*.json", "*.parquet"],
          json_key: Optional[str] = None) -> SourceRows:
@@ -28,7 +30,7 @@ def load(data_file: Optional[Path] = None, instruction_field: str = "instruction
         json_key: in a JSON object file, the key that holds the list of records
     """
     if data_file is None and hub_repo is None:
-        raise SystemExit("generic: give data_file (or hub_repo)")
+        raise InputError("generic: give data_file (or hub_repo)")
 
     def parse(r: dict):
         system = text_field(r, system_field, required=False) if system_field else ""
@@ -47,7 +49,7 @@ def load(data_file: Optional[Path] = None, instruction_field: str = "instruction
         return instruction_row(text_field(r, instruction_field), text_field(r, output_field), extra, system)
 
     required = [messages_field] if messages_field else [instruction_field, output_field]
-    return collect("generic", resolve_files(data_file, hub_repo or "", hub_files), parse, required=required,
+    return collect("generic", resolve_files(data_file, hub_repo, hub_files), parse, required=required,
                    list_key=json_key)
 
 

@@ -4,10 +4,10 @@ becomes "The answer is 24." as in HELM's GSM8K prompts, so the model learns the 
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import Malformed, SourceRows, collect, instruction_row, resolve_files, text_field
+from prepare_data.data_utils import DataFile, Malformed, SourceRows, collect, instruction_row, resolve_files, text_field
 
 REPO = "openai/gsm8k"
 _CALC = re.compile(r"<<[^>]*>>")
@@ -22,7 +22,7 @@ def solution(answer: str, helm_format: bool = True) -> str:
     return f"{_CALC.sub('', steps).strip()}\nThe answer is {final.strip().replace(',', '')}."
 
 
-def load(data_file: Optional[Path] = None, split: str = "train", helm_format: bool = True) -> SourceRows:
+def load(data_file: DataFile = None, split: Literal["train", "test"] = "train", helm_format: bool = True) -> SourceRows:
     """
     Args:
         data_file: local GSM8K JSONL (train.jsonl of the original repository) or parquet

@@ -5,12 +5,12 @@ from pathlib import Path
 from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import Malformed, SourceRows, chat_row, collect, resolve_files
+from prepare_data.data_utils import DataFile, Malformed, SourceRows, chat_row, collect, resolve_files
 
 REPO, FILES = "GAIR/lima", "train.jsonl"
 
 
-def load(data_file: Optional[Path] = None, multi_turn: bool = True, sources: Optional[List[str]] = None) -> SourceRows:
+def load(data_file: DataFile = None, multi_turn: bool = True, sources: Optional[List[str]] = None) -> SourceRows:
     """
     Args:
         data_file: local LIMA train.jsonl (default: download it from the hub)

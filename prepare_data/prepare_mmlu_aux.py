@@ -3,19 +3,19 @@ format: {"question", "choices": [4 texts], "answer": 0-3, "subject"} (some hub r
 Rows are HELM-style lettered questions ending in "Answer:" with the letter as the response."""
 import sys
 from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import Malformed, SourceRows, collect, instruction_row, multiple_choice, resolve_files, text_field
+from prepare_data.data_utils import (DataFile, Malformed, SourceRows, collect, instruction_row, multiple_choice,
+                                     resolve_files, text_field)
 
 REPO, FILES = "cais/mmlu", "auxiliary_train/*.parquet"
 LETTERS = "ABCDEFGHIJ"
 
 
-def load(data_file: Optional[Path] = None, answer_text: bool = False) -> SourceRows:
+def load(data_file: DataFile = None, answer_text: bool = False) -> SourceRows:
     """
     Args:
-        data_file: local auxiliary_train file (parquet needs pyarrow; JSONL/CSV with the same columns also work)
+        data_file: local auxiliary_train file (parquet needs pyarrow; JSONL with the same fields also works)
         answer_text: answer "B. text" instead of the letter alone
     """
     def parse(r: dict):

@@ -1,6 +1,7 @@
 """Natural Instructions (human-written task definitions and instances). Three file forms:
 - the original task files: {"Definition": [str], "Instances": [{"input", "output": [str]}], ...} (taskNNN_*.json)
-- the 61 tasks embedded in BIG-bench (natural_instructions/subtaskNNN_*/task.json; see fetch_offline_assets.py)
+- the 61 tasks embedded in BIG-bench (natural_instructions/subtaskNNN_*/task.json, from a local copy of
+  github.com/google/BIG-bench's bigbench/benchmark_tasks: the PyPI sdist that shipped them is no longer served)
 - the hub's flattened JSONL (Muennighoff/natural-instructions): {"task_name", "definition", "inputs", "targets"}.
 The definition is the instruction and the instance input the prompt's input."""
 import fnmatch
@@ -8,9 +9,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from jsonargparse.typing import PositiveInt
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import (Malformed, SourceRows, collect, instruction_row, read_json, resolve_files,
-                                     text_field)
+from cli import InputError
+from prepare_data.data_utils import (DataFile, Malformed, SourceRows, collect, instruction_row, read_json,
+                                     resolve_files, text_field)
 from prepare_data.prepare_bigbench import load_tasks
 
 REPO, FILES = "Muennighoff/natural-instructions", ["train*.jsonl*", "*/train*.jsonl*"]
@@ -20,7 +24,7 @@ def _task_name(path: Path) -> str:
     return path.parent.name if path.name == "task.json" else path.name.split(".")[0]
 
 
-def load(data_file: Optional[Path] = None, tasks: Optional[List[str]] = None, max_per_task: Optional[int] = None,
+def load(data_file: DataFile = None, tasks: Optional[List[str]] = None, max_per_task: Optional[PositiveInt] = None,
          with_definition: bool = True) -> SourceRows:
     """
     Args:
@@ -57,7 +61,7 @@ def load(data_file: Optional[Path] = None, tasks: Optional[List[str]] = None, ma
                 except Malformed as e:
                     part.drop(f"malformed: {e}", f"{path}:instance {i}")
         else:
-            raise SystemExit(f"{path}: column 'Instances' not found; expected a Natural Instructions task file")
+            raise InputError(f"{path}: column 'Instances' not found; expected a Natural Instructions task file")
         out.merge(part)
     if jsonl:
         per_task = {}
@@ -77,7 +81,7 @@ def load(data_file: Optional[Path] = None, tasks: Optional[List[str]] = None, ma
         part = collect("natural_instructions", jsonl, parse, required=["task_name", "inputs", "targets"])
         out.merge(part)
     if not task_files and not jsonl:
-        raise SystemExit(f"no Natural Instructions task matches {tasks} in {data_file}")
+        raise InputError(f"natural_instructions: no task matches tasks {tasks} in {data_file}; check the task names")
     return out
 
 

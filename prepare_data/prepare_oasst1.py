@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from jsonargparse.typing import PositiveInt
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import Malformed, SourceRows, chat_row, read_records, resolve_files
+from cli import InputError
+from prepare_data.data_utils import DataFile, Malformed, SourceRows, chat_row, read_records, resolve_files
 
 REPO, FILES = "OpenAssistant/oasst1", "2023-04-12_oasst_ready.messages.jsonl.gz"
 
@@ -16,14 +19,15 @@ REPO, FILES = "OpenAssistant/oasst1", "2023-04-12_oasst_ready.messages.jsonl.gz"
 def _flatten_tree(node: dict, parent_id, out: List[dict]) -> None:
     out.append({**{k: v for k, v in node.items() if k != "replies"}, "parent_id": parent_id})
     for reply in node.get("replies") or []:
-        _flatten_tree(reply, node.get("message_id"), out)
+        if isinstance(reply, dict):  # anything else is left out and its parent ends the conversation
+            _flatten_tree(reply, node.get("message_id"), out)
 
 
 def _rank(m: dict) -> float:
     return m["rank"] if isinstance(m.get("rank"), (int, float)) and m["rank"] == m["rank"] else float("inf")
 
 
-def load(data_file: Optional[Path] = None, lang: str = "en", max_turns: Optional[int] = None) -> SourceRows:
+def load(data_file: DataFile = None, lang: str = "en", max_turns: Optional[PositiveInt] = None) -> SourceRows:
     """
     Args:
         data_file: local oasst1 messages (.jsonl[.gz] / .parquet) or trees (.trees.jsonl[.gz]) file
@@ -46,7 +50,7 @@ def load(data_file: Optional[Path] = None, lang: str = "en", max_turns: Optional
                 flat = [record]
             if row_no == 1 and not {"message_id", "parent_id", "text", "role"} <= set(flat[0]):
                 missing = sorted({"message_id", "parent_id", "text", "role"} - set(flat[0]))
-                raise SystemExit(f"{path}: column {missing[0]!r} not found (columns: {sorted(flat[0])}); "
+                raise InputError(f"{path}: column {missing[0]!r} not found (columns: {sorted(flat[0])}); "
                                  f"expected oasst1 messages or trees")
             for m in flat:
                 out.read += 1

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import SourceRows, collect, instruction_row, resolve_files, text_field
+from prepare_data.data_utils import DataFile, SourceRows, collect, instruction_row, resolve_files, text_field
 
 REPO, FILES = "garage-bAInd/Open-Platypus", ["*.parquet", "*.jsonl", "*.json"]
 HUMAN_WRITTEN = ["scienceqa", "scibench", "reclor", "theoremqa", "ARB", "guanaco"]
 
 
-def load(data_file: Optional[Path] = None, data_sources: Optional[List[str]] = None,
+def load(data_file: DataFile = None, data_sources: Optional[List[str]] = None,
          exclude_sources: Optional[List[str]] = None) -> SourceRows:
     """
     Args:

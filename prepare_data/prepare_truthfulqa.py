@@ -3,14 +3,15 @@ it removes these rows unless disabled). Forms:
 - TruthfulQA.csv: Type, Category, Question, Best Answer, Correct Answers ("; "-separated), Incorrect Answers, Source
 - the hub parquet (truthfulqa/truthful_qa, generation): type, category, question, best_answer, correct_answers, ...
 - BIG-bench truthful_qa/task_mc.json: {"examples": [{"input", "target_scores"}]}
-mode "qa": question -> best answer; mode "mc": lettered choices (order shuffled per question, seeded) -> letter."""
+mode "qa": question -> best answer; mode "mc": lettered choices (order shuffled per question by choice_seed) -> letter."""
 import random
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from prepare_data.data_utils import Malformed, SourceRows, collect, instruction_row, multiple_choice, resolve_files, text_field
+from prepare_data.data_utils import (DataFile, Malformed, SourceRows, collect, instruction_row, multiple_choice,
+                                     resolve_files, text_field)
 from prepare_data.prepare_bigbench import load_tasks
 
 REPO, FILES = "truthfulqa/truthful_qa", "generation/*.parquet"
@@ -22,15 +23,13 @@ def _answers(value) -> list:
     return [str(a).strip() for a in value or [] if str(a).strip()]
 
 
-def load(data_file: Optional[Path] = None, mode: str = "qa", seed: int = 0) -> SourceRows:
+def load(data_file: DataFile = None, mode: Literal["qa", "mc"] = "qa", choice_seed: int = 0) -> SourceRows:
     """
     Args:
         data_file: TruthfulQA.csv, the generation parquet/JSONL, or BIG-bench task_mc.json
         mode: "qa" (question -> best answer) or "mc" (multiple choice with the letter as answer)
-        seed: shuffles the choice order in "mc" mode
+        choice_seed: shuffles the choice order in "mc" mode (not named seed: that flag seeds the split)
     """
-    if mode not in ("qa", "mc"):
-        raise SystemExit(f"truthfulqa: mode must be 'qa' or 'mc', not {mode!r}")
     paths = resolve_files(data_file, REPO, FILES)
     tasks = [p for p in paths if p.name.endswith(".json")]
     out = SourceRows(name="truthfulqa", files=[str(p) for p in paths])
@@ -45,7 +44,7 @@ def load(data_file: Optional[Path] = None, mode: str = "qa", seed: int = 0) -> S
         if not wrong:
             raise Malformed("no incorrect answers for a multiple-choice question")
         choices = [best] + wrong[:4]
-        random.Random(f"{seed}:{question}").shuffle(choices)
+        random.Random(f"{choice_seed}:{question}").shuffle(choices)
         return instruction_row(multiple_choice(question, choices), "ABCDE"[choices.index(best)])
 
     rest = [p for p in paths if p not in tasks]

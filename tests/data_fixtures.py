@@ -1,5 +1,6 @@
 """Fixtures for the data tests: a tiny byte-level BPE tokenizer folder, and writers for each source's real format."""
 import json
+import random
 from pathlib import Path
 
 WORDS = ("the a of and to in is was for on with as by at from that this it be are or an which one two three "
@@ -37,3 +38,20 @@ def write_json(path: Path, obj) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
     return path
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def dolly_file(path: Path, n: int, seed: int = 0, tag: str = "", start: int = 0) -> Path:
+    rng = random.Random(seed)
+    return write_jsonl(path, [{"instruction": f"{sentence(rng, 12)} item{start + i}{tag}", "context": "",
+                               "response": sentence(rng, 15), "category": "open_qa"} for i in range(n)])
+
+
+def small_recipe(sources, **kw) -> dict:
+    """A checked recipe without decontamination or a val split, for the tests' small files."""
+    from prepare_data.prepare_mix import check_recipe
+
+    return check_recipe({"name": "t", "max_seq_length": 256, "val_size": 0, "decontaminate": False, "sources": sources, **kw})

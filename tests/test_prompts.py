@@ -4,6 +4,7 @@ import json
 import pytest
 
 import prompts
+from cli import InputError
 
 
 def test_alpaca_exact_strings():
@@ -60,9 +61,32 @@ def test_save_load_roundtrip(tmp_path):
 def test_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown prompt style 'nope'"):
         prompts.get_style("nope")
-    with pytest.raises(FileNotFoundError, match="prompt_style.json"):
+    with pytest.raises(InputError, match="prompt_style.json"):
         prompts.load_style(tmp_path)
     assert prompts.load_style(tmp_path, default="plain").name == "plain"
     (tmp_path / "prompt_style.json").write_text('{"name": "x", "colour": 1}')
     with pytest.raises(ValueError, match="colour"):
         prompts.load_style(tmp_path)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"user": "Q: {question}"}, r"field 'user' = 'Q: \{question\}' is not a template of \{content\} \(KeyError: 'question'\)"),
+    ({"user_with_input": "{content} {0}"}, r"field 'user_with_input' .* \(IndexError"),
+    ({"system": "{"}, r"field 'system' .*Single '\{'"),
+    ({"header": 5}, r"field 'header' must be a string, got 5"),
+    ({"stop": "###"}, r"field 'stop' must be a list of strings, got '###'"),
+    ({"stop": [1]}, r"field 'stop' must be a list of strings"),
+])
+def test_style_mistakes_fail_when_the_style_is_read(tmp_path, fields, message):
+    """A recipe's or prompt_style.json's style is checked when read, not halfway through tokenizing a data set."""
+    with pytest.raises(ValueError, match=message):
+        prompts.get_style({"name": "mine", **fields})
+    (tmp_path / "prompt_style.json").write_text(json.dumps({"name": "mine", **fields}))
+    with pytest.raises(ValueError, match=r"prompt_style\.json: .*" + message):
+        prompts.load_style(tmp_path)
+
+
+@pytest.mark.parametrize("style", [5, ["alpaca"], {"user": "{content}"}])
+def test_style_of_the_wrong_shape(style):
+    with pytest.raises(ValueError, match="unknown prompt style|needs a 'name'"):
+        prompts.get_style(style)
