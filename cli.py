@@ -40,14 +40,18 @@ def fail(message: str) -> None:
 
 
 def flag_message(text: str) -> str:
-    """jsonargparse's multi-line message about a flag, as one line that leads with the flag."""
+    """jsonargparse's multi-line message about a flag, as one line that leads with the flag and the value."""
     text = " ".join(text.split())
     key = re.match(r'Parser key "([^"]+)": (.*)', text)
     if not key:
         return text
     flag, detail = key.groups()
-    choices = re.search(r"Expected a typing\.Literal\[(.*?)\]", detail)
-    given = re.search(r"Given value: (.*)$", detail)
-    if choices and given:  # an Optional[Literal] lists every Union member's error: say what is allowed instead
-        return f"--{flag} {given.group(1)}: choose one of {choices.group(1)}"
-    return f"--{flag}: {detail}"
+    given = re.search(r" Given value type: .*? Given value: (.*)$", detail)
+    if not given:
+        return f"--{flag}: {detail}"
+    # An Optional[...] flag lists every member's error; the None member's says nothing about the value given.
+    errors = [e for e in detail[:given.start()].partition(" Errors: - ")[2].split(" - ")
+              if e and not e.startswith("Expected a <class 'NoneType'>")]
+    choices = re.match(r"Expected a typing\.Literal\[(.*)\]$", errors[0]) if errors else None
+    said = f"choose one of {choices.group(1)}" if choices else "; ".join(errors) or detail[:given.start()]
+    return f"--{flag} {given.group(1)}: {said}"

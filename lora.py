@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import fp8
 import model
+from cli import InputError
 from model import GPT, Config
 
 # Canonical target names -> where they live. gate/up/down follow the Hugging Face names of the gated MLP; for a
@@ -634,22 +635,22 @@ def read_adapter(path: Path) -> Tuple[dict, Dict[str, torch.Tensor]]:
     if path.is_dir():
         path = path / "adapter.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: adapter not found; pass the adapter.safetensors written by finetune/lora.py")
+        raise InputError(f"{path}: adapter not found; pass the adapter.safetensors written by finetune/lora.py")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
     if "oneday_adapter" not in meta:
-        raise ValueError(f"{path}: no LoRA settings in its metadata; it was not written by finetune/lora.py")
+        raise InputError(f"{path}: no LoRA settings in its metadata; it was not written by finetune/lora.py")
     return json.loads(meta["oneday_adapter"]), tensors
 
 
 def check_adapter_fits(settings: dict, config: Config, path: Path) -> None:
     """The one error for an adapter trained on a model of another shape."""
     if settings["base_fingerprint"] != config_fingerprint(config):
-        raise ValueError(f"{path}: adapter was trained on {settings['base_model']!r}, which has another shape than "
+        raise InputError(f"{path}: adapter was trained on {settings['base_model']!r}, which has another shape than "
                          f"base model {config.name!r}; pass the base checkpoint it was trained on (--checkpoint_dir)")
 
 
@@ -662,7 +663,7 @@ def load_adapter(model: GPT, path: Path) -> dict:
     params = dict(model.named_parameters())
     expected = set(lora_state_dict(model))
     if set(tensors) != expected:
-        raise ValueError(f"{path}: adapter tensors do not match its own settings ({sorted(set(tensors) ^ expected)[:3]} ...); "
+        raise InputError(f"{path}: adapter tensors do not match its own settings ({sorted(set(tensors) ^ expected)[:3]} ...); "
                          "the file is corrupt, use another checkpoint")
     with torch.no_grad():
         for name, t in tensors.items():

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from cli import InputError
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "qwen.tiktoken")
 
 # First-generation Qwen (tokenization_qwen.py): the pre-tokenizer regex and the special tokens that follow the
@@ -27,28 +29,35 @@ class Tokenizer:
     def __init__(self, checkpoint_dir: Union[Path, str]) -> None:
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
-            raise FileNotFoundError(f"{checkpoint_dir}: tokenizer folder does not exist")
+            raise InputError(f"{checkpoint_dir}: tokenizer folder does not exist")
         self.checkpoint_dir = checkpoint_dir
         config = _read_json(checkpoint_dir / "tokenizer_config.json")
         special_map = _read_json(checkpoint_dir / "special_tokens_map.json")
         generation = _read_json(checkpoint_dir / "generation_config.json")
 
-        if (checkpoint_dir / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer as HFTokenizer
+        file = next((checkpoint_dir / f for f in TOKENIZER_FILES if (checkpoint_dir / f).is_file()), None)
+        if file is None:
+            raise InputError(f"{checkpoint_dir}: no tokenizer file; looked for {', '.join(TOKENIZER_FILES)}")
+        try:
+            if file.name == "tokenizer.json":
+                from tokenizers import Tokenizer as HFTokenizer
 
-            self.backend = "huggingface"
-            self.processor = HFTokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
-        elif (checkpoint_dir / "tokenizer.model").is_file():
-            import sentencepiece
+                self.backend = "huggingface"
+                self.processor = HFTokenizer.from_file(str(file))
+            elif file.name == "tokenizer.model":
+                import sentencepiece
 
-            self.backend = "sentencepiece"
-            self.processor = sentencepiece.SentencePieceProcessor(model_file=str(checkpoint_dir / "tokenizer.model"))
-        elif (checkpoint_dir / "qwen.tiktoken").is_file():
-            # Converters write tokenizer.json next to it; converting here keeps an unconverted folder usable.
-            self.backend = "huggingface"
-            self.processor = tiktoken_to_hf_tokenizer(checkpoint_dir / "qwen.tiktoken")
-        else:
-            raise FileNotFoundError(f"{checkpoint_dir}: no tokenizer file; looked for {', '.join(TOKENIZER_FILES)}")
+                self.backend = "sentencepiece"
+                self.processor = sentencepiece.SentencePieceProcessor(model_file=str(file))
+            else:  # Converters write tokenizer.json next to it; converting here keeps an unconverted folder usable.
+                self.backend = "huggingface"
+                self.processor = tiktoken_to_hf_tokenizer(file)
+        except InputError:
+            raise
+        except Exception as e:  # each library raises its own types (Exception, RuntimeError, OSError) on a bad file
+            reason = " ".join(str(e).split())
+            raise InputError(f"{file}: not a readable tokenizer ({type(e).__name__}: {reason}); "
+                             "download it again") from None
 
         self.bos_id = self._special_id("bos", config, special_map, generation)
         self.eos_id = self._special_id("eos", config, special_map, generation)
@@ -248,7 +257,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); download the file again") from None
+        raise InputError(f"{path}: not valid JSON ({e}); download the file again") from None
 
 
 def _token_content(token) -> Optional[str]:
@@ -311,7 +320,7 @@ def read_tiktoken(path: Path) -> Dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
-            raise ValueError(f"{path}:{line_no}: expected '<base64 token> <rank>', got {line[:60]!r}") from None
+            raise InputError(f"{path}:{line_no}: expected '<base64 token> <rank>', got {line[:60]!r}") from None
     return ranks
 
 

@@ -1,4 +1,6 @@
-"""Checkpoint folders: finding them by name, reading them tensor by tensor, writing them atomically."""
+"""Checkpoint folders: finding them by name, reading them tensor by tensor, writing them atomically.
+
+A folder, file or name the user gave that is wrong raises cli.InputError (scripts print it as one line)."""
 
 import difflib
 import os
@@ -9,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from cli import InputError
 from model import GPT, Config, configs, short_names
 
 CHECKPOINTS = Path("checkpoints")
@@ -19,14 +22,16 @@ def resolve_checkpoint_dir(name_or_path) -> Path:
     path = Path(name_or_path)
     if (path / "model_config.json").is_file():
         return path
+    if path.is_file():
+        raise InputError(f"{path}: is a file; pass the checkpoint folder that holds model_config.json and the weights")
     full = short_names.get(str(name_or_path).lower(), str(name_or_path))
     config = next((c for c in configs if c["name"].lower() == full.lower()), None)
     if config is None:
         if path.is_dir():
-            raise FileNotFoundError(f"{path}: no model_config.json here; convert a checkpoint into it (see README)")
+            raise InputError(f"{path}: no model_config.json here; convert a checkpoint into it (see README)")
         close = difflib.get_close_matches(str(name_or_path).lower(), [c["name"].lower() for c in configs] + list(short_names))
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise FileNotFoundError(f"{name_or_path}: neither a checkpoint folder nor a registered model name.{hint}")
+        raise InputError(f"{name_or_path}: neither a checkpoint folder nor a registered model name.{hint}")
     folder = CHECKPOINTS / config["hf_repo"]
     if (folder / "model_config.json").is_file():
         return folder
@@ -35,13 +40,13 @@ def resolve_checkpoint_dir(name_or_path) -> Path:
     else:
         how = (f"python scripts/download.py --repo_id {config['hf_repo']} && "
                f"python scripts/convert_hf_checkpoint.py --checkpoint_dir {folder}")
-    raise FileNotFoundError(f"{folder}: checkpoint for {name_or_path!r} not found; get it with: {how}")
+    raise InputError(f"{folder}: checkpoint for {name_or_path!r} not found; get it with: {how}")
 
 
 def checkpoint_files(checkpoint_dir: Path) -> list:
     files = sorted(Path(checkpoint_dir).glob("model*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{checkpoint_dir}: no model*.safetensors; convert a checkpoint into this folder (see README)")
+        raise InputError(f"{checkpoint_dir}: no model*.safetensors; convert a checkpoint into this folder (see README)")
     return files
 
 
@@ -53,7 +58,7 @@ def iter_checkpoint(checkpoint_dir: Path) -> Iterator[Tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         except SafetensorError as e:
-            raise ValueError(f"{file}: unreadable checkpoint shard ({e}); it may be truncated, convert it again") from None
+            raise InputError(f"{file}: unreadable checkpoint shard ({e}); it may be truncated, convert it again") from None
 
 
 def load_checkpoint(model: GPT, checkpoint_dir: Path, strict: bool = True) -> None:
@@ -64,12 +69,12 @@ def load_checkpoint(model: GPT, checkpoint_dir: Path, strict: bool = True) -> No
     for name, tensor in iter_checkpoint(checkpoint_dir):
         if name not in params:
             if strict:
-                raise KeyError(f"{checkpoint_dir}: tensor {name!r} does not belong to model {model.config.name!r}; "
-                               "is model_config.json from the same conversion?")
+                raise InputError(f"{checkpoint_dir}: tensor {name!r} does not belong to model {model.config.name!r}; "
+                                 "is model_config.json from the same conversion?")
             continue
         target = params[name]
         if target.shape != tensor.shape:
-            raise ValueError(f"{checkpoint_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+            raise InputError(f"{checkpoint_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(target.shape)}; model_config.json does not match the weights")
         with torch.no_grad():
             target.copy_(tensor)
@@ -79,15 +84,15 @@ def load_checkpoint(model: GPT, checkpoint_dir: Path, strict: bool = True) -> No
         expected.discard("lm_head.weight")
     missing = sorted(expected - seen)
     if strict and missing:
-        raise KeyError(f"{checkpoint_dir}: missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
-                       "the checkpoint is incomplete, convert it again")
+        raise InputError(f"{checkpoint_dir}: missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+                         "the checkpoint is incomplete, convert it again")
 
 
 def load_model(checkpoint_dir: Path, device="cpu", dtype: torch.dtype = torch.float32,
                quantize: Optional[str] = None) -> GPT:
     """Builds the model from model_config.json and loads its weights; `quantize` ("bnb.nf4", ...) goes through
     bitsandbytes (quantize.py), which also runs its 4-bit layers on the CPU (the tests use that)."""
-    config = Config.from_json(Path(checkpoint_dir) / "model_config.json")
+    config = load_config(checkpoint_dir)
     if quantize is not None:
         from quantize import load_quantized  # bitsandbytes is only imported when asked for
 
@@ -99,6 +104,29 @@ def load_model(checkpoint_dir: Path, device="cpu", dtype: torch.dtype = torch.fl
         model.lm_head.weight = model.wte.weight
     load_checkpoint(model, checkpoint_dir)
     return model.eval()
+
+
+def load_config(checkpoint_dir: Path) -> Config:
+    """The folder's model_config.json; a missing or malformed one is an InputError."""
+    path = Path(checkpoint_dir) / "model_config.json"
+    try:
+        return Config.from_json(path)
+    except (OSError, ValueError, TypeError, ArithmeticError) as e:  # missing, not JSON, unknown fields, bad values
+        if str(e).startswith(str(path)):  # model.py's own message names the file
+            raise InputError(str(e)) from None
+        raise InputError(f"{path}: not a valid model config ({e}); convert the checkpoint again") from None
+
+
+def output_folder(path, flag: str, source: Optional[Path] = None) -> Path:
+    """The folder a script writes into, created; a file there, or the folder it reads from (whose weights would be
+    replaced while they are read), is an InputError."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: is a file; pass a folder to write into")
+    if source is not None and path.resolve() == Path(source).resolve():
+        raise InputError(f"{flag} {path}: must differ from {source}, which it is made from")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def model_state_to_save(state: Dict[str, torch.Tensor], config: Config) -> Dict[str, torch.Tensor]:

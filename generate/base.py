@@ -6,17 +6,23 @@
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Literal, Optional
 
 import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveInt, restricted_number_type
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli import InputError  # noqa: E402
 from model import GPT, padded_mask  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from utils import load_model, resolve_checkpoint_dir  # noqa: E402
 
 GREEDY_TEMPERATURE = 1e-6  # at or below this, sampling is argmax (HELM asks for greedy with 1e-7)
+# Flag types shared by the generate/ scripts (quantize.MODES; tests/test_generate.py checks they agree).
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Quantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]
+TopP = restricted_number_type("TopP", float, [(">", 0), ("<=", 1)])
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
@@ -56,7 +62,7 @@ def generate(model: GPT, prompts: List[torch.Tensor], max_new_tokens: int, tempe
     longest = max(lengths)
     total = longest + max_new_tokens
     if total > model.config.block_size:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+        raise InputError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
                          f"of {model.config.block_size} tokens; shorten the prompt or ask for fewer tokens")
     B = len(prompts)
     idx = torch.zeros(B, longest, dtype=torch.long, device=device)
@@ -116,8 +122,21 @@ def cut_at_stop(text: str, stop_strings: List[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+def seeded_generator(device, seed: int) -> torch.Generator:
+    # torch takes seeds in [-2**63, 2**64); JSON and the command line allow any integer.
+    return torch.Generator(device).manual_seed(seed % 2**64)
+
+
 def pick_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    return device
 
 
 def pick_dtype(precision: str, device: str) -> torch.dtype:
@@ -126,28 +145,28 @@ def pick_dtype(precision: str, device: str) -> torch.dtype:
         precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if precision not in dtypes:
-        raise SystemExit(f"--precision {precision!r}: choose bf16, fp16, fp32 or auto")
+        raise InputError(f"--precision {precision!r}: choose bf16, fp16, fp32 or auto")
     return dtypes[precision]
 
 
 def check_quantize_device(quantize: Optional[str], device: str) -> None:
-    if quantize is not None and device != "cuda":
-        raise SystemExit(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); drop it to run on {device}")
+    if quantize is not None and not device.startswith("cuda"):
+        raise InputError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); drop it to run on {device}")
 
 
 def main(
     prompt: str = "What is the capital of France?",
     checkpoint_dir: str = "smollm2-135m",
     chat: Optional[bool] = None,
-    num_samples: int = 1,
-    max_new_tokens: int = 100,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 200,
-    top_p: float = 1.0,
+    num_samples: PositiveInt = 1,
+    max_new_tokens: PositiveInt = 100,
+    temperature: NonNegativeFloat = 0.8,
+    top_k: Optional[PositiveInt] = 200,
+    top_p: TopP = 1.0,
     seed: Optional[int] = None,
     stop: Optional[List[str]] = None,
-    quantize: Optional[str] = None,
-    precision: str = "auto",
+    quantize: Optional[Quantize] = None,
+    precision: Precision = "auto",
     device: str = "auto",
 ) -> None:
     """Generate text from a prompt.
@@ -159,11 +178,11 @@ def main(
         num_samples: how many completions to draw (decoded together as one batch).
         max_new_tokens: the most tokens to generate per completion.
         temperature: 0 (or anything at most 1e-6) is greedy.
-        top_k: sample among the k most likely tokens only.
-        top_p: sample within the smallest set of tokens whose probability reaches p.
+        top_k: sample among the k most likely tokens only; null: all tokens.
+        top_p: sample within the smallest set of tokens whose probability reaches p (0 < p <= 1).
         seed: random seed for reproducible sampling.
         stop: strings that end a completion (cut from the output).
-        quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.int8 base weights through bitsandbytes (GPU only).
+        quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq or bnb.int8 base weights through bitsandbytes (GPU only).
         precision: bf16, fp16 or fp32; auto is bf16 on a GPU that supports it, else fp32.
         device: cuda, cpu or auto.
     """
@@ -187,7 +206,8 @@ def generate_and_print(model: GPT, tokenizer: Tokenizer, text: str, num_samples:
                        stops: List[str]) -> None:
     """The command-line tail shared with generate/lora.py: sample, print each completion, then speed and memory."""
     device = model.wte.weight.device
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    generator = seeded_generator(device, seed) if seed is not None else None
+    stops = [s for s in stops if s]  # an empty stop string would end every completion before it starts
     t0 = time.perf_counter()
     outputs = generate(model, [tokenizer.encode(text)] * num_samples, max_new_tokens, temperature, top_k, top_p,
                        tokenizer.eos_id, stop_at_strings(tokenizer, stops), generator)
@@ -202,6 +222,6 @@ def generate_and_print(model: GPT, tokenizer: Tokenizer, text: str, num_samples:
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from cli import run
 
-    CLI(main)
+    run(main)

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from generate.base import GREEDY_TEMPERATURE, sample
+from generate.base import GREEDY_TEMPERATURE, sample, seeded_generator
 from model import GPT
 from tokenizer import Tokenizer
 
@@ -440,8 +440,7 @@ class Engine:
     def _generator(self, r: Request) -> Optional[torch.Generator]:
         if r.temperature <= GREEDY_TEMPERATURE:
             return None
-        seed = r.seed if r.seed is not None else random.randrange(2**63)
-        return torch.Generator(self.device).manual_seed(seed)
+        return seeded_generator(self.device, r.seed if r.seed is not None else random.randrange(2**63))
 
     def _choose(self, logits: torch.Tensor, early_logits: Dict[int, torch.Tensor], requests: List[Request],
                 generators: List[Optional[torch.Generator]]) -> List[int]:

@@ -9,11 +9,14 @@ trained with, so the prompt is wrapped exactly as in training. Sampling options 
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional, Union
+
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate.base import generate_and_print, pick_device, pick_dtype  # noqa: E402
+from cli import InputError  # noqa: E402
+from generate.base import Precision, Quantize, TopP, generate_and_print, pick_device, pick_dtype  # noqa: E402
 from lora import load_adapter, merge_lora, read_adapter  # noqa: E402
 from prompts import get_style, load_style, render  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -26,15 +29,15 @@ def main(
     checkpoint_dir: Optional[str] = None,
     prompt_style: Optional[str] = None,
     input: str = "",
-    num_samples: int = 1,
-    max_new_tokens: int = 100,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 200,
-    top_p: float = 1.0,
+    num_samples: PositiveInt = 1,
+    max_new_tokens: PositiveInt = 100,
+    temperature: NonNegativeFloat = 0.8,
+    top_k: Optional[PositiveInt] = 200,
+    top_p: TopP = 1.0,
     seed: Optional[int] = None,
     stop: Optional[List[str]] = None,
-    quantize: Optional[str] = "auto",
-    precision: str = "auto",
+    quantize: Optional[Union[Literal["auto", "none"], Quantize]] = "auto",
+    precision: Precision = "auto",
     device: str = "auto",
     merge: bool = True,
 ) -> None:
@@ -50,28 +53,29 @@ def main(
         num_samples: how many completions to draw (decoded together as one batch).
         max_new_tokens: the most tokens to generate per completion.
         temperature: 0 (or anything at most 1e-6) is greedy.
-        top_k: sample among the k most likely tokens only.
-        top_p: sample within the smallest set of tokens whose probability reaches p.
+        top_k: sample among the k most likely tokens only; null: all tokens.
+        top_p: sample within the smallest set of tokens whose probability reaches p (0 < p <= 1).
         seed: random seed for reproducible sampling.
         stop: strings that end a completion; default the prompt style's stop strings.
-        quantize: base weights: auto (as in training when on a GPU), none, bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8.
+        quantize: base weights: auto (as in training when on a GPU), none, bnb.nf4, bnb.nf4-dq, bnb.fp4,
+            bnb.fp4-dq, bnb.int8.
         precision: bf16, fp16 or fp32; auto is bf16 on a GPU that supports it, else fp32.
         device: cuda, cpu or auto.
         merge: fold the adapter into an unquantized base before decoding (same outputs, faster).
     """
     if adapter is None:
-        raise SystemExit("--adapter is required: the adapter.safetensors written by finetune/lora.py")
+        raise InputError("--adapter is required: the adapter.safetensors written by finetune/lora.py")
     adapter = Path(adapter)
     settings, _ = read_adapter(adapter)
     adapter_dir = adapter if adapter.is_dir() else adapter.parent
     device = pick_device(device)
     if quantize == "auto":
-        quantize = settings.get("quantize") if device == "cuda" else None
+        quantize = settings.get("quantize") if device.startswith("cuda") else None
     quantize = None if quantize in (None, "none") else quantize
     dtype = pick_dtype(precision, device)
     if checkpoint_dir is None:
         if not settings.get("checkpoint_dir"):
-            raise SystemExit(f"{adapter}: does not name its base checkpoint; pass --checkpoint_dir")
+            raise InputError(f"{adapter}: does not name its base checkpoint; pass --checkpoint_dir")
         checkpoint_dir = settings["checkpoint_dir"]
     checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
     if prompt_style is None:
@@ -96,6 +100,6 @@ def main(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from cli import run
 
-    CLI(main)
+    run(main)

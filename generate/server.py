@@ -3,7 +3,8 @@
     python generate/server.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --port 8080
     curl -s localhost:8080/process -d '{"prompt": "The capital of France is", "max_new_tokens": 5, "temperature": 0}'
 
-Endpoints (JSON; unknown fields are ignored, wrong types and out-of-range values get a 4xx naming the field):
+Endpoints (JSON; unknown fields are ignored, wrong types and out-of-range values get a 4xx naming the field, a body
+over --max_body_mb a 413):
 - POST /process   {prompt, max_new_tokens=50, temperature=0.8, top_k=200, top_p=1, seed, echo_prompt,
                    num_samples | num_return_sequences = 1, top_k_per_token = 1, stop_sequences}
                   -> {text, tokens: [{text, logprob, top_logprob}], logprob, request_time,
@@ -24,6 +25,9 @@ Semantics (tests/test_server.py checks each):
 - A prompt longer than the context (max_seq_length - max_new_tokens) is truncated from the left; the response's
   `truncated_prompt_tokens` says how many tokens were dropped (0 normally). max_new_tokens >= the context is a 422.
 - Non-echo prompts go through the checkpoint's prompt_style.json when it has one (--prompt_style auto).
+- Any integer is a valid seed: it is taken modulo 2**64 (torch's range). Empty stop sequences are ignored. Text with
+  a lone UTF-16 surrogate ("\\ud800", not Unicode) and non-finite numbers (NaN, Infinity) are a 422.
+- Reading JSON, tokenizing and building responses run in a thread pool: a huge request never stalls the others.
 """
 
 import asyncio
@@ -33,25 +37,44 @@ import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generate.base import check_quantize_device, pick_device, pick_dtype  # noqa: E402
+from cli import InputError  # noqa: E402
+from generate.base import Precision, Quantize, check_quantize_device, pick_device, pick_dtype  # noqa: E402
 from generate.engine import Engine, Request, Result  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 MAX_SAMPLES = 16
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_SEQUENCES = 64
 log = logging.getLogger("server")
+Port = restricted_number_type("Port", int, [(">=", 1), ("<=", 65535)])
+
+
+def _unicode(value):
+    # JSON can escape a lone UTF-16 surrogate ("\ud800"): Python keeps it in the str, tokenizers cannot encode it.
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"character {e.start} is a lone UTF-16 surrogate ({value[e.start]!r}), which is not "
+                             "Unicode text; send valid UTF-8") from None
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_unicode)]
+# strict: "5" is not an int and 1 is not a bool; JSON ints are fine where floats are expected. No NaN or Infinity.
+STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class ProcessRequest(BaseModel):
-    # strict: "5" is not an int and 1 is not a bool; JSON ints are fine where floats are expected.
-    model_config = ConfigDict(extra="ignore", strict=True)
-    prompt: str = Field(min_length=1)
+    model_config = STRICT
+    prompt: Text = Field(min_length=1)
     num_samples: int = Field(1, ge=1, le=MAX_SAMPLES)
     num_return_sequences: Optional[int] = Field(None, ge=1, le=MAX_SAMPLES)  # HELM's name for num_samples
     max_new_tokens: int = Field(50, ge=0)
@@ -61,23 +84,24 @@ class ProcessRequest(BaseModel):
     seed: Optional[int] = None
     echo_prompt: Optional[bool] = None
     top_k_per_token: int = Field(1, ge=0, le=MAX_TOP_LOGPROBS)  # 0 still returns the best one
-    stop_sequences: Optional[List[str]] = None
+    stop_sequences: Optional[List[Text]] = Field(None, max_length=MAX_STOP_SEQUENCES)
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    text: str
+    model_config = STRICT
+    text: Text
     truncation: bool = True
     max_length: int = Field(2048, ge=1)
 
 
 class DecodeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = STRICT
     tokens: List[int]
 
 
 class BadRequest(ValueError):
-    """A request that cannot be served: 400 for a body that is not JSON, 422 for wrong fields or values."""
+    """A request that cannot be served: 400 for a body that is not JSON, 413 for one too large, 422 for wrong fields
+    or values."""
 
     def __init__(self, message: str, status: int = 422) -> None:
         super().__init__(message)
@@ -189,9 +213,41 @@ def _error_message(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def build_app(service: Service, warmup: bool = True):
+def parse_body(raw: bytes, model):
+    """The request model of a JSON body, or BadRequest."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:  # e.g. 100,000 nested lists: Python's parser recurses once per level
+        raise BadRequest("body is nested too deeply to parse; send a flat JSON object", status=400) from None
+    except ValueError as e:  # not JSON, not UTF-8, an integer of over 4,300 digits
+        raise BadRequest(f"body is not valid JSON ({e}); send a JSON object", status=400) from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise BadRequest(_error_message(e)) from None
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The raw body, refused (413) as soon as it passes `limit` bytes, whether or not it declared its length."""
+    too_big = BadRequest(f"body is over the limit of {limit / 2**20:g} MB (--max_body_mb); HELM's requests are a few "
+                         "KB, send a shorter one", status=413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+def build_app(service: Service, warmup: bool = True, max_body_bytes: int = 4 * 2**20):
     from fastapi import FastAPI, Request as HTTPRequest
     from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
 
     @asynccontextmanager
     async def lifespan(app):
@@ -208,22 +264,18 @@ def build_app(service: Service, warmup: bool = True):
 
     app = FastAPI(title="oneday server", lifespan=lifespan)
 
-    async def read_json(request: HTTPRequest, model):
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"body is not valid JSON ({e}); send a JSON object", status=400) from None
-        if not isinstance(data, dict):
-            raise BadRequest(f"body must be a JSON object, got {type(data).__name__}")
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            raise BadRequest(_error_message(e)) from None
+    async def handle(request: HTTPRequest, model, work):
+        """work(validated body), with parsing, validation and work (tokenizing) off the event loop."""
+        raw = await read_body(request, max_body_bytes)
+        return await run_in_threadpool(lambda: work(parse_body(raw, model)))
 
     def error(status: int, message: str, request: HTTPRequest) -> JSONResponse:
         request.state.log["error"] = message
         return JSONResponse(status_code=status, content={"error": message, "detail": message})
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: HTTPRequest, e: BadRequest):
+        return error(e.status, str(e), request)
 
     @app.middleware("http")
     async def log_request(request: HTTPRequest, call_next):
@@ -238,17 +290,13 @@ def build_app(service: Service, warmup: bool = True):
     @app.post("/process")
     async def process(request: HTTPRequest):
         started = time.perf_counter()
-        try:
-            body = await read_json(request, ProcessRequest)
-            futures, info = service.submit(body)
-        except ValueError as e:
-            return error(getattr(e, "status", 422), str(e), request)
+        body, (futures, info) = await handle(request, ProcessRequest, lambda body: (body, service.submit(body)))
         try:
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except Exception as e:  # the engine failed this batch (e.g. out of memory); it keeps serving others
             log.exception("engine error")
             return error(500, f"generation failed: {type(e).__name__}: {e}", request)
-        out = service.response(results, info, started)
+        out = await run_in_threadpool(service.response, results, info, started)
         request.state.log.update(prompt_tokens=info["prompt_tokens"], truncated=info["truncated_prompt_tokens"],
                                  new_tokens=sum(len(r.new_ids) for r in results), max_new_tokens=body.max_new_tokens,
                                  echo=info["echo"], samples=len(results), finish=results[0].finish_reason,
@@ -257,17 +305,11 @@ def build_app(service: Service, warmup: bool = True):
 
     @app.post("/tokenize")
     async def tokenize(request: HTTPRequest):
-        try:
-            return service.tokenize(await read_json(request, TokenizeRequest))
-        except ValueError as e:
-            return error(getattr(e, "status", 422), str(e), request)
+        return await handle(request, TokenizeRequest, service.tokenize)
 
     @app.post("/decode")
     async def decode(request: HTTPRequest):
-        try:
-            return service.decode(await read_json(request, DecodeRequest))
-        except ValueError as e:
-            return error(getattr(e, "status", 422), str(e), request)
+        return await handle(request, DecodeRequest, service.decode)
 
     @app.get("/health")
     async def health():
@@ -342,23 +384,28 @@ def parse_dola_layers(spec: Optional[str], n_layer: int) -> Optional[List[int]]:
         layers = range(0, half, 2) if spec == "low" else range(half, n_layer - 1, 2)
         return list(layers) or [0]
     try:
-        return [int(x) for x in spec.split(",")]
+        layers = [int(x) for x in spec.split(",")]
     except ValueError:
-        raise SystemExit(f"--dola_layers {spec!r}: use low, high or comma-separated layer indices like 0,2,4") from None
+        layers = None
+    if layers is None or not all(0 <= layer < n_layer for layer in layers):
+        raise InputError(f"--dola_layers {spec!r}: use low, high or comma-separated layers of 0..{n_layer - 1}, "
+                         "like 0,2,4")
+    return layers
 
 
 def main(
     checkpoint_dir: str = "smollm2-135m",
     adapter_dir: Optional[str] = None,
-    quantize: Optional[str] = None,
-    precision: str = "auto",
+    quantize: Optional[Quantize] = None,
+    precision: Precision = "auto",
     device: str = "auto",
     prompt_style: str = "auto",
     host: str = "0.0.0.0",
-    port: int = 8080,
-    max_seq_length: int = 2048,
-    max_batch_size: int = 32,
-    max_batch_tokens: int = 16384,
+    port: Port = 8080,
+    max_seq_length: PositiveInt = 2048,
+    max_batch_size: PositiveInt = 32,
+    max_batch_tokens: PositiveInt = 16384,
+    max_body_mb: PositiveFloat = 4.0,
     dola_layers: Optional[str] = None,
     stop_at_blank_line: bool = False,
     warmup: bool = True,
@@ -369,7 +416,8 @@ def main(
         checkpoint_dir: a converted (or merged) checkpoint folder, or a registered name such as smollm2-135m.
         adapter_dir: a LoRA adapter (adapter.safetensors or its folder) from finetune/lora.py, applied on top of
             checkpoint_dir; its folder's prompt_style.json wins over the checkpoint's.
-        quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.int8 base weights (needs a CUDA GPU and bitsandbytes).
+        quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq or bnb.int8 base weights (needs a CUDA GPU and
+            bitsandbytes).
         precision: bf16, fp16, fp32 or auto (bf16 on a GPU that supports it, else fp32).
         device: cuda, cpu or auto.
         prompt_style: auto (the checkpoint's prompt_style.json, or none), none, a style name from prompts.py, or a
@@ -380,6 +428,7 @@ def main(
             truncated from the left. Also sizes the KV cache.
         max_batch_size: generation slots decoded together, and rows per scoring batch.
         max_batch_tokens: padded tokens per forward pass (bounds activation memory of a scoring batch).
+        max_body_mb: larger request bodies get a 413 (HELM's, at most 2048 tokens, are a few KB).
         dola_layers: DoLa decoding: low, high or comma-separated early layers to contrast with the final layer.
         stop_at_blank_line: cut every completion at its first blank line (after some text), as Upaya's entry did.
         warmup: run two small requests before accepting traffic.
@@ -389,10 +438,10 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     service = load_service(checkpoint_dir, adapter_dir, quantize, precision, device, prompt_style, max_seq_length,
                            max_batch_size, max_batch_tokens, dola_layers, stop_at_blank_line)
-    uvicorn.run(build_app(service, warmup), host=host, port=port, log_level="warning")
+    uvicorn.run(build_app(service, warmup, int(max_body_mb * 2**20)), host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from cli import run
 
-    CLI(main)
+    run(main)

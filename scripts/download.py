@@ -16,8 +16,9 @@ from typing import List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from huggingface_hub import list_repo_files, snapshot_download
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-from jsonargparse import CLI
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+from cli import InputError
 
 TOKENIZER_AND_CONFIG = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
                         "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
@@ -48,11 +49,13 @@ def main(repo_id: str, checkpoint_dir: Path = Path("checkpoints"), access_token:
     except GatedRepoError:
         how = ("your token has no access to it yet" if token else "set HF_TOKEN (export HF_TOKEN=hf_...) or pass "
                "--access_token")
-        raise SystemExit(f"error: {repo_id} is a gated model: accept its license on https://huggingface.co/{repo_id} "
+        raise InputError(f"{repo_id} is a gated model: accept its license on https://huggingface.co/{repo_id} "
                          f"and {how}") from None
     except RepositoryNotFoundError:
         hint = "" if token else " (for a private repo set HF_TOKEN)"
-        raise SystemExit(f"error: repository {repo_id!r} not found on the Hugging Face hub; check the name{hint}") from None
+        raise InputError(f"repository {repo_id!r} not found on the Hugging Face hub; check the name{hint}") from None
+    except HFValidationError as e:
+        raise InputError(f"--repo_id {repo_id!r}: not a hub repository name ({e}); use ORG/NAME") from None
     print(f"Done. Next: python scripts/convert_hf_checkpoint.py --checkpoint_dir {out}")
     return out
 
@@ -67,11 +70,13 @@ def files_to_fetch(files: List[str], tokenizer_only: bool = False) -> List[str]:
         if not any(f.endswith(".safetensors") for f in weights):
             weights = [f for f in top if any(fnmatch.fnmatch(f, p) for p in PYTORCH_BIN)]
         if not weights:
-            raise SystemExit(f"error: no *.safetensors or *.bin weights at the top of the repository (files: "
+            raise InputError(f"no *.safetensors or *.bin weights at the top of the repository (files: "
                              f"{', '.join(files[:8])}{' ...' if len(files) > 8 else ''})")
         wanted += weights
     return sorted(wanted)
 
 
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    from cli import run
+
+    run(main)

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli import InputError  # noqa: E402
 from scripts.eval_tasks import load_task, wilson_interval  # noqa: E402
 
 
@@ -112,6 +113,9 @@ def main(runs: str = "base=out/e2e/base,finetuned=out/e2e/finetuned", heldout: P
         out: write the Markdown here (also printed)
         note: a line under the title (date, GPU, adapter)
     """
+    specs = [spec.split("=", 1) for spec in runs.split(",")]
+    if not all(len(spec) == 2 for spec in specs):
+        raise InputError(f"--runs {runs!r}: give name=folder pairs separated by commas, e.g. base=out/e2e/base")
     items, _ = load_task("mmlu_csv", "offline", heldout)
     lines = ["# End to end: SmolLM2-135M-Instruct, base vs fine-tuned, held-out BIG-bench splits", ""]
     if note:
@@ -123,8 +127,7 @@ def main(runs: str = "base=out/e2e/base,finetuned=out/e2e/finetuned", heldout: P
               "|---|---|---|---|---|---|---|"]
     summary = {}
     per_item: Dict[str, Dict[str, Dict[str, Dict]]] = {"ours": {}, "HELM": {}}  # evaluator -> run -> subject -> item -> score
-    for spec in runs.split(","):
-        name, folder = spec.split("=", 1)
+    for name, folder in specs:
         folder = Path(folder)
         pred_path = folder / "ours" / "predictions_mmlu_csv.jsonl"
         if not pred_path.is_file():
@@ -172,7 +175,7 @@ def main(runs: str = "base=out/e2e/base,finetuned=out/e2e/finetuned", heldout: P
         if unmatched:
             lines.append(f"| {name} | (HELM prompts not among ours: {len(unmatched)}) | | | | | |")
         summary[name] = total
-    names = tuple(spec.split("=", 1)[0] for spec in runs.split(","))[:2]
+    names = tuple(name for name, _ in specs)[:2]
     if len(names) == 2 and all(n in per_item["ours"] for n in names):
         lines += ["", f"## {names[1]} minus {names[0]}, paired on the same items", "",
                   "Difference in exact match with a 95% paired-bootstrap interval (10,000 resamples of the items, within "
@@ -193,6 +196,6 @@ def main(runs: str = "base=out/e2e/base,finetuned=out/e2e/finetuned", heldout: P
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from cli import run
 
-    CLI(main, as_positional=False)
+    run(main)

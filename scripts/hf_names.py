@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from cli import InputError
 from model import Config
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen", "gpt_neox")
@@ -147,7 +148,7 @@ def family_of(hf_config: dict, path="config.json") -> str:
     family = hf_config.get("model_type")
     if family not in FAMILIES:
         archs = hf_config.get("architectures")
-        raise ValueError(f"{path}: model_type {family!r} (architectures {archs}) is not supported; "
+        raise InputError(f"{path}: model_type {family!r} (architectures {archs}) is not supported; "
                          f"supported model_type values: {', '.join(FAMILIES)}")
     return family
 
@@ -165,7 +166,7 @@ def config_from_hf(hf: dict, name: str = "", path="config.json") -> Config:
     family = family_of(hf, path)
 
     def unsupported(field, value):
-        raise ValueError(f"{path}: {field}={value!r} is not supported by model.py ({family})")
+        raise InputError(f"{path}: {field}={value!r} is not supported by model.py ({family})")
 
     scaling = hf.get("rope_scaling") or {}
     rope_type = scaling.get("rope_type", scaling.get("type")) or (hf.get("rope_parameters") or {}).get("rope_type")
@@ -228,9 +229,9 @@ def hf_config_from_lit(config: Config, family: str, dtype: str, base: Optional[d
     """config.json for transformers (or Qwen's remote code). `base` (the source config.json) keeps token ids etc."""
     if family in ("llama", "mistral", "qwen2"):
         if config.bias or config.norm_class != "RMSNorm" or not config.gated_mlp or config.parallel_residual:
-            raise ValueError(f"config {config.name!r} is not a {family} model (bias/LayerNorm/GELU/parallel residual)")
+            raise InputError(f"config {config.name!r} is not a {family} model (bias/LayerNorm/GELU/parallel residual)")
         if config.attn_bias != (family == "qwen2"):
-            raise ValueError(f"config {config.name!r}: attn_bias={config.attn_bias} does not fit family {family}")
+            raise InputError(f"config {config.name!r}: attn_bias={config.attn_bias} does not fit family {family}")
         fields = dict(vocab_size=config.vocab_size, hidden_size=config.n_embd,
                       intermediate_size=config.intermediate_size, num_hidden_layers=config.n_layer,
                       num_attention_heads=config.n_head, num_key_value_heads=config.n_query_groups,
@@ -242,7 +243,7 @@ def hf_config_from_lit(config: Config, family: str, dtype: str, base: Optional[d
         if family == "mistral":
             fields.update(sliding_window=config.sliding_window)
         elif config.sliding_window:
-            raise ValueError(f"config {config.name!r} has a sliding window; only family mistral can express it")
+            raise InputError(f"config {config.name!r} has a sliding window; only family mistral can express it")
         if family == "qwen2":
             fields.update(use_sliding_window=False)
     elif family == "qwen":
@@ -261,7 +262,7 @@ def hf_config_from_lit(config: Config, family: str, dtype: str, base: Optional[d
                       tie_word_embeddings=config.tie_embeddings)
         rope = {"rotary_emb_base": config.rope_base, "rotary_pct": config.rotary_percentage}
     else:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise InputError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 
     out = dict(base or {})
     out.update(architectures=[ARCHITECTURES[family]], model_type=family, **fields)

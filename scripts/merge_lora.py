@@ -20,9 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli import InputError  # noqa: E402
+from generate.base import pick_device  # noqa: E402
 from lora import LoRAConfig, check_adapter_fits, delta_weight, read_adapter, target_modules  # noqa: E402
-from model import Config  # noqa: E402
-from utils import iter_checkpoint, resolve_checkpoint_dir, save_safetensors  # noqa: E402
+from utils import (iter_checkpoint, load_config, output_folder, resolve_checkpoint_dir,  # noqa: E402
+                   save_safetensors)
 
 SHARD_BYTES = 5 * 2**30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
@@ -50,17 +52,17 @@ def main(
         device: where the merge arithmetic runs (cuda, cpu or auto).
     """
     if adapter is None:
-        raise SystemExit("--adapter is required: the adapter.safetensors written by finetune/lora.py")
+        raise InputError("--adapter is required: the adapter.safetensors written by finetune/lora.py")
     adapter = Path(adapter)
     settings, tensors = read_adapter(adapter)
     if checkpoint_dir is None:
         if not settings.get("checkpoint_dir"):
-            raise SystemExit(f"{adapter}: does not name its base checkpoint; pass --checkpoint_dir")
+            raise InputError(f"{adapter}: does not name its base checkpoint; pass --checkpoint_dir")
         checkpoint_dir = settings["checkpoint_dir"]
     checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
-    config = Config.from_json(checkpoint_dir / "model_config.json")
+    config = load_config(checkpoint_dir)
     check_adapter_fits(settings, config, adapter)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = pick_device(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     lora = LoRAConfig(**settings["lora"])
     quantize = settings.get("quantize") if base_weights == "trained" else None
@@ -88,8 +90,8 @@ def main(
             w = (w.float() + delta_weight(A, B, parts, lora.r, lora.scaling, out_features)).to(dtype)
         return w.cpu()
 
-    out_dir = Path(out_dir) if out_dir is not None else (adapter.parent if adapter.is_file() else adapter) / "merged"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir or (adapter.parent if adapter.is_file() else adapter) / "merged", "--out_dir",
+                            checkpoint_dir)
     for old in out_dir.glob("model*.safetensors"):
         old.unlink()
     untie = config.tie_embeddings and "lm_head.weight" in deltas
@@ -143,6 +145,6 @@ def main(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from cli import run
 
-    CLI(main)
+    run(main)

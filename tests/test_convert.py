@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import convert_hf_checkpoint  # noqa: E402
 import convert_lit_checkpoint  # noqa: E402
+from cli import InputError  # noqa: E402
 from model import Config  # noqa: E402
 from utils import load_model  # noqa: E402
 
@@ -298,7 +299,7 @@ def test_missing_shard(tmp_path):
     missing = shards[1]
     missing.unlink()
     (folder / "model.safetensors.index.json").unlink()  # also caught from the shard names alone
-    with pytest.raises(FileNotFoundError) as excinfo:
+    with pytest.raises(InputError) as excinfo:
         convert_hf_checkpoint.setup(folder)
     one_line_error(excinfo, missing)
 
@@ -308,7 +309,7 @@ def test_missing_shard_listed_in_index(tmp_path):
     make_hf("qwen", folder)
     missing = folder / "model-00001-of-00002.safetensors"
     missing.unlink()
-    with pytest.raises(FileNotFoundError) as excinfo:
+    with pytest.raises(InputError) as excinfo:
         convert_hf_checkpoint.setup(folder)
     one_line_error(excinfo, missing)
 
@@ -320,7 +321,7 @@ def test_truncated_safetensors(tmp_path, keep):
     file = folder / "model.safetensors"
     data = file.read_bytes()
     file.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(InputError) as excinfo:
         convert_hf_checkpoint.setup(folder)
     one_line_error(excinfo, file, "truncated")
     assert file.stat().st_size == int(len(data) * keep)  # nothing was replaced
@@ -334,7 +335,7 @@ def test_truncated_bin(tmp_path):
     torch.save(state, folder / "pytorch_model.bin")
     data = (folder / "pytorch_model.bin").read_bytes()
     (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(InputError) as excinfo:
         convert_hf_checkpoint.setup(folder)
     one_line_error(excinfo, folder / "pytorch_model.bin")
 
@@ -342,7 +343,7 @@ def test_truncated_bin(tmp_path):
 def test_unknown_model_name(tmp_path):
     folder = tmp_path / "tiny"
     make_hf("llama", folder)
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(InputError) as excinfo:
         convert_hf_checkpoint.setup(folder, model_name="Mistral-7B-v0.2")
     one_line_error(excinfo, "Mistral-7B-v0.2", "Did you mean", "mistral-7b-v0.1")
 
@@ -350,7 +351,7 @@ def test_unknown_model_name(tmp_path):
 def test_model_name_that_does_not_fit(tmp_path):
     folder = tmp_path / "tiny"
     make_hf("llama", folder)
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(InputError) as excinfo:
         convert_hf_checkpoint.setup(folder, model_name="Llama-2-7b-hf")
     one_line_error(excinfo, "Llama-2-7b-hf", folder / "config.json")
 
@@ -359,7 +360,7 @@ def test_no_config_json(tmp_path):
     folder = tmp_path / "tiny"
     make_hf("llama", folder)
     (folder / "config.json").unlink()
-    with pytest.raises(FileNotFoundError) as excinfo:
+    with pytest.raises(InputError) as excinfo:
         convert_hf_checkpoint.setup(folder)
     one_line_error(excinfo, folder / "config.json")
 
@@ -368,7 +369,7 @@ def test_no_weights(tmp_path):
     folder = tmp_path / "tiny"
     make_hf("llama", folder)
     (folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError) as excinfo:
+    with pytest.raises(InputError) as excinfo:
         convert_hf_checkpoint.setup(folder)
     one_line_error(excinfo, folder, "download")
 
@@ -378,14 +379,14 @@ def test_unsupported_architecture_and_unknown_tensor(tmp_path):
     make_hf("llama", folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "falcon"}))
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(InputError) as excinfo:
         convert_hf_checkpoint.setup(folder)
     one_line_error(excinfo, folder / "config.json", "falcon")
 
     (folder / "config.json").write_text(json.dumps(config))
     state = read_all(folder)
     save_file({**state, "model.layers.0.self_attn.q_norm.weight": torch.ones(8)}, str(folder / "model.safetensors"))
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(InputError) as excinfo:
         convert_hf_checkpoint.setup(folder)
     one_line_error(excinfo, folder / "model.safetensors", "q_norm")
 

@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import download  # noqa: E402
+from cli import InputError  # noqa: E402
 
 # File listings as the hub returns them (abridged from the real repositories).
 MISTRAL = ["README.md", "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
@@ -71,16 +72,16 @@ def test_gated_repo_without_token_is_one_line_error(hub, monkeypatch, tmp_path):
         raise gated_error()
 
     monkeypatch.setattr(download, "list_repo_files", gated)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         download.main("meta-llama/Llama-2-7b-hf", checkpoint_dir=tmp_path)
-    message = str(e.value.code)
+    message = str(e.value)
     assert "\n" not in message and "meta-llama/Llama-2-7b-hf" in message and "HF_TOKEN" in message
     assert "repo_id" not in hub  # nothing was downloaded
 
 
 def test_no_weights_is_one_line_error(hub, monkeypatch, tmp_path):
     monkeypatch.setattr(download, "list_repo_files", lambda repo_id, token: ["README.md", "config.json"])
-    with pytest.raises(SystemExit, match="no \\*.safetensors or \\*.bin"):
+    with pytest.raises(InputError, match="no \\*.safetensors or \\*.bin"):
         download.main("someone/empty", checkpoint_dir=tmp_path)
 
 

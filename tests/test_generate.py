@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from generate.base import cut_at_stop, generate, sample
+from generate.base import Quantize, cut_at_stop, generate, sample, seeded_generator
 from model import GPT, Config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,8 +68,25 @@ def test_seeded_sampling_is_reproducible(model):
 
 
 def test_context_overflow_is_a_clear_error(model):
-    with pytest.raises(ValueError, match=r"exceeds the model's context of 64 tokens"):
+    from cli import InputError
+
+    with pytest.raises(InputError, match=r"exceeds the model's context of 64 tokens"):
         generate(model, [torch.zeros(60, dtype=torch.long)], 10)
+
+
+def test_any_integer_seeds_a_generator():
+    """torch.manual_seed takes [-2**63, 2**64); the command line and the server's JSON take any integer."""
+    for seed in (5, 2**64 + 5, 2**70 + 5, -(2**70) + 5):
+        assert seeded_generator("cpu", seed).initial_seed() == 5
+    assert seeded_generator("cpu", -1).initial_seed() == 2**64 - 1
+
+
+def test_quantize_choices_are_quantize_modes():
+    from typing import get_args
+
+    import quantize
+
+    assert set(get_args(Quantize)) == set(quantize.MODES)
 
 
 def test_cut_at_stop():

@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from cli import InputError  # noqa: E402
 from convert_gguf_checkpoint import convert, find_package_gguf  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from utils import load_model  # noqa: E402
@@ -194,11 +195,11 @@ def test_truncated_gguf_is_one_line_error(tmp_path):
     data = path.read_bytes()
     for size in (len(data) - 1000, 200, 10):  # inside the tensor data, inside the metadata, inside the header
         path.write_bytes(data[:size])
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(InputError) as e:
             convert(path, tmp_path / "out", dtype="float32")
-        message = str(e.value.code)
+        message = str(e.value)
         assert "\n" not in message and str(path) in message, message
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(InputError, match="not found"):
         convert(tmp_path / "missing.gguf", tmp_path / "out")
 
 

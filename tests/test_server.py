@@ -230,6 +230,13 @@ def test_long_prompt_is_left_truncated(client, service):
     ({"prompt": "x", "top_p": 0}, 422, "top_p"),
     ({"prompt": "x", "num_samples": 0}, 422, "num_samples"),
     ({"prompt": "x", "stop_sequences": "\n"}, 422, "stop_sequences"),
+    ({"prompt": "x", "stop_sequences": ["\n"] * 65}, 422, "stop_sequences"),
+    ('{"prompt": "x", "temperature": Infinity}', 422, "temperature"),  # Python's json reads NaN and Infinity
+    ('{"prompt": "x", "top_p": NaN}', 422, "top_p"),
+    ('{"prompt": "x", "stop_sequences": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "nested too deeply"),
+    ('{"prompt": "x", "future_field": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "nested too deeply"),
+    ('{"prompt": "abc \\ud800"}', 422, "lone UTF-16 surrogate"),  # the JSON escape of half a surrogate pair
+    ('{"prompt": "x", "stop_sequences": ["\\udfff"]}', 422, "stop_sequences.0"),
 ])
 def test_bad_process_requests_get_4xx_and_server_keeps_serving(client, body, status, words):
     kwargs = {"content": body} if isinstance(body, str) else {"json": body}
@@ -242,9 +249,68 @@ def test_bad_process_requests_get_4xx_and_server_keeps_serving(client, body, sta
 def test_bad_tokenize_and_decode_requests(client):
     assert client.post("/tokenize", json={"text": 3}).status_code == 422
     assert client.post("/tokenize", json={"text": "x", "max_length": 0}).status_code == 422
-    r = client.post("/decode", json={"tokens": [1, 10**7]})
-    assert r.status_code == 422 and "vocabulary" in r.json()["error"]
+    for ids in ([1, 10**7], [-1], [2**70]):
+        r = client.post("/decode", json={"tokens": ids})
+        assert r.status_code == 422 and "vocabulary" in r.json()["error"]
     assert client.post("/decode", json={"tokens": "1 2"}).status_code == 422
+    r = client.post("/tokenize", content='{"text": "\\ud800"}', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "field 'text'" in r.json()["error"] and "surrogate" in r.json()["error"]
+    assert client.post("/tokenize", json={"text": PROMPT}).status_code == 200
+
+
+def test_any_integer_seed_works_and_its_batch_neighbours_are_unharmed(client):
+    """torch takes seeds in [-2**63, 2**64): a larger one is reduced modulo 2**64 rather than failing the engine's
+    whole batch. Valid requests batched with it get the answers they get alone."""
+    sampled = {"prompt": PROMPT, "temperature": 1.0}
+    valid = [{"prompt": PROMPT + str(i), "max_new_tokens": n, **GREEDY} for i, n in enumerate([1, 1, 4, 4])]
+    odd = [{**sampled, "max_new_tokens": n, "seed": s} for n in (1, 4) for s in (2**70 + 5, -2**70 + 5)]
+    alone = [client.post("/process", json=b).json() for b in valid]
+    together = asyncio.run(post_all(client.app, valid + odd))
+    assert [r.status_code for r in together] == [200] * len(valid + odd)
+    assert [r.json()["text"] for r in together[: len(valid)]] == [a["text"] for a in alone]
+    for r, n in zip(together[len(valid):], (1, 1, 4, 4)):
+        seed_5 = client.post("/process", json={**sampled, "max_new_tokens": n, "seed": 5}).json()
+        assert r.json()["text"] == seed_5["text"]
+
+
+async def post_all(app, bodies):
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        return await asyncio.gather(*(c.post("/process", json=b) for b in bodies))
+
+
+def test_body_over_the_limit_is_413(service):
+    client = TestClient(build_app(service, warmup=False, max_body_bytes=2**20))
+    r = client.post("/tokenize", json={"text": "x" * 2**20})
+    assert r.status_code == 413 and "--max_body_mb" in r.json()["error"]
+
+    def chunked():  # no content-length: the limit holds while the body streams in
+        for _ in range(64):
+            yield b" " * 2**15
+    r = client.post("/tokenize", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert client.post("/tokenize", json={"text": PROMPT}).status_code == 200
+
+
+def test_a_huge_request_does_not_stall_the_others(service):
+    """Tokenizing 10 MB takes seconds; it runs in a worker thread while the event loop answers everyone else."""
+    app = build_app(service, warmup=False, max_body_bytes=16 * 2**20)
+    text = (PROMPT + " ") * (10 * 2**20 // (len(PROMPT) + 1))
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=600) as c:
+            huge = asyncio.create_task(c.post("/tokenize", json={"text": text, "truncation": False}))
+            await asyncio.sleep(0.5)  # the huge one is being tokenized now
+            health = await c.get("/health")
+            small = await c.post("/tokenize", json={"text": PROMPT})
+            in_flight = not huge.done()
+            return in_flight, health, small, await huge
+
+    in_flight, health, small, huge = asyncio.run(scenario())
+    assert health.status_code == small.status_code == huge.status_code == 200
+    assert in_flight, "the small requests waited for the 10 MB one"
+    assert len(huge.json()["tokens"]) > 10**6
 
 
 def test_health_and_one_json_log_line_per_request(client, caplog):

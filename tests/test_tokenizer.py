@@ -126,14 +126,26 @@ def test_special_ids_from_config_files(hf_dir, tmp_path):
     assert Tokenizer(tmp_path).chat_template == "{{ messages }}"
 
 
-def test_missing_tokenizer_is_one_line_error(tmp_path):
-    with pytest.raises(FileNotFoundError) as e:
+def test_missing_or_broken_tokenizer_is_one_line_input_error(tmp_path):
+    from cli import InputError
+
+    with pytest.raises(InputError) as e:
         Tokenizer(tmp_path)
     message = str(e.value)
     assert "\n" not in message and str(tmp_path) in message
     assert all(name in message for name in ("tokenizer.json", "tokenizer.model", "qwen.tiktoken"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         Tokenizer(tmp_path / "nope")
+    for name, content in (("tokenizer.json", "{not json"), ("tokenizer.model", "not a sentencepiece model")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(InputError, match="not a readable tokenizer") as e:
+            Tokenizer(tmp_path)
+        assert "\n" not in str(e.value) and str(tmp_path / name) in str(e.value)
+        (tmp_path / name).unlink()
+    (tmp_path / "tokenizer_config.json").write_text("{")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(InputError, match="tokenizer_config.json: not valid JSON"):
+        Tokenizer(tmp_path)
 
 
 # ---- sentencepiece tokenizer.model -----------------------------------------------------------------------------------
