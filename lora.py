@@ -663,7 +663,8 @@ def load_adapter(model: GPT, path: Path) -> dict:
     params = dict(model.named_parameters())
     expected = set(lora_state_dict(model))
     if set(tensors) != expected:
-        raise InputError(f"{path}: adapter tensors do not match its own settings ({sorted(set(tensors) ^ expected)[:3]} ...); "
+        raise InputError(f"{path}: adapter tensors do not match its own settings "
+                         f"({sorted(set(tensors) ^ expected)[:3]} ...); "
                          "the file is corrupt, use another checkpoint")
     with torch.no_grad():
         for name, t in tensors.items():

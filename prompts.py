@@ -35,7 +35,8 @@ class PromptStyle:
     default_system: str = ""     # system message used when a conversation has none
 
     def __post_init__(self) -> None:
-        # styles come from recipes and prompt_style.json files: a wrong field fails here, not in the middle of tokenizing
+        # styles come from recipes and prompt_style.json files: a wrong field fails here,
+        # not in the middle of tokenizing
         for name, value in asdict(self).items():
             if name == "stop" and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
                 raise InputError(f"prompt style field 'stop' must be a list of strings, got {value!r}")
@@ -58,7 +59,8 @@ class PromptStyle:
     def from_dict(cls, d: dict) -> "PromptStyle":
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise InputError(f"prompt style has unknown field(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            raise InputError(f"prompt style has unknown field(s) {sorted(unknown)}; "
+                             f"known: {sorted(cls.__dataclass_fields__)}")
         if "name" not in d:
             raise InputError(f"a prompt style needs a 'name' (fields: {sorted(d)})")
         stop = d.get("stop", ())

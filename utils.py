@@ -58,7 +58,8 @@ def iter_checkpoint(checkpoint_dir: Path) -> Iterator[Tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         except SafetensorError as e:
-            raise InputError(f"{file}: unreadable checkpoint shard ({e}); it may be truncated, convert it again") from None
+            raise InputError(f"{file}: unreadable checkpoint shard ({e}); "
+                             "it may be truncated, convert it again") from None
 
 
 def load_checkpoint(model: GPT, checkpoint_dir: Path, strict: bool = True) -> None:

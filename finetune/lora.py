@@ -207,7 +207,8 @@ def setup(
         raise InputError("--cuda_graph true with --lora_dropout > 0 and activation checkpointing is not supported "
                          "(the recomputed dropout masks would need the RNG state inside the graph); set one of them off")
     if offload_checkpoints and not activation_checkpointing:
-        raise InputError("--offload_checkpoints true offloads checkpointed blocks' inputs: add --activation_checkpointing")
+        raise InputError("--offload_checkpoints true offloads checkpointed blocks' inputs: "
+                         "add --activation_checkpointing")
     if offload_checkpoints and compile:
         raise InputError("--offload_checkpoints true with --compile true is not supported (the copies' streams would "
                          "be traced into the compiled blocks); set one of them off")
@@ -250,7 +251,8 @@ def setup(
             raise InputError(f"{state_path}: nothing to resume; run without --resume to start this out_dir")
         check_resumable(out_dir, args, config)
     elif state_path.is_file():
-        raise InputError(f"{out_dir} already holds a run; pass --resume true to continue it or choose another --out_dir")
+        raise InputError(f"{out_dir} already holds a run; pass --resume true to continue it "
+                         "or choose another --out_dir")
 
     try:
         fabric = Fabric(devices=devices, accelerator=accelerator, strategy=strategy, precision="32-true",
@@ -382,7 +384,8 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_examples: "
                         # counted token of the whole step, however tokens fall into micro-batches and ranks.
                         fabric.backward(loss_sum * world / max(n_global, 1.0))
                     loss_total += loss_sum.item()
-            loss = fabric.all_reduce(torch.tensor(loss_total, device=fabric.device), reduce_op="sum").item() / max(n_global, 1)
+            loss = fabric.all_reduce(torch.tensor(loss_total, device=fabric.device),
+                                     reduce_op="sum").item() / max(n_global, 1)
             if not math.isfinite(loss):  # diverged: going on would only save broken adapters over the last good one
                 raise InputError(f"step {state['step'] + 1}: the training loss is {loss}; continue from the last save "
                                  f"with a lower --learning_rate (now {a.learning_rate:g}) and --resume true")

@@ -34,7 +34,8 @@ def main(checkpoint_dir: Path, rows: PositiveInt = 100_000, words_per_row: Posit
         data = Path(tmp) / "rows.jsonl"
         with open(data, "w") as f:
             for i in range(rows):
-                n = max(3, rng.randint(words_per_row // 2, words_per_row * 3 // 2))  # a third of it, the instruction, not empty
+                n = max(3, rng.randint(words_per_row // 2,
+                                       words_per_row * 3 // 2))  # a third of it, the instruction, not empty
                 text = rng.choices(words, k=n)
                 f.write(json.dumps({"instruction": " ".join(text[: n // 3]), "input": "",
                                     "output": " ".join(text[n // 3:]) + f" {i}"}) + "\n")

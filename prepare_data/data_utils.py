@@ -145,8 +145,8 @@ DataFile = Optional[Union[Path, List[Path]]]  # a file, a folder of supported fi
 
 def bigbench_missing(path, task: str, alternative: str = "") -> str:
     """What to do when BIG-bench task files are absent: the PyPI sdist that shipped them is no longer served."""
-    return (f"BIG-bench task files {task} not found at {path}: the bigbench PyPI package that shipped them is no longer "
-            f"served; copy github.com/google/BIG-bench's bigbench/benchmark_tasks/{task} to {path}"
+    return (f"BIG-bench task files {task} not found at {path}: the bigbench PyPI package that shipped them "
+            f"is no longer served; copy github.com/google/BIG-bench's bigbench/benchmark_tasks/{task} to {path}"
             + (f", or {alternative}" if alternative else ""))
 
 
@@ -199,13 +199,15 @@ def resolve_files(data_file: DataFile, repo_id: Optional[str], patterns) -> List
         else:
             raise InputError(f"data file {item} not found; check the path")
         if not found:
-            raise InputError(f"data file {item}: no {'/'.join(SUPPORTED)} file there; point data_file at the data itself")
+            raise InputError(f"data file {item}: no {'/'.join(SUPPORTED)} file there; "
+                             "point data_file at the data itself")
         out += found
     return out
 
 
 def _lines(path: Path) -> Iterator[str]:
-    """The lines of a text file (gzip-compressed if it ends in .gz), with one clear error for bytes that are not UTF-8."""
+    """The lines of a text file (gzip-compressed if it ends in .gz), with one clear error for bytes that
+    are not UTF-8."""
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
             offset = 0
@@ -240,7 +242,8 @@ def read_json(path: Path):
 
 def read_records(path: Path, list_key: Optional[str] = None) -> Iterator[Tuple[int, Union[dict, Malformed]]]:
     """Yield (row number from 1, record) for JSONL, JSON (a list, or the list under `list_key`), CSV/TSV or Parquet.
-    A line that is not valid JSON comes back as a Malformed instead of a record. A file without any record is an error."""
+    A line that is not valid JSON comes back as a Malformed instead of a record.
+    A file without any record is an error."""
     n = 0
     for n, record in enumerate(_records(path, path.name.removesuffix(".gz"), list_key), 1):
         yield record
@@ -265,10 +268,12 @@ def _records(path: Path, name: str, list_key: Optional[str]):
         if isinstance(data, dict):
             key = list_key or next((k for k in ("data", "examples", "rows", "train") if isinstance(data.get(k), list)), None)
             if key is None or not isinstance(data.get(key), list):
-                raise InputError(f"{path}: JSON object has no list of records (keys: {list(data)[:10]}); use a JSON list or JSONL")
+                raise InputError(f"{path}: JSON object has no list of records (keys: {list(data)[:10]}); "
+                                 "use a JSON list or JSONL")
             data = data[key]
         if not isinstance(data, list):
-            raise InputError(f"{path}: holds a JSON {type(data).__name__}, not a list of records; use a JSON list or JSONL")
+            raise InputError(f"{path}: holds a JSON {type(data).__name__}, not a list of records; "
+                             "use a JSON list or JSONL")
         for i, record in enumerate(data, 1):
             yield i, record if isinstance(record, dict) else Malformed("record is not a JSON object")
     elif name.endswith((".csv", ".tsv")):
@@ -279,7 +284,8 @@ def _records(path: Path, name: str, list_key: Optional[str]):
             import pyarrow
             import pyarrow.parquet as pq
         except ImportError:
-            raise InputError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`), or convert the file to JSONL") from None
+            raise InputError(f"{path}: reading Parquet needs pyarrow (`pip install pyarrow`), "
+                             "or convert the file to JSONL") from None
         try:
             i = 0
             for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
@@ -287,7 +293,8 @@ def _records(path: Path, name: str, list_key: Optional[str]):
                     i += 1
                     yield i, record
         except (pyarrow.ArrowException, OSError) as e:
-            raise InputError(f"{path}: not a readable Parquet file ({e}); download it again or convert it to JSONL") from None
+            raise InputError(f"{path}: not a readable Parquet file ({e}); "
+                             "download it again or convert it to JSONL") from None
     else:
         raise InputError(f"{path}: unsupported file type; use one of {', '.join(SUPPORTED)}")
 

@@ -11,8 +11,8 @@ from jsonargparse.typing import PositiveInt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cli import InputError
-from prepare_data.data_utils import (DataFile, Malformed, SourceRows, bigbench_missing, instruction_row, multiple_choice,
-                                     read_json, resolve_files)
+from prepare_data.data_utils import (DataFile, Malformed, SourceRows, bigbench_missing, instruction_row,
+                                     multiple_choice, read_json, resolve_files)
 
 
 def example_row(example: dict, task_prefix: str = "", answer_text: bool = False) -> dict:

@@ -132,7 +132,8 @@ class Weights(BaseModel):
 
 
 def source_loader(name: str, path="recipe"):
-    known = sorted(p.stem.removeprefix("prepare_") for p in Path(__file__).parent.glob("prepare_*.py") if p.stem != "prepare_mix")
+    known = sorted(p.stem.removeprefix("prepare_") for p in Path(__file__).parent.glob("prepare_*.py")
+                   if p.stem != "prepare_mix")
     if name not in known:
         raise InputError(f"{path}: unknown source {name!r}; known sources: {', '.join(known)}")
     return importlib.import_module(f"prepare_data.prepare_{name}").load
@@ -153,8 +154,10 @@ def _pydantic_type(annotation):
 def source_model(name: str, path="recipe"):
     """The keys a source of the recipe takes: the weights, and its loader's parameters, typed by its signature (a
     parameter named like a weight is left to its default: a recipe's `name` is the source's label)."""
-    params = [p for p in inspect.signature(source_loader(name, path)).parameters.values() if p.name not in Weights.model_fields]
-    return create_model(f"{name} source", __base__=Weights, **{p.name: (_pydantic_type(p.annotation), p.default) for p in params})
+    params = [p for p in inspect.signature(source_loader(name, path)).parameters.values()
+              if p.name not in Weights.model_fields]
+    return create_model(f"{name} source", __base__=Weights,
+                        **{p.name: (_pydantic_type(p.annotation), p.default) for p in params})
 
 
 def one_line(path, error: ValidationError, model, prefix: tuple = ()) -> InputError:
@@ -174,7 +177,8 @@ def one_line(path, error: ValidationError, model, prefix: tuple = ()) -> InputEr
 def check_recipe(recipe: dict, path="recipe") -> dict:
     """The recipe with every default filled in, or one InputError naming the file, the key and what is wrong."""
     if not isinstance(recipe, dict):
-        raise InputError(f"{path}: a recipe is a mapping of keys (prompt_style, sources, ...), not a {type(recipe).__name__}")
+        raise InputError(f"{path}: a recipe is a mapping of keys (prompt_style, sources, ...), "
+                         f"not a {type(recipe).__name__}")
     try:
         out = Recipe.model_validate(recipe).model_dump()
     except ValidationError as e:
@@ -210,7 +214,8 @@ def read_recipe(path: Path) -> dict:
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            raise InputError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the recipe") from None
+            raise InputError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e}); "
+                             "fix the recipe") from None
     if isinstance(recipe, dict) and not recipe.get("name"):
         recipe["name"] = path.stem
     return check_recipe(recipe, path)
@@ -246,11 +251,13 @@ def eval_questions(name: str, file: Optional[str], assets_dir: str) -> List[str]
             try:
                 paths = hub_files(repo, pattern, fix="")
             except InputError as e:
-                raise InputError(f"decontaminate: no test questions for {name!r}: {missing}, and {e}. Remove {name!r} from "
+                raise InputError(f"decontaminate: no test questions for {name!r}: {missing}, and {e}. "
+                                 f"Remove {name!r} from "
                                  f"decontaminate.sets or give its questions as decontaminate.files.{name}") from None
     questions = _question_texts(paths)
     if not questions:
-        raise InputError(f"decontaminate: {name!r}: no question/Question/input field in {', '.join(map(str, paths[:3]))}")
+        raise InputError(f"decontaminate: {name!r}: no question/Question/input field in "
+                         f"{', '.join(map(str, paths[:3]))}")
     return questions
 
 
@@ -261,7 +268,8 @@ def load_tokenizer(checkpoint_dir):
     from utils import resolve_checkpoint_dir
 
     try:
-        return Tokenizer(checkpoint_dir if Path(checkpoint_dir).is_dir() else resolve_checkpoint_dir(str(checkpoint_dir)))
+        return Tokenizer(checkpoint_dir if Path(checkpoint_dir).is_dir()
+                         else resolve_checkpoint_dir(str(checkpoint_dir)))
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"--checkpoint_dir {checkpoint_dir}: {e}") from None
 
@@ -275,7 +283,8 @@ def prepare(recipe: dict, checkpoint_dir: Path, out_dir: Path, tokens_per_s: Opt
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out_dir {out_dir}: is a file; choose a folder")
     decon = recipe["decontaminate"]
-    questions = [(name, q) for name in decon["sets"] if decon["enabled"]  # before the slow steps: a missing set fails now
+    # before the slow steps: a missing set fails now
+    questions = [(name, q) for name in decon["sets"] if decon["enabled"]
                  for q in eval_questions(name, decon["files"].get(name), decon["assets_dir"])]
     stats: Dict[str, dict] = {}
     rows: List[dict] = []   # every candidate row, with "_src" (source name) added
@@ -383,7 +392,8 @@ def prepare(recipe: dict, checkpoint_dir: Path, out_dir: Path, tokens_per_s: Opt
         dropped = {f"{name}: {reason}": n for name, st in stats.items() for reason, n in st["dropped"].items()}
         examples = {f"{name}: {reason}": e for name, st in stats.items() for reason, e in st["examples"].items()}
         raise InputError(f"{recipe_path}: no training rows left ({n_unique:,} rows survived, {len(val):,} went to val; "
-                         f"dropped: {drop_reasons(dropped, examples)}); relax the filters, lower val_size or raise copies")
+                         f"dropped: {drop_reasons(dropped, examples)}); "
+                         "relax the filters, lower val_size or raise copies")
     if not val:
         log(f"the val split is empty (val_size {val_size}, {n_unique:,} rows): there is no validation loss to watch")
 
@@ -406,10 +416,12 @@ def prepare(recipe: dict, checkpoint_dir: Path, out_dir: Path, tokens_per_s: Opt
         "implied_training_hours": round(train_tokens * epochs / tokens_per_s / 3600, 4) if tokens_per_s else None,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    meta = {"prompt_style": style.name, "tokenizer_dir": str(checkpoint_dir), "tokenizer_fingerprint": tokenizer.fingerprint(),
+    meta = {"prompt_style": style.name, "tokenizer_dir": str(checkpoint_dir),
+            "tokenizer_fingerprint": tokenizer.fingerprint(),
             "max_seq_length": recipe["max_seq_length"], "n_train": len(train_rep), "n_val": len(val),
             "recipe": report["recipe"], "seed": seed, "mask_prompt": recipe["mask_prompt"]}
-    # everything goes to a staging folder first and meta.json moves in last: a run that fails leaves the folder as it was
+    # everything goes to a staging folder first and meta.json moves in last:
+    # a run that fails leaves the folder as it was
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging_dir = tempfile.TemporaryDirectory(prefix=".partial-", dir=out_dir)
@@ -418,7 +430,8 @@ def prepare(recipe: dict, checkpoint_dir: Path, out_dir: Path, tokens_per_s: Opt
     with staging_dir as staging:
         staging = Path(staging)
         for split, items in (("train", train_rep), ("val", val)):
-            save_split(staging / f"{split}.safetensors", [samples[n][k][0] for n, k in items], [samples[n][k][1] for n, k in items])
+            save_split(staging / f"{split}.safetensors", [samples[n][k][0] for n, k in items],
+                       [samples[n][k][1] for n, k in items])
         prompts.save_style(staging, style)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         _histogram(lengths, recipe["max_seq_length"], staging / "lengths.png")

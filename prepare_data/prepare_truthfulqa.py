@@ -3,7 +3,8 @@ it removes these rows unless disabled). Forms:
 - TruthfulQA.csv: Type, Category, Question, Best Answer, Correct Answers ("; "-separated), Incorrect Answers, Source
 - the hub parquet (truthfulqa/truthful_qa, generation): type, category, question, best_answer, correct_answers, ...
 - BIG-bench truthful_qa/task_mc.json: {"examples": [{"input", "target_scores"}]}
-mode "qa": question -> best answer; mode "mc": lettered choices (order shuffled per question by choice_seed) -> letter."""
+mode "qa": question -> best answer;
+mode "mc": lettered choices (order shuffled per question by choice_seed) -> letter."""
 import random
 import sys
 from pathlib import Path

@@ -54,4 +54,5 @@ def small_recipe(sources, **kw) -> dict:
     """A checked recipe without decontamination or a val split, for the tests' small files."""
     from prepare_data.prepare_mix import check_recipe
 
-    return check_recipe({"name": "t", "max_seq_length": 256, "val_size": 0, "decontaminate": False, "sources": sources, **kw})
+    return check_recipe({"name": "t", "max_seq_length": 256, "val_size": 0, "decontaminate": False,
+                         "sources": sources, **kw})

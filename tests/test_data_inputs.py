@@ -31,18 +31,21 @@ def run_script(script: str, *args, cwd=ROOT) -> subprocess.CompletedProcess:
 
 # ------------------------------------------------------------------------------------------- data files
 @pytest.mark.parametrize("name,data,line", [
-    ("latin1.jsonl", (json.dumps(ROW) + "\n").encode() + '{"instruction": "café", "response": "x"}\n'.encode("latin-1"), 2),
+    ("latin1.jsonl", (json.dumps(ROW) + "\n").encode()
+     + '{"instruction": "café", "response": "x"}\n'.encode("latin-1"), 2),
     ("utf16.jsonl", (json.dumps(ROW) + "\n").encode("utf-16"), 1),
     ("latin1.csv", "instruction,response\nok,fine\ncafé,x\n".encode("latin-1"), 3),
     ("utf16.json", json.dumps([ROW]).encode("utf-16"), 1),
 ])
 def test_file_not_utf8_names_file_and_line(tmp_path, name, data, line):
     (tmp_path / name).write_bytes(data)
-    with pytest.raises(InputError, match=rf"{name}: line {line} \(byte \d+\) is not UTF-8 text; re-save the file as UTF-8"):
+    with pytest.raises(InputError, match=rf"{name}: line {line} \(byte \d+\) is not UTF-8 text; "
+                                         r"re-save the file as UTF-8"):
         prepare_dolly.load(tmp_path / name)
 
 
-@pytest.mark.parametrize("name,text", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("header.csv", "instruction,response\n"),
+@pytest.mark.parametrize("name,text", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"),
+                                       ("header.csv", "instruction,response\n"),
                                        ("empty.json", "[]"), ("empty_data.json", '{"data": []}')])
 def test_file_without_records_is_named(tmp_path, name, text):
     (tmp_path / name).write_text(text)
@@ -53,7 +56,8 @@ def test_file_without_records_is_named(tmp_path, name, text):
 @pytest.mark.parametrize("name,data,message", [
     ("x.jsonl.gz", b'{"instruction": "a"}\n', r"x\.jsonl\.gz: not a readable gzip file"),
     ("cut.jsonl.gz", gzip.compress(json.dumps(ROW).encode() * 50)[:30], r"cut\.jsonl\.gz: not a readable gzip file"),
-    ("packed.jsonl", gzip.compress(json.dumps(ROW).encode()), r"packed\.jsonl: .* gzip-compressed: name it packed\.jsonl\.gz"),
+    ("packed.jsonl", gzip.compress(json.dumps(ROW).encode()),
+     r"packed\.jsonl: .* gzip-compressed: name it packed\.jsonl\.gz"),
     ("x.parquet", b"not parquet at all", r"x\.parquet: not a readable Parquet file"),
     ("number.json", b"5", r"number\.json: holds a JSON int, not a list of records"),
     ("syntax.json", b'[{"a": 1,}]', r"syntax\.json:1:10: not valid JSON"),
@@ -78,7 +82,8 @@ def test_folder_glob_and_path_that_hold_no_data(tmp_path):
 
 def test_gaps_and_wrong_types_are_skipped_not_read_as_text(tmp_path):
     f = tmp_path / "d.jsonl"
-    f.write_text('{"instruction": NaN, "response": "a"}\n{"instruction": "q", "response": [1]}\n' + json.dumps(ROW) + "\n")
+    f.write_text('{"instruction": NaN, "response": "a"}\n'
+                 '{"instruction": "q", "response": [1]}\n' + json.dumps(ROW) + "\n")
     out = prepare_dolly.load(f)
     assert [r["messages"][0]["content"] for r in out.rows] == ["Who wrote Hamlet?"]
     assert out.dropped == {"malformed: empty 'instruction'": 1, "malformed: field 'response' is list, expected text": 1}
@@ -88,7 +93,8 @@ def test_oasst1_tree_with_a_reply_that_is_not_a_message(tmp_path):
     def node(id_, role, text, replies=()):
         return {"message_id": id_, "role": role, "text": text, "lang": "en", "rank": 0, "replies": list(replies)}
 
-    tree = {"message_tree_id": "t", "prompt": node("r", "prompter", "Hi?", [node("a", "assistant", "Hello.", ["broken"])])}
+    tree = {"message_tree_id": "t",
+            "prompt": node("r", "prompter", "Hi?", [node("a", "assistant", "Hello.", ["broken"])])}
     f = write_jsonl(tmp_path / "oasst.trees.jsonl", [tree])
     assert [m["content"] for m in prepare_oasst1.load(f).rows[0]["messages"]] == ["Hi?", "Hello."]
 
@@ -121,18 +127,22 @@ def test_source_without_usable_rows_names_source_and_reasons(tmp_path, tok_dir):
     ("dedup: {bands: 64}", r"dedup\.bands: bands cannot exceed num_perm \(32\) \(got 64\)"),
     ("decontaminate: {sets: [mmlu, mmmu]}", r"decontaminate\.sets: unknown evaluation set 'mmmu'"),
     ("prompt_style: alpacca", r"prompt_style: unknown prompt style 'alpacca'"),
-    ("prompt_style: {name: x, user: 'Q: {question}'}", r"prompt_style: prompt style field 'user' .*\(KeyError: 'question'\)"),
+    ("prompt_style: {name: x, user: 'Q: {question}'}",
+     r"prompt_style: prompt style field 'user' .*\(KeyError: 'question'\)"),
     ("overlong: cut", r"overlong: Input should be 'truncate' or 'drop' \(got 'cut'\)"),
     ("sources: dolly", r"sources: Input should be a valid list \(got 'dolly'\)"),
     ("sources: []", r"sources: List should have at least 1 item"),
     ("sources: [{data_file: d.jsonl}]", r"sources\[0\]: needs a 'source' key"),
-    ("sources: [{source: dolly}, {source: dolly, name: b, copies: two}]", r"sources\[1\]\.copies: Input should be a valid number"),
+    ("sources: [{source: dolly}, {source: dolly, name: b, copies: two}]",
+     r"sources\[1\]\.copies: Input should be a valid number"),
     ("sources: [{source: dolly, copies: .inf}]", r"sources\[0\]\.copies: Input should be a finite number"),
     ("sources: [{source: dolly, fraction: 0}]", r"sources\[0\]\.fraction: Input should be greater than 0 \(got 0\)"),
     ("sources: [{source: dolly, max_rows: 1.5}]", r"sources\[0\]\.max_rows: .*fractional part \(got 1\.5\)"),
-    ("sources: [{source: dolly, categories: open_qa}]", r"sources\[0\]\.categories: Input should be a valid list \(got 'open_qa'\)"),
+    ("sources: [{source: dolly, categories: open_qa}]",
+     r"sources\[0\]\.categories: Input should be a valid list \(got 'open_qa'\)"),
     ("sources: [{source: flan, submix: t5}]", r"sources\[0\]\.submix: Input should be 'flan2021', 't0'.* \(got 't5'\)"),
-    ("sources: [{source: natural_instructions, max_per_task: 0}]", r"sources\[0\]\.max_per_task: 0 does not conform to restriction v>0"),
+    ("sources: [{source: natural_instructions, max_per_task: 0}]",
+     r"sources\[0\]\.max_per_task: 0 does not conform to restriction v>0"),
     ("sources: [{source: dolly, data_file: 5}]", r"sources\[0\]\.data_file: Input is not a valid path"),
     ("sources: [{source: dolly}, {source: dolly}]", r"sources\[1\]\.name: 'dolly' is also the name of sources\[0\]"),
 ])
@@ -169,17 +179,20 @@ def test_failed_run_leaves_the_previous_folder_as_it_was(tmp_path, tok_dir, monk
 
     monkeypatch.setattr(prepare_mix, "_histogram", full_disk)  # fails after the splits are written
     with pytest.raises(OSError):
-        prepare(small_recipe([{"source": "dolly", "data_file": str(f)}], val_size=2, seed=7), tok_dir, out, progress=False)
+        prepare(small_recipe([{"source": "dolly", "data_file": str(f)}], val_size=2, seed=7), tok_dir, out,
+                progress=False)
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == before
 
 
 def test_empty_val_is_reported_and_empty_train_refused(tmp_path, tok_dir):
     f = dolly_file(tmp_path / "d.jsonl", 5)
-    report = prepare(small_recipe([{"source": "dolly", "data_file": str(f)}], val_size=0), tok_dir, tmp_path / "a", progress=False)
+    report = prepare(small_recipe([{"source": "dolly", "data_file": str(f)}], val_size=0), tok_dir, tmp_path / "a",
+                     progress=False)
     assert report["val_rows"] == json.loads((tmp_path / "a/meta.json").read_text())["n_val"] == 0
     assert "**Val**: empty (val_size 0" in (tmp_path / "a/report.md").read_text()
     with pytest.raises(InputError, match=r"recipe: no training rows left .*raise copies"):
-        prepare(small_recipe([{"source": "dolly", "data_file": str(f), "copies": 0}]), tok_dir, tmp_path / "b", progress=False)
+        prepare(small_recipe([{"source": "dolly", "data_file": str(f), "copies": 0}]), tok_dir, tmp_path / "b",
+                progress=False)
     assert not (tmp_path / "b").exists()
 
 
@@ -196,14 +209,18 @@ def test_meta_records_the_tokenizer_fingerprint(tmp_path, tok_dir):
 def test_checkpoint_short_name_resolves_or_fails_in_one_line(tmp_path, tok_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     f = dolly_file(tmp_path / "d.jsonl", 5)
-    with pytest.raises(InputError, match=r"--checkpoint_dir smollm2-135m: .*SmolLM2-135M-Instruct: checkpoint .* not found; get it"):
-        prepare(small_recipe([{"source": "dolly", "data_file": str(f)}]), "smollm2-135m", tmp_path / "out", progress=False)
-    with pytest.raises(InputError, match=r"--checkpoint_dir smollm3: smollm3: neither a checkpoint folder nor a registered"):
+    with pytest.raises(InputError, match=r"--checkpoint_dir smollm2-135m: .*SmolLM2-135M-Instruct: "
+                                         r"checkpoint .* not found; get it"):
+        prepare(small_recipe([{"source": "dolly", "data_file": str(f)}]), "smollm2-135m", tmp_path / "out",
+                progress=False)
+    with pytest.raises(InputError, match=r"--checkpoint_dir smollm3: smollm3: "
+                                         r"neither a checkpoint folder nor a registered"):
         prepare(small_recipe([{"source": "dolly", "data_file": str(f)}]), "smollm3", tmp_path / "out", progress=False)
     folder = tiny_tokenizer_dir(tmp_path / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
     (folder / "model_config.json").write_text("{}")
     prepare(small_recipe([{"source": "dolly", "data_file": str(f)}]), "smollm2-135m", tmp_path / "out", progress=False)
-    assert json.loads((tmp_path / "out/meta.json").read_text())["tokenizer_dir"] == "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (json.loads((tmp_path / "out/meta.json").read_text())["tokenizer_dir"]
+            == "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 # --------------------------------------------------------------------------- evaluation sets and BIG-bench
@@ -215,10 +232,12 @@ def test_missing_evaluation_set_names_set_and_recipe_key(tmp_path, tok_dir, monk
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
     f = dolly_file(tmp_path / "d.jsonl", 5)
-    r = small_recipe([{"source": "dolly", "data_file": str(f)}], decontaminate={"sets": ["truthfulqa"], "assets_dir": str(tmp_path)})
+    r = small_recipe([{"source": "dolly", "data_file": str(f)}],
+                     decontaminate={"sets": ["truthfulqa"], "assets_dir": str(tmp_path)})
     with pytest.raises(InputError, match=r"decontaminate: no test questions for 'truthfulqa': BIG-bench task files "
                                          r"truthful_qa/task_mc\.json not found .*PyPI package .*no longer served; copy "
-                                         r"github\.com/google/BIG-bench's bigbench/benchmark_tasks/truthful_qa/task_mc\.json"
+                                         r"github\.com/google/BIG-bench's bigbench/benchmark_tasks/"
+                                         r"truthful_qa/task_mc\.json"
                                          r".*no network.*Remove 'truthfulqa' from decontaminate\.sets"):
         prepare(r, tok_dir, tmp_path / "out", progress=False)
     r = small_recipe([{"source": "dolly", "data_file": str(f)}],
@@ -229,10 +248,12 @@ def test_missing_evaluation_set_names_set_and_recipe_key(tmp_path, tok_dir, monk
 
 
 def test_missing_bigbench_tasks_say_where_to_get_them(tmp_path):
-    with pytest.raises(InputError, match=r"bigbench: give data_file.*github\.com/google/BIG-bench's bigbench/benchmark_tasks"):
+    with pytest.raises(InputError, match=r"bigbench: give data_file.*github\.com/google/BIG-bench's "
+                                         r"bigbench/benchmark_tasks"):
         prepare_bigbench.load()
     task = tmp_path / "data/assets/bigbench/date_understanding"
-    with pytest.raises(InputError, match=rf"BIG-bench task files date_understanding not found at {task}: the bigbench PyPI "
+    with pytest.raises(InputError, match=rf"BIG-bench task files date_understanding not found at {task}: "
+                                         r"the bigbench PyPI "
                                          rf"package .* copy .*benchmark_tasks/date_understanding to {task}$"):
         prepare_bigbench.load(task)
 
@@ -251,7 +272,8 @@ def test_loader_options_can_all_be_set_from_a_recipe():
     """A loader parameter named like a recipe key of every source (name, copies...) would never reach the loader."""
     import inspect
 
-    shadowed = {script: sorted(set(inspect.signature(prepare_mix.source_loader(script[8:-3])).parameters) & set(Weights.model_fields))
+    shadowed = {script: sorted(set(inspect.signature(prepare_mix.source_loader(script[8:-3])).parameters)
+                               & set(Weights.model_fields))
                 for script in SCRIPTS if script != "prepare_mix.py"}
     assert {k: v for k, v in shadowed.items() if v} == {}
 
@@ -259,7 +281,8 @@ def test_loader_options_can_all_be_set_from_a_recipe():
 @pytest.mark.parametrize("script,args,message", [
     ("prepare_mix.py", ["--epochs", "0"], r"--epochs: .*0 does not conform to restriction v>0"),
     ("prepare_mix.py", ["--tokens_per_s", "-5"], r"--tokens_per_s -5: .*restriction v>0"),
-    ("prepare_mix.py", ["--checkpoint_dir", "smollm3"], r"--checkpoint_dir smollm3: smollm3: neither a checkpoint folder"),
+    ("prepare_mix.py", ["--checkpoint_dir", "smollm3"],
+     r"--checkpoint_dir smollm3: smollm3: neither a checkpoint folder"),
     ("prepare_mix.py", ["--recipe", "nope.yaml"], r"nope\.yaml: file not found"),
     ("prepare_dolly.py", ["--max_seq_length", "0"], r"--max_seq_length: .*restriction v>0"),
     ("prepare_dolly.py", ["--val_size", "2.5"], r"prepare_dolly\.py: val_size: give a fraction of the rows"),

@@ -11,7 +11,8 @@ from cli import InputError
 from prepare_data import dedup
 from prepare_data.data_utils import load_split
 from prepare_data.prepare_mix import prepare, read_recipe
-from tests.data_fixtures import dolly_file, sentence, small_recipe as recipe, tiny_tokenizer_dir, write_json, write_jsonl
+from tests.data_fixtures import (dolly_file, sentence, small_recipe as recipe, tiny_tokenizer_dir, write_json,
+                                 write_jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,8 @@ def test_truncation_cuts_the_prompt_and_keeps_header_response_eos(tmp_path, tok_
     assert tok.decode(t[:m.index(1)]).endswith("the cat\n\n### Response:\n") or tok.decode(t[:m.index(1)]).endswith("\n\n### Response:\n")
     assert tok.decode(t[m.index(1):-1]) == "a red bird" and all(m[m.index(1):])
     short = dolly_file(tmp_path / "short.jsonl", 1)  # keeps the train split from being empty when the long row goes
-    r = recipe([{"source": "dolly", "data_file": [str(f), str(short)]}], max_seq_length=64, overlong="drop", dedup=False)
+    r = recipe([{"source": "dolly", "data_file": [str(f), str(short)]}], max_seq_length=64, overlong="drop",
+               dedup=False)
     report = prepare(r, tok_dir, tmp_path / "drop", progress=False)
     assert report["sources"]["dolly"]["dropped"] == {"longer than max_seq_length": 1}
     f2 = write_jsonl(tmp_path / "long_answer.jsonl", [{"instruction": "x", "context": "", "response": "the cat " * 200, "category": "x"}])
@@ -162,7 +164,8 @@ def test_recipe_errors_name_key_and_file(tmp_path):
     with pytest.raises(InputError, match=r"r\.yaml: shuffle: unknown key; allowed: name, description, prompt_style"):
         read_recipe(p)
     p.write_text("sources:\n  - source: dolly\n    colour: red\n")
-    with pytest.raises(InputError, match=r"r\.yaml: sources\[0\]\.colour: unknown key; allowed: source, name, copies, .*categories"):
+    with pytest.raises(InputError, match=r"r\.yaml: sources\[0\]\.colour: unknown key; "
+                                         r"allowed: source, name, copies, .*categories"):
         read_recipe(p)
     p.write_text("dedup: {near: true, perms: 3}\nsources:\n  - source: dolly\n")
     with pytest.raises(InputError, match=r"dedup\.perms: unknown key; allowed: enabled, exact, near"):
@@ -172,7 +175,8 @@ def test_recipe_errors_name_key_and_file(tmp_path):
         read_recipe(p)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "prepare_data/recipes").glob("*.yaml")),
+@pytest.mark.parametrize("path",
+                         sorted((Path(__file__).resolve().parent.parent / "prepare_data/recipes").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_shipped_recipes_are_valid(path):
     r = read_recipe(path)
@@ -205,4 +209,5 @@ def test_single_source_script_cli(tmp_path, tok_dir):
     subprocess.run(cmd[:4] + ["--dump_jsonl", str(tmp_path / "rows.jsonl")], check=True, capture_output=True)
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 12
     bad = subprocess.run(cmd[:2] + ["--data_file", str(tmp_path / "missing.jsonl"), "--dump_jsonl", "x"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr == f"error: data file {tmp_path / 'missing.jsonl'} not found; check the path\n"
+    assert bad.returncode == 2 and bad.stderr == (f"error: data file {tmp_path / 'missing.jsonl'} not found; "
+                                                  "check the path\n")

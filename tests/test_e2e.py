@@ -109,7 +109,8 @@ def test_csvs_are_what_helm_reads(heldout):
     assert len(test) == 25 * len(SUBJECTS)
     first = helm_process_csv(tmp / "heldout" / "test" / "shakespeare_comedy_test.csv")[0]
     assert first[0] in test[0].prompt and test[0].prompt.endswith("Answer:")
-    assert test[0].prompt.startswith("The following are multiple choice questions (with answers) about shakespeare comedy.\n\n")
+    assert test[0].prompt.startswith("The following are multiple choice questions (with answers) "
+                                     "about shakespeare comedy.\n\n")
     # deterministic: the same seed writes the same files
     build(tmp / "plays", tmp / "again", n_dev=5, n_test=25, seed=7)
     for p in (tmp / "heldout").rglob("*.csv"):

@@ -162,8 +162,8 @@ def test_lr_schedule():
 # The whole script
 
 
-RUN = dict(max_steps=6, batch_size=4, micro_batch_size=2, eval_interval=3, save_interval=3, learning_rate=1e-2, lora_r=4,
-           seed=3, max_time=None, sample_tokens=4, accelerator="cpu")
+RUN = dict(max_steps=6, batch_size=4, micro_batch_size=2, eval_interval=3, save_interval=3, learning_rate=1e-2,
+           lora_r=4, seed=3, max_time=None, sample_tokens=4, accelerator="cpu")
 
 
 def run(ckpt, data, out, **kw):

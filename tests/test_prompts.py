@@ -70,7 +70,8 @@ def test_errors(tmp_path):
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"user": "Q: {question}"}, r"field 'user' = 'Q: \{question\}' is not a template of \{content\} \(KeyError: 'question'\)"),
+    ({"user": "Q: {question}"},
+     r"field 'user' = 'Q: \{question\}' is not a template of \{content\} \(KeyError: 'question'\)"),
     ({"user_with_input": "{content} {0}"}, r"field 'user_with_input' .* \(IndexError"),
     ({"system": "{"}, r"field 'system' .*Single '\{'"),
     ({"header": 5}, r"field 'header' must be a string, got 5"),
