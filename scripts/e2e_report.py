@@ -117,7 +117,7 @@ def main(runs: str = "base=out/e2e/base,finetuned=out/e2e/finetuned", heldout: P
     if not all(len(spec) == 2 for spec in specs):
         raise InputError(f"--runs {runs!r}: give name=folder pairs separated by commas, e.g. base=out/e2e/base")
     items, _ = load_task("mmlu_csv", "offline", heldout)
-    lines = ["# End to end: SmolLM2-135M-Instruct, base vs fine-tuned, held-out BIG-bench splits", ""]
+    lines = ["# End to end: SmolLM2-135M-Instruct, base vs fine-tuned, on the held-out splits of data/e2e_heldout", ""]
     if note:
         lines += [note, ""]
     lines += ["Exact match, 95% Wilson interval, n items. *ours (all)*: scripts/evaluate.py on every held-out item; "
