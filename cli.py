@@ -35,6 +35,7 @@ def run(fn, **kwargs):
 
 
 def fail(message: str) -> None:
+    message = " ".join(message.split())  # messages that quote another library's multi-line text stay one line
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

@@ -98,7 +98,10 @@ class Config:
                 ok = type(value) is type(default) or (type(default) is float and type(value) is int)
             if not ok:
                 raise ValueError(f"{path}: {key} must be {want}, not {value!r}; {fix}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as e:  # __post_init__'s checks across fields
+            raise ValueError(f"{path}: {e}") from None
 
     def to_json(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -8,7 +8,7 @@ bitsandbytes >= 0.45 runs 4-bit quantize/dequantize/matmul on CPU too, which is 
 """
 
 from pathlib import Path
-from typing import Iterable, Tuple
+from typing import Iterable, Literal, Tuple, get_args
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,8 @@ import torch.nn as nn
 from cli import InputError
 from model import GPT, Config
 
-MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
+Mode = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]  # the scripts' --quantize
+MODES = get_args(Mode)
 BLOCKSIZE = 64  # QLoRA's block size for the 4-bit scales
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
 from cli import InputError
 
@@ -38,26 +39,20 @@ class Tokenizer:
         file = next((checkpoint_dir / f for f in TOKENIZER_FILES if (checkpoint_dir / f).is_file()), None)
         if file is None:
             raise InputError(f"{checkpoint_dir}: no tokenizer file; looked for {', '.join(TOKENIZER_FILES)}")
+        if file.name == "tokenizer.model":
+            import sentencepiece  # imported only for such checkpoints, outside the try: a missing package is no bad file
         try:
             if file.name == "tokenizer.json":
-                from tokenizers import Tokenizer as HFTokenizer
-
-                self.backend = "huggingface"
-                self.processor = HFTokenizer.from_file(str(file))
+                self.backend, self.processor = "huggingface", HFTokenizer.from_file(str(file))
             elif file.name == "tokenizer.model":
-                import sentencepiece
-
                 self.backend = "sentencepiece"
                 self.processor = sentencepiece.SentencePieceProcessor(model_file=str(file))
             else:  # Converters write tokenizer.json next to it; converting here keeps an unconverted folder usable.
-                self.backend = "huggingface"
-                self.processor = tiktoken_to_hf_tokenizer(file)
+                self.backend, self.processor = "huggingface", tiktoken_to_hf_tokenizer(file)
         except InputError:
             raise
         except Exception as e:  # each library raises its own types (Exception, RuntimeError, OSError) on a bad file
-            reason = " ".join(str(e).split())
-            raise InputError(f"{file}: not a readable tokenizer ({type(e).__name__}: {reason}); "
-                             "download it again") from None
+            raise InputError(f"{file}: not a readable tokenizer ({type(e).__name__}: {e}); download it again") from None
 
         self.bos_id = self._special_id("bos", config, special_map, generation)
         self.eos_id = self._special_id("eos", config, special_map, generation)
@@ -384,8 +379,6 @@ def tiktoken_to_tokenizer_json(path: Path, special_tokens=QWEN_SPECIAL_TOKENS, p
 
 
 def tiktoken_to_hf_tokenizer(path: Path):
-    from tokenizers import Tokenizer as HFTokenizer
-
     return HFTokenizer.from_str(json.dumps(tiktoken_to_tokenizer_json(path)))
 
 

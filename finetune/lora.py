@@ -8,7 +8,8 @@ Reads `train.safetensors` / `val.safetensors` (tokens, loss_mask, offsets; see p
 `state.ckpt` (everything --resume needs), `train_config.json`, `prompt_style.json`, `logs/` (CSV, TensorBoard when
 installed), `loss.png` and `status.json` (running, stopped or finished). Every file is written to a temporary name and
 renamed, so a run killed at any moment loses at most the steps since its last checkpoint. Exit status: 0 finished,
-75 stopped by --max_time or a signal (continue with --resume true), 2 a bad input (one line, nothing written).
+75 stopped by --max_time, a signal or a loss that is no longer finite (status.json says why; continue with --resume
+true), 2 a bad input (one line, nothing written).
 """
 
 import importlib.util
@@ -40,6 +41,7 @@ from lora import (LoRAConfig, LoRALinear, check_adapter_fits, inject_lora, lora_
                   read_adapter, save_adapter)
 import model as model_module  # noqa: E402
 from model import GPT, Config, document_mask, segment_positions  # noqa: E402
+from quantize import Mode as QuantizeMode  # noqa: E402
 from utils import checkpoint_files, load_config, load_model, resolve_checkpoint_dir  # noqa: E402
 
 
@@ -56,7 +58,7 @@ def process_start() -> float:
 
 START = process_start()  # the time budget counts from process start: imports and loading the model are part of the day
 IGNORE = -100
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by the budget or a signal, saved; continue with --resume true
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early (status.json says why); continue with --resume true
 Dropout = restricted_number_type("Dropout", float, [(">=", 0), ("<", 1)])
 Seed = restricted_number_type("Seed", int, [(">=", 0), ("<", 2**32)])  # Lightning replaces any other seed by 0
 
@@ -65,7 +67,7 @@ def setup(
     checkpoint_dir: str = "smollm2-135m",
     data_dir: Path = Path("data/demo"),
     out_dir: Optional[Path] = None,
-    quantize: Optional[Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]] = None,
+    quantize: Optional[QuantizeMode] = None,
     precision: Optional[Literal["bf16-true", "32-true"]] = None,
     devices: PositiveInt = 1,
     accelerator: Literal["auto", "cpu", "cuda"] = "auto",
@@ -173,7 +175,7 @@ def setup(
     try:
         checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
         checkpoint_files(checkpoint_dir)  # the weights are read after launch: find a folder without them now
-    except (FileNotFoundError, InputError) as e:
+    except InputError as e:
         raise InputError(f"--checkpoint_dir {e}") from None
     data_dir = Path(data_dir)
     out_dir = Path(out_dir) if out_dir is not None else Path("out/lora") / f"{checkpoint_dir.name}-{data_dir.name}"
@@ -258,16 +260,18 @@ def setup(
         fabric = Fabric(devices=devices, accelerator=accelerator, strategy=strategy, precision="32-true",
                         loggers=make_loggers(out_dir))
     except (ValueError, RuntimeError, ImportError) as e:  # Lightning's word on these flags
-        raise InputError(f"--accelerator {accelerator} --devices {devices} --strategy {strategy}: "
-                         f"{' '.join(str(e).split())}") from None
+        raise InputError(f"--accelerator {accelerator} --devices {devices} --strategy {strategy}: {e}") from None
     # LoRA weights are fp32 on purpose and the base is cast by us, so Fabric itself casts nothing ("32-true").
-    if fabric.launch(main, args, config, lora, train_examples, val_examples, max_seq_length, budget) == "stopped":
-        raise SystemExit(EXIT_STOPPED)
+    # Run as a script, the budget counts from process start (imports and start-up are part of the day); called from
+    # Python (a notebook, the tests), from this call.
+    deadline = (START if __name__ == "__main__" else time.monotonic()) + budget if budget is not None else None
+    return fabric.launch(main, args, config, lora, train_examples, val_examples, max_seq_length, deadline)
 
 
 def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_examples: "Examples", val_examples: "Examples",
-         max_seq_length: int, budget: Optional[float]) -> str:
-    """Trains; returns "finished", or "stopped" when the budget or a signal ended it early (state saved)."""
+         max_seq_length: int, deadline: Optional[float]) -> str:
+    """Trains until the end, the deadline (time.monotonic()), a signal or a non-finite loss; returns "finished" or
+    "stopped" (status.json says which and why)."""
     a = argparse_namespace(args)
     out_dir, checkpoint_dir, data_dir = Path(a.out_dir), Path(a.checkpoint_dir), Path(a.data_dir)
     dtype = torch.bfloat16 if a.precision == "bf16-true" else torch.float32
@@ -340,7 +344,7 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_examples: "
         if (data_dir / "prompt_style.json").is_file():
             shutil.copy(data_dir / "prompt_style.json", out_dir / "prompt_style.json")
         write_status(out_dir, "running", state["step"], total_steps)
-    stopper = Stopper(budget)
+    stopper = Stopper(deadline, a.max_time)
 
     if state["step"] == 0 and not a.resume:
         validate_and_log(fabric, model, gpt, val_examples, a, state, checkpoint_dir)
@@ -386,9 +390,14 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_examples: "
                     loss_total += loss_sum.item()
             loss = fabric.all_reduce(torch.tensor(loss_total, device=fabric.device),
                                      reduce_op="sum").item() / max(n_global, 1)
-            if not math.isfinite(loss):  # diverged: going on would only save broken adapters over the last good one
-                raise InputError(f"step {state['step'] + 1}: the training loss is {loss}; continue from the last save "
-                                 f"with a lower --learning_rate (now {a.learning_rate:g}) and --resume true")
+            if not math.isfinite(loss):  # diverged: a save now would put broken adapters over the last good ones
+                reason = (f"the training loss is {loss} at step {state['step'] + 1}, nothing saved after step "
+                          f"{state['step'] // a.save_interval * a.save_interval}; continue from there with a lower "
+                          f"--learning_rate (now {a.learning_rate:g}) and --resume true, or start again")
+                fabric.print(f"Stopping: {reason}")
+                if rank == 0:
+                    write_status(out_dir, "stopped", state["step"], total_steps, reason)
+                return "stopped"
             if a.grad_clip:
                 fabric.clip_gradients(model, optimizer, max_norm=a.grad_clip)
             lr = optimizer.param_groups[0]["lr"]  # this step's; the scheduler then sets the next one's
@@ -408,8 +417,8 @@ def main(fabric, args: dict, config: Config, lora: LoRAConfig, train_examples: "
             if state["step"] % a.log_interval == 0 or state["step"] == total_steps:
                 recent = sorted(step_times[-20:])[len(step_times[-20:]) // 2]
                 eta = recent * (total_steps - state["step"])
-                if budget is not None:
-                    eta = min(eta, max(0.0, START + budget - time.monotonic()))
+                if deadline is not None:
+                    eta = min(eta, max(0.0, deadline - time.monotonic()))
                 fabric.print(f"step {state['step']}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                              f"{n_tok / step_times[-1]:,.0f} tok/s | {peak_memory(fabric.device)} | "
                              f"ETA {format_seconds(eta)}")
@@ -457,7 +466,7 @@ def load_split(path: Path) -> Split:
     try:
         d = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())}); {fix}") from None
+        raise InputError(f"{path}: not a readable safetensors file ({e}); {fix}") from None
     missing = [k for k in ("tokens", "loss_mask", "offsets") if k not in d]
     if missing:
         raise InputError(f"{path}: missing tensor(s) {missing}; expected tokens, loss_mask, offsets; {fix}")
@@ -481,7 +490,7 @@ def read_json(path: Path, fix: str) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: unreadable or malformed JSON ({' '.join(str(e).split())}); {fix}") from None
+        raise InputError(f"{path}: unreadable or malformed JSON ({e}); {fix}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object {{...}}, found {type(data).__name__}; {fix}")
     return data
@@ -489,7 +498,10 @@ def read_json(path: Path, fix: str) -> dict:
 
 def read_meta(data_dir: Path) -> dict:
     path = Path(data_dir) / "meta.json"
-    meta = read_json(path, "prepare the data again") if path.exists() else {}
+    if not path.is_file():  # prepare_data moves it in last: without it the folder holds no finished preparation
+        raise InputError(f"{path}: not found, so {data_dir} is not a finished prepared dataset; prepare the data again "
+                         "with prepare_data/")
+    meta = read_json(path, "prepare the data again")
     value = meta.get("max_seq_length")
     if value is not None and not (type(value) is int and value > 0):
         raise InputError(f"{path}: max_seq_length {value!r} is not a positive whole number; prepare the data again "
@@ -967,7 +979,7 @@ def load_training_state(fabric, path: Path, gpt, optimizer, scheduler, default: 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise InputError(f"{path}: unreadable ({' '.join(str(e).split())[:200]}); it cannot be resumed, start a new "
+        raise InputError(f"{path}: unreadable ({str(e)[:200]}); it cannot be resumed, start a new "
                          "--out_dir") from None
     params = dict(gpt.named_parameters())
     with torch.no_grad():
@@ -1017,8 +1029,9 @@ class Stopper:
     """Stops before the time budget runs out (leaving room for one more step, an evaluation and a save) or on
     SIGTERM/SIGINT (a second Ctrl-C interrupts at once)."""
 
-    def __init__(self, budget: Optional[float]) -> None:
-        self.budget, self.save_s, self.eval_s, self.signalled, self.reason = budget, 0.0, 0.0, False, ""
+    def __init__(self, deadline: Optional[float], max_time: Optional[str] = None) -> None:
+        self.deadline, self.max_time = deadline, max_time  # time.monotonic() to be done by; the --max_time it came from
+        self.save_s, self.eval_s, self.signalled, self.reason = 0.0, 0.0, False, ""
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(sig, self._on_signal)
@@ -1034,12 +1047,12 @@ class Stopper:
         stop = bool(self.signalled)
         if self.signalled:
             self.reason = f"asked to stop ({self.signalled})"
-        elif self.budget is not None:
+        elif self.deadline is not None:
             step = max(step_times[-5:]) if step_times else 0.0
             needed = 1.5 * step + 2 * self.save_s + (self.eval_s if eval_due else 0.0) + 10.0
-            stop = time.monotonic() - START + needed > self.budget
+            stop = time.monotonic() + needed > self.deadline
             if stop:
-                self.reason = f"the --max_time budget of {format_seconds(self.budget)} is nearly spent"
+                self.reason = f"the --max_time budget of {format_seconds(parse_time(self.max_time))} is nearly spent"
         flag = fabric.all_reduce(torch.tensor(float(stop), device=fabric.device), reduce_op="sum").item()
         if flag and not self.reason:
             self.reason = "another rank is stopping"
@@ -1137,4 +1150,5 @@ if __name__ == "__main__":
     from cli import run
 
     torch.set_float32_matmul_precision("high")
-    run(setup)
+    if run(setup) == "stopped":
+        sys.exit(EXIT_STOPPED)

@@ -15,13 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cli import InputError  # noqa: E402
 from model import GPT, padded_mask  # noqa: E402
+from quantize import Mode as Quantize  # noqa: E402,F401  (the scripts' --quantize type)
 from tokenizer import Tokenizer  # noqa: E402
 from utils import load_model, resolve_checkpoint_dir  # noqa: E402
 
 GREEDY_TEMPERATURE = 1e-6  # at or below this, sampling is argmax (HELM asks for greedy with 1e-7)
 # Flag types shared by the generate/ scripts (quantize.MODES; tests/test_generate.py checks they agree).
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-Quantize = Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]
 TopP = restricted_number_type("TopP", float, [(">", 0), ("<=", 1)])
 
 
@@ -136,13 +136,16 @@ def pick_device(device: str) -> str:
         raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     return device
 
 
 def pick_dtype(precision: str, device: str) -> torch.dtype:
     """bf16, fp16 or fp32; auto is bf16 on a GPU that supports it, else fp32."""
     if precision == "auto":
-        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if precision not in dtypes:
         raise InputError(f"--precision {precision!r}: choose bf16, fp16, fp32 or auto")

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cli import InputError  # noqa: E402
+from jsonargparse.typing import NonNegativeInt, PositiveInt  # noqa: E402
 from prepare_data import dedup as dd  # noqa: E402
 from prepare_data.data_utils import row_text  # noqa: E402
 from prepare_data.prepare_shakespeare import Speech, speeches  # noqa: E402
@@ -67,17 +68,6 @@ def write_csv(path: Path, rows: List[tuple]) -> None:
             writer.writerow([question, *choices, LETTERS[answer]])
 
 
-def read_csv(path: Path) -> List[tuple]:
-    """The inverse of write_csv: [(question, choices, answer index)]."""
-    out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), 1):
-            if len(row) < 4 or row[-1] not in LETTERS[:len(row) - 2]:
-                raise ValueError(f"{path}:{line_no}: expected question, 2-4 choices, answer letter; got {len(row)} fields")
-            out.append((row[0], row[1:-1], LETTERS.index(row[-1])))
-    return out
-
-
 def question_block(question: str, choices: List[str]) -> str:
     """One item as HELM's MMLU prompt shows it (scripts/eval_tasks.mc_block), up to "Answer:"."""
     return f"Question: {question}\n" + "".join(f"{LETTERS[j]}. {c}\n" for j, c in enumerate(choices)) + "Answer:"
@@ -107,9 +97,6 @@ def build(shakespeare_dir: Path, out_dir: Path, subjects: Optional[List[str]] = 
           n_test: int = 160, seed: int = 1234, train_shots: int = 5, train_passes: int = 1,
           ngram: int = 13, min_words: int = 8) -> dict:
     out_dir = Path(out_dir)
-    if train_shots < 0 or train_passes < 1 or n_dev < 0 or n_test < 1:
-        raise InputError(f"--train_shots {train_shots} / --train_passes {train_passes} / --n_dev {n_dev} / --n_test "
-                         f"{n_test}: need shots >= 0, passes >= 1, n_dev >= 0 and n_test >= 1")
     unknown = sorted(set(subjects or []) - set(SUBJECTS))
     if unknown:
         raise InputError(f"--subjects: unknown {unknown}; known: {', '.join(SUBJECTS)}")
@@ -164,8 +151,8 @@ def build(shakespeare_dir: Path, out_dir: Path, subjects: Optional[List[str]] = 
 
 
 def main(out_dir: Path = Path("data/e2e_heldout"), shakespeare_dir: Path = Path("data/assets/shakespeare"),
-         subjects: Optional[List[str]] = None, n_dev: int = 5, n_test: int = 160, seed: int = 1234,
-         train_shots: int = 5, train_passes: int = 1) -> None:
+         subjects: Optional[List[str]] = None, n_dev: NonNegativeInt = 5, n_test: PositiveInt = 160, seed: int = 1234,
+         train_shots: NonNegativeInt = 5, train_passes: PositiveInt = 1) -> None:
     """Write the held-out dev/test CSVs, the training rows and the decontamination file.
 
     Args:

@@ -18,9 +18,11 @@ data/assets/bigbench/ yourself.
 """
 import fnmatch
 import hashlib
+import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -98,9 +100,11 @@ def _write_matching(asset: Asset, items, out_dir: Path) -> List[Path]:
         if folder is not None:
             target = out_dir / folder / Path(name).name
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_bytes(read())
-            tmp.replace(target)
+            # a name of its own: two fetches at once (CI and a quickstart) must not move each other's half files in
+            with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
+                tmp.write(read())
+            os.chmod(tmp.name, 0o644)  # NamedTemporaryFile makes it private
+            os.replace(tmp.name, target)
             written.append(target)
     missing = [p for p in asset.members if not any(fnmatch.fnmatch(str(w.name), Path(p).name) for w in written)]
     if missing:

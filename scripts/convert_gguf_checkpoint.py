@@ -92,7 +92,7 @@ def open_gguf(path: Path):
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises assorted errors (ValueError, IndexError, ...) on damaged files
-        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {' '.join(str(e).split())}); "
+        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
                          "it may be truncated or damaged, download it again") from None
     for t in reader.tensors:
         if t.data.nbytes != t.n_bytes:

@@ -401,9 +401,9 @@ def fetch_offline_assets(task: str, data_dir: Path) -> Path:
     folder, files = BIGBENCH[task]
     path = data_dir / "bigbench" / folder
     if not any(path.glob(files)):
-        raise InputError(f"{task}: {path / files} is missing, and PyPI no longer serves the BIG-bench package that "
-                         f"shipped it; use --source hub, or copy bigbench/benchmark_tasks/{folder} of "
-                         f"https://github.com/google/BIG-bench to {path}")
+        from prepare_data.data_utils import bigbench_missing
+
+        raise InputError(f"{task}: " + bigbench_missing(path, folder, "use --source hub"))
     return path
 
 

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import cli
 from cli import InputError
@@ -192,8 +193,12 @@ def test_data_from_another_tokenizer_is_refused(ckpt, data, tmp_path):
     run(ckpt, tokenized, tmp_path / "out", max_steps=1, sample_tokens=0)
 
 
-def test_a_diverging_run_stops_with_one_line(ckpt, data, tmp_path):
-    with pytest.raises(InputError) as e:
-        run(ckpt, data, tmp_path / "out", learning_rate=1e30, sample_tokens=0)
-    message = one_line_error(e)
-    assert message.startswith("step 2: the training loss is ") and "lower --learning_rate (now 1e+30)" in message
+def test_a_diverging_run_stops_without_saving_over_the_last_good_adapter(ckpt, data, tmp_path):
+    out = tmp_path / "out"
+    assert run(ckpt, data, out, learning_rate=1e30, sample_tokens=0, save_interval=1) == "stopped"
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "stopped" and status["step"] == 1
+    assert status["reason"].startswith("the training loss is ") and "at step 2, nothing saved after step 1" in status["reason"]
+    assert "lower --learning_rate (now 1e+30)" in status["reason"]
+    adapter = load_file(out / "adapter.safetensors")  # step 1's: finite, not the diverged step's
+    assert all(torch.isfinite(t).all() for t in adapter.values())

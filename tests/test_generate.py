@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from generate.base import Quantize, cut_at_stop, generate, sample, seeded_generator
+from generate.base import cut_at_stop, generate, sample, seeded_generator
 from model import GPT, Config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,14 +79,6 @@ def test_any_integer_seeds_a_generator():
     for seed in (5, 2**64 + 5, 2**70 + 5, -(2**70) + 5):
         assert seeded_generator("cpu", seed).initial_seed() == 5
     assert seeded_generator("cpu", -1).initial_seed() == 2**64 - 1
-
-
-def test_quantize_choices_are_quantize_modes():
-    from typing import get_args
-
-    import quantize
-
-    assert set(get_args(Quantize)) == set(quantize.MODES)
 
 
 def test_cut_at_stop():
