@@ -16,15 +16,15 @@ the last of them there:
 
 Numerics: e4m3 keeps 3 mantissa bits, so each weight and activation entering a base matmul carries up to 1/16
 relative rounding error on top of the 4-bit quantization. In the forward pass these errors add up across the blocks
-and move the model's output (scripts/fp8_accuracy.py): with FP8 in every matmul ("all") SmolLM2's first training loss
+and move the model's output (benchmarks/fp8_accuracy.py): with FP8 in every matmul ("all") SmolLM2's first training loss
 is 0.16 higher than bf16's. On real data the gap closes within 20 steps, and the validation losses (bf16) matched
-the reference on 3 seeds (scripts/e2e_gpu.sh compare; docs/speed/h100_2026-11-24_d.md). "grad" keeps the forward pass
+the reference on 3 seeds (benchmarks/e2e_gpu.sh compare; docs/speed/h100_2026-11-24_d.md). "grad" keeps the forward pass
 exact and puts FP8 only in the backward pass's input-gradient matmuls.
 
 The decode and the per-row cast are written twice: in plain PyTorch (the reference, and what a CPU runs, where
 torch._scaled_mm computes the same math: how the tests check this file) and as Triton kernels that a GPU runs
 (compile_kernels), checked against the PyTorch ones by the tests under Triton's interpreter and on the GPU by
-scripts/gpu_check_fused.py.
+tests/gpu/check_fused.py.
 """
 
 import sys
@@ -110,7 +110,7 @@ def cast_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def triton_kernels():
     """decode_4bit and cast_rows as hand-written Triton kernels: what the GPU runs (compile_kernels). torch.compile's
-    kernels of the same math were 1.2-10x slower on an H100 (scripts/gpu_fp8_kernels.py). Defined on first call, so
+    kernels of the same math were 1.2-10x slower on an H100 (benchmarks/gpu_fp8_kernels.py). Defined on first call, so
     that a process started with TRITON_INTERPRET=1 runs them on the CPU."""
     import triton
     import triton.language as tl
@@ -119,7 +119,7 @@ def triton_kernels():
     def decode_kernel(packed, absmax, code, scale, out, n_bytes, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
         # (out, in) order: BLOCK bytes of the flattened weight -> 2 * BLOCK float8 values, the high nibble's first.
         # (An earlier version packed each pair into an int16 through integer bitcasts; on an H100 a quarter of its
-        # values came out wrong. compile_kernels' self_check and scripts/gpu_check_fused.py now catch such a kernel.)
+        # values came out wrong. compile_kernels' self_check and tests/gpu/check_fused.py now catch such a kernel.)
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_bytes

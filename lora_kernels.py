@@ -17,7 +17,7 @@ import triton.language as tl
 import lora
 
 TILE = (32, 128)  # (rows, columns) per program, 4 warps: with (16, 256) the fastest of the shapes that
-#                   scripts/gpu_lora_kernels.py times, on an H100 for Mistral-7B's MLP
+#                   benchmarks/gpu_lora_kernels.py times, on an H100 for Mistral-7B's MLP
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

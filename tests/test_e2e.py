@@ -185,7 +185,7 @@ def test_shot_order_is_helms():
 
 
 def test_mcnemar_exact_p_values():
-    from scripts.e2e_report import mcnemar_p
+    from benchmarks.e2e_report import mcnemar_p
 
     assert mcnemar_p(10, 0) == pytest.approx(2 / 1024)
     assert mcnemar_p(3, 7) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)  # = 0.34375
@@ -194,7 +194,7 @@ def test_mcnemar_exact_p_values():
 
 
 def test_paired_bootstrap_matches_the_normal_interval_of_paired_differences():
-    from scripts.e2e_report import paired_difference
+    from benchmarks.e2e_report import paired_difference
 
     # 400 items: fine-tuned alone right on 40, base alone right on 10, the rest tied (half both right, half both wrong)
     before = [0.0] * 40 + [1.0] * 10 + [1.0] * 175 + [0.0] * 175
@@ -213,7 +213,7 @@ def test_paired_bootstrap_matches_the_normal_interval_of_paired_differences():
 
 
 def test_report_says_whether_the_fine_tune_beats_the_base(heldout):
-    from scripts.e2e_report import main as report
+    from benchmarks.e2e_report import main as report
 
     tmp, _ = heldout
     items, _ = load_task("mmlu_csv", "offline", tmp / "heldout")

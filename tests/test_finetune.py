@@ -272,7 +272,7 @@ def test_fp8_base_matmuls_train_like_bf16(ckpt, data, tmp_path, capsys, mode):
     # Validation runs without FP8 (inference), so both start equal. This tiny random model (std 0.3 weights) is far
     # more sensitive than a real one: its LoRA gradients already move 5-10% between fp32 and bf16, and e4m3 has 4
     # fewer mantissa bits than bf16. So the check is that FP8 training learns, not that it matches closely; the
-    # real-data comparison is scripts/e2e_gpu.sh compare.
+    # real-data comparison is benchmarks/e2e_gpu.sh compare.
     assert start_fp8 == start and start - fp8 > 0.5 * (start - plain) > 0, (start, plain, fp8)
 
 

@@ -1,7 +1,7 @@
 """FP8 base matmuls (fp8.py, finetune/lora.py --fp8): the 4-bit decode equals bitsandbytes' dequantization rounded to
 float8, the fused LoRA layer computes exactly the FP8-rounded math in forward and backward, and a model's loss and
 gradients stay near the bf16 path's. On a CPU torch._scaled_mm computes the same math as on the GPU
-(scripts/gpu_check_fused.py compares the GPU's kernels)."""
+(tests/gpu/check_fused.py compares the GPU's kernels)."""
 
 import copy
 import os
@@ -182,7 +182,7 @@ def test_triton_kernels_match_the_plain_math():
 def check_triton_kernels():
     """Same layout (transposed or not), same scales, same float8 values. The interpreter's float8 conversion drops
     the carry when rounding crosses a power of two (126.6 -> 64 instead of 128); the GPU's conversion instruction
-    does not (scripts/gpu_check_fused.py compares there), so such values may be half the reference; and it rounds
+    does not (tests/gpu/check_fused.py compares there), so such values may be half the reference; and it rounds
     exact ties away from zero where the GPU rounds them to even (bf16 inputs make ties common)."""
     decode, cast = fp8.triton_kernels()
 

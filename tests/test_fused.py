@@ -1,7 +1,7 @@
 """The speed paths of training give the same loss and gradients as the plain path: lora.LoRAMatmul (plain and 4-bit
 bases, q/k/v parts, bias), model.compile_elementwise (compiled RMSNorm/RoPE/SwiGLU), checkpointing of the first N
 blocks, and the fixed-shape loss that CUDA graphs replay (finetune/lora.py --cuda_graph; the graph itself is checked
-on the GPU by scripts/gpu_check_fused.py)."""
+on the GPU by tests/gpu/check_fused.py)."""
 
 import math
 import os
@@ -235,7 +235,7 @@ def test_swiglu_lora_triton_kernels_match_the_plain_math():
 def check_swiglu_lora_kernels():
     """Partial tiles in both directions, a rank (12) that the kernels pad to 16, a down-projection rank of its own;
     with and without the SwiGLU product written over d. In fp16: Triton 3.5's interpreter rounds to bf16 by
-    truncation (the GPU rounds to nearest; scripts/gpu_check_fused.py compares bf16 there). Each value within two
+    truncation (the GPU rounds to nearest; tests/gpu/check_fused.py compares bf16 there). Each value within two
     fp16 steps (the plain forward rounds silu(gate) before multiplying, the kernel does not); the gradients, computed
     in fp32 by both, nearly all equal."""
     forward, backward = lora.triton_kernels()

@@ -266,7 +266,7 @@ def test_qlora_trains_and_merges_to_bf16_checkpoint(tiny_ckpt, tmp_path):
 
 
 def test_benchmark_builds_a_random_qlora_model_without_a_checkpoint():
-    """scripts/benchmark_finetune.py's model (GPU there) builds and trains one step on CPU here."""
+    """benchmarks/benchmark_finetune.py's model (GPU there) builds and trains one step on CPU here."""
     bench = load_script("benchmark_finetune")
     from finetune.lora import training_loss
 

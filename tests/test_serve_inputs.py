@@ -20,7 +20,8 @@ import convert_lit_checkpoint  # noqa: E402
 import download  # noqa: E402
 import merge_lora  # noqa: E402
 from generate import base, lora as generate_lora, server  # noqa: E402
-from scripts import e2e_report, evaluate  # noqa: E402
+from benchmarks import e2e_report  # noqa: E402
+from scripts import evaluate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

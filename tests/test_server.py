@@ -450,7 +450,7 @@ def test_serves_base_plus_lora_adapter(tmp_path):
 
 
 def test_benchmark_script_runs_on_a_random_model(tmp_path):
-    from scripts.benchmark_server import main
+    from benchmarks.benchmark_server import main
 
     rows = main(random_model="SmolLM2-135M", n_layer=1, device="cpu", requests=3, prompt_words=24,
                 shared_prefix_words=16, generation_prompt_words=8, new_tokens=4, out=str(tmp_path / "bench.md"))

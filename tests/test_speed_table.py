@@ -1,4 +1,4 @@
-"""Issue 6's side-by-side harness on CPU: the per-cap verdict of scripts/speed_table.py on synthetic rows, the peer
+"""Issue 6's side-by-side harness on CPU: the per-cap verdict of benchmarks/speed_table.py on synthetic rows, the peer
 runner's child processes (relabelling, out-of-memory, time limit, budget) with a stand-in anchor, and the random
 Hugging Face checkpoint writer on a tiny config."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import peer_models, speed_table
+from benchmarks import peer_models, speed_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,7 +121,7 @@ def run_peer(tmp_path, *args):
     model_dir.mkdir(exist_ok=True)
     (model_dir / "config.json").write_text("{}")
     env = dict(os.environ, ANCHORS_DIR=str(anchors), PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts/peer_unsloth.py"), "--arch", "llama-2-13b",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/peer_unsloth.py"), "--arch", "llama-2-13b",
                            "--model_dir", str(model_dir), *args], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 6 side by side: our QLoRA trainer (scripts/benchmark_finetune.py) and Unsloth (and optionally
+# Issue 6 side by side: our QLoRA trainer (benchmarks/benchmark_finetune.py) and Unsloth (and optionally
 # transformers+peft) timed one after another on the same GPU in one call, then the rows table and the per-cap verdict
-# (scripts/speed_table.py). One stage per call, each built to finish inside the device tool's 10-minute limit:
-#     PYTHONPATH=.anchors/site:$PWD bash scripts/bench_vs_peers.sh mistral-2048|mistral-4096|llama13b-2048
+# (benchmarks/speed_table.py). One stage per call, each built to finish inside the device tool's 10-minute limit:
+#     PYTHONPATH=.anchors/site:$PWD bash benchmarks/bench_vs_peers.sh mistral-2048|mistral-4096|llama13b-2048
 # Needs .anchors/ (bash ../shared/anchors/make_site.sh) carried to the machine. Results: $OUT/speed_<stage>.jsonl
 # (every JSON line, appended) and $OUT/speed_<stage>.md (the tables). Override per run:
 #     OURS_CONFIGS=1x0,4x1   UNSLOTH_CONFIGS=4xoffload,1xnone   HF_CONFIGS=1xfull (the HF baseline; off by default)
@@ -80,7 +80,7 @@ EOF
 [ -f .anchors/anchor_unsloth_qlora.py ] || echo "WARNING: .anchors/ not here: the peers will fail (carry .anchors)"
 
 step "random Hugging Face $arch for the peers"
-if ! timeout -k 10 $(( $(left) > 300 ? 300 : $(left) )) python3 scripts/peer_models.py --arch "$arch"; then
+if ! timeout -k 10 $(( $(left) > 300 ? 300 : $(left) )) python3 benchmarks/peer_models.py --arch "$arch"; then
   echo "could not write /tmp/$arch-random: the peers are skipped"; built=0; status=1
 else
   built=1
@@ -89,7 +89,7 @@ fi
 t=$(( $(left) - 60 )); t=$(( t > ${OURS_TIMEOUT_S:-240} ? ${OURS_TIMEOUT_S:-240} : t ))  # leave the peers their turn
 step "oneday: benchmark_finetune.py --configs $ours (up to $t s)"
 if [ $t -gt 30 ]; then
-  collect timeout -k 10 $t python3 scripts/benchmark_finetune.py --model "$model" --seq "$seq" --configs "$ours" --cuda_graph true --steps 6 --warmup 2
+  collect timeout -k 10 $t python3 benchmarks/benchmark_finetune.py --model "$model" --seq "$seq" --configs "$ours" --cuda_graph true --steps 6 --warmup 2
   rc=$?
   if [ $rc -ne 0 ]; then
     error_row oneday "benchmark_finetune.py $([ $rc -eq 124 ] && echo "timed out after $t s" || echo "exit code $rc"); rows printed before it are kept"
@@ -102,12 +102,12 @@ fi
 if [ $built -eq 1 ]; then
   b=$(( $(left) - 20 ))
   step "unsloth: $peer (budget $b s, $per_config_s s per configuration)"
-  collect timeout -k 10 $((b + 30)) python3 scripts/peer_unsloth.py --peer unsloth --arch "$arch" --seq "$seq" \
+  collect timeout -k 10 $((b + 30)) python3 benchmarks/peer_unsloth.py --peer unsloth --arch "$arch" --seq "$seq" \
       --configs "$peer" --timeout_s "$per_config_s" --budget_s "$b" || status=1
   if [ -n "$hf" ]; then
     b=$(( $(left) - 20 ))
     step "transformers+peft: $hf (budget $b s)"
-    collect timeout -k 10 $((b + 30)) python3 scripts/peer_unsloth.py --peer hf-peft --arch "$arch" --seq "$seq" \
+    collect timeout -k 10 $((b + 30)) python3 benchmarks/peer_unsloth.py --peer hf-peft --arch "$arch" --seq "$seq" \
         --configs "$hf" --timeout_s "$per_config_s" --budget_s "$b" || status=1
   fi
 else
@@ -115,6 +115,6 @@ else
 fi
 
 step "tables"
-python3 scripts/speed_table.py "$results" | tee "$out/speed_$stage.md" || status=1
+python3 benchmarks/speed_table.py "$results" | tee "$out/speed_$stage.md" || status=1
 step "done"
 exit $status

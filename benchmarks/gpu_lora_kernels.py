@@ -4,7 +4,7 @@ path runs for the same math: the adapters added into the gate and up outputs by 
 SwiGLU backward (backward). Also for a few tile shapes, and how many bf16 values equal the plain PyTorch version's.
 CUDA events, median of --iters after warm-up; one JSON line per measurement.
 
-    python scripts/gpu_lora_kernels.py --model Mistral-7B-v0.1 --tokens 4096
+    python benchmarks/gpu_lora_kernels.py --model Mistral-7B-v0.1 --tokens 4096
 """
 
 import json
@@ -19,7 +19,7 @@ import lora  # noqa: E402
 import lora_kernels  # noqa: E402
 import model as model_module  # noqa: E402
 from model import Config  # noqa: E402
-from scripts.gpu_fp8_kernels import median_ms  # noqa: E402
+from benchmarks.gpu_fp8_kernels import median_ms  # noqa: E402
 
 
 def main(model: str = "Mistral-7B-v0.1", tokens: int = 4096, rank: int = 16, iters: int = 20) -> None:

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The GPU part of scripts/e2e.sh: a QLoRA (NF4) fine-tune of SmolLM2-135M-Instruct on data/e2e inside a fixed time
+# The GPU part of benchmarks/e2e.sh: a QLoRA (NF4) fine-tune of SmolLM2-135M-Instruct on data/e2e inside a fixed time
 # budget, writing a small adapter (LoRA r16 on all linear layers, fp32: ~19 MB) and its loss curve and log to $OUT.
 #
-#   bash scripts/e2e_gpu.sh site     # here (PyPI reachable): .wheels/train_site = bitsandbytes (CUDA 13 library only),
+#   bash benchmarks/e2e_gpu.sh site     # here (PyPI reachable): .wheels/train_site = bitsandbytes (CUDA 13 library only),
 #                                    # jsonargparse and gguf for the GPU machine's Python 3.12 (~7 MB, git-ignored)
-#   bash scripts/e2e_gpu.sh parts    # here: the SmolLM2 GGUF (94 MiB) in two halves, data/smollm2_gguf_a and _b: one
+#   bash benchmarks/e2e_gpu.sh parts    # here: the SmolLM2 GGUF (94 MiB) in two halves, data/smollm2_gguf_a and _b: one
 #                                    # device call carries at most 64 MiB, so two consecutive calls carry them, the
 #                                    # first with data/e2e (what a call carries under the git-ignored data/ stays there
 #                                    # while the machine is warm; untracked paths that are not ignored do not)
-#   bash scripts/e2e_gpu.sh train    # on the GPU machine, with data/e2e, .wheels/train_site and the checkpoint there
+#   bash benchmarks/e2e_gpu.sh train    # on the GPU machine, with data/e2e, .wheels/train_site and the checkpoint there
 #                                    # (or both GGUF halves, converted first); results in $OUT/e2e_adapter/
-# Then here: bash scripts/e2e.sh --adapter <folder with adapter.safetensors>   (merge, serve, evaluate, table)
+# Then here: bash benchmarks/e2e.sh --adapter <folder with adapter.safetensors>   (merge, serve, evaluate, table)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-train}
@@ -45,7 +45,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d .wheels/train_site ] && export PYTHONPATH="$PWD/.wheels/train_site:$PYTHONPATH"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, lightning, bitsandbytes, jsonargparse; print('gpu:', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'bnb', bitsandbytes.__version__)" \
-  || { echo "missing packages: carry .wheels/train_site (bash scripts/e2e_gpu.sh site)"; exit 2; }
+  || { echo "missing packages: carry .wheels/train_site (bash benchmarks/e2e_gpu.sh site)"; exit 2; }
 if [ ! -f "$ckpt/model_config.json" ] && ls $gguf_parts > /dev/null 2>&1; then
   cat $gguf_parts > /tmp/smollm2.gguf && python3 scripts/convert_gguf_checkpoint.py --gguf_file /tmp/smollm2.gguf \
     --checkpoint_dir "$ckpt" || exit 1

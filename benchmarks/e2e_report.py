@@ -1,6 +1,6 @@
 """The end-to-end table: base vs fine-tuned, scripts/evaluate.py vs HELM, on the held-out MMLU-format splits.
 
-    python scripts/e2e_report.py --runs base=out/e2e/base,finetuned=out/e2e/finetuned --heldout data/e2e_heldout \
+    python benchmarks/e2e_report.py --runs base=out/e2e/base,finetuned=out/e2e/finetuned --heldout data/e2e_heldout \
         --out out/e2e/results.md
 
 Each run folder holds ours/predictions_mmlu_csv.jsonl (scripts/evaluate.py --tasks mmlu_csv) and

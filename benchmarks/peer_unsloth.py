@@ -1,7 +1,7 @@
 """Time a peer trainer with ../shared/anchors' own bench() (imported from .anchors/, not copied), one fresh process
 per configuration, and print one JSON result line per configuration labelled with our model name:
 
-    python3 scripts/peer_unsloth.py --arch llama-2-13b --seq 2048 --configs 1xoffload,4xoffload,1xnone
+    python3 benchmarks/peer_unsloth.py --arch llama-2-13b --seq 2048 --configs 1xoffload,4xoffload,1xnone
 
 Configurations are MBxMODE: micro-batch MB and checkpointing MODE, `offload` (Unsloth's "unsloth" mode: saved
 hidden states offloaded to CPU), `full` (recompute everything) or `none`. `--peer hf-peft` times
@@ -25,7 +25,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.peer_models import ARCHS, default_dir, load_anchor  # noqa: E402
+from benchmarks.peer_models import ARCHS, default_dir, load_anchor  # noqa: E402
 
 PEERS = {"unsloth": "anchor_unsloth_qlora.py", "hf-peft": "anchor_hf_qlora.py"}
 # MODE -> the value each anchor's bench() takes for its checkpointing argument.
@@ -113,7 +113,7 @@ def main(
     """Time a peer's QLoRA step for each configuration, each in a fresh process.
 
     Args:
-        arch: mistral-7b or llama-2-13b (the random checkpoint scripts/peer_models.py writes).
+        arch: mistral-7b or llama-2-13b (the random checkpoint benchmarks/peer_models.py writes).
         seq: sequence length.
         configs: comma list of MBxMODE, MODE one of offload (Unsloth only), full, none.
         peer: unsloth or hf-peft (transformers+peft+bnb).
@@ -135,7 +135,7 @@ def main(
         return run_one(peer, model_dir, arch, seq, mb, mode)
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"{model_dir}: no Hugging Face checkpoint; write it first with "
-                         f"`python3 scripts/peer_models.py --arch {arch}`")
+                         f"`python3 benchmarks/peer_models.py --arch {arch}`")
     deadline = time.time() + budget_s if budget_s is not None else float("inf")
     for mb, mode in parsed:
         label = dict(system=peer, model=ARCHS[arch], arch=arch, seq=seq, mb=mb, mode=mode)

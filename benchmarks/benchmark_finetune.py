@@ -1,7 +1,7 @@
 """Tokens/s and peak memory of one QLoRA training step (forward, backward, AdamW) for any registered model config,
 with random weights built directly on the GPU (no checkpoint on disk). Uses finetune/lora.py's own step code.
 
-    python scripts/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x0,1xp20,4x1
+    python benchmarks/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x0,1xp20,4x1
 
 Each configuration MBxC is micro-batch MB with activation checkpointing C: 1 (every block), 0 (none) or pN (the
 first N blocks), optionally +fp8 (FP8 base matmuls) or +fp8grad (FP8 input-gradient matmuls only), +keep

@@ -2,8 +2,8 @@
 # End to end on a real model: data -> fine-tune -> merge -> serve -> score base and fine-tuned with scripts/evaluate.py
 # AND with HELM itself (crfm-helm, its own virtualenv) on the same held-out data -> Markdown table + loss curve.
 #
-#   bash scripts/e2e.sh                                   # CPU only: a short CPU LoRA fine-tune validates the pipeline
-#   bash scripts/e2e.sh --adapter DIR                     # DIR = $OUT/e2e_adapter from scripts/e2e_gpu.sh (QLoRA, GPU)
+#   bash benchmarks/e2e.sh                                   # CPU only: a short CPU LoRA fine-tune validates the pipeline
+#   bash benchmarks/e2e.sh --adapter DIR                     # DIR = $OUT/e2e_adapter from benchmarks/e2e_gpu.sh (QLoRA, GPU)
 # Options: --helm_instances N (HELM items per subject, default 160: every item),
 #          --skip_base (reuse out/e2e/base), --port P (default 8091).
 # Everything lands in out/e2e/: results.md (the table), loss.png, server logs, per-item predictions of both evaluators.
@@ -52,7 +52,7 @@ EOF
 
 echo "== 2. fine-tune"
 if [ -z "$adapter" ]; then
-  # CPU stand-in for the GPU run (scripts/e2e_gpu.sh): same data and LoRA shape, a few steps only
+  # CPU stand-in for the GPU run (benchmarks/e2e_gpu.sh): same data and LoRA shape, a few steps only
   rm -rf "$out/lora_cpu"
   python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/e2e --out_dir "$out/lora_cpu" --lora_r 16 --lora_alpha 32 \
     --batch_size 4 --micro_batch_size 2 --max_steps 30 --max_time 00:08:00 --eval_interval 10 \
@@ -96,4 +96,4 @@ evaluate finetuned "$out/merged"
 
 echo "== 5. table"
 note="$(date +%Y-%m-%d) · adapter $adapter_file ($( { [ -f "$adapter/gpu.txt" ] && cat "$adapter/gpu.txt"; } || { grep -m1 "^gpu: .*MiB" "$adapter/train.log" 2>/dev/null | cut -c6-; } || echo 'CPU fine-tune'))"
-python scripts/e2e_report.py --runs "base=$out/base,finetuned=$out/finetuned" --heldout data/e2e_heldout --out "$out/results.md" --note "$note"
+python benchmarks/e2e_report.py --runs "base=$out/base,finetuned=$out/finetuned" --heldout data/e2e_heldout --out "$out/results.md" --note "$note"

@@ -1,7 +1,7 @@
-"""Issue 6's tables from the JSON lines that scripts/bench_vs_peers.sh collects (ours from benchmark_finetune.py, the
+"""Issue 6's tables from the JSON lines that benchmarks/bench_vs_peers.sh collects (ours from benchmark_finetune.py, the
 peers from peer_unsloth.py):
 
-    python3 scripts/speed_table.py speed_mistral-2048.jsonl [more.jsonl ...]
+    python3 benchmarks/speed_table.py speed_mistral-2048.jsonl [more.jsonl ...]
 
 (a) every row: system, model, micro-batch x seq, checkpointing, tokens/s, peak GiB (a failed or out-of-memory
 configuration is listed with its error);
@@ -57,7 +57,7 @@ def read_rows(paths) -> list[dict]:
             label = row.get("model", row.get("arch"))
             if label is None or "seq" not in row:
                 raise SystemExit(f"{where}: a {row['system']} row needs 'model' (or 'arch') and 'seq'; "
-                                 "re-run it through scripts/peer_unsloth.py or benchmark_finetune.py")
+                                 "re-run it through benchmarks/peer_unsloth.py or benchmark_finetune.py")
             if "tokens_per_s" in row and "peak_mem_gib" not in row:
                 raise SystemExit(f"{where}: the row has tokens_per_s but no peak_mem_gib; a speed without its "
                                  "memory cannot be placed under a cap")

@@ -3,7 +3,7 @@ forward/backward pass of a checkpoint on a batch of prepared training data, in f
 normal training path) and with finetune/lora.py's --fp8 grad and --fp8 all, all from the same LoRA initialisation.
 One JSON line per run: loss, and the relative error of each LoRA gradient against fp32 (mean and worst).
 
-    python scripts/fp8_accuracy.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --data_dir data/e2e
+    python benchmarks/fp8_accuracy.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --data_dir data/e2e
 
 The base weights are loaded unquantized (the CPU's 4-bit path is slow); on a 4-bit base the FP8 decode gives the
 same float8 values as rounding the dequantized weight (tests/test_fp8.py), so the comparison carries over.

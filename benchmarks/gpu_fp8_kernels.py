@@ -3,7 +3,7 @@ and the per-row activation cast, as the hand-written Triton kernels (what traini
 plain PyTorch math and bitsandbytes' own bf16 dequantization. CUDA events, median of --iters after warm-up; one JSON
 line per kernel and shape with its time and effective bandwidth (bytes read + written per second).
 
-    python scripts/gpu_fp8_kernels.py --model Mistral-7B-v0.1 --tokens 2048
+    python benchmarks/gpu_fp8_kernels.py --model Mistral-7B-v0.1 --tokens 2048
 """
 
 import json

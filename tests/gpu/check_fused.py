@@ -2,7 +2,7 @@
 the CUDA graph and the Triton kernels exist only here). A small random GQA model with an NF4 base and LoRA on every
 linear, packed rows with a document mask, bf16:
 
-    python scripts/gpu_check_fused.py
+    python tests/gpu/check_fused.py
 
 1. plain (generic LoRA, eager elementwise) vs fused (LoRAMatmul, lora_gated_mlp with lora.py's Triton SwiGLU kernels,
    compiled RMSNorm/RoPE/SwiGLU), eager;
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import fp8  # noqa: E402
 import lora  # noqa: E402
@@ -32,7 +32,7 @@ import model as model_module  # noqa: E402
 from finetune.lora import GraphedMicroStep, training_loss  # noqa: E402
 from lora import LoRAConfig, LoRALinear  # noqa: E402
 from model import Config, document_mask  # noqa: E402
-from scripts.benchmark_finetune import build, set_checkpointing  # noqa: E402
+from benchmarks.benchmark_finetune import build, set_checkpointing  # noqa: E402
 
 
 def make_batch(seed: int, mb: int, T: int, vocab: int) -> dict:
@@ -116,7 +116,7 @@ def check_fp8_kernels(net) -> bool:
 
 def main() -> None:
     if not torch.cuda.is_available():
-        raise SystemExit("scripts/gpu_check_fused.py needs a CUDA GPU")
+        raise SystemExit("tests/gpu/check_fused.py needs a CUDA GPU")
     torch.manual_seed(0)
     config = Config(name="check", block_size=512, vocab_size=1000, n_layer=4, n_head=8, n_query_groups=2, n_embd=512,
                     intermediate_size=1408)

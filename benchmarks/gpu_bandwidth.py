@@ -1,7 +1,7 @@
 """Host <-> GPU copy speed with pinned memory, alone and beside a bf16 matmul load: what offloaded checkpoints
 (finetune/lora.py --offload_checkpoints) can move while the GPU computes.
 
-    python scripts/gpu_bandwidth.py --mib 256
+    python benchmarks/gpu_bandwidth.py --mib 256
 """
 
 import json
@@ -28,7 +28,7 @@ def main(mib: int = 256, reps: int = 10) -> None:
         reps: timed repetitions.
     """
     if not torch.cuda.is_available():
-        raise SystemExit("scripts/gpu_bandwidth.py needs a CUDA GPU")
+        raise SystemExit("benchmarks/gpu_bandwidth.py needs a CUDA GPU")
     n = mib * 2**20
     gpu = torch.empty(n, dtype=torch.uint8, device="cuda")
     host = torch.empty(n, dtype=torch.uint8, pin_memory=True)

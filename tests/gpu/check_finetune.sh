@@ -2,11 +2,11 @@
 # QLoRA on the GPU machine: speed/memory table for Mistral-7B and Llama-2-13B shapes (random weights), a tiny NF4
 # fine-tune end to end (train -> generate -> merge), and, when its files were carried along, a real NF4 fine-tune of
 # SmolLM2-135M on data/demo. Run from the repository root:
-#     bash scripts/gpu_check_finetune.sh [all|bench|smoke|real|peers]      (default: all = bench smoke real)
+#     bash tests/gpu/check_finetune.sh [all|bench|smoke|real|peers]      (default: all = bench smoke real)
 # Needs python3 with torch (CUDA) and lightning; bitsandbytes and jsonargparse come from .anchors/site when present
 # (bash ../shared/anchors/make_site.sh builds it). Results: $OUT (or /tmp/oneday-gpu-check)/finetune_*.jsonl + table.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 stage=${1:-all}
 out=${OUT:-/tmp/oneday-gpu-check}
 mkdir -p "$out"
@@ -28,12 +28,12 @@ bench() {
   : > "$results"
   # Mistral-7B at 2048: checkpointing on/off and larger micro-batches; Llama-2-13B: the memory-lean settings that
   # must fit 24 GiB, plus the faster ones for bigger cards. Each model in its own process (clean memory).
-  timeout 420 $py scripts/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x1,1x0,2x1,4x1 \
+  timeout 420 $py benchmarks/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x1,1x0,2x1,4x1 \
       | tee -a "$results" || status=1
-  timeout 420 $py scripts/benchmark_finetune.py --model Llama-2-13b-hf --seq 2048 --configs 1x1,2x1,1x0 \
+  timeout 420 $py benchmarks/benchmark_finetune.py --model Llama-2-13b-hf --seq 2048 --configs 1x1,2x1,1x0 \
       | tee -a "$results" || status=1
   echo
-  $py scripts/benchmark_finetune.py --table "$results"
+  $py benchmarks/benchmark_finetune.py --table "$results"
   $py - "$results" <<'EOF' || status=1
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{") and "tokens_per_s" in l]
@@ -129,9 +129,9 @@ peers() {
   for args in "2048 1 false" "2048 1 unsloth" "2048 4 unsloth"; do
     timeout 200 $py .anchors/anchor_unsloth_qlora.py $args | grep '^{"system' | tee -a "$results"
   done
-  timeout 200 $py scripts/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x1,2x1,4x1,1x0 \
+  timeout 200 $py benchmarks/benchmark_finetune.py --model Mistral-7B-v0.1 --seq 2048 --configs 1x1,2x1,4x1,1x0 \
       | grep '^{"system' | tee -a "$results"
-  $py scripts/benchmark_finetune.py --table "$results"
+  $py benchmarks/benchmark_finetune.py --table "$results"
 }
 
 case "$stage" in

@@ -1,7 +1,7 @@
 """Random-weight Hugging Face checkpoints for the peer trainers (Unsloth, transformers+peft) to load, written on the
-GPU machine before scripts/bench_vs_peers.sh times them:
+GPU machine before benchmarks/bench_vs_peers.sh times them:
 
-    python3 scripts/peer_models.py --arch llama-2-13b      # -> /tmp/llama-2-13b-random (skipped if already there)
+    python3 benchmarks/peer_models.py --arch llama-2-13b      # -> /tmp/llama-2-13b-random (skipped if already there)
 
 mistral-7b is written by ../shared/anchors/anchor_hf_qlora.py's own build() (imported from .anchors/), so its
 figures stay comparable with the anchors'; llama-2-13b (not in the anchor) is written the same way: the model built

@@ -1,11 +1,11 @@
 """Throughput of the challenge server under HELM-like load, against the same server taking one request at a time.
 
     # a running server (e.g. the Docker image)
-    python scripts/benchmark_server.py --url http://localhost:8080
+    python benchmarks/benchmark_server.py --url http://localhost:8080
     # in process: a random-weight model of a registered config on the GPU (no checkpoint has to travel)
-    python scripts/benchmark_server.py --random_model Mistral-7B-v0.1 --precision bf16
+    python benchmarks/benchmark_server.py --random_model Mistral-7B-v0.1 --precision bf16
     # in process: a real checkpoint
-    python scripts/benchmark_server.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+    python benchmarks/benchmark_server.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
 
 Four measurements, each over HTTP (in process: uvicorn on a free local port):
 - scoring: `requests` 1-token greedy requests (HELM's MMLU shape) with distinct prompts, then with prompts that share
