@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from cli import InputError
 from generate.base import GREEDY_TEMPERATURE, sample, seeded_generator
 from model import GPT
 from tokenizer import Tokenizer
@@ -565,3 +566,22 @@ def dola_scores(final_logits: torch.Tensor, early_logits: Dict[int, torch.Tensor
     premature = early.gather(0, jsd.argmax(0)[None, :, None].expand(1, *final.shape))[0]
     plausible = final >= final.max(dim=-1, keepdim=True).values + math.log(alpha)
     return (final - premature).masked_fill(~plausible, float("-inf"))
+
+
+def parse_dola_layers(spec: Optional[str], n_layer: int) -> Optional[List[int]]:
+    """DoLa's candidate early layers: "low" (even layers of the first half, as the paper's 'lower bucket'), "high"
+    (even layers of the second half) or a comma list of layer indices; None/"" turns DoLa off."""
+    if not spec:
+        return None
+    if spec in ("low", "high"):
+        half = n_layer // 2
+        layers = range(0, half, 2) if spec == "low" else range(half, n_layer - 1, 2)
+        return list(layers) or [0]
+    try:
+        layers = [int(x) for x in spec.split(",")]
+    except ValueError:
+        layers = None
+    if layers is None or not all(0 <= layer < n_layer for layer in layers):
+        raise InputError(f"--dola_layers {spec!r}: use low, high or comma-separated layers of 0..{n_layer - 1}, "
+                         "like 0,2,4")
+    return layers

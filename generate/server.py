@@ -3,15 +3,9 @@
     python generate/server.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --port 8080
     curl -s localhost:8080/process -d '{"prompt": "The capital of France is", "max_new_tokens": 5, "temperature": 0}'
 
-Endpoints (JSON; unknown fields are ignored, wrong types and out-of-range values get a 4xx naming the field, a body
-over --max_body_mb a 413):
-- POST /process   {prompt, max_new_tokens=50, temperature=0.8, top_k=200, top_p=1, seed, echo_prompt,
-                   num_samples | num_return_sequences = 1, top_k_per_token = 1, stop_sequences}
-                  -> {text, tokens: [{text, logprob, top_logprob}], logprob, request_time,
-                      finish_reason, prompt_tokens, truncated_prompt_tokens, samples (only when more than one)}
-- POST /tokenize  {text, truncation=true, max_length=2048} -> {tokens, request_time}
-- POST /decode    {tokens} -> {text, request_time}
-- GET  /health    -> {status, model, ...}
+Endpoints: POST /process, /tokenize and /decode, GET /health; the pydantic models below are their request and response
+schemas (also served at /docs). Unknown request fields are ignored; a wrong type or value gets a 422 naming the field,
+a body that is not JSON a 400, and one over --max_body_mb a 413.
 
 Semantics (tests/test_server.py checks each):
 - logprob of a token = log p(token | everything before it), an fp32 log-softmax; top_logprob holds the
@@ -37,16 +31,15 @@ import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Dict, List, Literal, Optional
 
 from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli import InputError  # noqa: E402
 from generate.base import Precision, Quantize, check_quantize_device, pick_device, pick_dtype  # noqa: E402
-from generate.engine import Engine, Request, Result  # noqa: E402
+from generate.engine import Engine, Request, Result, parse_dola_layers  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 MAX_SAMPLES = 16
@@ -99,9 +92,59 @@ class DecodeRequest(BaseModel):
     tokens: List[int]
 
 
+class Token(BaseModel):
+    text: str
+    logprob: float  # log p(this token | everything before it)
+    top_logprob: Dict[str, float]  # the max(1, top_k_per_token) most likely tokens here: text -> logprob
+
+
+class Sample(BaseModel):
+    text: str
+    tokens: List[Token]
+    logprob: float  # the sum of the tokens' logprobs
+    finish_reason: Literal["length", "eos", "stop"]
+
+
+class ProcessResponse(Sample):  # the first sample, plus what the request as a whole cost
+    request_time: float  # seconds
+    prompt_tokens: int
+    truncated_prompt_tokens: int  # cut from the left of a prompt too long for the context
+    samples: Optional[List[Sample]] = None  # every sample, sent only when more than one was asked for
+
+
+class TokenizeResponse(BaseModel):
+    tokens: List[int]
+    request_time: float
+
+
+class DecodeResponse(BaseModel):
+    text: str
+    request_time: float
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    context: int  # max_seq_length: prompt + new tokens
+    pending: int  # requests queued or generating
+    prompt_style: Optional[str]
+    dola_layers: List[int]
+    scoring_batches: int
+    decode_steps: int
+    prefills: int
+    requests: int
+
+
+class ErrorResponse(BaseModel):
+    error: str  # one line naming the field (or the body) and what to send instead
+    detail: str  # the same line, where FastAPI clients look for it
+
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 422)}
+
+
 class BadRequest(ValueError):
-    """A request that cannot be served: 400 for a body that is not JSON, 413 for one too large, 422 for wrong fields
-    or values."""
+    """A request that cannot be served: 400 for a body that is not JSON, 413 for one too large, 422 for bad values."""
 
     def __init__(self, message: str, status: int = 422) -> None:
         super().__init__(message)
@@ -205,14 +248,6 @@ class Service:
         return {"text": self.tokenizer.decode(body.tokens), "request_time": time.perf_counter() - started}
 
 
-def _error_message(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        parts.append(f"field '{where}': {err.get('msg')}")
-    return "; ".join(parts)
-
-
 def parse_body(raw: bytes, model):
     """The request model of a JSON body, or BadRequest."""
     try:
@@ -225,8 +260,9 @@ def parse_body(raw: bytes, model):
         raise BadRequest(f"body must be a JSON object, got {type(data).__name__}")
     try:
         return model.model_validate(data)
-    except ValidationError as e:
-        raise BadRequest(_error_message(e)) from None
+    except ValidationError as e:  # one line naming every wrong field by its path, like stop_sequences.0
+        wrong = [(".".join(map(str, err["loc"])) or "body", err["msg"]) for err in e.errors()]
+        raise BadRequest("; ".join(f"field '{where}': {msg}" for where, msg in wrong)) from None
 
 
 async def read_body(request, limit: int) -> bytes:
@@ -242,6 +278,44 @@ async def read_body(request, limit: int) -> bytes:
         if len(body) > limit:
             raise too_big
     return bytes(body)
+
+
+def json_body_route(max_body_bytes: int):
+    """A route class that reads a route's pydantic body itself, as FastAPI's reader cannot keep this server's promises:
+    a 413 while an oversized body streams in, a 400 that says why (not JSON, nested too deeply), any content type
+    (curl -d sends a form type) and parsing and validation in a worker thread, so a huge body never stalls the event
+    loop. FastAPI's handler then gets the validated model, which it takes as it is: endpoints stay typed for /docs."""
+    from fastapi.routing import APIRoute
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request as HTTPRequest
+
+    class ParsedRequest(HTTPRequest):  # FastAPI's handler reads its body here: the bytes, and as "JSON" the model
+        def __init__(self, request: HTTPRequest, raw: bytes, parsed: BaseModel) -> None:
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            super().__init__({**request.scope, "headers": headers + [(b"content-type", b"application/json")]},
+                             request.receive)
+            self.raw, self.parsed = raw, parsed
+
+        async def body(self) -> bytes:
+            return self.raw
+
+        async def json(self) -> BaseModel:
+            return self.parsed
+
+    class JSONBodyRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+            if self.body_field is None:  # GET /health: no body to read
+                return handler
+            model = self.body_field.field_info.annotation
+
+            async def read_parse_then_handle(request: HTTPRequest):
+                raw = await read_body(request, max_body_bytes)
+                parsed = await run_in_threadpool(parse_body, raw, model)
+                return await handler(ParsedRequest(request, raw, parsed))
+            return read_parse_then_handle
+
+    return JSONBodyRoute
 
 
 def build_app(service: Service, warmup: bool = True, max_body_bytes: int = 4 * 2**20):
@@ -263,11 +337,7 @@ def build_app(service: Service, warmup: bool = True, max_body_bytes: int = 4 * 2
         service.engine.stop()
 
     app = FastAPI(title="oneday server", lifespan=lifespan)
-
-    async def handle(request: HTTPRequest, model, work):
-        """work(validated body), with parsing, validation and work (tokenizing) off the event loop."""
-        raw = await read_body(request, max_body_bytes)
-        return await run_in_threadpool(lambda: work(parse_body(raw, model)))
+    app.router.route_class = json_body_route(max_body_bytes)
 
     def error(status: int, message: str, request: HTTPRequest) -> JSONResponse:
         request.state.log["error"] = message
@@ -287,10 +357,11 @@ def build_app(service: Service, warmup: bool = True, max_body_bytes: int = 4 * 2
         log.info(json.dumps(line))
         return response
 
-    @app.post("/process")
-    async def process(request: HTTPRequest):
+    @app.post("/process", response_model=ProcessResponse, response_model_exclude_none=True,
+              responses={**ERRORS, 500: {"model": ErrorResponse}})
+    async def process(body: ProcessRequest, request: HTTPRequest):
         started = time.perf_counter()
-        body, (futures, info) = await handle(request, ProcessRequest, lambda body: (body, service.submit(body)))
+        futures, info = await run_in_threadpool(service.submit, body)  # templating and tokenizing
         try:
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except Exception as e:  # the engine failed this batch (e.g. out of memory); it keeps serving others
@@ -303,15 +374,16 @@ def build_app(service: Service, warmup: bool = True, max_body_bytes: int = 4 * 2
                                  queued_ms=round(1000 * max(r.queued_s for r in results), 2))
         return out
 
-    @app.post("/tokenize")
-    async def tokenize(request: HTTPRequest):
-        return await handle(request, TokenizeRequest, service.tokenize)
+    # Plain functions: FastAPI runs them, and checks what they return, in its thread pool.
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    def tokenize(body: TokenizeRequest):
+        return service.tokenize(body)
 
-    @app.post("/decode")
-    async def decode(request: HTTPRequest):
-        return await handle(request, DecodeRequest, service.decode)
+    @app.post("/decode", response_model=DecodeResponse, responses=ERRORS)
+    def decode(body: DecodeRequest):
+        return service.decode(body)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health():
         e = service.engine
         return {"status": "ok", "model": service.name, "context": e.max_seq_length, "pending": e.pending(),
@@ -335,13 +407,16 @@ def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantiz
     checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     t0 = time.perf_counter()
-    if adapter_dir is not None:
-        model = _load_with_adapter(checkpoint_dir, Path(adapter_dir), device, dtype, quantize)
-        adapter_folder = Path(adapter_dir) if Path(adapter_dir).is_dir() else Path(adapter_dir).parent
-        style_dirs = [adapter_folder, checkpoint_dir]
-    else:
-        model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
-        style_dirs = [checkpoint_dir]
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
+    style_dirs = [checkpoint_dir]
+    if adapter_dir is not None:  # a LoRA adapter file from finetune/lora.py, or its folder
+        from lora import load_adapter, strip_lora
+
+        load_adapter(model, Path(adapter_dir))
+        model.to(device)
+        if quantize is None:  # merged into plain weights (no extra cost per token); over 4-bit ones it stays a branch
+            strip_lora(model)
+        style_dirs.insert(0, Path(adapter_dir) if Path(adapter_dir).is_dir() else Path(adapter_dir).parent)
     model.eval()
     log.info(json.dumps({"event": "loaded", "checkpoint": str(checkpoint_dir), "adapter": adapter_dir,
                          "seconds": round(time.perf_counter() - t0, 2), "device": device,
@@ -358,39 +433,6 @@ def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantiz
     engine = Engine(model, tokenizer, max_seq_length=max_seq_length, max_batch_size=max_batch_size,
                     max_batch_tokens=max_batch_tokens, dola_layers=layers)
     return Service(engine, style, stop_at_blank_line, name=model.config.name or str(checkpoint_dir))
-
-
-def _load_with_adapter(checkpoint_dir: Path, adapter: Path, device, dtype, quantize):
-    """Base weights plus a LoRA adapter file from finetune/lora.py (a folder means its adapter.safetensors). Over
-    plain weights the adapter is merged (no extra cost per token); over 4-bit weights it stays a separate branch."""
-    from lora import load_adapter, strip_lora
-    from utils import load_model
-
-    model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
-    load_adapter(model, adapter)
-    model.to(device)
-    if quantize is None:
-        strip_lora(model)
-    return model.eval()
-
-
-def parse_dola_layers(spec: Optional[str], n_layer: int) -> Optional[List[int]]:
-    """DoLa's candidate early layers: "low" (even layers of the first half, as the paper's 'lower bucket'), "high"
-    (even layers of the second half) or a comma list of layer indices; None/"" turns DoLa off."""
-    if not spec:
-        return None
-    if spec in ("low", "high"):
-        half = n_layer // 2
-        layers = range(0, half, 2) if spec == "low" else range(half, n_layer - 1, 2)
-        return list(layers) or [0]
-    try:
-        layers = [int(x) for x in spec.split(",")]
-    except ValueError:
-        layers = None
-    if layers is None or not all(0 <= layer < n_layer for layer in layers):
-        raise InputError(f"--dola_layers {spec!r}: use low, high or comma-separated layers of 0..{n_layer - 1}, "
-                         "like 0,2,4")
-    return layers
 
 
 def main(
