@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 _NON_WORD = re.compile(r"[^a-z0-9]+")
-# bytes.translate is ~20x faster than the regex: bytes other than a-z/0-9 (after lower()) become spaces;
+# bytes.translate instead of the regex: one C pass over the bytes; bytes other than a-z/0-9 (after lower()) become spaces;
 # \x01 is kept as the document separator (and removed from the texts themselves first)
 _TABLE = bytes(c if (48 <= c <= 57 or 97 <= c <= 122 or c == 1) else 32 for c in range(256))
 _P, _Q = np.uint64(0x100000001B3), np.uint64(0x9E3779B97F4A7C15)  # odd: invertible modulo 2**64
