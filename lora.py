@@ -9,6 +9,9 @@ never touches the k rows (lit-gpt shipped that bug for months; tests/test_lora.p
 LoRA weights stay fp32 (master weights, like peft) and are cast to the compute dtype on the fly: with bf16 weights,
 updates smaller than 1/256 of a weight (routine at lr 2e-5) would round away.
 
+This is the plain LoRA, the reference: `fast.speed_up(model)` (fast/lora.py) turns each LoRALinear into a
+FusedLoRALinear with the same parameters, which computes the same thing in fewer kernels and less memory for training.
+
 An adapter file is a safetensors file with only the LoRA tensors; its metadata holds the settings that rebuild them
 (rank, alpha, targets, base model shape), so merge and generate never need the flags repeated.
 """
@@ -16,8 +19,7 @@ An adapter file is a safetensors file with only the LoRA tensors; its metadata h
 import hashlib
 import json
 import math
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -25,8 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fp8
-import model
 from cli import InputError
 from model import GPT, Config
 
@@ -45,7 +45,7 @@ PRESETS = {
 class LoRAConfig:
     r: int = 16
     alpha: float = 32.0
-    dropout: float = 0.0  # > 0 leaves the fused LoRAMatmul for the slower generic path
+    dropout: float = 0.0  # > 0 keeps the fast path's fused matmuls (fast/lora.py) off this model's layers
     targets: Tuple[str, ...] = PRESETS["all"]
 
     def __post_init__(self):
@@ -90,15 +90,6 @@ class LoRALinear(nn.Module):
     `lora_A` stacks the parts' A matrices (n_parts * r, in) so the down-projection is one matmul; `lora_B` stacks
     their B matrices (rows of all parts, r).
     """
-
-    fused_matmul = True  # class-wide switch: False forces the generic path (the unoptimised reference)
-    fp8_matmul = None  # class-wide switch (fp8.py; finetune/lora.py --fp8): the fused path's base matmuls in FP8:
-    #                    "grad" the input-gradient matmul of the backward pass only, "all" the forward ones too
-    fused_mlp = True  # class-wide switch: False runs a gated MLP's three layers as LoRAMatmul, LoRAMatmul and
-    #                   SwiGLULoRAMatmul (the previous path, kept for comparison: benchmark_finetune.py +unfusedmlp)
-    recompute_inputs = True  # class-wide switch (finetune/lora.py --recompute_inputs): the fused path recomputes an
-    #                          RMSNorm output or SwiGLU product it reads in its backward pass; False keeps them
-    #                          (more memory, less time: see LoRAMatmul)
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  parts: Optional[Sequence[Tuple[int, int]]] = None) -> None:
@@ -146,47 +137,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if self.takes_fused_path:
-            B = self.lora_B if self.covers_all_rows else self.placed_B(torch.float32)
-            return LoRAMatmul.apply(x, self.lora_A, B, self.scaling, self.base, self.fp8_mode, self.recompute_inputs)
         return self.base(x) + self.lora_delta(x)
-
-    def swiglu_forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """self(swiglu(gate, up)) for the down projection of a gated MLP (model.MLP calls it). In training the fused
-        path keeps gate and up (which SwiGLU's backward needs anyway) instead of also keeping their product, the
-        widest activation of the block, and recomputes the product in the backward pass."""
-        if self.merged or not (self.takes_fused_path and self.covers_all_rows):
-            return self(model.swiglu(gate, up))
-        return SwiGLULoRAMatmul.apply(gate, up, self.lora_A, self.lora_B, self.scaling, self.base, self.fp8_mode,
-                                      self.recompute_inputs)
-
-    def gated_mlp_forward(self, x: torch.Tensor, fc_1: nn.Module, fc_2: nn.Module) -> torch.Tensor:
-        """self(swiglu(fc_1(x), fc_2(x))) for the down projection of a gated MLP (model.MLP calls it). When the gate
-        and up projections are fused-path LoRA layers too, the whole MLP runs as one: their adapters' outputs
-        are added inside the SwiGLU kernel instead of into the widest tensors of the block (lora_gated_mlp)."""
-        layers = (fc_1, fc_2, self)
-        fusable = all(isinstance(m, LoRALinear) and not m.merged and m.takes_fused_path and m.covers_all_rows
-                      for m in layers)
-        # On a GPU only with the Triton kernels: the plain ones keep more memory than the path below. On a CPU (the
-        # tests) the plain ones compute the same math.
-        kernels = x.device.type == "cpu" or (swiglu_lora is not _PLAIN["swiglu_lora"]
-                                             and kernels_take(x.dtype, fc_1.r, fc_2.r, fc_1.scaling, fc_2.scaling))
-        if self.fused_mlp and fusable and kernels and len({m.fp8_mode for m in layers}) == 1:
-            return lora_gated_mlp(x, layers, self.fp8_mode, self.recompute_inputs)
-        return self.swiglu_forward(fc_1(x), fc_2(x))
-
-    @property
-    def takes_fused_path(self) -> bool:
-        """LoRAMatmul serves training without dropout on plain and 4-bit bases; int8 (bnb's outlier matmul), dropout
-        and inference (bnb's 4-bit matrix-vector kernel, no dequantization) take the generic path."""
-        return (self.fused_matmul and torch.is_grad_enabled() and isinstance(self.dropout, nn.Identity)
-                and (not is_bnb(self.base) or type(self.base).__name__ != "Linear8bitLt"))
-
-    @property
-    def fp8_mode(self) -> Optional[str]:
-        """Which of the fused path's base matmuls run in FP8 for this layer: LoRALinear.fp8_matmul ("grad" or "all")
-        if its shape takes FP8, else None."""
-        return self.fp8_matmul if self.fp8_matmul and fp8.supported(self.base) is None else None
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) fp32 matrix that merging adds to the base weight."""
@@ -213,298 +164,6 @@ class LoRALinear(nn.Module):
             w = self.base.weight
             w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
         self.merged = False
-
-
-class LoRAMatmul(torch.autograd.Function):
-    """y = x W^T (+ bias) + scaling * (x A^T) B^T in as few kernels as the math allows, for LoRA without dropout.
-
-    W is the frozen base weight: a plain linear's, or a 4-bit layer's dequantized on the spot (once in forward, once
-    in backward; never kept). The adapter's output is accumulated into the base output by one addmm, so no separate
-    delta tensor is written and read back. Saved for backward: x (shared with any other layer that reads the same
-    tensor; when x is an RMSNorm's output, the norm's input instead, see forward), the small x A^T, and bf16 copies
-    of A and B. Gradients of the fp32 A and B come back in fp32; the base matmul of the backward pass is skipped when
-    x needs no gradient (the first layer's input). With fp8_mode ("grad" or "all", LoRALinear.fp8_matmul) the base
-    matmul of the backward pass (and with "all" of the forward pass) runs in FP8 (fp8.py).
-
-    recompute=False (LoRALinear.recompute_inputs) keeps x even when it is a norm's output. For Mistral-7B that is
-    two (tokens, 4096) tensors per block, plus the gated MLP's (tokens, 14336) SwiGLU product (SwiGLULoRADown or
-    SwiGLULoRAMatmul): 1.35 GiB per 1,000 tokens of a micro-batch, for 128 fewer elementwise kernels a step.
-    """
-
-    @staticmethod
-    def forward(ctx, x, A, B, scaling, base, fp8_mode, recompute=True):
-        y, h, A_c, B_c = lora_matmul(x, A, B, scaling, base, fp8_mode == "all")
-        ctx.norm, x_in = norm_source(x, recompute)
-        ctx.save_for_backward(x_in, h, A_c, B_c)
-        ctx.scaling, ctx.base, ctx.fp8_mode = scaling, base, fp8_mode
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, h, A_c, B_c = ctx.saved_tensors
-        x = renormed(ctx.norm, x)
-        dx, dA, dB = lora_matmul_backward(dy, x, h, A_c, B_c, ctx.scaling, ctx.base, ctx.needs_input_grad[0],
-                                          ctx.fp8_mode is not None)
-        return dx, dA, dB, None, None, None, None
-
-
-class SwiGLULoRAMatmul(torch.autograd.Function):
-    """LoRAMatmul of swiglu(gate, up), saving gate and up but not their product (see LoRALinear.swiglu_forward)."""
-
-    @staticmethod
-    def forward(ctx, gate, up, A, B, scaling, base, fp8_mode, recompute=True):
-        act = model.swiglu(gate, up)
-        y, h, A_c, B_c = lora_matmul(act, A, B, scaling, base, fp8_mode == "all")
-        ctx.save_for_backward(gate, up, h, A_c, B_c, *(() if recompute else (act,)))
-        ctx.scaling, ctx.base, ctx.fp8_mode = scaling, base, fp8_mode
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        gate, up, h, A_c, B_c, *kept = ctx.saved_tensors
-        # Recomputed unless kept: one cheap fused kernel instead of a stored (tokens, 3.5-5x dim) tensor.
-        act = kept.pop() if kept else model.swiglu(gate, up)
-        d_act, dA, dB = lora_matmul_backward(dy, act, h, A_c, B_c, ctx.scaling, ctx.base, True,
-                                             ctx.fp8_mode is not None)
-        del act  # before d_gate and d_up exist, the widest point of a block's backward pass (unless ctx kept it)
-        d_gate, d_up = model.swiglu_backward(gate, up, d_act)
-        return d_gate, d_up, dA, dB, None, None, None, None
-
-
-def lora_gated_mlp(x, layers, fp8_mode: Optional[str], recompute: bool = True) -> torch.Tensor:
-    """down(swiglu(gate(x), up(x))) for the three LoRA layers (gate, up, down) of a gated MLP, without dropout
-    (LoRALinear.gated_mlp_forward).
-
-    LoRAMatmul for each of the three, except where the gate and up adapters' outputs go. LoRAMatmul adds them into
-    the base outputs: a read and a write of a (tokens, intermediate) tensor each, the widest of the block. Here the
-    base outputs g and u are kept instead (LoRAGateUp), and swiglu_lora adds the adapters' rank-r products inside the
-    SwiGLU kernel (SwiGLULoRADown). The backward pass does the same with the down projection's input gradient:
-    swiglu_lora_backward adds its adapter's part inside the kernel that computes d gate and d up (and recomputes the
-    SwiGLU product, unless recompute=False kept it). On a GPU (compile_kernels) that is three fewer passes over such a
-    tensor per block and step. Two autograd functions, not one, so that g and u are freed before the gate and up
-    projections' input gradients are computed, as with three LoRAMatmuls.
-    """
-    gate, up, down = layers
-    g, u, h_g, h_u = LoRAGateUp.apply(x, gate.lora_A, up.lora_A, gate.base, up.base, fp8_mode, recompute)
-    y = SwiGLULoRADown.apply(g, u, h_g, h_u, gate.lora_B, up.lora_B, down.lora_A, down.lora_B, layers, fp8_mode,
-                             recompute)
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-class LoRAGateUp(torch.autograd.Function):
-    """(x W_g^T, x W_u^T, x A_g^T, x A_u^T) for the gate and up projections: their base outputs and the adapters'
-    down-projections, without the adapters' outputs, which SwiGLULoRADown adds (lora_gated_mlp)."""
-
-    @staticmethod
-    def forward(ctx, x, A_g, A_u, base_g, base_u, fp8_mode, recompute=True):
-        in_fp8 = fp8_mode == "all"
-        x2 = x.reshape(-1, x.shape[-1])
-        A_gc, A_uc = A_g.to(x.dtype), A_u.to(x.dtype)
-        g, u = base_matmul(x2, base_g, in_fp8), base_matmul(x2, base_u, in_fp8)
-        ctx.norm, x_in = norm_source(x, recompute)
-        ctx.save_for_backward(x_in, A_gc, A_uc)
-        ctx.bases, ctx.in_fp8 = (base_g, base_u), fp8_mode is not None
-        return g, u, x2 @ A_gc.t(), x2 @ A_uc.t()
-
-    @staticmethod
-    def backward(ctx, d_g, d_u, dh_g, dh_u):
-        x, A_gc, A_uc = ctx.saved_tensors
-        x = renormed(ctx.norm, x)
-        x2 = x.reshape(-1, x.shape[-1])
-        dA_g, dA_u = (dh_g.t() @ x2).float(), (dh_u.t() @ x2).float()
-        dx = None
-        if ctx.needs_input_grad[0]:
-            base_g, base_u = ctx.bases
-            dx = base_input_grad(d_g, base_g, ctx.in_fp8)
-            if ctx.in_fp8:
-                dx += base_input_grad(d_u, base_u, True)
-            else:
-                dx.addmm_(d_u, base_weight(base_u, d_u.dtype))
-            dx.addmm_(dh_g, A_gc).addmm_(dh_u, A_uc)
-            dx = dx.view_as(x)
-        return dx, dA_g, dA_u, None, None, None, None
-
-
-class SwiGLULoRADown(torch.autograd.Function):
-    """down(swiglu(g + s_g h_g B_g^T, u + s_u h_u B_u^T)): the gate and up adapters' outputs added inside the SwiGLU
-    kernels, then the down projection as in LoRAMatmul (lora_gated_mlp)."""
-
-    @staticmethod
-    def forward(ctx, g, u, h_g, h_u, B_g, B_u, A_d, B_d, layers, fp8_mode, recompute=True):
-        gate, up, down = layers
-        B_gc, B_uc = B_g.to(g.dtype), B_u.to(u.dtype)
-        act = swiglu_lora(g, u, h_g, B_gc, gate.scaling, h_u, B_uc, up.scaling)
-        y, h_d, A_dc, B_dc = lora_matmul(act, A_d, B_d, down.scaling, down.base, fp8_mode == "all")
-        ctx.save_for_backward(g, u, h_g, h_u, B_gc, B_uc, h_d, A_dc, B_dc, *(() if recompute else (act,)))
-        ctx.layers, ctx.in_fp8 = layers, fp8_mode is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        g, u, h_g, h_u, B_gc, B_uc, h_d, A_dc, B_dc, *kept = ctx.saved_tensors
-        gate, up, down = ctx.layers
-        dh_d, dB_d = adapter_grads(dy, h_d, B_dc, down.scaling)  # dh_d: the gradient reaching act A_d^T
-        d_act = base_input_grad(dy, down.base, ctx.in_fp8)
-        d_g, d_u, act = swiglu_lora_backward(g, u, h_g, B_gc, gate.scaling, h_u, B_uc, up.scaling, d_act, dh_d, A_dc,
-                                             not kept)
-        dA_d = dh_d.t() @ (kept[0] if kept else act)
-        del act, d_act
-        dh_g, dB_g = adapter_grads(d_g, h_g, B_gc, gate.scaling)
-        dh_u, dB_u = adapter_grads(d_u, h_u, B_uc, up.scaling)
-        return (d_g, d_u, dh_g, dh_u, dB_g.float(), dB_u.float(), dA_d.float(), dB_d.float(), None, None, None)
-
-
-def norm_source(x: torch.Tensor, recompute: bool):
-    """(norm, x_in) when x = norm(x_in) (model.RMSNorm tags its output) and may be recomputed: a fused matmul then
-    keeps x_in, which the norm keeps for its own backward anyway, and recomputes x in backward (renormed), one cheap
-    elementwise kernel, instead of keeping a second tensor. (None, x) otherwise."""
-    if recompute and hasattr(x, "normed_from"):
-        norm, source, source_version, version = x.normed_from
-        src = source()
-        if src is not None and src._version == source_version and x._version == version:
-            return norm, src
-    return None, x
-
-
-def renormed(norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    if norm is None:
-        return x
-    with torch.no_grad():
-        return norm.forward(x)  # not norm(x): the module's hooks ran in the forward pass already
-
-
-def lora_matmul(x, A, B, scaling: float, base: nn.Module, in_fp8: bool = False):
-    """LoRAMatmul's forward math: (y, x A^T, A and B in x's dtype)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    A_c, B_c = A.to(x.dtype), B.to(x.dtype)
-    y = base_matmul(x2, base, in_fp8)
-    h = x2 @ A_c.t()
-    y.addmm_(h, B_c.t(), alpha=scaling)
-    return y.view(*x.shape[:-1], y.shape[-1]), h, A_c, B_c
-
-
-def adapter_grads(dy2: torch.Tensor, h: torch.Tensor, B_c: torch.Tensor, scaling: float):
-    """For an adapter output scaling * h B^T that received the gradient dy2 (M, out): (the gradient reaching
-    h = x A^T (M, rank), B's gradient (out, rank)), in dy2's dtype."""
-    return (dy2 @ B_c) * scaling, (dy2.t() @ h) * scaling
-
-
-def base_matmul(x2: torch.Tensor, base: nn.Module, in_fp8: bool) -> torch.Tensor:
-    """x2 (M, in) @ W^T (+ bias) for the frozen base weight, in FP8 or in x2's dtype."""
-    if in_fp8:
-        return fp8.linear(x2, base)
-    W = base_weight(base, x2.dtype)
-    return x2 @ W.t() if base.bias is None else torch.addmm(base.bias.to(x2.dtype), x2, W.t())
-
-
-def base_input_grad(dy2: torch.Tensor, base: nn.Module, in_fp8: bool) -> torch.Tensor:
-    """dy2 (M, out) @ W: the gradient reaching a base layer's input."""
-    return fp8.input_grad(dy2, base) if in_fp8 else dy2 @ base_weight(base, dy2.dtype)
-
-
-def lora_matmul_backward(dy, x, h, A_c, B_c, scaling: float, base: nn.Module, need_dx: bool, in_fp8: bool = False):
-    """LoRAMatmul's backward math: (dx or None, fp32 dA, fp32 dB)."""
-    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    dh, dB = adapter_grads(dy2, h, B_c, scaling)
-    dA = dh.t() @ x2
-    dx = None
-    if need_dx:
-        dx = base_input_grad(dy2, base, in_fp8)
-        dx.addmm_(dh, A_c)
-        dx = dx.view_as(x)
-    return dx, dA.float(), dB.float()
-
-
-def base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen (out, in) weight a plain or 4-bit base layer computes with, in `dtype`."""
-    if not is_bnb(base):
-        return base.weight.to(dtype)
-    from quantize import dequantize_weight
-
-    return dequantize_weight(base).to(dtype)
-
-
-# lora_gated_mlp's SwiGLU with the gate and up adapters added inside. Plain PyTorch here: the reference, and what a CPU
-# runs; compile_kernels swaps in the Triton kernels of triton_kernels on a GPU.
-
-def swiglu_lora(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float) -> torch.Tensor:
-    """swiglu(g + s_g h_g B_g^T, u + s_u h_u B_u^T): g and u (M, N) the gate and up projections' base outputs, h
-    (M, r) = x A^T and B (N, r) their adapters'."""
-    return model.swiglu(*with_adapters(g, u, h_g, B_g, s_g, h_u, B_u, s_u))
-
-
-def with_adapters(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float):
-    """(g + s_g h_g B_g^T, u + s_u h_u B_u^T): the gate and up projections' outputs, as new tensors."""
-    return torch.addmm(g, h_g, B_g.t(), alpha=s_g), torch.addmm(u, h_u, B_u.t(), alpha=s_u)
-
-
-def swiglu_lora_backward(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float, d, dh, A, need_act: bool):
-    """(d gate, d up, swiglu_lora's output or None) for the gradient d + dh A reaching swiglu_lora's output: d (M, N)
-    the down projection's base input gradient, dh (M, r) (scaled) and A (r, N) its adapter's part. The Triton
-    version writes the output over d."""
-    gate, up = with_adapters(g, u, h_g, B_g, s_g, h_u, B_u, s_u)
-    act = model.swiglu(gate, up) if need_act else None
-    d_gate, d_up = model.swiglu_backward(gate, up, torch.addmm(d, dh, A))
-    return d_gate, d_up, act
-
-
-def triton_kernels():
-    """swiglu_lora and swiglu_lora_backward as Triton kernels (lora_kernels.py, imported on first call so that a
-    process started with TRITON_INTERPRET=1 runs them on the CPU, as the tests do)."""
-    import lora_kernels
-
-    return lora_kernels.swiglu_lora, lora_kernels.swiglu_lora_backward
-
-
-_PLAIN = {"swiglu_lora": swiglu_lora, "swiglu_lora_backward": swiglu_lora_backward}
-
-
-def kernels_take(dtype: torch.dtype, r_g: int, r_u: int, s_g: float, s_u: float) -> bool:
-    """Whether the Triton kernels take a gate and up projection's adapters of these ranks and scalings in this
-    dtype: bf16 or fp16, one rank, scalings not 0 (the kernels divide by them). lora_kernels.py runs the plain
-    versions otherwise, which LoRALinear.gated_mlp_forward avoids on a GPU."""
-    return dtype in (torch.bfloat16, torch.float16) and r_g == r_u and s_g != 0 and s_u != 0
-
-
-def compile_kernels(enable: bool = True, rank: int = 16) -> None:
-    """On a GPU: swiglu_lora and swiglu_lora_backward become the Triton kernels of triton_kernels() (enable=False
-    puts the plain versions back). finetune/lora.py does this with --fused on a GPU. The kernels are first compiled
-    for the LoRA `rank` and checked against the plain versions on a small input on this GPU (self_check); if that
-    fails or they disagree, they are not used, with a warning (and LoRALinear.gated_mlp_forward then runs the gated
-    MLP as three LoRA matmuls)."""
-    g = globals()
-    g.update(_PLAIN)
-    if enable:
-        try:
-            kernels = triton_kernels()
-            error = self_check(*kernels, rank=rank)
-        except Exception as e:  # no Triton, an older GPU, out of resources at this rank
-            print(f"Warning: lora.py's Triton SwiGLU kernels did not run on this GPU ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0] if str(e) else ''}); using the (slower) PyTorch path", file=sys.stderr)
-            return
-        if error < 1e-2:
-            g["swiglu_lora"], g["swiglu_lora_backward"] = kernels
-        else:
-            print(f"Warning: lora.py's Triton SwiGLU kernels differ from the PyTorch versions by {error:.1%} on this "
-                  "GPU; using the (slower) PyTorch path", file=sys.stderr)
-
-
-def self_check(forward, backward, device: str = "cuda", rank: int = 12) -> float:
-    """The largest relative error (norm of the difference / norm) of the kernels' outputs against _PLAIN's on a
-    random bf16 input on `device` at this LoRA rank; sizes that leave partial tiles, so the masks are exercised.
-    Rounding differences give ~1e-3; a kernel that drops or misplaces an adapter's product gives ~1e-1."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    M, N, r = 200, 328, rank
-
-    def rand(*shape, std=1.0):
-        return (torch.randn(*shape, device=device, generator=gen) * std).to(torch.bfloat16)
-
-    g, u, d, h_g, h_u, dh = rand(M, N), rand(M, N), rand(M, N), rand(M, r), rand(M, r), rand(M, r)
-    B_g, B_u, A = rand(N, r, std=0.2), rand(N, r, std=0.2), rand(r, N, std=0.2)
-    args = (g, u, h_g, B_g, 0.5, h_u, B_u, 2.0)
-    got = [forward(*args), *backward(*args, d.clone(), dh, A, True)]
-    want = [_PLAIN["swiglu_lora"](*args), *_PLAIN["swiglu_lora_backward"](*args, d, dh, A, True)]
-    return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(got, want))
 
 
 def is_bnb(module: nn.Module) -> bool:

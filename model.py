@@ -2,13 +2,12 @@
 
 Read top to bottom: Config and the table of named configs, then GPT, Block, attention, MLP, norm, RoPE and the KV cache.
 A family difference is a config field and an `if`. Checkpoint names from other projects are translated by the
-converters in scripts/, never here.
+converters in scripts/, never here. This is the reference math: the training speed layer (fast/, `fast.speed_up`)
+swaps some of these modules for subclasses that compute the same thing in fewer kernels, and is checked against it.
 """
 
 import difflib
 import json
-import math
-import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -230,12 +229,8 @@ class Block(nn.Module):
         h = self.attn(self.norm_1(x), cos, sin, mask, input_pos)
         if self.parallel_residual:
             return x + h + self.mlp(self.norm_2(x))
-        if isinstance(self.norm_2, RMSNorm):
-            x, normed = self.norm_2.add_forward(x, h)  # x + h and its norm in one kernel (compiled)
-        else:
-            x = x + h
-            normed = self.norm_2(x)
-        return x + self.mlp(normed)
+        x = x + h
+        return x + self.mlp(self.norm_2(x))
 
 
 class CausalSelfAttention(nn.Module):
@@ -257,8 +252,7 @@ class CausalSelfAttention(nn.Module):
         # A copy, not a view: attention keeps v for its backward, and a view would keep the whole q|k|v output alive
         # beside the rotated q and k (in training, 1.25 x n_embd more per token and layer for Mistral's shapes).
         v = v.contiguous().view(B, T, n_kv, hs).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache(input_pos, k, v)
         if n_kv != n_head and mask is not None:
@@ -274,6 +268,10 @@ class CausalSelfAttention(nn.Module):
                                                enable_gqa=n_kv != n_head)
         return self.proj(y.transpose(1, 2).reshape(B, T, n_head * hs))
 
+    def rotate(self, x, cos, sin):
+        """RoPE on queries or keys (B, heads, T, hs). A method so that fast/ can run a compiled kernel of it."""
+        return apply_rope(x, cos, sin)
+
 
 class MLP(nn.Module):
     def __init__(self, config: Config) -> None:
@@ -285,8 +283,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.fc_2 is not None:
-            if hasattr(self.proj, "gated_mlp_forward"):  # LoRA's fused gated MLP (lora.py)
-                return self.proj.gated_mlp_forward(x, self.fc_1, self.fc_2)
             return self.proj(swiglu(self.fc_1(x), self.fc_2(x)))
         return self.proj(F.gelu(self.fc_1(x), approximate=self.gelu_approximate))
 
@@ -298,22 +294,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return self.tagged(rms_norm(x, self.weight, self.eps), x)
-
-    def add_forward(self, x, h):
-        """(x + h, self(x + h)): a residual add and the norm after it. Compiled (compile_elementwise), one kernel
-        each way instead of two: the backward pass adds the gradient from the residual path inside the norm's.
-        Called directly by Block, so hooks registered on this module do not see it."""
-        x, y = add_rms_norm(x, h, self.weight, self.eps)
-        return x, self.tagged(y, x)
-
-    def tagged(self, y, x):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # Lets LoRA's fused matmul (lora.LoRAMatmul), which reads y, keep x instead (kept for this norm's own
-            # backward anyway) and recompute y in its backward: one fewer (tokens, n_embd) tensor per norm. A weak
-            # reference, so the tag never keeps x alive itself; the versions tell if x or y was changed in place.
-            y.normed_from = (self, weakref.ref(x), x._version, y._version)
-        return y
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -323,21 +304,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float):
-    x = x + h
-    return x, _PLAIN.get("rms_norm", rms_norm)(x, weight, eps)  # the plain one: compiled, it fuses with the add
-
-
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
-
-
-def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
-    """Gradients of swiglu(gate, up) for an incoming gradient, in fp32 inside: (d gate, d up)."""
-    g, u, d = gate.float(), up.float(), grad.float()
-    sig = torch.sigmoid(g)
-    silu = g * sig
-    return (d * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (d * silu).to(up.dtype)
 
 
 def make_norm(config: Config) -> nn.Module:
@@ -363,26 +331,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x_rot[..., : n // 2], x_rot[..., n // 2:]
     rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.numel() else rotated
-
-
-_PLAIN = {}
-
-
-def compile_elementwise(enable: bool = True, backend: str = "inductor") -> None:
-    """Swaps rms_norm (alone and after a residual add), apply_rope and swiglu for torch.compile'd versions (or back,
-    with enable=False).
-
-    Eager PyTorch runs each of them as 5-10 kernels that write fp32 or bf16 intermediates and keeps several for the
-    backward pass; compiled, each is one fused kernel forward and one backward that keep only their inputs. Matmuls
-    and attention are untouched. finetune/lora.py turns this on for CUDA training (--fused)."""
-    g = globals()
-    for name in ("rms_norm", "add_rms_norm", "apply_rope", "swiglu", "swiglu_backward"):
-        _PLAIN.setdefault(name, g[name])
-        # The norms round where eager rounds (the residual sum, the normalised value before the weight): LoRAMatmul
-        # recomputes a norm from its stored input with rms_norm, and must get the values that add_rms_norm gave the
-        # forward pass (inductor's default skips those roundings, differently in each kernel)
-        options = {"emulate_precision_casts": True} if "rms_norm" in name and backend == "inductor" else None
-        g[name] = torch.compile(_PLAIN[name], backend=backend, options=options) if enable else _PLAIN[name]
 
 
 class KVCache(nn.Module):

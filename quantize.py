@@ -7,7 +7,6 @@ host RAM near one tensor. Everything that is not a block linear (embedding, norm
 bitsandbytes >= 0.45 runs 4-bit quantize/dequantize/matmul on CPU too, which is how the tests exercise this file.
 """
 
-from pathlib import Path
 from typing import Iterable, Literal, Tuple, get_args
 
 import torch
@@ -79,7 +78,8 @@ def replace_linears(model: GPT, mode: str, dtype: torch.dtype) -> None:
 
 def quantize_model(model: GPT, tensors: Iterable[Tuple[str, torch.Tensor]], mode: str, device, dtype: torch.dtype,
                    source: str = "checkpoint") -> GPT:
-    """Fills a meta-device model (from `replace_linears`) with `tensors`, quantizing block linears as they come."""
+    """Fills a meta-device model (from `empty_quantized_model`) with `tensors`, quantizing block linears as they
+    come (utils.load_model streams a checkpoint through it)."""
     modules = dict(model.named_modules())
     expected = {name for name, _ in model.named_parameters()}
     if model.config.tie_embeddings:
@@ -123,16 +123,6 @@ def empty_quantized_model(config: Config, mode: str, dtype: torch.dtype) -> GPT:
     return model
 
 
-def load_quantized(config: Config, checkpoint_dir: Path, mode: str, device="cuda",
-                   dtype: torch.dtype = torch.bfloat16) -> GPT:
-    """The model of `checkpoint_dir` with quantized block linears, loaded tensor by tensor (called by utils.load_model)."""
-    from utils import iter_checkpoint
-
-    model = empty_quantized_model(config, mode, dtype)
-    quantize_model(model, iter_checkpoint(checkpoint_dir), mode, device, dtype, source=str(checkpoint_dir))
-    return model.eval()
-
-
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """The full-precision weight that a bitsandbytes layer computes with (fp32 for int8, the compute dtype for 4-bit)."""
     bnb = _bnb()
@@ -160,7 +150,7 @@ def dequantized_linear(module: nn.Module) -> nn.Linear:
 
 
 def roundtrip(weight: torch.Tensor, mode: str) -> torch.Tensor:
-    """What a weight becomes after quantizing and dequantizing it exactly as load_quantized does (4-bit modes);
+    """What a weight becomes after quantizing and dequantizing it exactly as utils.load_model does (4-bit modes);
     merge_lora.py applies it so the merged model computes what the adapter was trained against."""
     check_mode(mode)
     if mode == "bnb.int8":

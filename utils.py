@@ -94,10 +94,12 @@ def load_model(checkpoint_dir: Path, device="cpu", dtype: torch.dtype = torch.fl
     """Builds the model from model_config.json and loads its weights; `quantize` ("bnb.nf4", ...) goes through
     bitsandbytes (quantize.py), which also runs its 4-bit layers on the CPU (the tests use that)."""
     config = load_config(checkpoint_dir)
-    if quantize is not None:
-        from quantize import load_quantized  # bitsandbytes is only imported when asked for
+    if quantize is not None:  # one tensor at a time, each quantized as it lands on the device
+        from quantize import empty_quantized_model, quantize_model  # bitsandbytes is only imported when asked for
 
-        return load_quantized(config, checkpoint_dir, quantize, device=device, dtype=dtype)
+        model = empty_quantized_model(config, quantize, dtype)
+        quantize_model(model, iter_checkpoint(checkpoint_dir), quantize, device, dtype, source=str(checkpoint_dir))
+        return model.eval()
     with torch.device("meta"):
         model = GPT(config)
     model = model.to_empty(device=device).to(dtype)

@@ -14,8 +14,8 @@ stage=${1:-}
 
 # Our configurations (benchmark_finetune.py --configs, MBxC as that script spells C today: 1 every block checkpointed,
 # 0 none, pN the first N blocks): enough to have a candidate under each cap. Change these as the trainer gains modes.
-# A trailing o offloads the checkpointed blocks' inputs to host memory (--offload_checkpoints); +fp8 / +fp8grad after
-# a configuration runs it with finetune/lora.py --fp8 all / grad, +keep with --recompute_inputs false. The defaults
+# A trailing o offloads the checkpointed blocks' inputs to host memory (--speed.offload_checkpoints); +fp8 / +fp8grad
+# after a configuration runs it with finetune/lora.py --speed.fp8 all / grad, +keep with --speed.recompute_inputs false. The defaults
 # are the README table's runs (FP8 all); its bf16 table ran 1x0,2xp4o,3x0,1xp18o,1xp20o,4x1o,2x1o /
 # 1x0,1xp4o,1xp6o,1x1o,2x1o,1xp26o,1xp28o / 1x1o,1x0,1xp6o,2x1o,4x1o,1xp4o.
 OURS_mistral_2048="1x0+fp8,3x0+fp8,2x0+fp8+keep,1xp15o+fp8,1xp16o+fp8"

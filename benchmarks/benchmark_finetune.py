@@ -5,9 +5,8 @@ with random weights built directly on the GPU (no checkpoint on disk). Uses fine
 
 Each configuration MBxC is micro-batch MB with activation checkpointing C: 1 (every block), 0 (none) or pN (the
 first N blocks), optionally +fp8 (FP8 base matmuls) or +fp8grad (FP8 input-gradient matmuls only), +keep
-(--recompute_inputs false) and +unfusedmlp (the gated MLP as three LoRA matmuls, not lora_gated_mlp); one JSON line
-each:
-tokens_per_s (median over --steps after --warmup steps, timed with CUDA events) and peak_mem_gib
+(--recompute_inputs false) and +unfusedmlp (the gated MLP as three LoRA matmuls, not fast.lora.lora_gated_mlp); one
+JSON line each: tokens_per_s (median over --steps after --warmup steps, timed with CUDA events) and peak_mem_gib
 (torch.cuda.max_memory_allocated, weights included), like the peer scripts in ../shared/anchors.
 `--table results.jsonl` prints a Markdown table of such lines (ours and the peers').
 """
@@ -23,11 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fp8  # noqa: E402
-import model as model_module  # noqa: E402
-from finetune.lora import GraphedMicroStep, enable_activation_checkpointing, make_optimizer, training_loss  # noqa: E402
-from lora import LoRAConfig, LoRALinear, inject_lora  # noqa: E402
-from lora import compile_kernels as compile_lora_kernels  # noqa: E402
+import fast  # noqa: E402
+from fast.memory import GraphedMicroStep, enable_activation_checkpointing  # noqa: E402
+from finetune.lora import make_optimizer, training_loss  # noqa: E402
+from lora import LoRAConfig, inject_lora  # noqa: E402
 from model import Config  # noqa: E402
 
 
@@ -106,7 +104,7 @@ def bench(model, seq: int, mb: int, ckpt: str, steps: int, warmup: int, device: 
     n = batch["targets"].numel()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    graphed = GraphedMicroStep(model, params, batch) if cuda_graph else None
+    graphed = GraphedMicroStep(model, params, batch, loss_fn=training_loss) if cuda_graph else None
 
     def step():
         if graphed is not None:
@@ -196,7 +194,7 @@ def main(
             a trailing o offloads the checkpoints: 1o, p20o); +fp8 after one runs it with FP8 base matmuls
             (finetune/lora.py --fp8 all), +fp8grad with FP8 input-gradient matmuls only (--fp8 grad); +keep keeps
             the norm outputs and SwiGLU products for the backward pass (--recompute_inputs false): 1x0+fp8+keep;
-            +unfusedmlp runs the gated MLP as three fused LoRA matmuls instead of lora.lora_gated_mlp (the
+            +unfusedmlp runs the gated MLP as three fused LoRA matmuls instead of fast.lora.lora_gated_mlp (the
             previous path, for comparison).
         quantize: base weights (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8) or null for bf16.
         lora_r: LoRA rank.
@@ -205,7 +203,8 @@ def main(
         lora_targets: LoRA targets (all = every linear of the blocks, as the peers).
         steps: timed steps (the median is reported).
         warmup: untimed steps first.
-        fused: the fused LoRA matmul and compiled RMSNorm/RoPE/SwiGLU, as finetune/lora.py --fused.
+        fused: the fast path (fast.speed_up: fused LoRA matmuls, compiled RMSNorm/RoPE/SwiGLU, Triton kernels), as
+            finetune/lora.py --fused; false runs the plain model.
         cuda_graph: capture forward+backward as a CUDA graph, as finetune/lora.py --cuda_graph.
         docs_per_row: above 1, each row packs this many documents with a document mask (the trainer's packed rows;
             attention then takes SDPA's masked path instead of causal flash).
@@ -223,12 +222,8 @@ def main(
     lora = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
     t0 = time.perf_counter()
     net = build(config, quantize, lora, "cuda", torch.bfloat16)
-    LoRALinear.fused_matmul = fused
-    if fused:
-        model_module.compile_elementwise()
-        compile_lora_kernels(rank=lora_r)
-        if "+fp8" in configs.lower():
-            fp8.compile_kernels()
+    if fused:  # each configuration below sets its own fp8 / keep / unfusedmlp settings
+        fast.speed_up(net)
     if compile:
         for block in net.blocks:
             block.compile()
@@ -246,9 +241,9 @@ def main(
                 or (extras and not fused)):
             raise ValueError(f"config {'+'.join([spec, *extras])}: the suffixes are +fp8 or +fp8grad, +keep and "
                              "+unfusedmlp, and they need --fused true")
-        LoRALinear.fp8_matmul = "all" if "fp8" in extras else "grad" if "fp8grad" in extras else None
-        LoRALinear.recompute_inputs = "keep" not in extras
-        LoRALinear.fused_mlp = "unfusedmlp" not in extras
+        if fused:
+            fast.speed_up(net, fp8="all" if "fp8" in extras else "grad" if "fp8grad" in extras else None,
+                          recompute_inputs="keep" not in extras, fused_mlp="unfusedmlp" not in extras)
         mb, ckpt = spec.split("x")
         mb = int(mb)
         tags = [t for t, on in (("fused", fused), ("graph", cuda_graph), ("compiled", compile)) if on] + extras

@@ -54,9 +54,10 @@ echo "== 2. fine-tune"
 if [ -z "$adapter" ]; then
   # CPU stand-in for the GPU run (benchmarks/e2e_gpu.sh): same data and LoRA shape, a few steps only
   rm -rf "$out/lora_cpu"
-  python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/e2e --out_dir "$out/lora_cpu" --lora_r 16 --lora_alpha 32 \
-    --batch_size 4 --micro_batch_size 2 --max_steps 30 --max_time 00:08:00 --eval_interval 10 \
-    --eval_samples 20 --save_interval 10 --sample_tokens 0 --learning_rate 1e-3 2>&1 | tee "$out/train.log" \
+  python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/e2e --out_dir "$out/lora_cpu" \
+    --lora.r 16 --lora.alpha 32 --train.batch_size 4 --train.micro_batch_size 2 --train.max_steps 30 \
+    --train.learning_rate 1e-3 --train.save_interval 10 --eval.interval 10 --eval.samples 20 --eval.sample_tokens 0 \
+    --max_time 00:08:00 2>&1 | tee "$out/train.log" \
     || [ "${PIPESTATUS[0]}" -eq 75 ]  # 75: stopped by --max_time with everything saved
   adapter=$out/lora_cpu
 fi

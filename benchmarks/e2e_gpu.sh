@@ -59,26 +59,28 @@ if [ "$stage" = compare ]; then
   # The training fast path (fused kernels + CUDA graph) against the plain reference on the same real data, seed and
   # settings: their validation losses must agree within noise (issue 6). Short runs, under a minute each on an H100
   # (six runs and the checkpoint conversion took 386 s): fast_offload adds offloaded checkpointing of every block,
-  # fast_fp8 FP8 base matmuls (--fp8 all), fast_fp8grad FP8 only in the backward pass's input-gradient matmuls,
-  # fast_fp8_keep fast_fp8 with --recompute_inputs false; a mode@SEED runs it with another seed (the reference at
+  # fast_fp8 FP8 base matmuls (--speed.fp8 all), fast_fp8grad FP8 only in the backward pass's input-gradient
+  # matmuls, fast_fp8_keep fast_fp8 with --speed.recompute_inputs false; a mode@SEED runs it with another seed (the reference at
   # other seeds is the noise band). COMPARE_MODES picks the runs.
   default="reference fast fast_offload fast_fp8 reference@1338 fast_fp8@1338 reference@1339 fast_fp8@1339"
   modes=${COMPARE_MODES:-$default}
   for run in $modes; do
     mode=${run%@*}; seed=1337; [ "$run" != "$mode" ] && seed=${run#*@}
     case $mode in
-      reference) flags="--fused false --cuda_graph false" ;;
-      fast) flags="--fused true --cuda_graph true" ;;
-      fast_offload) flags="--fused true --cuda_graph true --activation_checkpointing true --offload_checkpoints true" ;;
-      fast_fp8) flags="--fused true --cuda_graph true --fp8 all" ;;
-      fast_fp8grad) flags="--fused true --cuda_graph true --fp8 grad" ;;
-      fast_fp8_keep) flags="--fused true --cuda_graph true --fp8 all --recompute_inputs false" ;;
+      reference) flags="--speed.fused false --speed.cuda_graph false" ;;
+      fast) flags="--speed.fused true --speed.cuda_graph true" ;;
+      fast_offload) flags="--speed.fused true --speed.cuda_graph true --speed.activation_checkpointing true
+                           --speed.offload_checkpoints true" ;;
+      fast_fp8) flags="--speed.fused true --speed.cuda_graph true --speed.fp8 all" ;;
+      fast_fp8grad) flags="--speed.fused true --speed.cuda_graph true --speed.fp8 grad" ;;
+      fast_fp8_keep) flags="--speed.fused true --speed.cuda_graph true --speed.fp8 all --speed.recompute_inputs false" ;;
       *) echo "unknown compare mode $mode"; exit 2 ;;
     esac
     rm -rf "/tmp/oneday-compare-$run"
     timeout 300 python3 finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/e2e --out_dir "/tmp/oneday-compare-$run" \
-      --quantize bnb.nf4 --lora_r 16 --lora_alpha 32 --learning_rate 1e-3 --batch_size 8 --micro_batch_size 8 \
-      --max_steps 80 --eval_interval 20 --eval_samples 60 --save_interval 1000 --log_interval 20 --sample_tokens 0 \
+      --quantize bnb.nf4 --lora.r 16 --lora.alpha 32 --train.learning_rate 1e-3 --train.batch_size 8 \
+      --train.micro_batch_size 8 --train.max_steps 80 --train.save_interval 1000 --train.log_interval 20 \
+      --eval.interval 20 --eval.samples 60 --eval.sample_tokens 0 \
       --seed $seed $flags 2>&1 | tee "/tmp/oneday-compare-$run.log" | grep -E "^step|val|FP8|Error|error" || exit 1
   done
   python3 - "$out" $modes <<'EOF2'
@@ -103,12 +105,13 @@ rm -rf "$work"
 # and a 135M model's LoRA takes a higher rate (1e-3, rank 16) to move within a few hundred steps. The best
 # validation loss is saved as adapter_best.safetensors.
 timeout 570 python3 finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/e2e --out_dir "$work" \
-    --quantize bnb.nf4 --lora_r 16 --lora_alpha 32 --lora_targets all --learning_rate 1e-3 \
-    --batch_size 8 --micro_batch_size 8 --epochs 3 --max_time ${E2E_MAX_TIME:-00:08:00} \
-    --eval_interval 50 --eval_samples 60 --save_interval 100 --log_interval 10 --sample_tokens 0 --seed 1337 \
-    --cuda_graph true 2>&1 | { echo "gpu: $gpu"; cat; } | tee "$out/e2e_adapter/train.log"
+    --quantize bnb.nf4 --lora.r 16 --lora.alpha 32 --lora.targets all --train.learning_rate 1e-3 \
+    --train.batch_size 8 --train.micro_batch_size 8 --train.epochs 3 --max_time ${E2E_MAX_TIME:-00:08:00} \
+    --train.save_interval 100 --train.log_interval 10 --eval.interval 50 --eval.samples 60 --eval.sample_tokens 0 \
+    --seed 1337 \
+    --speed.cuda_graph true 2>&1 | { echo "gpu: $gpu"; cat; } | tee "$out/e2e_adapter/train.log"
 rc=${PIPESTATUS[0]}
-for f in prompt_style.json train_config.json loss.png; do
+for f in prompt_style.json train_config.yaml loss.png; do
   [ -f "$work/$f" ] && cp "$work/$f" "$out/e2e_adapter/"
 done
 # The device tool returns files of at most 16 MiB: the adapter (r16, fp32: ~19.5 MB) comes back in two parts;

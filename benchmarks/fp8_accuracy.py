@@ -9,19 +9,23 @@ The base weights are loaded unquantized (the CPU's 4-bit path is slow); on a 4-b
 same float8 values as rounding the dequantized weight (tests/test_fp8.py), so the comparison carries over.
 """
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fp8  # noqa: E402
-from finetune.lora import load_split  # noqa: E402
-from lora import LoRAConfig, LoRALinear, base_weight, inject_lora  # noqa: E402
+import fast  # noqa: E402
+from data import load_split  # noqa: E402
+from fast import fp8  # noqa: E402
+from fast.lora import FusedLoRALinear, base_weight  # noqa: E402
+from lora import LoRAConfig, inject_lora  # noqa: E402
 from utils import load_model  # noqa: E402
 
 
@@ -33,10 +37,11 @@ def e4m3(t: torch.Tensor, block: int = 0) -> torch.Tensor:
     return (t8.float() * scale).reshape(t.shape)
 
 
-def emulate(round_weights: bool, activation_block) -> None:
-    """Swaps fp8.linear / fp8.input_grad for fp32 emulations: weights rounded to e4m3 per tensor (as the kernels do)
-    or left exact; activations and output gradients rounded per row (block 0), per `activation_block` elements, or
-    left exact (None). What would a finer scale, or exact weights, change?"""
+def emulated(round_weights: bool, activation_block):
+    """A context in which fp8.linear / fp8.input_grad are fp32 emulations (an experiment, patched for its runs only):
+    weights rounded to e4m3 per tensor (as the kernels do) or left exact; activations and output gradients rounded
+    per row (block 0), per `activation_block` elements, or left exact (None). What would a finer scale, or exact
+    weights, change?"""
     def weight(base):
         if not round_weights:
             return base_weight(base, torch.float32)
@@ -46,33 +51,31 @@ def emulate(round_weights: bool, activation_block) -> None:
     def act(t):
         return t.float() if activation_block is None else e4m3(t, activation_block)
 
-    def linear(x2, base):
+    def linear(x2, base, kernels=None):
         y = act(x2) @ weight(base).t()
         return (y if base.bias is None else y + base.bias.float()).to(x2.dtype)
 
-    fp8.linear = linear
-    fp8.input_grad = lambda dy2, base: (act(dy2) @ weight(base)).to(dy2.dtype)
+    def input_grad(dy2, base, kernels=None):
+        return (act(dy2) @ weight(base)).to(dy2.dtype)
+
+    return mock.patch.multiple(fp8, linear=linear, input_grad=input_grad)
 
 
 def lora_grads(checkpoint_dir: Path, dtype: torch.dtype, fp8_mode, idx, targets, seed: int, keep=(), device="cpu",
-               quantize=None):
+               quantize=None, kernels: bool = False):
     model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
     torch.manual_seed(seed)
     inject_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.0))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p, std=0.01)  # B = 0 at init would leave A without a gradient
-    LoRALinear.fp8_matmul = fp8_mode
+    fast.speed_up(model, fp8=fp8_mode, kernels=kernels)
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear) and fp8_mode == "all" and name.split(".", 2)[-1] in keep:
-            module.fp8_matmul = "grad"  # this layer's forward pass stays bf16 (an instance setting over the class's)
-    try:
-        logits = model(idx.to(device))
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
-                                           ignore_index=-100)
-        loss.backward()
-    finally:
-        LoRALinear.fp8_matmul = None
+        if isinstance(module, FusedLoRALinear) and fp8_mode == "all" and name.split(".", 2)[-1] in keep:
+            module.fp8_matmuls = "grad"  # this layer's forward pass stays bf16
+    logits = model(idx.to(device))
+    loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100)
+    loss.backward()
     return loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -95,19 +98,15 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         device: "cpu" or "cuda" (where torch._scaled_mm runs on the FP8 tensor cores).
         quantize: e.g. "bnb.nf4": a 4-bit base as finetune/lora.py --quantize makes it (the fp32 reference then
             computes with the dequantized weights), so the FP8 decode of the 4-bit blocks is what runs.
-        kernels: on a GPU, "triton" (fp8.compile_kernels(), what finetune/lora.py runs) or "plain" (the PyTorch
-            reference kernels): the two must give the same loss.
+        kernels: on a GPU, "triton" (fast.speed_up's compiled and Triton kernels, what finetune/lora.py runs) or
+            "plain" (the PyTorch reference kernels): the two must give the same loss.
     """
-    if emulate_rounding is not None:
-        choices = {"weights": (True, None), "activations": (False, 0), "blocks": (True, 64)}
-        if emulate_rounding not in choices:
-            raise SystemExit(f"--emulate_rounding {emulate_rounding}: use one of {sorted(choices)}")
-        emulate(*choices[emulate_rounding])
+    choices = {"weights": (True, None), "activations": (False, 0), "blocks": (True, 64)}
+    if emulate_rounding is not None and emulate_rounding not in choices:
+        raise SystemExit(f"--emulate_rounding {emulate_rounding}: use one of {sorted(choices)}")
     keep = tuple(k for k in keep_forward_bf16.split(",") if k)
     if kernels not in ("triton", "plain"):
         raise SystemExit(f"--kernels {kernels}: use triton or plain")
-    if device != "cpu":
-        fp8.compile_kernels(kernels == "triton")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     split = load_split(data_dir / "train.safetensors")
     n = rows * (seq + 1)
@@ -122,7 +121,9 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         runs = [runs[0], runs[-1]]
     reference = None
     for label, dtype, mode in runs:
-        loss, grads = lora_grads(checkpoint_dir, dtype, mode, tokens[:, :-1], targets, seed, keep, device, quantize)
+        with emulated(*choices[emulate_rounding]) if emulate_rounding and mode else contextlib.nullcontext():
+            loss, grads = lora_grads(checkpoint_dir, dtype, mode, tokens[:, :-1], targets, seed, keep, device,
+                                     quantize, kernels=device != "cpu" and kernels == "triton")
         reference = reference or grads
         errs = [((grads[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference]
         print(json.dumps({"run": label, "loss": round(loss, 4),

@@ -1,4 +1,4 @@
-"""Times fp8.py's GPU kernels on a model's weight shapes: the 4-bit -> float8 decode (forward order and transposed)
+"""Times fast/fp8.py's GPU kernels on a model's weight shapes: the 4-bit -> float8 decode (forward order and transposed)
 and the per-row activation cast, as the hand-written Triton kernels (what training runs) against torch.compile of the
 plain PyTorch math and bitsandbytes' own bf16 dequantization. CUDA events, median of --iters after warm-up; one JSON
 line per kernel and shape with its time and effective bandwidth (bytes read + written per second).
@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fp8  # noqa: E402
+from fast import fp8  # noqa: E402
 from model import Config  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def main(model: str = "Mistral-7B-v0.1", tokens: int = 2048, iters: int = 20) ->
     shapes = {"qkv": (q, d), "proj": (d, config.n_head * config.head_size), "fc": (config.intermediate_size, d),
               "down": (d, config.intermediate_size)}
     triton_decode, triton_cast = fp8.triton_kernels()
-    compiled_decode, compiled_cast = torch.compile(fp8._PLAIN["decode_4bit"]), torch.compile(fp8._PLAIN["cast_rows"])
+    compiled_decode, compiled_cast = torch.compile(fp8.decode_4bit), torch.compile(fp8.cast_rows)
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")

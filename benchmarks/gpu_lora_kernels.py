@@ -1,4 +1,4 @@
-"""Times lora_kernels.py's SwiGLU kernels (lora_gated_mlp on a GPU) on a model's MLP shape against what the unfused
+"""Times fast/kernels.py's SwiGLU kernels (fast.lora.lora_gated_mlp on a GPU) on a model's MLP shape against what the unfused
 path runs for the same math: the adapters added into the gate and up outputs by two addmm_ and the compiled SwiGLU
 (forward); the SwiGLU product recomputed, the down adapter added into its input gradient by addmm_, and the compiled
 SwiGLU backward (backward). Also for a few tile shapes, and how many bf16 values equal the plain PyTorch version's.
@@ -15,9 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lora  # noqa: E402
-import lora_kernels  # noqa: E402
-import model as model_module  # noqa: E402
+from fast import kernels as triton_swiglu  # noqa: E402
+from fast import lora as fast_lora  # noqa: E402
 from model import Config  # noqa: E402
 from benchmarks.gpu_fp8_kernels import median_ms  # noqa: E402
 
@@ -31,7 +30,7 @@ def main(model: str = "Mistral-7B-v0.1", tokens: int = 4096, rank: int = 16, ite
     """
     config = Config.from_name(model)
     M, N = tokens, config.intermediate_size
-    model_module.compile_elementwise()
+    compiled = fast_lora.choose_kernels(True, on_gpu=False)  # the compiled SwiGLU the unfused path runs
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(*shape, std=1.0):
@@ -48,7 +47,7 @@ def main(model: str = "Mistral-7B-v0.1", tokens: int = 4096, rank: int = 16, ite
         start.record()
         gate.addmm_(h_g, B_g.t(), alpha=2.0)
         up.addmm_(h_u, B_u.t(), alpha=2.0)
-        model_module.swiglu(gate, up)
+        compiled.swiglu(gate, up)
         return start
 
     def unfused_backward(keep: bool):
@@ -57,9 +56,9 @@ def main(model: str = "Mistral-7B-v0.1", tokens: int = 4096, rank: int = 16, ite
         start = torch.cuda.Event(enable_timing=True)
         start.record()
         if not keep:
-            model_module.swiglu(gate, up)
+            compiled.swiglu(gate, up)
         grad.addmm_(dh, A)
-        model_module.swiglu_backward(gate, up, grad)
+        compiled.swiglu_backward(gate, up, grad)
         return start
 
     def timed(fn) -> float:  # fn records its own start event after its untimed setup
@@ -80,20 +79,20 @@ def main(model: str = "Mistral-7B-v0.1", tokens: int = 4096, rank: int = 16, ite
              timed(lambda: unfused_backward(False)), 10 * unit),
             ("unfused backward, product kept", timed(lambda: unfused_backward(True)), 7 * unit)]
     d_timing = d.clone()  # the timed backward writes the SwiGLU product over it
-    default = lora_kernels.TILE
-    for tile in (default, (16, 256), (64, 64), (64, 128)):
-        lora_kernels.TILE = tile
-        rows += [(f"fused forward, tile {tile}", median_ms(lambda: lora_kernels.swiglu_lora(*args), iters), 3 * unit),
+    for tile in (triton_swiglu.TILE, (16, 256), (64, 64), (64, 128)):
+        rows += [(f"fused forward, tile {tile}", median_ms(lambda: triton_swiglu.swiglu_lora(*args, tile=tile), iters),
+                  3 * unit),
                  (f"fused backward, tile {tile}",
-                  median_ms(lambda: lora_kernels.swiglu_lora_backward(*args, d_timing, dh, A, True), iters), 6 * unit),
+                  median_ms(lambda: triton_swiglu.swiglu_lora_backward(*args, d_timing, dh, A, True, tile=tile), iters),
+                  6 * unit),
                  (f"fused backward, product kept, tile {tile}",
-                  median_ms(lambda: lora_kernels.swiglu_lora_backward(*args, d_timing, dh, A, False), iters), 5 * unit)]
-    lora_kernels.TILE = default
+                  median_ms(lambda: triton_swiglu.swiglu_lora_backward(*args, d_timing, dh, A, False, tile=tile),
+                            iters), 5 * unit)]
     for label, ms, moved in rows:
         print(json.dumps({"kernels": label, "tokens": M, "intermediate": N, "rank": rank, "ms": round(ms, 4),
                           "GB_per_s": round(moved / ms / 1e6)}), flush=True)
-    got = [lora_kernels.swiglu_lora(*args), *lora_kernels.swiglu_lora_backward(*args, d.clone(), dh, A, True)]
-    want = [lora._PLAIN["swiglu_lora"](*args), *lora._PLAIN["swiglu_lora_backward"](*args, d, dh, A, True)]
+    got = [triton_swiglu.swiglu_lora(*args), *triton_swiglu.swiglu_lora_backward(*args, d.clone(), dh, A, True)]
+    want = [compiled.swiglu_lora(*args), *compiled.swiglu_lora_backward(*args, d, dh, A, True)]
     for name, a, b in zip(("act", "d gate", "d up", "act (backward)"), got, want):
         a, b = a.float(), b.float()
         print(json.dumps({"check": f"Triton {name} vs plain PyTorch (compiled swiglu), bf16",

@@ -1,32 +1,42 @@
-"""The fast path: one call turns a plain model (after lora.inject_lora) into the fused one.
+"""The training speed layer, switched on by one call on a model: `fast.speed_up(model)`.
 
-INTERIM: this first version still works through the old class-wide switches; it is being rewritten.
+model.py and lora.py are the plain reference. After `lora.inject_lora`, speed_up converts the model in place: each
+LoRALinear, MLP, RMSNorm, attention and Block becomes its subclass in fast/lora.py, which computes the same thing in
+fewer kernels and keeps less for the backward pass. Parameters, their names and the state_dict stay the same, so
+adapters save and load as before. A model that never calls speed_up runs the plain path, and two models in one
+process can run different paths: every setting lives on the model's own modules.
+
+- fast/lora.py: the fused LoRA autograd functions and the fast modules;
+- fast/fp8.py: FP8 base matmuls (fp8="grad" or "all");
+- fast/kernels.py: Triton kernels for the gated MLP, used on a GPU once checked against the plain math;
+- fast/memory.py: activation checkpointing, host offload and CUDA graphs. speed_up comes first: checkpointing wraps
+  each block's forward as it is when checkpointing is switched on.
 """
 
 from typing import Literal, Optional
 
-import torch
+from fast import lora as fused
 
 FP8 = Literal["grad", "all"]
 
 
 def speed_up(model, fp8: Optional[FP8] = None, recompute_inputs: bool = True, fused_mlp: bool = True,
              kernels: Optional[bool] = None):
-    """Switches `model` to the fast path in place and returns it. kernels (compiled elementwise ops and the Triton
-    kernels) default to on when the model is on a CUDA GPU."""
-    import fp8 as fp8_module
-    import lora
-    import model as model_module
+    """Converts `model` to the fast path in place and returns it; calling it again changes the settings.
 
+    fp8: run the frozen base weights' matmuls on FP8 tensor cores: "grad" the input-gradient matmul of the backward
+        pass only, "all" the forward ones too (fast/fp8.py); per layer, where its shape allows.
+    recompute_inputs: the fused matmuls recompute the RMSNorm outputs and SwiGLU products they read in the backward
+        pass instead of keeping them (less memory, a few more elementwise kernels).
+    fused_mlp: a gated MLP with adapters on gate, up and down runs as one (fast.lora.lora_gated_mlp); False runs it
+        as three fused LoRA matmuls.
+    kernels: torch.compile'd RMSNorm, RoPE and SwiGLU, and on a GPU the Triton kernels (each checked against its
+        plain version before use); default: on when the model's parameters are on a CUDA GPU.
+    """
+    if fp8 not in (None, "grad", "all"):
+        raise ValueError(f"fp8={fp8!r}: use None, 'grad' or 'all'")
     on_gpu = next(model.parameters()).device.type == "cuda"
-    kernels = on_gpu if kernels is None else kernels
-    lora.LoRALinear.fused_matmul = True
-    lora.LoRALinear.fp8_matmul = fp8
-    lora.LoRALinear.recompute_inputs = recompute_inputs
-    lora.LoRALinear.fused_mlp = fused_mlp
-    if kernels:
-        model_module.compile_elementwise()
-        lora.compile_kernels(rank=model.lora_config.r)
-        if fp8:
-            fp8_module.compile_kernels()
-    return model
+    lora_config = getattr(model, "lora_config", None)
+    chosen = fused.choose_kernels(on_gpu if kernels is None else kernels, on_gpu,
+                                  rank=lora_config.r if lora_config else 16, fp8_on=fp8 is not None)
+    return fused.convert(model, chosen, fp8, recompute_inputs, fused_mlp)

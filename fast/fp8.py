@@ -1,10 +1,10 @@
-"""FP8 base matmuls for LoRA training (finetune/lora.py --fp8 grad|all).
+"""FP8 base matmuls for LoRA training (finetune/lora.py --speed.fp8 grad|all, fast.speed_up(model, fp8=...)).
 
 A LoRA layer's frozen base weight costs up to three matmuls per training step: the forward pass, its recomputation
 under activation checkpointing, and the gradient of the layer's input (a frozen weight has no gradient of its own).
-They are most of a QLoRA step's time. With --fp8 all they run on the FP8 tensor cores (torch._scaled_mm; compute
-capability 8.9+; on an H100 Mistral-7B's base matmuls took 44 ms a step instead of 75 in bf16); --fp8 grad puts only
-the last of them there:
+They are most of a QLoRA step's time. With fp8="all" they run on the FP8 tensor cores (torch._scaled_mm; compute
+capability 8.9+), which do twice the bf16 tensor cores' operations per cycle; fp8="grad" puts only the last of them
+there (measured speed: docs/training-speed.md):
 
 - The weight is decoded from its 4-bit blocks straight to float8 e4m3 with one scale per tensor (the largest block
   scale / 448): one kernel that writes 1 byte per weight, where bf16 dequantization writes 2. The backward pass
@@ -16,19 +16,20 @@ the last of them there:
 
 Numerics: e4m3 keeps 3 mantissa bits, so each weight and activation entering a base matmul carries up to 1/16
 relative rounding error on top of the 4-bit quantization. In the forward pass these errors add up across the blocks
-and move the model's output (benchmarks/fp8_accuracy.py): with FP8 in every matmul ("all") SmolLM2's first training loss
-is 0.16 higher than bf16's. On real data the gap closes within 20 steps, and the validation losses (bf16) matched
-the reference on 3 seeds (benchmarks/e2e_gpu.sh compare; docs/speed/h100_2026-11-24_d.md). "grad" keeps the forward pass
-exact and puts FP8 only in the backward pass's input-gradient matmuls.
+and move the model's output: measure it with benchmarks/fp8_accuracy.py and compare validation losses against the
+plain path with benchmarks/e2e_gpu.sh compare (results: docs/training-speed.md). "grad" keeps the forward pass exact
+and puts FP8 only in the backward pass's input-gradient matmuls.
 
 The decode and the per-row cast are written twice: in plain PyTorch (the reference, and what a CPU runs, where
 torch._scaled_mm computes the same math: how the tests check this file) and as Triton kernels that a GPU runs
-(compile_kernels), checked against the PyTorch ones by the tests under Triton's interpreter and on the GPU by
+(gpu_kernels), checked against the PyTorch ones by the tests under Triton's interpreter and on the GPU by
 tests/gpu/check_fused.py.
 """
 
+import functools
 import sys
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -109,8 +110,8 @@ def cast_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def triton_kernels():
-    """decode_4bit and cast_rows as hand-written Triton kernels: what the GPU runs (compile_kernels). torch.compile's
-    kernels of the same math were 1.2-10x slower on an H100 (benchmarks/gpu_fp8_kernels.py). Defined on first call, so
+    """decode_4bit and cast_rows as hand-written Triton kernels: what the GPU runs (gpu_kernels). Hand-written because
+    torch.compile's kernels of the same math were slower (benchmarks/gpu_fp8_kernels.py times both). Defined on first call, so
     that a process started with TRITON_INTERPRET=1 runs them on the CPU."""
     import triton
     import triton.language as tl
@@ -119,7 +120,7 @@ def triton_kernels():
     def decode_kernel(packed, absmax, code, scale, out, n_bytes, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
         # (out, in) order: BLOCK bytes of the flattened weight -> 2 * BLOCK float8 values, the high nibble's first.
         # (An earlier version packed each pair into an int16 through integer bitcasts; on an H100 a quarter of its
-        # values came out wrong. compile_kernels' self_check and tests/gpu/check_fused.py now catch such a kernel.)
+        # values came out wrong. gpu_kernels' self_check and tests/gpu/check_fused.py now catch such a kernel.)
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_bytes
@@ -184,33 +185,44 @@ def triton_kernels():
     return decode, cast
 
 
-_PLAIN = {"decode_4bit": decode_4bit, "cast_weight": cast_weight, "cast_rows": cast_rows,
-          "nested_absmax": nested_absmax}
+@dataclass(frozen=True)
+class Kernels:
+    """The implementations of the elementwise steps that the FP8 matmuls below call: the plain PyTorch functions of
+    this file (the reference, and what a CPU runs) unless `gpu_kernels` chose faster ones. One per model, chosen by
+    fast.speed_up, so that two models in one process can run different ones."""
+    decode_4bit: Callable = decode_4bit
+    cast_rows: Callable = cast_rows
+    cast_weight: Callable = cast_weight
+    nested_absmax: Callable = nested_absmax
 
 
-def compile_kernels(enable: bool = True) -> None:
-    """On a GPU: decode_4bit and cast_rows become the Triton kernels of triton_kernels(), cast_weight and
-    nested_absmax torch.compile'd (one fused kernel each instead of a chain of elementwise ones); enable=False puts
-    the plain versions back. finetune/lora.py does this on a GPU. Each Triton kernel is first checked against its
-    PyTorch version on a small input on this GPU (self_check); one that disagrees is not used, with a warning."""
-    g = globals()
-    g.update(_PLAIN)
-    if enable:
-        decode, cast = triton_kernels()
-        wrong = self_check(decode, cast)
-        if "decode_4bit" not in wrong:
-            g["decode_4bit"] = decode
-        if "cast_rows" not in wrong:
-            g["cast_rows"] = cast
-        for name, fraction in wrong.items():
-            print(f"Warning: fp8.py's Triton {name} agrees with its PyTorch version on only {fraction:.1%} of values "
-                  f"on this GPU; using the (slower) PyTorch version", file=sys.stderr)
-        g["cast_weight"] = torch.compile(cast_weight)
-        g["nested_absmax"] = torch.compile(nested_absmax)
+PLAIN = Kernels()
+
+
+def gpu_kernels() -> Kernels:
+    """On a GPU: decode_4bit and cast_rows as the Triton kernels of triton_kernels(), cast_weight and nested_absmax
+    torch.compile'd (one fused kernel each instead of a chain of elementwise ones). Each Triton kernel is first
+    checked against its PyTorch version on a small input on this GPU (self_check); one that disagrees is not used,
+    with a warning."""
+    decode, cast = triton_kernels()
+    wrong = self_check(decode, cast)
+    for name, fraction in wrong.items():
+        print(f"Warning: fast/fp8.py's Triton {name} agrees with its PyTorch version on only {fraction:.1%} of values "
+              f"on this GPU; using the (slower) PyTorch version", file=sys.stderr)
+    return Kernels(decode_4bit=decode_4bit if "decode_4bit" in wrong else decode,
+                   cast_rows=cast_rows if "cast_rows" in wrong else cast,
+                   cast_weight=compiled(cast_weight), nested_absmax=compiled(nested_absmax))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn: Callable) -> Callable:
+    """One torch.compile wrapper per function for the whole process, so that models sped up one after the other
+    share its compiled kernels instead of compiling them again."""
+    return torch.compile(fn)
 
 
 def self_check(decode, cast, device: str = "cuda", shape: Tuple[int, int] = (192, 256)) -> dict:
-    """{kernel name: fraction of float8 values equal} for the Triton kernels that differ from _PLAIN's on a random
+    """{kernel name: fraction of float8 values equal} for the Triton kernels that differ from the plain ones on a random
     input on `device`; {} when all agree. Triton's fp32 division may differ from PyTorch's in the last bit,
     which can tip a rare rounding tie, hence a threshold rather than equality."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -220,10 +232,10 @@ def self_check(decode, cast, device: str = "cuda", shape: Tuple[int, int] = (192
     code = torch.linspace(-1, 1, 16, device=device)
     x = torch.randn(64, k, device=device, generator=gen, dtype=torch.bfloat16)
     x[1] *= 1000
-    pairs = [("cast_rows", cast(x)[0], _PLAIN["cast_rows"](x)[0])]
+    pairs = [("cast_rows", cast(x)[0], cast_rows(x)[0])]
     for transpose in (False, True):
         pairs.append(("decode_4bit", decode(packed, absmax, code, shape, transpose)[0],
-                      _PLAIN["decode_4bit"](packed, absmax, code, shape, transpose)[0]))
+                      decode_4bit(packed, absmax, code, shape, transpose)[0]))
     wrong = {}
     for name, got, want in pairs:
         fraction = (got.float() == want.float()).float().mean().item() if got.shape == want.shape else 0.0
@@ -232,24 +244,26 @@ def self_check(decode, cast, device: str = "cuda", shape: Tuple[int, int] = (192
     return wrong
 
 
-def weight_fp8(base: nn.Module, transpose: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def weight_fp8(base: nn.Module, transpose: bool, kernels: Kernels = PLAIN) -> Tuple[torch.Tensor, torch.Tensor]:
     """The frozen weight of `base` (a plain or bitsandbytes 4-bit linear) in float8 with its scalar scale."""
     if not is_4bit(base):
-        return cast_weight(base.weight, transpose)
+        return kernels.cast_weight(base.weight, transpose)
     state = base.weight.quant_state
     absmax = state.absmax
     if state.nested:
-        absmax = nested_absmax(absmax, state.state2.code, state.state2.absmax, state.offset, state.state2.blocksize)
+        absmax = kernels.nested_absmax(absmax, state.state2.code, state.state2.absmax, state.offset, state.state2.blocksize)
     scale = getattr(state, "fp8_scale", None)
     if scale is None:  # frozen weight: computed once (two fewer kernels in each of the step's decodes)
         scale = state.fp8_scale = weight_scale(absmax)
-    return decode_4bit(base.weight, absmax, state.code, (base.out_features, base.in_features), transpose, scale)
+    return kernels.decode_4bit(base.weight, absmax, state.code, (base.out_features, base.in_features), transpose,
+                               scale)
 
 
-def scaled_mm(a: torch.Tensor, b8: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def scaled_mm(a: torch.Tensor, b8: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,
+              kernels: Kernels = PLAIN) -> torch.Tensor:
     """a (M, K) @ (b8 * b_scale)^T for b8 (N, K) float8 and a scalar or (1, N) b_scale: a is cast per row, the
     product comes out in `out_dtype`."""
-    a8, a_scale = cast_rows(a)
+    a8, a_scale = kernels.cast_rows(a)
     return torch._scaled_mm(a8, b8.t(), scale_a=a_scale, scale_b=column_scales(b_scale, b8.shape[0]),
                             out_dtype=out_dtype)
 
@@ -259,10 +273,10 @@ def column_scales(scale: torch.Tensor, n: int) -> torch.Tensor:
     return scale if scale.dim() == 2 else scale.reshape(1, 1).expand(1, n).contiguous()
 
 
-def base_fp8(base: nn.Module, transpose: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def base_fp8(base: nn.Module, transpose: bool, kernels: Kernels = PLAIN) -> Tuple[torch.Tensor, torch.Tensor]:
     """weight_fp8 with the scale already as scaled_mm's (1, N) row; a frozen 4-bit weight's is made once and kept
     on its quant_state (one fewer kernel per matmul)."""
-    w8, scale = weight_fp8(base, transpose)
+    w8, scale = weight_fp8(base, transpose, kernels)
     if not is_4bit(base):
         return w8, scale
     state = base.weight.quant_state
@@ -273,14 +287,14 @@ def base_fp8(base: nn.Module, transpose: bool) -> Tuple[torch.Tensor, torch.Tens
     return w8, state.fp8_columns[transpose]
 
 
-def linear(x2: torch.Tensor, base: nn.Module) -> torch.Tensor:
+def linear(x2: torch.Tensor, base: nn.Module, kernels: Kernels = PLAIN) -> torch.Tensor:
     """x2 (M, in) @ W^T (+ bias) with the base weight in FP8: the forward (and recomputed) base matmul."""
-    w8, scale = base_fp8(base, transpose=False)
-    y = scaled_mm(x2, w8, scale, x2.dtype)
+    w8, scale = base_fp8(base, False, kernels)
+    y = scaled_mm(x2, w8, scale, x2.dtype, kernels)
     return y if base.bias is None else y.add_(base.bias.to(y.dtype))
 
 
-def input_grad(dy2: torch.Tensor, base: nn.Module) -> torch.Tensor:
+def input_grad(dy2: torch.Tensor, base: nn.Module, kernels: Kernels = PLAIN) -> torch.Tensor:
     """dy2 (M, out) @ W with the base weight in FP8: the backward pass's base matmul."""
-    w8t, scale = base_fp8(base, transpose=True)  # (in, out): rows are contracted, as _scaled_mm wants
-    return scaled_mm(dy2, w8t, scale, dy2.dtype)
+    w8t, scale = base_fp8(base, True, kernels)  # (in, out): rows are contracted, as _scaled_mm wants
+    return scaled_mm(dy2, w8t, scale, dy2.dtype, kernels)

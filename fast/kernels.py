@@ -1,11 +1,13 @@
-"""Triton kernels for lora.py's gated MLP (lora_gated_mlp): SwiGLU with the gate and up adapters added inside.
+"""Triton kernels for the fast path's gated MLP (fast/lora.py, lora_gated_mlp): SwiGLU with the gate and up adapters
+added inside.
 
 Each kernel reads its (tokens, intermediate) inputs once and writes its outputs once; the adapters' rank-r products
-are computed per tile on the tensor cores, and the sums are rounded to the input dtype where lora.swiglu_lora (the
-plain PyTorch version, the reference) rounds them. lora.compile_kernels swaps them in on a GPU after checking them
-against the plain versions; the tests run them in fp16 under Triton's CPU interpreter (TRITON_INTERPRET=1; Triton
-3.5's interpreter gets bf16 dots wrong and rounds to bf16 by truncation). Imported only there, so that machines
-without Triton never need it.
+are computed per tile on the tensor cores, and the sums are rounded to the input dtype where fast.lora.swiglu_lora
+(the plain PyTorch version, the reference) rounds them. fast.speed_up uses them on a GPU after checking them against
+the plain versions (fast.lora.checked_triton_kernels); the tests run them in fp16 under Triton's CPU interpreter
+(TRITON_INTERPRET=1; Triton 3.5's interpreter gets bf16 dots wrong and rounds to bf16 by truncation). Imported only
+there, so that machines without Triton never need it. This file imports nothing of the project's: the caller checks
+that the kernels take its inputs (fast.lora.kernels_take).
 """
 
 import os
@@ -13,8 +15,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-import lora
 
 TILE = (32, 128)  # (rows, columns) per program, 4 warps: with (16, 256) the fastest of the shapes that
 #                   benchmarks/gpu_lora_kernels.py times, on an H100 for Mistral-7B's MLP
@@ -26,7 +26,7 @@ def add_low_rank(x, s, h, B, stride_bn, stride_br, rows, cols, M, N, R: tl.const
     # x + s h B^T on a tile of fp32 x: h (M, R) contiguous, element (n, r) of B at B + n * stride_bn + r * stride_br,
     # the rank padded with zeros to RP (a power of two >= 16, what tl.dot takes). The tensor cores accumulate the
     # product onto x / s: adding it after the dot instead (a layout conversion between the two) made the kernels
-    # 3-31% slower on an H100 (docs/speed/h100_2026-11-24_f.md). The fp32 division and multiplication round far
+    # slower on an H100 (docs/speed/h100_2026-11-24_f.md). The fp32 division and multiplication round far
     # below the bf16 result.
     r = tl.arange(0, RP)
     ht = tl.load(h + rows[:, None] * R + r[None, :], mask=(rows[:, None] < M) & (r[None, :] < R), other=0.0)
@@ -79,35 +79,36 @@ def padded(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def grid(g: torch.Tensor):
-    return triton.cdiv(g.shape[0], TILE[0]), triton.cdiv(g.shape[1], TILE[1])
+def grid(g: torch.Tensor, tile):
+    return triton.cdiv(g.shape[0], tile[0]), triton.cdiv(g.shape[1], tile[1])
 
 
-def supported(g: torch.Tensor, h_g: torch.Tensor, h_u: torch.Tensor, s_g: float, s_u: float) -> bool:
-    """On a GPU (or the interpreter) and what lora.kernels_take accepts; else the plain version runs."""
-    return (g.is_cuda or INTERPRET) and lora.kernels_take(g.dtype, h_g.shape[1], h_u.shape[1], s_g, s_u)
+def check(g: torch.Tensor, h_g: torch.Tensor, h_u: torch.Tensor, s_g: float, s_u: float) -> None:
+    if (not (g.is_cuda or INTERPRET) or g.dtype not in (torch.bfloat16, torch.float16) or h_g.shape[1] != h_u.shape[1]
+            or s_g == 0 or s_u == 0):
+        raise ValueError(f"the Triton SwiGLU kernels take bf16 or fp16 on a GPU, one LoRA rank and scalings other than "
+                         f"0, not {g.dtype} on {g.device}, ranks {h_g.shape[1]} and {h_u.shape[1]}, scalings {s_g} "
+                         f"and {s_u} (fast.lora.kernels_take tells before the call)")
 
 
-def swiglu_lora(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float) -> torch.Tensor:
-    """lora.swiglu_lora in one kernel."""
-    if not supported(g, h_g, h_u, s_g, s_u):
-        return lora._PLAIN["swiglu_lora"](g, u, h_g, B_g, s_g, h_u, B_u, s_u)
+def swiglu_lora(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float, tile=TILE) -> torch.Tensor:
+    """fast.lora.swiglu_lora in one kernel (programs of `tile` rows x columns)."""
+    check(g, h_g, h_u, s_g, s_u)
     g, u, h_g, B_g, h_u, B_u = (t.contiguous() for t in (g, u, h_g, B_g, h_u, B_u))
     out = torch.empty_like(g)
     R = h_g.shape[1]
-    forward_kernel[grid(g)](g, u, h_g, B_g, s_g, h_u, B_u, s_u, out, g.shape[0], g.shape[1], R=R, RP=padded(R),
-                            BM=TILE[0], BN=TILE[1], num_warps=4)
+    forward_kernel[grid(g, tile)](g, u, h_g, B_g, s_g, h_u, B_u, s_u, out, g.shape[0], g.shape[1], R=R,
+                                  RP=padded(R), BM=tile[0], BN=tile[1], num_warps=4)
     return out
 
 
-def swiglu_lora_backward(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float, d, dh, A, need_act: bool):
-    """lora.swiglu_lora_backward in one kernel; the SwiGLU product (need_act) is written over d."""
-    if not supported(g, h_g, h_u, s_g, s_u):
-        return lora._PLAIN["swiglu_lora_backward"](g, u, h_g, B_g, s_g, h_u, B_u, s_u, d, dh, A, need_act)
+def swiglu_lora_backward(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float, d, dh, A, need_act: bool, tile=TILE):
+    """fast.lora.swiglu_lora_backward in one kernel; the SwiGLU product (need_act) is written over d."""
+    check(g, h_g, h_u, s_g, s_u)
     g, u, h_g, B_g, h_u, B_u, d, dh, A = (t.contiguous() for t in (g, u, h_g, B_g, h_u, B_u, d, dh, A))
     d_gate, d_up = torch.empty_like(g), torch.empty_like(u)
     R, R2 = h_g.shape[1], dh.shape[1]
-    backward_kernel[grid(g)](g, u, h_g, B_g, s_g, h_u, B_u, s_u, d, dh, A, d_gate, d_up, g.shape[0], g.shape[1],
-                             R=R, RP=padded(R), R2=R2, RP2=padded(R2), WRITE_ACT=need_act, BM=TILE[0], BN=TILE[1],
-                             num_warps=4)
+    backward_kernel[grid(g, tile)](g, u, h_g, B_g, s_g, h_u, B_u, s_u, d, dh, A, d_gate, d_up, g.shape[0],
+                                   g.shape[1], R=R, RP=padded(R), R2=R2, RP2=padded(R2), WRITE_ACT=need_act,
+                                   BM=tile[0], BN=tile[1], num_warps=4)
     return d_gate, d_up, (d if need_act else None)

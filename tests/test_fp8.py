@@ -1,6 +1,6 @@
-"""FP8 base matmuls (fp8.py, finetune/lora.py --fp8): the 4-bit decode equals bitsandbytes' dequantization rounded to
-float8, the fused LoRA layer computes exactly the FP8-rounded math in forward and backward, and a model's loss and
-gradients stay near the bf16 path's. On a CPU torch._scaled_mm computes the same math as on the GPU
+"""FP8 base matmuls (fast/fp8.py, fast.speed_up(model, fp8=...), finetune/lora.py --fp8): the 4-bit decode equals
+bitsandbytes' dequantization rounded to float8, the fused LoRA layer computes exactly the FP8-rounded math in forward
+and backward, and a model's loss and gradients stay near the bf16 fast path's. On a CPU torch._scaled_mm computes the same math as on the GPU
 (tests/gpu/check_fused.py compares the GPU's kernels)."""
 
 import copy
@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fp8
+import fast
+from fast import fp8
 from lora import LoRAConfig, LoRALinear, inject_lora
 from model import GPT, Config
 
@@ -86,13 +87,10 @@ def test_fp8_lora_layer_computes_the_fp8_rounded_math(mode, bias, fp8_mode):
     nn.init.normal_(layer.lora_B, std=0.3)
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
     weights = torch.linspace(-1, 1, 96)
-    LoRALinear.fp8_matmul = fp8_mode
-    try:
-        assert layer.fp8_mode == fp8_mode
-        y = layer(x)
-        (y.float() * weights).sum().backward()
-    finally:
-        LoRALinear.fp8_matmul = None
+    fast.speed_up(layer, fp8=fp8_mode)
+    assert layer.fp8_mode == fp8_mode
+    y = layer(x)
+    (y.float() * weights).sum().backward()
 
     W = dequantized_fp32(base) if mode else base.weight.float()
     w_scale = W.abs().amax() / fp8.E4M3_MAX
@@ -121,12 +119,8 @@ def test_fp8_lora_layer_computes_the_fp8_rounded_math(mode, bias, fp8_mode):
 
 
 def test_odd_shapes_keep_bf16():
-    layer = LoRALinear(nn.Linear(24, 40), r=2, alpha=2.0)
-    LoRALinear.fp8_matmul = "all"
-    try:
-        assert layer.fp8_mode is None and "multiple of 16" in fp8.supported(layer.base)
-    finally:
-        LoRALinear.fp8_matmul = None
+    layer = fast.speed_up(LoRALinear(nn.Linear(24, 40), r=2, alpha=2.0), fp8="all")
+    assert layer.fp8_matmuls == "all" and layer.fp8_mode is None and "multiple of 16" in fp8.supported(layer.base)
 
 
 @pytest.mark.parametrize("fp8_mode", ["all", "grad"])
@@ -149,14 +143,11 @@ def test_fp8_model_loss_and_grads_near_bf16_path(fp8_mode):
     idx = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
 
     def run(mode):
-        LoRALinear.fp8_matmul = mode
-        try:
-            model.zero_grad(set_to_none=True)
-            logits = model(idx[:, :-1])
-            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
-            loss.backward()
-        finally:
-            LoRALinear.fp8_matmul = None
+        fast.speed_up(model, fp8=mode)  # again for each mode: new settings for the same model
+        model.zero_grad(set_to_none=True)
+        logits = model(idx[:, :-1])
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
         return loss.item(), [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
 
     (loss_bf16, g_bf16), (loss_fp8, g_fp8) = run(None), run(fp8_mode)
@@ -208,9 +199,10 @@ def check_triton_kernels():
     assert torch.equal(scales, expected_scales) and same(x8, expected, x.float() / expected_scales)
 
 
-def test_self_check_finds_a_wrong_kernel_and_compile_kernels_keeps_the_plain_one(monkeypatch, capsys):
-    """compile_kernels only swaps in a Triton kernel that agrees with its PyTorch version on this device: a decode
-    that gets every other value wrong (as a bad bitcast did on an H100) is refused with a warning."""
+def test_self_check_finds_a_wrong_kernel_and_gpu_kernels_keeps_the_plain_one(monkeypatch, capsys):
+    """gpu_kernels only takes a Triton kernel that agrees with its PyTorch version on this device: a decode that gets
+    every other value wrong (as a bad bitcast did on an H100) is refused with a warning, a cast that agrees is
+    taken. The plain kernels, and so every other model's, stay as they were."""
     def bad_decode(packed, absmax, code, shape, transpose):
         w8, scale = fp8.decode_4bit(packed, absmax, code, shape, transpose)
         w = w8.float()
@@ -220,13 +212,14 @@ def test_self_check_finds_a_wrong_kernel_and_compile_kernels_keeps_the_plain_one
     assert fp8.self_check(fp8.decode_4bit, fp8.cast_rows, device="cpu") == {}
     wrong = fp8.self_check(bad_decode, fp8.cast_rows, device="cpu")
     assert list(wrong) == ["decode_4bit"] and 0.4 < wrong["decode_4bit"] < 0.6
+    def good_cast(x):
+        return fp8.cast_rows(x)
+
     real_check = fp8.self_check
-    monkeypatch.setattr(fp8, "triton_kernels", lambda: (bad_decode, fp8._PLAIN["cast_rows"]))
+    monkeypatch.setattr(fp8, "triton_kernels", lambda: (bad_decode, good_cast))
     monkeypatch.setattr(fp8, "self_check", lambda decode, cast: real_check(decode, cast, device="cpu"))
-    try:
-        fp8.compile_kernels()
-        assert fp8.decode_4bit is fp8._PLAIN["decode_4bit"]
-        assert "Triton decode_4bit agrees with its PyTorch version on only" in capsys.readouterr().err
-    finally:
-        fp8.compile_kernels(False)
-    assert fp8.cast_weight is fp8._PLAIN["cast_weight"]
+    kernels = fp8.gpu_kernels()
+    assert kernels.decode_4bit is fp8.decode_4bit and kernels.cast_rows is good_cast
+    assert kernels.cast_weight is not fp8.cast_weight  # compiled
+    assert "Triton decode_4bit agrees with its PyTorch version on only" in capsys.readouterr().err
+    assert fp8.PLAIN == fp8.Kernels() and fp8.PLAIN.cast_rows is fp8.cast_rows

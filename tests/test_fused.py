@@ -1,8 +1,13 @@
-"""The speed paths of training give the same loss and gradients as the plain path: lora.LoRAMatmul (plain and 4-bit
-bases, q/k/v parts, bias), model.compile_elementwise (compiled RMSNorm/RoPE/SwiGLU), checkpointing of the first N
-blocks, and the fixed-shape loss that CUDA graphs replay (finetune/lora.py --cuda_graph; the graph itself is checked
-on the GPU by tests/gpu/check_fused.py)."""
+"""The fast path (fast.speed_up) gives the plain path's loss and gradients: the fused LoRA matmuls (plain and 4-bit
+bases, q/k/v parts, bias), the fused gated MLP and its Triton kernels, the compiled RMSNorm/RoPE/SwiGLU, checkpointing
+of the first N blocks, and the fixed-shape loss that CUDA graphs replay (finetune/lora.py --cuda_graph; the graph
+itself is checked on the GPU by tests/gpu/check_fused.py). Each comparison is one model sped up against the untouched
+plain model (or module) with the same weights. And the fast layer's contract: the same state_dict keys, no import
+cycles, a plain model without a fast module, and a fast and a plain model in one process that do not affect each
+other."""
 
+import ast
+import copy
 import math
 import os
 import subprocess
@@ -13,15 +18,21 @@ import pytest
 import torch
 import torch.nn as nn
 
-import lora
+import fast
 import model as model_module
+from data import IGNORE, collate, load_split, make_examples, pack
+from fast import lora as fast_lora
+from fast.lora import FusedLoRALinear, LoRAMatmul
+from fast.memory import chunked_cross_entropy, enable_activation_checkpointing
 from finetune import lora as ft
-from lora import LoRAConfig, LoRALinear, LoRAMatmul, inject_lora, qkv_parts
+from lora import (LoRAConfig, LoRALinear, inject_lora, load_adapter, lora_state_dict, qkv_parts,
+                  save_adapter)
 from model import GPT, Config
 from tiny_data import make_samples, write_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(name="tiny", block_size=64, vocab_size=61, n_layer=3, n_head=4, n_query_groups=2, n_embd=32,
               intermediate_size=48)
 
@@ -33,13 +44,19 @@ def lora_layer(base, parts=None, seed=0):
     return layer
 
 
-def grads_of(layer, x, fused: bool):
-    """Output and gradients through the fused LoRAMatmul or the generic base(x) + lora_delta(x)."""
+def grads_of(layer, x):
+    """Output and gradients of `layer` (plain or sped up) for x."""
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(x.requires_grad)
-    y = layer(x) if fused else layer.base(x) + layer.lora_delta(x)
+    y = layer(x)
     (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
     return y.detach(), (x.grad if x.requires_grad else None), layer.lora_A.grad, layer.lora_B.grad
+
+
+def fast_and_plain(layer, **settings):
+    """(the layer sped up, an untouched plain copy with the same weights)."""
+    plain = copy.deepcopy(layer)
+    return fast.speed_up(layer, **settings), plain
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -47,27 +64,26 @@ def grads_of(layer, x, fused: bool):
 def test_lora_matmul_matches_generic_path(bias, targets):
     config = Config(**CONFIG)
     base = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_query_groups) * config.head_size, bias=bias)
-    layer = lora_layer(base.requires_grad_(False), qkv_parts(config, targets))
+    layer, plain = fast_and_plain(lora_layer(base.requires_grad_(False), qkv_parts(config, targets)))
+    assert isinstance(layer, FusedLoRALinear) and type(plain) is LoRALinear
     x = torch.randn(2, 7, config.n_embd, requires_grad=True)
-    fused, plain = grads_of(layer, x, True), grads_of(layer, x, False)
-    for a, b, name in zip(fused, plain, ("y", "dx", "dA", "dB")):
+    fused, reference = grads_of(layer, x), grads_of(plain, x)
+    for a, b, name in zip(fused, reference, ("y", "dx", "dA", "dB")):
         torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
     assert fused[3].dtype == torch.float32 and fused[2].dtype == torch.float32  # master weights' grads stay fp32
 
 
 def test_lora_matmul_without_input_grad_skips_dx(monkeypatch):
-    import lora
-
-    layer = lora_layer(nn.Linear(16, 24, bias=False).requires_grad_(False))
+    layer, plain = fast_and_plain(lora_layer(nn.Linear(16, 24, bias=False).requires_grad_(False)))
     x = torch.randn(3, 16)  # like the first block's input: no gradient wanted
     calls = []
-    original = lora.base_weight
-    monkeypatch.setattr(lora, "base_weight", lambda *a: calls.append(1) or original(*a))
-    fused = grads_of(layer, x, True)
+    original = fast_lora.base_weight
+    monkeypatch.setattr(fast_lora, "base_weight", lambda *a: calls.append(1) or original(*a))
+    fused = grads_of(layer, x)
     assert len(calls) == 1  # forward only: the backward's base matmul (and 4-bit dequantization) is skipped
-    plain = grads_of(layer, x, False)
+    reference = grads_of(plain, x)
     assert fused[1] is None
-    for a, b in zip(fused[2:], plain[2:]):
+    for a, b in zip(fused[2:], reference[2:]):
         torch.testing.assert_close(a, b)
 
 
@@ -80,10 +96,10 @@ def test_lora_matmul_on_4bit_base_matches_bitsandbytes_path():
     base = quantized_layer(dense, "bnb.nf4", torch.float32)
     base.weight = quantized_weight(base, dense.weight.detach(), "cpu")
     assert isinstance(base, bnb.nn.Linear4bit)
-    layer = lora_layer(base)
+    layer, plain = fast_and_plain(lora_layer(base))
     x = torch.randn(2, 5, 64, requires_grad=True)
-    fused, plain = grads_of(layer, x, True), grads_of(layer, x, False)  # plain = bitsandbytes' own 4-bit matmul
-    for a, b, name in zip(fused, plain, ("y", "dx", "dA", "dB")):
+    fused, reference = grads_of(layer, x), grads_of(plain, x)  # plain = bitsandbytes' own 4-bit matmul
+    for a, b, name in zip(fused, reference, ("y", "dx", "dA", "dB")):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
 
 
@@ -91,7 +107,7 @@ def test_swiglu_backward_matches_autograd():
     torch.manual_seed(0)
     g, u, d = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
     model_module.swiglu(g, u).backward(d)
-    dg, du = model_module.swiglu_backward(g.detach(), u.detach(), d)
+    dg, du = fast_lora.swiglu_backward(g.detach(), u.detach(), d)
     torch.testing.assert_close(dg, g.grad)
     torch.testing.assert_close(du, u.grad)
 
@@ -108,22 +124,22 @@ def test_swiglu_down_projection_matches_generic_path(quantized):
 
         base = quantized_layer(dense, "bnb.nf4", torch.float32)
         base.weight = quantized_weight(base, dense.weight.detach(), "cpu")
-    layer = lora_layer(base)
+    layer, plain = fast_and_plain(lora_layer(base))
     g0, u0 = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
     results = []
-    for fused in (True, False):
-        layer.zero_grad(set_to_none=True)
+    for m in (layer, plain):
+        m.zero_grad(set_to_none=True)
         g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
-        y = layer.swiglu_forward(g, u) if fused else layer.base(model_module.swiglu(g, u)) + layer.lora_delta(
-            model_module.swiglu(g, u))
+        y = m.swiglu_forward(g, u) if m is layer else m(model_module.swiglu(g, u))
         (y * torch.linspace(-1, 1, 32)).sum().backward()
-        results.append((y.detach(), g.grad, u.grad, layer.lora_A.grad, layer.lora_B.grad))
+        results.append((y.detach(), g.grad, u.grad, m.lora_A.grad, m.lora_B.grad))
     for a, b, name in zip(*results, ("y", "d gate", "d up", "dA", "dB")):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
 
 
 def gated_mlp(quantized=False, bias=False, dtype=torch.float32):
-    """model.MLP with LoRA on gate, up and down, each with its own rank and alpha (a mixed-up scaling shows)."""
+    """(model.MLP with LoRA on gate, up and down, each with its own rank and alpha (a mixed-up scaling shows), the
+    RMSNorm before it), plain."""
     c = Config(**{**CONFIG, "bias": bias})
     torch.manual_seed(0)
     mlp = model_module.MLP(c).to(dtype)
@@ -143,23 +159,23 @@ def gated_mlp(quantized=False, bias=False, dtype=torch.float32):
     return mlp, model_module.RMSNorm(c.n_embd, eps=1e-5).to(dtype)
 
 
-def run_mlp(mlp, norm, x0, **switches):
-    """(output, input gradient, the six adapter gradients) and whether lora_gated_mlp ran, with LoRALinear's
-    class-wide switches set for the call."""
-    calls, original = [], lora.SwiGLULoRADown.apply
-    saved = {k: getattr(LoRALinear, k) for k in switches}
-    for k, v in switches.items():
-        setattr(LoRALinear, k, v)
-    lora.SwiGLULoRADown.apply = lambda *args: calls.append(1) or original(*args)
+def fast_mlp(mlp, norm, **settings):
+    """A sped-up copy of the MLP and its norm (the originals stay plain)."""
+    mlp, norm = copy.deepcopy(mlp), copy.deepcopy(norm)
+    return fast.speed_up(mlp, **settings), fast.speed_up(norm, **settings)
+
+
+def run_mlp(mlp, norm, x0):
+    """(output, input gradient, the six adapter gradients) and whether lora_gated_mlp ran."""
+    calls, original = [], fast_lora.SwiGLULoRADown.apply
+    fast_lora.SwiGLULoRADown.apply = lambda *args: calls.append(1) or original(*args)
     try:
         mlp.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_()
         y = mlp(norm(x))
         (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
     finally:
-        lora.SwiGLULoRADown.apply = original
-        for k, v in saved.items():
-            setattr(LoRALinear, k, v)
+        fast_lora.SwiGLULoRADown.apply = original
     layers = (mlp.fc_1, mlp.fc_2, mlp.proj)
     return (y.detach(), x.grad, *(p.grad for m in layers for p in (m.lora_A, m.lora_B))), bool(calls)
 
@@ -171,13 +187,13 @@ GRAD_NAMES = ("y", "dx", "gate dA", "gate dB", "up dA", "up dB", "down dA", "dow
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gated_mlp_matches_generic_path(quantized, recompute, bias):
-    """lora_gated_mlp (gate, up, SwiGLU and down with the adapters added inside the SwiGLU kernels) against the generic
-    path of the same three layers: same output and gradients for the input and all six adapter matrices, with the
-    MLP's input an RMSNorm output (recomputed from the norm's input unless recompute=False)."""
+    """lora_gated_mlp (gate, up, SwiGLU and down with the adapters added inside the SwiGLU kernels) against the plain
+    MLP: same output and gradients for the input and all six adapter matrices, with the MLP's input an RMSNorm
+    output (recomputed from the norm's input unless recompute=False)."""
     mlp, norm = gated_mlp(quantized, bias)
     x0 = torch.randn(2, 7, mlp.fc_1.in_features)
-    fused, took = run_mlp(mlp, norm, x0, recompute_inputs=recompute)
-    plain, took_plain = run_mlp(mlp, norm, x0, fused_matmul=False)
+    fused, took = run_mlp(*fast_mlp(mlp, norm, recompute_inputs=recompute), x0)
+    plain, took_plain = run_mlp(mlp, norm, x0)
     assert took and not took_plain
     for a, b, name in zip(fused, plain, GRAD_NAMES):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
@@ -189,8 +205,8 @@ def test_gated_mlp_in_fp8_matches_the_unfused_mlp(fp8_mode):
     give, within bf16 rounding: the same FP8 matmuls, the adapters added in another place."""
     mlp, norm = gated_mlp(dtype=torch.bfloat16)
     x0 = torch.randn(2, 7, mlp.fc_1.in_features, dtype=torch.bfloat16)
-    fused, took = run_mlp(mlp, norm, x0, fp8_matmul=fp8_mode)
-    unfused, took_unfused = run_mlp(mlp, norm, x0, fp8_matmul=fp8_mode, fused_mlp=False)
+    fused, took = run_mlp(*fast_mlp(mlp, norm, fp8=fp8_mode), x0)
+    unfused, took_unfused = run_mlp(*fast_mlp(mlp, norm, fp8=fp8_mode, fused_mlp=False), x0)
     assert took and not took_unfused
     for a, b, name in zip(fused, unfused, GRAD_NAMES):
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -198,7 +214,7 @@ def test_gated_mlp_in_fp8_matches_the_unfused_mlp(fp8_mode):
 
 
 def test_gated_mlp_is_refused_where_it_does_not_apply():
-    mlp, norm = gated_mlp()
+    mlp, norm = fast_mlp(*gated_mlp())
     x0 = torch.randn(2, 7, mlp.fc_1.in_features)
     assert run_mlp(mlp, norm, x0)[1]
     mlp.fc_2.dropout = nn.Dropout(0.1)  # dropout takes the generic path
@@ -207,26 +223,25 @@ def test_gated_mlp_is_refused_where_it_does_not_apply():
     mlp.fc_1.merge()
     assert not run_mlp(mlp, norm, x0)[1]
     mlp.fc_1.unmerge()
-    calls, original = [], lora.SwiGLULoRADown.apply
-    lora.SwiGLULoRADown.apply = lambda *args: calls.append(1) or original(*args)
+    calls, original = [], fast_lora.SwiGLULoRADown.apply
+    fast_lora.SwiGLULoRADown.apply = lambda *args: calls.append(1) or original(*args)
     try:
         with torch.no_grad():  # inference keeps the base layers' own kernels
             mlp(norm(x0))
         c = Config(**CONFIG)
         model = GPT(c)
         inject_lora(model, LoRAConfig(r=4, targets=("down",)))  # no adapters on gate and up
-        model(torch.randint(0, c.vocab_size, (1, 8))).sum().backward()
+        fast.speed_up(model)(torch.randint(0, c.vocab_size, (1, 8))).sum().backward()
     finally:
-        lora.SwiGLULoRADown.apply = original
+        fast_lora.SwiGLULoRADown.apply = original
     assert calls == [] and model.blocks[0].mlp.proj.lora_A.grad is not None
 
 
 def test_swiglu_lora_triton_kernels_match_the_plain_math():
-    """lora.py's Triton SwiGLU kernels, run by Triton's CPU interpreter (a fresh process: the interpreter must be on
-    before triton is imported), against the plain PyTorch versions."""
+    """fast/kernels.py's Triton SwiGLU kernels, run by Triton's CPU interpreter (a fresh process: the interpreter must
+    be on before triton is imported), against the plain PyTorch versions."""
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     done = subprocess.run([sys.executable, "-c", "import test_fused; test_fused.check_swiglu_lora_kernels()"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -238,7 +253,7 @@ def check_swiglu_lora_kernels():
     truncation (the GPU rounds to nearest; tests/gpu/check_fused.py compares bf16 there). Each value within two
     fp16 steps (the plain forward rounds silu(gate) before multiplying, the kernel does not); the gradients, computed
     in fp32 by both, nearly all equal."""
-    forward, backward = lora.triton_kernels()
+    forward, backward = fast_lora.triton_kernels()
     gen = torch.Generator().manual_seed(0)
     M, N, r, r2 = 70, 200, 12, 8
 
@@ -255,8 +270,8 @@ def check_swiglu_lora_kernels():
         assert got.shape == want.shape and bool(((got - want).abs() <= steps).all()), name
         assert (got == want).float().mean() >= equal, name
 
-    close(forward(*args), lora._PLAIN["swiglu_lora"](*args), "forward")
-    expected = lora._PLAIN["swiglu_lora_backward"](*args, d, dh, A, True)
+    close(forward(*args), fast_lora.swiglu_lora(*args), "forward")
+    expected = fast_lora.swiglu_lora_backward(*args, d, dh, A, True)
     d_over = d.clone()
     got = backward(*args, d_over, dh, A, True)
     assert got[2].data_ptr() == d_over.data_ptr()  # the product went over d: no extra (M, N) tensor
@@ -266,28 +281,34 @@ def check_swiglu_lora_kernels():
     got = backward(*args, d_kept, dh, A, False)
     assert got[2] is None and torch.equal(d_kept, d)
     close(got[0], expected[0], "d gate without act", equal=0.99)
+    with pytest.raises(ValueError, match="scalings other than 0"):  # what kernels_take refuses, the kernels refuse
+        forward(g, u, h_g, B_g, 0.0, h_u, B_u, 2.0)
 
 
-def test_self_check_finds_a_wrong_swiglu_kernel_and_compile_kernels_keeps_the_plain_one(monkeypatch, capsys):
-    """A forward kernel that drops the up projection's adapter is refused with a warning."""
+def test_self_check_finds_a_wrong_swiglu_kernel_and_the_plain_one_is_kept(monkeypatch, capsys):
+    """A forward kernel that drops the up projection's adapter is refused with a warning, and so are kernels that
+    fail to run; kernels that agree are taken."""
     def bad_forward(g, u, h_g, B_g, s_g, h_u, B_u, s_u):
-        return lora._PLAIN["swiglu_lora"](g, u, h_g, B_g, s_g, h_u, B_u, 0.0)
+        return fast_lora.swiglu_lora(g, u, h_g, B_g, s_g, h_u, B_u, 0.0)
 
-    plain = (lora._PLAIN["swiglu_lora"], lora._PLAIN["swiglu_lora_backward"])
-    assert lora.self_check(*plain, device="cpu") == 0
-    assert lora.self_check(bad_forward, plain[1], device="cpu") > 0.1
-    real_check = lora.self_check
-    monkeypatch.setattr(lora, "triton_kernels", lambda: (bad_forward, plain[1]))
-    monkeypatch.setattr(lora, "self_check", lambda f, b, rank: real_check(f, b, device="cpu", rank=rank))
-    try:
-        lora.compile_kernels()
-        assert lora.swiglu_lora is plain[0]
-        assert "lora.py's Triton SwiGLU kernels differ from the PyTorch versions" in capsys.readouterr().err
-        monkeypatch.setattr(lora, "triton_kernels", lambda: 1 / 0)  # e.g. no Triton for this GPU
-        lora.compile_kernels()
-        assert lora.swiglu_lora is plain[0] and "did not run on this GPU (ZeroDivisionError" in capsys.readouterr().err
-    finally:
-        lora.compile_kernels(False)
+    def good_forward(*args):
+        return fast_lora.swiglu_lora(*args)
+
+    plain = (fast_lora.swiglu_lora, fast_lora.swiglu_lora_backward)
+    assert fast_lora.self_check(*plain, device="cpu") == 0
+    assert fast_lora.self_check(bad_forward, plain[1], device="cpu") > 0.1
+    real_check = fast_lora.self_check
+    monkeypatch.setattr(fast_lora, "self_check", lambda f, b, rank: real_check(f, b, device="cpu", rank=rank))
+    monkeypatch.setattr(fast_lora, "triton_kernels", lambda: (bad_forward, plain[1]))
+    kernels = fast_lora.choose_kernels(True, on_gpu=True, rank=16)  # as on a GPU
+    assert not kernels.triton_mlp and kernels.swiglu_lora.func is fast_lora.swiglu_lora
+    assert "Triton SwiGLU kernels differ from the PyTorch versions" in capsys.readouterr().err
+    monkeypatch.setattr(fast_lora, "triton_kernels", lambda: 1 / 0)  # e.g. no Triton for this GPU
+    assert fast_lora.checked_triton_kernels(rank=16) is None
+    assert "did not run on this GPU (ZeroDivisionError" in capsys.readouterr().err
+    monkeypatch.setattr(fast_lora, "triton_kernels", lambda: (good_forward, plain[1]))
+    kernels = fast_lora.choose_kernels(True, on_gpu=True, rank=16)
+    assert kernels.triton_mlp and kernels.swiglu_lora is good_forward and not capsys.readouterr().err
 
 
 def test_fused_path_is_taken_only_when_it_applies():
@@ -298,9 +319,11 @@ def test_fused_path_is_taken_only_when_it_applies():
         calls.append(1)
         return original(*args)
 
-    layer = lora_layer(nn.Linear(8, 8))
+    layer, plain = fast_and_plain(lora_layer(nn.Linear(8, 8)))
     LoRAMatmul.apply = spy
     try:
+        plain(torch.randn(2, 8))
+        assert calls == []  # a layer that was never sped up is the plain reference
         layer(torch.randn(2, 8))
         assert len(calls) == 1
         with torch.no_grad():  # inference keeps the base layer's own kernel (bnb's 4-bit matrix-vector product)
@@ -322,6 +345,16 @@ def backend():
     except Exception as e:  # no C++ compiler or Python headers
         print(f"inductor unavailable here ({type(e).__name__}); comparing through aot_eager")
         return "aot_eager"
+
+
+def fast_model(net, backend=None, **settings):
+    """fast.speed_up(net, **settings) with the compiled kernels through `backend` (None: the plain kernels). speed_up
+    itself compiles with inductor; another backend goes through the same conversion with kernels compiled by it."""
+    if backend in (None, "inductor"):
+        return fast.speed_up(net, kernels=backend is not None, **settings)
+    kernels = fast_lora.choose_kernels(True, on_gpu=False, backend=backend)
+    return fast_lora.convert(net, kernels, settings.get("fp8"), settings.get("recompute_inputs", True),
+                             settings.get("fused_mlp", True))
 
 
 def tiny_model(seed=0, dtype=torch.float32):
@@ -346,8 +379,8 @@ def loss_and_grads(model, batch, select_targets=True):
 def packed_batch(tmp_path_factory):
     path = tmp_path_factory.mktemp("fused") / "s.safetensors"
     write_split(path, make_samples(16, CONFIG["vocab_size"], seed=3))
-    ex = ft.make_examples(ft.load_split(path), max_seq_length=64)
-    rows = ft.pack(ex.lengths.tolist(), 48)
+    ex = make_examples(load_split(path), max_seq_length=64)
+    rows = pack(ex.lengths.tolist(), 48)
     return ex, rows
 
 
@@ -360,25 +393,24 @@ def assert_same(a, b, **tol):
 
 def test_compiled_elementwise_same_loss_and_grads(packed_batch, backend):
     ex, rows = packed_batch
-    batch = ft.collate(ex, rows[:2], packed=True, device="cpu")
-    model = tiny_model()
-    plain = loss_and_grads(model, batch)
-    model_module.compile_elementwise(backend=backend)
-    try:
-        assert model_module.rms_norm is not model_module._PLAIN["rms_norm"]
-        fused = loss_and_grads(model, batch)
-    finally:
-        model_module.compile_elementwise(False)
-    assert model_module.rms_norm is model_module._PLAIN["rms_norm"]
-    assert_same(plain, fused, rtol=1e-4, atol=5e-5)  # fp32, summed in another order
+    batch = collate(ex, rows[:2], packed=True, device="cpu")
+    plain = loss_and_grads(tiny_model(), batch)
+    eager = fast_model(tiny_model())
+    assert eager.blocks[0].norm_1.kernels.rms_norm is model_module.rms_norm
+    fast_eager = loss_and_grads(eager, batch)
+    compiled = fast_model(tiny_model(), backend)
+    assert compiled.blocks[0].norm_1.kernels.rms_norm is not model_module.rms_norm
+    fused = loss_and_grads(compiled, batch)
+    assert_same(plain, fast_eager, rtol=1e-4, atol=5e-5)  # fp32, summed in another order
+    assert_same(fast_eager, fused, rtol=1e-4, atol=5e-5)
 
 
 def test_checkpointing_first_blocks_same_loss_and_grads(packed_batch):
     ex, rows = packed_batch
-    batch = ft.collate(ex, rows[:2], packed=True, device="cpu")
+    batch = collate(ex, rows[:2], packed=True, device="cpu")
     reference = loss_and_grads(tiny_model(), batch)
     model = tiny_model()
-    ft.enable_activation_checkpointing(model, 2, preserve_rng_state=False)
+    enable_activation_checkpointing(model, 2, preserve_rng_state=False)
     assert [("forward" in b.__dict__) for b in model.blocks] == [True, True, False]
     assert_same(reference, loss_and_grads(model, batch))
 
@@ -391,10 +423,10 @@ def test_checkpointing_keeps_block_inputs_only_when_not_offloaded(packed_batch, 
     import weakref
 
     ex, rows = packed_batch
-    batch = ft.collate(ex, rows[:2], packed=True, device="cpu")
+    batch = collate(ex, rows[:2], packed=True, device="cpu")
     reference = loss_and_grads(tiny_model(), batch)
     model = tiny_model()
-    ft.enable_activation_checkpointing(model, preserve_rng_state=False, offload=offload)
+    enable_activation_checkpointing(model, preserve_rng_state=False, offload=offload)
     inputs = []
     for block in model.blocks:
         block.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))
@@ -412,9 +444,9 @@ def test_offloaded_checkpointing_refuses_a_second_forward_before_the_backward(pa
     instead of recomputing from the wrong input."""
     ex, rows = packed_batch
     model = tiny_model()
-    ft.enable_activation_checkpointing(model, preserve_rng_state=False, offload=True)
-    first, _ = ft.training_loss(model, ft.collate(ex, rows[:2], packed=True, device="cpu"))
-    ft.training_loss(model, ft.collate(ex, rows[2:4], packed=True, device="cpu"))
+    enable_activation_checkpointing(model, preserve_rng_state=False, offload=True)
+    first, _ = ft.training_loss(model, collate(ex, rows[:2], packed=True, device="cpu"))
+    ft.training_loss(model, collate(ex, rows[2:4], packed=True, device="cpu"))
     with pytest.raises(RuntimeError, match="a second forward pass ran before the first one's backward"):
         first.backward()
 
@@ -424,7 +456,8 @@ def test_norm_output_changed_in_place_is_kept_not_recomputed():
     after an in-place change of either it keeps what it was given, so gradients stay right."""
     torch.manual_seed(0)
     norm = model_module.RMSNorm(16, eps=1e-5).requires_grad_(False)  # frozen, as in LoRA: its backward keeps nothing
-    layer = lora_layer(nn.Linear(16, 24, bias=False).requires_grad_(False))
+    fast.speed_up(norm)
+    layer, plain = fast_and_plain(lora_layer(nn.Linear(16, 24, bias=False).requires_grad_(False)))
     x = torch.randn(3, 16)
     grads = []
     for change in (None, "output", "input"):
@@ -438,7 +471,7 @@ def test_norm_output_changed_in_place_is_kept_not_recomputed():
                 source.add_(1)  # after the norm ran: a recompute from it now would give another y
         (layer(y).float() * torch.linspace(-1, 1, 24)).sum().backward()  # y itself, tag and all
         fused = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
-        _, _, dA, dB = grads_of(layer, y, fused=False)  # the generic path on a plain copy of y
+        _, _, dA, dB = grads_of(plain, y)  # the plain layer on a plain copy of y
         torch.testing.assert_close(fused[0], dA, msg=lambda m: f"{change}: {m}")
         torch.testing.assert_close(fused[1], dB, msg=lambda m: f"{change}: {m}")
         grads.append(fused[0])
@@ -447,14 +480,14 @@ def test_norm_output_changed_in_place_is_kept_not_recomputed():
 
 def test_fixed_shape_batch_and_loss_equal_the_selected_ones(packed_batch):
     ex, rows = packed_batch
-    plain = ft.collate(ex, rows[:2], packed=True, device="cpu")
-    fixed = ft.collate(ex, rows[:2], packed=True, device="cpu", fixed_length=64, fixed_rows=3)  # a short last batch
+    plain = collate(ex, rows[:2], packed=True, device="cpu")
+    fixed = collate(ex, rows[:2], packed=True, device="cpu", fixed_length=64, fixed_rows=3)  # a short last batch
     assert fixed["idx"].shape == (3, 64) and "segments" in fixed and plain["idx"].shape[1] < 64
-    assert (fixed["targets"][2] == ft.IGNORE).all() and fixed["n_tokens"] == plain["n_tokens"]
+    assert (fixed["targets"][2] == IGNORE).all() and fixed["n_tokens"] == plain["n_tokens"]
     model = tiny_model()
     loss, n = ft.training_loss(model, plain)
     loss_fixed, n_fixed = ft.training_loss(model, fixed, select_targets=False)
-    assert n_fixed is None and n == int((fixed["targets"] != ft.IGNORE).sum())
+    assert n_fixed is None and n == int((fixed["targets"] != IGNORE).sum())
     torch.testing.assert_close(loss, loss_fixed)
     assert_same(loss_and_grads(model, plain), loss_and_grads(model, fixed, select_targets=False))
 
@@ -462,25 +495,18 @@ def test_fixed_shape_batch_and_loss_equal_the_selected_ones(packed_batch):
 def test_fused_paths_in_bf16_stay_within_bf16_tolerance(packed_batch, backend):
     """The whole fast path at once, in bf16 as on the GPU, against the plain fp32 model."""
     ex, rows = packed_batch
-    batch = ft.collate(ex, rows[:2], packed=True, device="cpu", fixed_length=64)
-    LoRALinear.fused_matmul = False  # the reference: generic LoRA, eager elementwise, fp32
-    try:
-        reference = loss_and_grads(tiny_model(), batch)
-    finally:
-        LoRALinear.fused_matmul = True
+    batch = collate(ex, rows[:2], packed=True, device="cpu", fixed_length=64)
+    reference = loss_and_grads(tiny_model(), batch)  # the plain model in fp32
     model = tiny_model(dtype=torch.bfloat16)
     for layer in model.modules():  # LoRA master weights stay fp32, as in training
         if isinstance(layer, LoRALinear):
             layer.float().base.to(torch.bfloat16)
-    ft.enable_activation_checkpointing(model, 1, preserve_rng_state=False)
-    model_module.compile_elementwise(backend=backend)
-    try:
-        fast = loss_and_grads(model, batch, select_targets=False)
-    finally:
-        model_module.compile_elementwise(False)
-    torch.testing.assert_close(fast[0], reference[0], rtol=2e-2, atol=0)
+    fast_model(model, backend)
+    enable_activation_checkpointing(model, 1, preserve_rng_state=False)  # after speed_up: it wraps the fast forward
+    fused = loss_and_grads(model, batch, select_targets=False)
+    torch.testing.assert_close(fused[0], reference[0], rtol=2e-2, atol=0)
     for name, g in reference[1].items():
-        err = (fast[1][name].float() - g).norm() / g.norm()
+        err = (fused[1][name].float() - g).norm() / g.norm()
         assert err < 0.05, f"{name}: relative gradient error {err:.3f}"
 
 
@@ -495,7 +521,7 @@ def test_chunked_loss_recomputes_a_random_lora_head_with_the_same_dropout_mask()
         head.zero_grad(set_to_none=True)
         torch.manual_seed(1)
         if chunked:
-            loss, _ = ft.chunked_cross_entropy(head, hidden, targets, chunk_bytes=1)  # several chunks
+            loss, _ = chunked_cross_entropy(head, hidden, targets, chunk_bytes=1)  # several chunks
         else:
             loss = torch.nn.functional.cross_entropy(head(hidden.reshape(-1, 16)).float(), targets.reshape(-1),
                                                      reduction="sum")
@@ -541,40 +567,29 @@ def test_fused_block_keeps_only_what_its_backward_needs(backend):
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     idx = torch.randint(0, c.vocab_size, (2, 24))
-    LoRALinear.fused_matmul = False
-    try:
-        plain = saved_bytes_per_token_and_block(model, idx)
-    finally:
-        LoRALinear.fused_matmul = True
-    model_module.compile_elementwise(backend=backend)
-    try:
-        fused = saved_bytes_per_token_and_block(model, idx)
-    finally:
-        model_module.compile_elementwise(False)
+    plain = saved_bytes_per_token_and_block(model, idx)
+    fused = saved_bytes_per_token_and_block(fast_model(model, backend), idx)
     kv = c.n_query_groups * c.head_size
     assert fused == 2 * (4 * c.n_embd + 2 * kv + 2 * c.intermediate_size)
     assert plain > fused + 2 * (2 * c.n_embd)
 
 
 def test_keeping_inputs_gives_the_same_grads_and_keeps_the_norm_outputs_and_swiglu_product(packed_batch, backend):
-    """LoRALinear.recompute_inputs = False (finetune/lora.py --recompute_inputs false) keeps both norm outputs and the
+    """speed_up(recompute_inputs=False) (finetune/lora.py --recompute_inputs false) keeps both norm outputs and the
     SwiGLU product instead of recomputing them in the backward pass: the same loss and gradients, and exactly those
     three tensors more per token and block."""
     c = Config(**CONFIG)
     ex, rows = packed_batch
-    batch = ft.collate(ex, rows[:2], packed=True, device="cpu")
+    batch = collate(ex, rows[:2], packed=True, device="cpu")
     model = tiny_model(dtype=torch.bfloat16)  # bf16, as trained: a recomputed norm must round like the kept one
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     idx = torch.randint(0, c.vocab_size, (2, 24))
-    model_module.compile_elementwise(backend=backend)
-    try:
-        recomputed, lean = loss_and_grads(model, batch), saved_bytes_per_token_and_block(model, idx)
-        LoRALinear.recompute_inputs = False
-        kept, keeping = loss_and_grads(model, batch), saved_bytes_per_token_and_block(model, idx)
-    finally:
-        LoRALinear.recompute_inputs = True
-        model_module.compile_elementwise(False)
+    fast_model(model, backend)
+    recomputed, lean = loss_and_grads(model, batch), saved_bytes_per_token_and_block(model, idx)
+    fast_model(model, backend, recompute_inputs=False)  # speed_up again: new settings for the same model
+    assert not model.blocks[0].attn.qkv.recompute
+    kept, keeping = loss_and_grads(model, batch), saved_bytes_per_token_and_block(model, idx)
     assert_same(recomputed, kept, rtol=0, atol=0)
     # In the first block, whose input needs no gradient, the kept norm_1 output replaces the block input rather than
     # adding to it: nothing else there keeps that input.
@@ -583,7 +598,7 @@ def test_keeping_inputs_gives_the_same_grads_and_keeps_the_norm_outputs_and_swig
 
 
 def test_compiled_norms_round_like_eager_so_a_recomputed_norm_equals_the_forward(backend):
-    """Block fuses the residual add into norm_2 (RMSNorm.add_forward); LoRAMatmul's backward recomputes the norm from
+    """FastBlock fuses the residual add into norm_2 (add_forward); LoRAMatmul's backward recomputes the norm from
     the stored sum with the plain rms_norm kernel. Compiled, both must round where eager does, or the recomputed input
     differs from the forward's (what an H100 showed before they did). The forward runs as in training (inputs that
     need gradients, so the compiled training graph); the recompute without gradients, as in the backward pass."""
@@ -593,17 +608,14 @@ def test_compiled_norms_round_like_eager_so_a_recomputed_norm_equals_the_forward
     norm = model_module.RMSNorm(256, 1e-5).to(torch.bfloat16)
     nn.init.normal_(norm.weight, 1.0, 0.1)
     x, h = torch.randn(2, 32, 256, dtype=torch.bfloat16), torch.randn(2, 32, 256, dtype=torch.bfloat16)
-    eager_sum, eager_y = model_module.add_rms_norm(x, h, norm.weight, norm.eps)
+    eager_sum, eager_y = fast_lora.add_rms_norm(x, h, norm.weight, norm.eps)
     patch = {"emulate_precision_casts_on_saved_tensors": False}  # torch >= 2.13 only: behave like older inductors
     patch = {k: v for k, v in patch.items() if hasattr(torch._inductor.config, k)}
-    model_module.compile_elementwise(backend=backend)
-    try:
-        with torch._inductor.config.patch(patch):
-            s, y = norm.add_forward(x.requires_grad_(), h.requires_grad_())
-            with torch.no_grad():
-                recomputed = norm.forward(s.detach())
-    finally:
-        model_module.compile_elementwise(False)
+    fast_model(norm, backend)
+    with torch._inductor.config.patch(patch):
+        s, y = norm.add_forward(x.requires_grad_(), h.requires_grad_())
+        with torch.no_grad():
+            recomputed = norm.forward(s.detach())
     assert torch.equal(s.detach(), eager_sum)
     assert torch.equal(y.detach(), eager_y)
     assert torch.equal(recomputed, y.detach())
@@ -635,18 +647,126 @@ def test_validation_runs_the_compiled_kernels_eagerly(packed_batch):
 
     ex, _ = packed_batch
     assert len(set(ex.lengths.tolist())) > 1
-    model = tiny_model()
-    a = SimpleNamespace(micro_batch_size=2, sample_tokens=0, out_dir="unused")
+    model = fast_model(tiny_model(), "aot_eager")
+    a = SimpleNamespace(micro_batch_size=2, sample_tokens=0, out_dir="unused",  # flat and grouped hyperparameters
+                        train=SimpleNamespace(micro_batch_size=2), eval=SimpleNamespace(sample_tokens=0))
     state = {"step": 0, "history": {"val": []}, "best_val": float("inf")}
-    model_module.compile_elementwise(backend="aot_eager")
-    try:
-        torch._dynamo.reset()
-        counters.clear()
-        ft.validate_and_log(_OneProcess(), model, model, ex, a, state, None)
-        compiled_in_validation = counters["stats"]["unique_graphs"]
-        ft.training_loss(model, ft.collate(ex, [[0]], packed=True, device="cpu"))[0].backward()
-    finally:
-        model_module.compile_elementwise(False)
+    torch._dynamo.reset()
+    counters.clear()
+    ft.validate_and_log(_OneProcess(), model, model, ex, a, state, None)
+    compiled_in_validation = counters["stats"]["unique_graphs"]
+    ft.training_loss(model, collate(ex, [[0]], packed=True, device="cpu"))[0].backward()
     assert state["history"]["val"] and math.isfinite(state["history"]["val"][0][1])
     assert compiled_in_validation == 0
     assert counters["stats"]["unique_graphs"] > 0  # the training step does compile: the counter can see it
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fast layer's contract
+
+FAST_CLASSES = tuple(fast_lora.FAST_CLASS.values())
+
+
+def test_speed_up_keeps_parameters_state_dict_keys_and_adapters(tmp_path):
+    """Only classes change: the same parameter objects under the same names, and an adapter saved from a fast model
+    loads into a plain one (and back) with the same outputs."""
+    model = tiny_model()
+    params, keys = dict(model.named_parameters()), list(model.state_dict())
+    fast.speed_up(model, fp8="grad", recompute_inputs=False, fused_mlp=False)
+    assert list(model.state_dict()) == keys
+    assert {n: p for n, p in model.named_parameters()} == params  # the very same tensors
+    assert any(isinstance(m, FAST_CLASSES) for m in model.modules())
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    plain = GPT(Config(**CONFIG))
+    plain.load_state_dict({k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k})
+    load_adapter(plain, tmp_path / "adapter.safetensors")
+    assert lora_state_dict(plain).keys() == lora_state_dict(model).keys()
+    idx = torch.randint(0, CONFIG["vocab_size"], (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(idx), model.eval()(idx))
+    fresh = fast.speed_up(GPT(Config(**CONFIG)))
+    fresh.load_state_dict(plain.state_dict(), strict=False)
+    load_adapter(fresh, tmp_path / "adapter.safetensors")  # into a fast model: injected plain, then loaded
+    assert set(fresh.state_dict()) == set(model.state_dict())
+
+
+def test_a_model_that_never_calls_speed_up_has_no_fast_module():
+    model = tiny_model()
+    other = fast.speed_up(tiny_model(), kernels=True)  # another model in the same process
+    assert not any(isinstance(m, FAST_CLASSES) for m in model.modules())
+    assert all(type(m) in (model_module.Block, model_module.RMSNorm, LoRALinear) for m in model.modules()
+               if isinstance(m, (model_module.Block, model_module.RMSNorm, LoRALinear)))
+    assert all(isinstance(m, FAST_CLASSES) for m in other.modules()
+               if isinstance(m, (model_module.Block, model_module.RMSNorm, LoRALinear)))
+    for cls in (LoRALinear, model_module.MLP, model_module.RMSNorm, model_module.Block):  # nothing class-wide
+        assert not {"fused_matmul", "fp8_matmul", "fused_mlp", "recompute_inputs", "kernels"} & set(vars(cls))
+
+
+def test_a_fast_and_a_plain_model_in_one_process_do_not_affect_each_other(packed_batch, monkeypatch):
+    """One model in FP8 with kept inputs and compiled kernels, one plain: the plain one's loss and gradients are
+    bit for bit what they were before the other existed and ran, and it never enters a fused function; the fast one
+    keeps its own settings. (Class-wide switches could not do this.)"""
+    ex, rows = packed_batch
+    batch = collate(ex, rows[:2], packed=True, device="cpu")
+    plain = tiny_model(dtype=torch.bfloat16)
+    before = loss_and_grads(plain, batch)
+    twin = tiny_model(dtype=torch.bfloat16)
+    quick = fast.speed_up(tiny_model(dtype=torch.bfloat16), fp8="all", recompute_inputs=False, kernels=True)
+    calls = []
+    for name in ("LoRAMatmul", "LoRAGateUp", "SwiGLULoRADown", "SwiGLULoRAMatmul"):
+        function = getattr(fast_lora, name)
+        monkeypatch.setattr(function, "apply", lambda *a, _f=function.apply: calls.append(1) or _f(*a))
+    fp8_calls = []
+    monkeypatch.setattr(fast_lora.fp8, "linear", lambda *a, _f=fast_lora.fp8.linear: fp8_calls.append(1) or _f(*a))
+    quick_result = loss_and_grads(quick, batch)
+    assert calls and fp8_calls
+    calls.clear(), fp8_calls.clear()
+    after = loss_and_grads(plain, batch)
+    assert calls == [] and fp8_calls == []
+    assert_same(before, after, rtol=0, atol=0)
+    assert not torch.equal(quick_result[0], before[0])  # FP8 forward matmuls moved the fast model's loss
+    layer = quick.blocks[0].attn.qkv
+    assert (layer.fp8_mode, layer.recompute) == ("all", False)
+    assert_same(loss_and_grads(twin, batch), before, rtol=0, atol=0)  # a model built after the fast one: plain too
+
+
+def project_imports():
+    """{module: the project modules it imports, anywhere in the file (also inside functions)} for the project's own
+    code (not tests/): `from fast import lora` imports fast.lora."""
+    folders = [ROOT, *(ROOT / d for d in ("fast", "finetune", "generate", "scripts", "benchmarks", "prepare_data"))]
+    files = {}
+    for folder in folders:
+        for path in folder.glob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            files[name.removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                               for a in node.names)
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = project_imports()
+    assert {"fast", "fast.lora", "fast.fp8", "fast.kernels", "lora", "model", "quantize", "utils"} <= set(graph)
+    assert "lora" not in graph["fast.kernels"] and "fast.lora" not in graph["fast.kernels"]
+    assert not {"fast.fp8", "fast.kernels", "fast.lora"} & (graph["lora"] | graph["model"])  # the plain core
+    state = {}  # module -> "open" while its imports are walked, "done" after
+
+    def walk(module, path):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            assert state.get(target) != "open", "import cycle: " + " -> ".join(path[path.index(target):] + [target])
+            if target not in state:
+                walk(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            walk(module, [module])

@@ -21,10 +21,10 @@ GQA = dict(name="tiny-gqa", block_size=64, vocab_size=97, n_layer=2, n_head=4, n
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def load_script(name: str):
+def load_script(name: str, folder: str = "scripts"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -267,7 +267,7 @@ def test_qlora_trains_and_merges_to_bf16_checkpoint(tiny_ckpt, tmp_path):
 
 def test_benchmark_builds_a_random_qlora_model_without_a_checkpoint():
     """benchmarks/benchmark_finetune.py's model (GPU there) builds and trains one step on CPU here."""
-    bench = load_script("benchmark_finetune")
+    bench = load_script("benchmark_finetune", "benchmarks")
     from finetune.lora import training_loss
 
     config = Config(**GQA)

@@ -69,8 +69,9 @@ ckpt = make_tiny_checkpoint(d / "ckpt", prompt_style="alpaca")
 make_data_dir(d / "data", json.loads((ckpt / "model_config.json").read_text())["vocab_size"], n_train=512, n_val=64)
 EOF
   timeout 300 $py finetune/lora.py --checkpoint_dir "$d/ckpt" --data_dir "$d/data" --out_dir "$d/nf4" \
-      --quantize bnb.nf4-dq --max_steps 60 --batch_size 8 --micro_batch_size 4 --learning_rate 1e-2 \
-      --eval_interval 20 --save_interval 20 --log_interval 10 --activation_checkpointing true --neftune_alpha 5 \
+      --quantize bnb.nf4-dq --train.max_steps 60 --train.batch_size 8 --train.micro_batch_size 4 \
+      --train.learning_rate 1e-2 --train.save_interval 20 --train.log_interval 10 --train.neftune_alpha 5 \
+      --eval.interval 20 --speed.activation_checkpointing true \
       || { echo "SMOKE FAILED: NF4 fine-tune"; status=1; return; }
   timeout 120 $py generate/lora.py --adapter "$d/nf4/adapter.safetensors" --prompt "Name a colour." \
       --temperature 0 --max_new_tokens 16 || { echo "SMOKE FAILED: generate/lora.py"; status=1; }
@@ -99,8 +100,9 @@ print("SMOKE NF4 OK")
 EOF
   for mode in bnb.fp4 bnb.int8; do
     timeout 200 $py finetune/lora.py --checkpoint_dir "$d/ckpt" --data_dir "$d/data" --out_dir "$d/${mode#bnb.}" \
-        --quantize $mode --max_steps 10 --batch_size 8 --micro_batch_size 4 --learning_rate 1e-2 --eval_interval 10 \
-        --sample_tokens 0 --log_interval 5 --optimizer paged_adamw8bit \
+        --quantize $mode --train.max_steps 10 --train.batch_size 8 --train.micro_batch_size 4 \
+        --train.learning_rate 1e-2 --train.log_interval 5 --train.optimizer paged_adamw8bit \
+        --eval.interval 10 --eval.sample_tokens 0 \
         && echo "SMOKE $mode OK" || { echo "SMOKE FAILED: $mode"; status=1; }
   done
 }
@@ -112,8 +114,9 @@ real() {
     echo "REAL: skipped ($ckpt or data/demo not carried)"; return
   fi
   timeout 500 $py finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/demo --out_dir "$out/real_nf4" \
-      --quantize bnb.nf4 --max_steps 150 --batch_size 16 --micro_batch_size 8 --eval_interval 50 --save_interval 50 \
-      --log_interval 25 --learning_rate 3e-4 || { echo "REAL FAILED"; status=1; return; }
+      --quantize bnb.nf4 --train.max_steps 150 --train.batch_size 16 --train.micro_batch_size 8 \
+      --train.save_interval 50 --train.log_interval 25 --train.learning_rate 3e-4 --eval.interval 50 \
+      || { echo "REAL FAILED"; status=1; return; }
   $py -c "
 import json, torch
 v = json.loads(torch.load('$out/real_nf4/state.ckpt', weights_only=True)['state'])['history']['val']

@@ -4,12 +4,13 @@ linear, packed rows with a document mask, bf16:
 
     python tests/gpu/check_fused.py
 
-1. plain (generic LoRA, eager elementwise) vs fused (LoRAMatmul, lora_gated_mlp with lora.py's Triton SwiGLU kernels,
-   compiled RMSNorm/RoPE/SwiGLU), eager;
+1. plain (the model as model.py and lora.py build it) vs the same weights after fast.speed_up (LoRAMatmul,
+   lora_gated_mlp with fast/kernels.py's Triton SwiGLU kernels, compiled RMSNorm/RoPE/SwiGLU), eager;
 2. fused + checkpointing of the first blocks + CUDA graph: two replays accumulate the gradients of two micro-batches,
    which must equal the sum of the plain path's gradients for the two;
 3. the same with the checkpointed blocks' inputs offloaded to pinned host memory (--offload_checkpoints);
-4. FP8 base matmuls (--fp8): the 4-bit -> float8 decode (the Triton kernel) equals bitsandbytes' dequantization
+4. FP8 base matmuls (speed_up(fp8=...)): the 4-bit -> float8 decode (the Triton kernel) equals bitsandbytes'
+   dequantization
    rounded to float8, the Triton per-row cast equals eager PyTorch's, the GPU's scaled matmul equals the float8 values
    multiplied out in fp32, and fused + FP8 training (eager "grad" and "all", then "all" graphed with offloaded
    checkpoints) stays near the plain path (looser: e4m3 rounding);
@@ -26,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import fp8  # noqa: E402
-import lora  # noqa: E402
-import model as model_module  # noqa: E402
-from finetune.lora import GraphedMicroStep, training_loss  # noqa: E402
-from lora import LoRAConfig, LoRALinear  # noqa: E402
+import fast  # noqa: E402
+from fast import fp8  # noqa: E402
+from fast.memory import GraphedMicroStep  # noqa: E402
+from finetune.lora import training_loss  # noqa: E402
+from lora import LoRAConfig  # noqa: E402
 from model import Config, document_mask  # noqa: E402
 from benchmarks.benchmark_finetune import build, set_checkpointing  # noqa: E402
 
@@ -72,9 +73,9 @@ def decode_matches(label: str, w8: torch.Tensor, scale: torch.Tensor, reference:
     return same > 0.9999  # fp32 products in another order may tip a rare tie
 
 
-def check_fp8_kernels(net) -> bool:
+def check_fp8_kernels(net, kernels: fp8.Kernels) -> bool:
     """The Triton decode against bitsandbytes, the Triton per-row cast against eager PyTorch, and torch._scaled_mm
-    against fp32 math on the same float8 values."""
+    against fp32 math on the same float8 values (`kernels`: the FP8 kernels speed_up chose)."""
     import copy
 
     import bitsandbytes.functional as BF
@@ -86,7 +87,7 @@ def check_fp8_kernels(net) -> bool:
         state.dtype = torch.float32
         reference = BF.dequantize_4bit(packed, state)
         for transpose in (False, True):
-            w8, scale = fp8.decode_4bit(packed, state.absmax, state.code, (N, K), transpose)
+            w8, scale = kernels.decode_4bit(packed, state.absmax, state.code, (N, K), transpose)
             ok &= decode_matches(f"a random {N}x{K} NF4 weight", w8, scale, reference, transpose)
     for name in ("attn.qkv", "mlp.proj"):
         base = net.blocks[0].get_submodule(name).base
@@ -94,18 +95,18 @@ def check_fp8_kernels(net) -> bool:
         state.dtype = torch.float32
         reference = BF.dequantize_4bit(base.weight.data, state)
         for transpose in (False, True):
-            w8, scale = fp8.weight_fp8(base, transpose)
+            w8, scale = fp8.weight_fp8(base, transpose, kernels)
             ok &= decode_matches(name, w8, scale, reference, transpose)
         x = torch.randn(1000, base.in_features, device="cuda", dtype=torch.bfloat16)
         x[1] *= 1000
-        x8, x_scale = fp8.cast_rows(x)  # the Triton kernel
-        plain8, plain_scale = fp8._PLAIN["cast_rows"](x)  # eager PyTorch
+        x8, x_scale = kernels.cast_rows(x)  # the Triton kernel
+        plain8, plain_scale = fp8.cast_rows(x)  # eager PyTorch
         same = (x8.float() == plain8.float()).float().mean().item()
         print(json.dumps({"check": f"FP8 per-row cast (Triton) == eager PyTorch, {base.in_features} columns",
                           "fraction_equal": same, "scales_equal": torch.equal(x_scale, plain_scale)}), flush=True)
         ok &= same > 0.9999 and torch.equal(x_scale, plain_scale)
-        w8, scale = fp8.weight_fp8(base, False)
-        y = fp8.scaled_mm(x, w8, scale, torch.bfloat16).float()  # casts x as above, then multiplies
+        w8, scale = fp8.weight_fp8(base, False, kernels)
+        y = fp8.scaled_mm(x, w8, scale, torch.bfloat16, kernels).float()  # casts x as above, then multiplies
         expected = (x8.float() * x_scale) @ (w8.float() * scale).t()
         err = ((y - expected).norm() / expected.norm()).item()
         print(json.dumps({"check": f"FP8 scaled matmul ({name}) vs fp32 on the same float8 values", "rel_err": err}),
@@ -117,31 +118,35 @@ def check_fp8_kernels(net) -> bool:
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("tests/gpu/check_fused.py needs a CUDA GPU")
-    torch.manual_seed(0)
     config = Config(name="check", block_size=512, vocab_size=1000, n_layer=4, n_head=8, n_query_groups=2, n_embd=512,
                     intermediate_size=1408)
-    net = build(config, "bnb.nf4-dq", LoRAConfig(r=16, alpha=16, dropout=0.0), "cuda", torch.bfloat16)
-    for name, p in net.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    params = [p for p in net.parameters() if p.requires_grad]
+
+    def make_net():  # the same random weights each time
+        torch.manual_seed(0)
+        net = build(config, "bnb.nf4-dq", LoRAConfig(r=16, alpha=16, dropout=0.0), "cuda", torch.bfloat16)
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        return net
+
+    plain_net, net = make_net(), make_net()
     b1, b2 = make_batch(1, 2, 512, config.vocab_size), make_batch(2, 2, 512, config.vocab_size)
     assert not document_mask(b1["segments"]).all()  # the packed path (masked attention) is what gets checked
 
-    def eager(batch, fused: bool):
-        LoRALinear.fused_matmul = fused
-        model_module.compile_elementwise(fused)
-        lora.compile_kernels(fused)
+    def eager(model, batch):
+        params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.grad = None
-        loss, _ = training_loss(net, batch, select_targets=False)
+        loss, _ = training_loss(model, batch, select_targets=False)
         loss.backward()
         return loss.item(), grads(params)
 
-    plain1, plain2 = eager(b1, False), eager(b2, False)
-    fused1 = eager(b1, True)
-    triton_in_use = lora.swiglu_lora is not lora._PLAIN["swiglu_lora"]
-    print(json.dumps({"check": "compile_kernels' self-check accepted lora.py's Triton SwiGLU kernels on this GPU",
+    plain1, plain2 = eager(plain_net, b1), eager(plain_net, b2)
+    fast.speed_up(net)  # on the GPU: compiled elementwise ops and the Triton kernels
+    params = [p for p in net.parameters() if p.requires_grad]
+    fused1 = eager(net, b1)
+    triton_in_use = net.blocks[0].mlp.proj.kernels.triton_mlp
+    print(json.dumps({"check": "speed_up's self-check accepted fast/kernels.py's Triton SwiGLU kernels on this GPU",
                       "ok": triton_in_use}), flush=True)
     ok = triton_in_use
     err = rel_err(fused1[1], plain1[1])
@@ -158,7 +163,7 @@ def main() -> None:
         same = torch.equal(y.detach(), norm.forward(x.detach()))
     print(json.dumps({"check": "RMSNorm recomputed (no grad) == forward (compiled)", "equal": same}), flush=True)
     ok &= same
-    # ... also after the residual add it is fused with (Block: norm_2.add_forward): recomputed from the stored sum
+    # ... also after the residual add it is fused with (FastBlock: norm_2.add_forward): recomputed from the stored sum
     s, y = net.blocks[0].norm_2.add_forward(x, torch.randn_like(x))
     with torch.no_grad():
         same = torch.equal(y.detach(), net.blocks[0].norm_2.forward(s.detach()))
@@ -170,14 +175,14 @@ def main() -> None:
         set_checkpointing(net, f"p{n_ckpt}" + ("o" if offload else ""))
         mode = f"{n_ckpt} of 4 blocks checkpointed" + (", inputs offloaded to pinned host memory" if offload else "")
         if offload:  # eager first: the copies on their own stream without a graph
-            loss, g = eager(b1, True)
+            loss, g = eager(net, b1)
             err = rel_err(g, plain1[1])
             print(json.dumps({"check": f"eager (fused, {mode}) vs plain", "loss_plain": plain1[0], "loss": loss,
                               "max_rel_grad_err": err}), flush=True)
             ok &= close([loss], [plain1[0]], err)
         for p in params:
             p.grad = None
-        graphed = GraphedMicroStep(net, params, b1)
+        graphed = GraphedMicroStep(net, params, b1, loss_fn=training_loss)
         l1 = graphed(b1).item()
         l2 = graphed(b2).item()
         err = rel_err(grads(params), summed)
@@ -187,30 +192,30 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         del graphed
 
-    fp8.compile_kernels()
-    triton_in_use = all(fp8.__dict__[k] is not fp8._PLAIN[k] for k in ("decode_4bit", "cast_rows"))
-    print(json.dumps({"check": "compile_kernels' self-check accepted the Triton decode and cast on this GPU",
-                      "ok": triton_in_use}), flush=True)
-    ok &= triton_in_use and check_fp8_kernels(net)
     set_checkpointing(net, "0")
+    fp8_grads = None
     for mode in ("grad", "all"):
-        LoRALinear.fp8_matmul = mode
-        loss, g = eager(b1, True)
-        err = rel_err(g, plain1[1])
+        fast.speed_up(net, fp8=mode)  # again: new settings, and the FP8 kernels checked on this GPU
+        if mode == "grad":
+            kernels = net.blocks[0].attn.qkv.kernels.fp8
+            triton_in_use = kernels.decode_4bit is not fp8.decode_4bit and kernels.cast_rows is not fp8.cast_rows
+            print(json.dumps({"check": "speed_up's self-check accepted the Triton decode and cast on this GPU",
+                              "ok": triton_in_use}), flush=True)
+            ok &= triton_in_use and check_fp8_kernels(net, kernels)
+        loss, fp8_grads = eager(net, b1)
+        err = rel_err(fp8_grads, plain1[1])
         print(json.dumps({"check": f"eager (fused, FP8 {mode}) vs plain", "loss_plain": plain1[0], "loss": loss,
                           "max_rel_grad_err": err}), flush=True)
         ok &= close([loss], [plain1[0]], err, grad_tol=0.25)
-    fp8_grads = g
     set_checkpointing(net, "p3o")
     for p in params:
         p.grad = None
-    graphed = GraphedMicroStep(net, params, b1)
+    graphed = GraphedMicroStep(net, params, b1, loss_fn=training_loss)
     loss = graphed(b1).item()
     err = rel_err(grads(params), fp8_grads)
     print(json.dumps({"check": "cuda graph (fused, FP8 all, 3 of 4 blocks checkpointed and offloaded) vs eager FP8",
                       "loss": loss, "max_rel_grad_err": err}), flush=True)
     ok &= err < 3e-2
-    LoRALinear.fp8_matmul = None
     print("gpu_check_fused:", "OK" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 
