@@ -9,6 +9,10 @@ Code that finds a bad file, row, field or flag raises `InputError` with a messag
 `run` prints that message as one line and exits with status 2, as it does for a flag of the wrong type or range
 (declare ranges with jsonargparse.typing: PositiveInt, NonNegativeFloat, ...). Any other exception is a bug and
 keeps its traceback.
+
+Every script also takes `--config FILE.yaml` (the same flags as YAML; flags after it override it) and
+`--print_config` (the YAML for the flags given). A dataclass parameter becomes a group of flags, `--train.batch_size`,
+with each field's docstring as its help.
 """
 
 import re
@@ -23,13 +27,20 @@ def run(fn, **kwargs):
     """jsonargparse.CLI(fn) with one-line errors (status 2) for bad flags and InputError."""
     from argparse import ArgumentError
 
-    from jsonargparse import CLI
+    from jsonargparse import CLI, set_parsing_settings
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # a dataclass field's docstring is its --help
     kwargs.setdefault("as_positional", False)
     try:
         return CLI(fn, exit_on_error=False, **kwargs)
     except ArgumentError as e:
-        fail(f"{flag_message(str(e))} (see --help)")
+        message = flag_message(str(e))
+        if message.startswith("Problems parsing config"):  # jsonargparse does not say which file
+            argv = list(kwargs.get("args") or sys.argv[1:])
+            files = [v for k, v in zip(argv, argv[1:]) if k == "--config"]
+            files += [a.removeprefix("--config=") for a in argv if a.startswith("--config=")]
+            message = f"--config {' '.join(files)}: {message}" if files else message
+        fail(f"{message} (see --help)")
     except InputError as e:
         fail(str(e))
 

@@ -1,5 +1,6 @@
 """The logic every prepare_data script shares: finding and reading source files, the common row schema, error
-reporting, tokenization with loss masks and truncation, and writing the data folder that finetune/lora.py reads.
+reporting, tokenization with loss masks and truncation. The data folder's format (what finetune/lora.py reads) is
+data.py's: save_split and save_meta write it.
 
 A bad file, folder or column raises `cli.InputError` (one line naming it, no traceback); a bad record inside a good
 file is only skipped and counted.
@@ -23,6 +24,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from cli import InputError
+from data import read_json  # noqa: F401  (one JSON reader for the whole repository; the source scripts import it here)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_EXAMPLES = 5  # malformed / removed rows shown in the report, per source and reason
@@ -232,14 +234,6 @@ def read_text(path: Path) -> str:
     return "".join(_lines(Path(path)))
 
 
-def read_json(path: Path):
-    """A whole JSON document (BIG-bench task.json, Natural Instructions task files, recipes)."""
-    try:
-        return json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix the file") from None
-
-
 def read_records(path: Path, list_key: Optional[str] = None) -> Iterator[Tuple[int, Union[dict, Malformed]]]:
     """Yield (row number from 1, record) for JSONL, JSON (a list, or the list under `list_key`), CSV/TSV or Parquet.
     A line that is not valid JSON comes back as a Malformed instead of a record.
@@ -356,7 +350,7 @@ def tokenize_rows(tokenizer, style, rows: Sequence[dict], max_seq_length: int, m
     header_segment = 1 if prompts.get_style(style).header else 0
     out = Tokenized([], [], [], {})
     iterator = range(0, len(rows), batch_size)
-    bar = _progress(len(rows), "tokenizing", progress)
+    bar = progress_bar(len(rows), "tokenizing", progress)
     for start in iterator:
         chunk = rows[start:start + batch_size]
         segs = [prompts.conversation_segments(style, r["messages"], r.get("system")) for r in chunk]
@@ -391,47 +385,16 @@ def tokenize_rows(tokenizer, style, rows: Sequence[dict], max_seq_length: int, m
             out.tokens.append(np.asarray(tokens, dtype=np.int32))
             out.masks.append(np.asarray(mask, dtype=np.uint8))
             out.keep.append(start + j)
-        bar(len(chunk))
-    bar(0, done=True)
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 
-def _progress(total: int, what: str, enabled: bool = True):
-    """A one-line progress log (tqdm-free so it also reads well in CI logs): count, rate, ETA."""
-    import time
+def progress_bar(total: int, what: str, enabled: bool = True):
+    """A tqdm bar over rows (to stderr; off with enabled=False): `bar(n)` adds n rows, `bar.close()` ends it."""
+    from tqdm import tqdm
 
-    state = {"n": 0, "t0": time.perf_counter(), "last": 0.0}
-
-    def step(n: int, done: bool = False) -> None:
-        state["n"] += n
-        now = time.perf_counter()
-        if enabled and total and state["last"] != -1 and (done or now - state["last"] > 5):
-            rate = state["n"] / max(now - state["t0"], 1e-9)
-            eta = (total - state["n"]) / max(rate, 1e-9)
-            print(f"{what}: {state['n']:,}/{total:,} rows, {rate:,.0f} rows/s, ETA {eta:.0f}s", file=sys.stderr)
-            state["last"] = -1 if state["n"] >= total else now
-
-    return step
-
-
-def save_split(path: Path, tokens: List[np.ndarray], masks: List[np.ndarray]) -> None:
-    """The file format finetune/lora.py reads: tokens int32, loss_mask uint8, offsets int64 (n+1)."""
-    from safetensors.numpy import save_file
-
-    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-    offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    save_file({"tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
-               "loss_mask": np.concatenate(masks) if masks else np.zeros(0, np.uint8),
-               "offsets": offsets}, str(path))
-
-
-def load_split(path: Path) -> Tuple[List[np.ndarray], List[np.ndarray]]:
-    from safetensors.numpy import load_file
-
-    d = load_file(str(path))
-    o = d["offsets"]
-    return ([d["tokens"][o[i]:o[i + 1]] for i in range(len(o) - 1)], [d["loss_mask"][o[i]:o[i + 1]] for i in range(len(o) - 1)])
+    return tqdm(total=total, desc=what, unit=" rows", disable=not enabled or not total, mininterval=5, file=sys.stderr)
 
 
 def seeded_shuffle(n: int, seed: int) -> List[int]:

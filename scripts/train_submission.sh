@@ -6,7 +6,9 @@
 #   RECIPE          prepare_data/recipes/<name>.yaml      (default prepare_data/recipes/upaya_4090.yaml)
 #   OUT             where everything goes                 (default /workspace/out)
 #   MAX_TIME        fine-tuning wall-clock budget HH:MM:SS (default 20:00:00: leaves time for download, data, merge)
-#   FINETUNE_ARGS   further finetune/lora.py flags, e.g. "--lora_r 128 --lora_alpha 256 --learning_rate 2e-5"
+#   FINETUNE_CONFIG finetune/lora.py --config file      (default finetune/configs/<recipe>.yaml when it exists: the
+#                   winning team's hyperparameters for its data recipe; empty for finetune/lora.py's defaults)
+#   FINETUNE_ARGS   further finetune/lora.py flags, e.g. "--lora.r 128 --lora.alpha 256 --train.learning_rate 2e-5"
 # DRY_RUN=1 prints the commands instead of running them (tests/test_docker.py checks them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +16,9 @@ base_repo=${BASE_REPO:-mistralai/Mistral-7B-v0.1}
 recipe=${RECIPE:-prepare_data/recipes/upaya_4090.yaml}
 out=${OUT:-/workspace/out}
 max_time=${MAX_TIME:-20:00:00}
+default_config=finetune/configs/$(basename "$recipe")
+[ -f "$default_config" ] || default_config=
+config=${FINETUNE_CONFIG-$default_config}
 ckpt=$out/checkpoints/$base_repo
 data=$out/data/$(basename "$recipe" .yaml)
 run=$out/lora
@@ -26,10 +31,11 @@ extra=(${FINETUNE_ARGS:-})
 run python scripts/download.py --repo_id "$base_repo" --checkpoint_dir "$out/checkpoints"
 run python scripts/convert_hf_checkpoint.py --checkpoint_dir "$ckpt"
 run python prepare_data/prepare_mix.py --recipe "$recipe" --checkpoint_dir "$ckpt" --out_dir "$data"
-# --cuda_graph: the fast path (README, Measured); FINETUNE_ARGS come later, so "--cuda_graph false" there wins
+# The config comes first, so the paths here override its own; --speed.cuda_graph: the fast path (README, Measured);
+# FINETUNE_ARGS come last, so "--speed.cuda_graph false" there wins
 # exit status 75: stopped by --max_time (or a signal) with everything saved; merge what it has
-run python finetune/lora.py --checkpoint_dir "$ckpt" --data_dir "$data" --out_dir "$run" --quantize bnb.nf4-dq \
-  --cuda_graph true --max_time "$max_time" "${extra[@]}" || [ $? -eq 75 ]
+run python finetune/lora.py ${config:+--config "$config"} --checkpoint_dir "$ckpt" --data_dir "$data" --out_dir "$run" \
+  --quantize bnb.nf4-dq --speed.cuda_graph true --max_time "$max_time" "${extra[@]}" || [ $? -eq 75 ]
 adapter=$run/adapter_best.safetensors  # best validation loss; the latest one when no validation ran
 [ -f "$adapter" ] || [ -n "${DRY_RUN:-}" ] || adapter=$run/adapter.safetensors
 run python scripts/merge_lora.py --adapter "$adapter" --out_dir "$out/final"

@@ -9,7 +9,7 @@ import pytest
 
 from cli import InputError
 from prepare_data import dedup
-from prepare_data.data_utils import load_split
+from data import load_split
 from prepare_data.prepare_mix import prepare, read_recipe
 from tests.data_fixtures import (dolly_file, sentence, small_recipe as recipe, tiny_tokenizer_dir, write_json,
                                  write_jsonl)
@@ -22,7 +22,9 @@ def tok_dir(tmp_path_factory):
 
 def run(tmp_path, tok_dir, r, name="out"):
     report = prepare(r, tok_dir, tmp_path / name, progress=False)
-    return report, load_split(tmp_path / name / "train.safetensors")
+    split = load_split(tmp_path / name / "train.safetensors")  # what finetune/lora.py reads
+    samples = [split.sample(i) for i in range(len(split.offsets) - 1)]
+    return report, ([t.numpy() for t, _ in samples], [m.numpy() for _, m in samples])
 
 
 def test_output_format_masks_and_bos_eos(tmp_path, tok_dir):

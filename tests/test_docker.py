@@ -54,7 +54,16 @@ def project_imports(entry: Path, seen=None) -> set:
 
 
 def parameters(script: Path) -> set:
-    """Flag names of a script's jsonargparse entry point (main/setup signature)."""
+    """Flag names of a script's jsonargparse entry point (main/setup signature); for finetune/lora.py, whose flags
+    come in groups (--lora.r), the names its own parser prints with --print_config, and --config."""
+    if script == ROOT / "finetune" / "lora.py":
+        import yaml
+
+        printed = subprocess.run([sys.executable, str(script), "--print_config"], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=120, check=True).stdout
+        config = yaml.safe_load(printed)
+        return {"config"} | {f"{k}.{field}" if isinstance(v, dict) else k for k, v in config.items()
+                             for field in (v if isinstance(v, dict) else [None])}
     tree = ast.parse(script.read_text())
     funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("main", "setup")]
     assert funcs, f"{script}: no main/setup function"
@@ -118,7 +127,7 @@ def test_serve_script_defaults_to_port_80_and_the_server():
 
 
 def test_train_script_runs_existing_scripts_with_their_flags():
-    out = dry_run("train_submission.sh", FINETUNE_ARGS="--lora_r 128 --lora_alpha 256")
+    out = dry_run("train_submission.sh", FINETUNE_ARGS="--lora.r 64")
     steps = [line[2:] for line in out.splitlines() if line.startswith("+ ")]
     assert [s.split()[1] for s in steps] == ["scripts/download.py", "scripts/convert_hf_checkpoint.py",
                                              "prepare_data/prepare_mix.py", "finetune/lora.py", "scripts/merge_lora.py"]
@@ -126,10 +135,13 @@ def test_train_script_runs_existing_scripts_with_their_flags():
         words = shlex.split(step)
         script = ROOT / words[1]
         assert script.is_file(), words[1]
-        flags = {w[2:] for w in words if w.startswith("--")}
+        flags = {w[2:].split("=")[0] for w in words if w.startswith("--")}
         assert flags <= parameters(script), f"{words[1]}: unknown flags {flags - parameters(script)}"
-    assert "--quantize bnb.nf4-dq" in out and "--max_time 20:00:00" in out and "--lora_r 128" in out
-    assert "--cuda_graph true" in out
+    assert "--quantize bnb.nf4-dq" in out and "--max_time 20:00:00" in out and "--lora.r 64" in out
+    assert "--speed.cuda_graph true" in out
+    # the recipe's hyperparameters come first (the paths and FINETUNE_ARGS after them win)
+    assert "finetune/lora.py --config finetune/configs/upaya_4090.yaml --checkpoint_dir" in out
+    assert "--config" not in dry_run("train_submission.sh", FINETUNE_CONFIG="")
     recipe = re.search(r"--recipe (\S+)", out).group(1)
     assert (ROOT / recipe).is_file()
 

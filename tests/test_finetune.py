@@ -1,4 +1,5 @@
-"""finetune/lora.py: the loss (packing, masking, chunking), the training loop end to end, resume, DDP, bad inputs."""
+"""finetune/lora.py: the loss (packing, masking, chunking), the training loop end to end, resume, DDP, bad inputs,
+--config (the shipped configs and a run's own train_config.yaml)."""
 
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from cli import InputError
@@ -165,22 +167,42 @@ def test_lr_schedule():
 
 RUN = dict(max_steps=6, batch_size=4, micro_batch_size=2, eval_interval=3, save_interval=3, learning_rate=1e-2,
            lora_r=4, seed=3, max_time=None, sample_tokens=4, accelerator="cpu")
+GROUPS = {"lora": ft.LoRAArgs, "train": ft.TrainArgs, "speed": ft.SpeedArgs, "eval": ft.EvalArgs}
+
+
+def flag(name: str) -> str:
+    """A short test name -> its flag: lora_r -> lora.r, eval_interval -> eval.interval, fp8 -> speed.fp8."""
+    for group, cls in GROUPS.items():
+        field = name.removeprefix(group + "_")
+        if field in cls.__dataclass_fields__:
+            return f"{group}.{field}"
+    return name
+
+
+def grouped(**kw) -> dict:
+    """setup()'s keyword arguments: the group dataclasses built from the flat names."""
+    out, groups = {}, {g: {} for g in GROUPS}
+    for name, value in kw.items():
+        group, _, field = flag(name).rpartition(".")
+        (groups[group] if group else out)[field] = value
+    return {**out, **{g: GROUPS[g](**fields) for g, fields in groups.items()}}
 
 
 def run(ckpt, data, out, **kw) -> str:
-    return ft.setup(**{**RUN, "checkpoint_dir": str(ckpt), "data_dir": data, "out_dir": out, **kw})
+    return ft.setup(**grouped(**{**RUN, "checkpoint_dir": str(ckpt), "data_dir": data, "out_dir": out, **kw}))
 
 
 def script(ckpt, data, out, **kw) -> list:
     """The command line of run(...): python finetune/lora.py as a user runs it."""
     args = {**RUN, "checkpoint_dir": ckpt, "data_dir": data, "out_dir": out, **kw}
-    flags = [f"--{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}" for k, v in args.items()]
+    flags = [f"--{flag(k)}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+             for k, v in args.items()]
     return [sys.executable, "finetune/lora.py", *flags]
 
 
-def run_script(ckpt, data, out, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(script(ckpt, data, out, **kw), cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
+def run_script(ckpt, data, out, *extra, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(script(ckpt, data, out, **kw) + list(extra), cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
 
 
 def status(out) -> dict:
@@ -200,7 +222,7 @@ def test_end_to_end_run_learns_and_writes_everything(ckpt, data, tmp_path, capsy
     run(ckpt, data, out, max_steps=12, eval_interval=6, neftune_alpha=5.0)
     text = capsys.readouterr().out
     assert "sample |" in text and "tok/s" in text and "ETA" in text
-    for f in ("adapter.safetensors", "adapter_best.safetensors", "state.ckpt", "train_config.json", "prompt_style.json",
+    for f in ("adapter.safetensors", "adapter_best.safetensors", "state.ckpt", "train_config.yaml", "prompt_style.json",
               "loss.png", "adapters/step-000006.safetensors", "adapters/step-000012.safetensors"):
         assert (out / f).is_file(), f
     assert (out / "prompt_style.json").read_text() == (data / "prompt_style.json").read_text()
@@ -278,12 +300,12 @@ def test_fp8_base_matmuls_train_like_bf16(ckpt, data, tmp_path, capsys, mode):
 
 def test_two_process_ddp_matches_one_process(ckpt, data, tmp_path):
     """2 CPU processes (gloo) with 1 micro-batch each == 1 process accumulating the same 2 micro-batches."""
-    common = ["--checkpoint_dir", str(ckpt), "--data_dir", str(data), "--max_steps", "3", "--batch_size", "2",
-              "--micro_batch_size", "1", "--eval_interval", "3", "--save_interval", "3", "--learning_rate", "1e-2",
-              "--lora_r", "4", "--lora_dropout", "0", "--seed", "3", "--max_time", "null", "--sample_tokens", "0",
-              "--accelerator", "cpu"]
+    common = ["--checkpoint_dir", str(ckpt), "--data_dir", str(data), "--train.max_steps", "3", "--train.batch_size",
+              "2", "--train.micro_batch_size", "1", "--eval.interval", "3", "--train.save_interval", "3",
+              "--train.learning_rate", "1e-2", "--lora.r", "4", "--lora.dropout", "0", "--seed", "3", "--max_time",
+              "null", "--eval.sample_tokens", "0", "--accelerator", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "finetune/lora.py", *common, "--devices", "2", "--strategy", "ddp",
+    proc = subprocess.run([sys.executable, "finetune/lora.py", *common, "--devices", "2",
                            "--out_dir", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -376,8 +398,9 @@ def test_resume_trains_with_the_new_learning_rate_and_says_so(ckpt, data, tmp_pa
     run(ckpt, data, out, max_steps=6, learning_rate=1e-3, weight_decay=0.1, resume=True, sample_tokens=0)
     assert [lr for lr, _ in used[3:]] == pytest.approx([1e-3 * ft.lr_lambda(s, 0, 6, 0.0) for s in (3, 4, 5)])
     assert [decay for _, decay in used] == [0.0] * 3 + [0.1] * 3
-    assert "Resuming with --learning_rate 0.001 (was 0.01) and --weight_decay 0.1 (was 0)" in capsys.readouterr().out
-    saved = json.loads((out / "train_config.json").read_text())
+    assert ("Resuming with --train.learning_rate 0.001 (was 0.01) and --train.weight_decay 0.1 (was 0)"
+            in capsys.readouterr().out)
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())["train"]
     assert (saved["learning_rate"], saved["weight_decay"]) == (1e-3, 0.1)
 
 
@@ -428,7 +451,7 @@ def test_bad_inputs_fail_early_with_one_line(ckpt, data, tmp_path):
 
     with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "o7", batch_size=5, micro_batch_size=2)
-    assert "--batch_size 5 is not a multiple" in one_line_error(e)
+    assert "--train.batch_size 5 is not a multiple" in one_line_error(e)
 
     with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "nothing", resume=True)
@@ -436,16 +459,17 @@ def test_bad_inputs_fail_early_with_one_line(ckpt, data, tmp_path):
 
     with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "o8", offload_checkpoints=True)
-    assert "add --activation_checkpointing" in one_line_error(e)
+    assert "add --speed.activation_checkpointing" in one_line_error(e)
     with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "o9", activation_checkpointing=True, offload_checkpoints=True, compile=True)
-    assert "with --compile true is not supported" in one_line_error(e)
+    assert "with --speed.compile true is not supported" in one_line_error(e)
     with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "o10", fp8="grad", fused=False)
-    assert "--fp8 grad runs inside the fused LoRA matmul" in one_line_error(e)
+    assert ("--speed.fp8 grad runs inside the fused LoRA matmul: set --speed.fused true and --lora.dropout 0"
+            in one_line_error(e))
     with pytest.raises(InputError) as e:
         run(ckpt, data, tmp_path / "o11", recompute_inputs=False, lora_dropout=0.1)
-    assert "--recompute_inputs false applies to the fused LoRA matmul" in one_line_error(e)
+    assert "--speed.recompute_inputs false applies to the fused LoRA matmul" in one_line_error(e)
 
 
 def test_resume_refuses_changed_settings_and_foreign_adapters(ckpt, data, tmp_path):
@@ -456,8 +480,50 @@ def test_resume_refuses_changed_settings_and_foreign_adapters(ckpt, data, tmp_pa
     assert "already holds a run; pass --resume true" in one_line_error(e)
     with pytest.raises(InputError) as e:
         run(ckpt, data, out, max_steps=6, resume=True, lora_r=8)
-    assert "--lora_r was 4, now 8" in one_line_error(e)
+    assert "--lora.r was 4, now 8" in one_line_error(e)
     other = make_tiny_checkpoint(tmp_path / "other", n_embd=48)
     with pytest.raises(InputError) as e:
         run(other, data, out, max_steps=6, resume=True)
     assert "--checkpoint_dir was" in one_line_error(e)
+
+
+def test_a_runs_train_config_yaml_repeats_the_run(ckpt, data, tmp_path):
+    """train_config.yaml holds every flag in --config's shape: given back, it trains the same adapter."""
+    first = run_script(ckpt, data, tmp_path / "first", lora_dropout=0.1, neftune_alpha=5.0, sample_tokens=0)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    saved = yaml.safe_load((tmp_path / "first/train_config.yaml").read_text())
+    assert saved["lora"]["r"] == 4 and saved["lora"]["dropout"] == 0.1 and saved["train"]["neftune_alpha"] == 5.0
+    assert set(saved) >= {"checkpoint_dir", "data_dir", "out_dir", "lora", "train", "speed", "eval", "seed"}
+    again = subprocess.run([sys.executable, "finetune/lora.py", "--config", str(tmp_path / "first/train_config.yaml"),
+                            "--out_dir", str(tmp_path / "again")], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    a, b = adapter(tmp_path / "first"), adapter(tmp_path / "again")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert history(tmp_path / "first") == history(tmp_path / "again")
+
+
+CONFIGS = sorted((ROOT / "finetune/configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_parse(path):
+    """Every shipped config goes through the parser: a renamed or removed flag breaks this, not a user's run."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_function_arguments(ft.setup)
+    parser.add_argument("--config", action="config")
+    cfg = parser.parse_args(["--config", str(path)])
+    text = path.read_text()
+    assert text.startswith("#") and "python finetune/lora.py --config" in text  # says what it is and how to run it
+    assert cfg.lora.r > 0 and cfg.train.batch_size % cfg.train.micro_batch_size == 0
+    recipes = {p.stem for p in (ROOT / "prepare_data/recipes").glob("*.yaml")}
+    assert Path(cfg.data_dir).name in recipes | {"demo"}, cfg.data_dir
+
+
+def test_configs_cover_the_quickstart_and_every_winning_recipe():
+    names = {p.stem for p in CONFIGS}
+    assert "smollm2_demo" in names
+    for recipe in ("upaya_4090", "percent_bfd_a100", "tvergho_5th"):
+        assert recipe in names, recipe

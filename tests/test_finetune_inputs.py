@@ -51,12 +51,14 @@ def cli_error(capsys, *flags) -> str:
 
 
 @pytest.mark.parametrize("flag, value", [
-    ("lora_r", "0"), ("lora_alpha", "-8"), ("lora_dropout", "1"), ("learning_rate", "-1e-4"), ("learning_rate", "0"),
-    ("min_lr_ratio", "1.5"), ("weight_decay", "-0.1"), ("warmup_steps", "-1"), ("warmup_ratio", "-0.1"),
-    ("grad_clip", "0"), ("batch_size", "0"), ("micro_batch_size", "-2"), ("epochs", "0"), ("max_steps", "0"),
-    ("max_seq_length", "0"), ("activation_checkpointing", "-2"), ("neftune_alpha", "-5"), ("eval_interval", "0"),
-    ("eval_samples", "0"), ("sample_tokens", "-1"), ("save_interval", "0"), ("log_interval", "0"), ("seed", "-1"),
-    ("devices", "0"), ("accelerator", "nonsense"), ("strategy", "nonsense"), ("lora_targets", "query"),
+    ("lora.r", "0"), ("lora.alpha", "-8"), ("lora.dropout", "1"), ("train.learning_rate", "-1e-4"),
+    ("train.learning_rate", "0"), ("train.min_lr_ratio", "1.5"), ("train.weight_decay", "-0.1"),
+    ("train.warmup_steps", "-1"), ("train.warmup_ratio", "-0.1"), ("train.grad_clip", "0"), ("train.batch_size", "0"),
+    ("train.micro_batch_size", "-2"), ("train.epochs", "0"), ("train.max_steps", "0"), ("train.max_seq_length", "0"),
+    ("speed.activation_checkpointing", "-2"), ("train.neftune_alpha", "-5"), ("eval.interval", "0"),
+    ("eval.samples", "0"), ("eval.sample_tokens", "-1"), ("train.save_interval", "0"), ("train.log_interval", "0"),
+    ("seed", "-1"), ("devices", "0"), ("accelerator", "nonsense"), ("lora.targets", "query"),
+    ("speed.fp8", "e5m2"), ("train.optimizer", "sgd"),
     ("max_time", "0"), ("max_time", "-00:10:00"), ("max_time", "1:xx"), ("max_time", "nan"),
 ])
 def test_meaningless_flag_values_are_refused_in_one_line(ckpt, data, tmp_path, capsys, flag, value):
@@ -130,7 +132,7 @@ def test_weights_that_do_not_fit_model_config_are_one_line(ckpt, data, tmp_path,
 def test_broken_meta_and_train_config_are_one_line(ckpt, data, tmp_path):
     bad = tmp_path / "data"
     shutil.copytree(data, bad)
-    for text, expected in (("{", "meta.json: unreadable or malformed JSON"),
+    for text, expected in (("{", "meta.json:1:2: not valid JSON"),
                            ("[]", "meta.json: expected a JSON object"),
                            ('{"max_seq_length": "long"}', "meta.json: max_seq_length 'long' is not a positive whole")):
         (bad / "meta.json").write_text(text)
@@ -141,11 +143,11 @@ def test_broken_meta_and_train_config_are_one_line(ckpt, data, tmp_path):
 
     out = tmp_path / "run"
     run(ckpt, data, out, max_steps=2, sample_tokens=0)
-    (out / "train_config.json").write_text('{"lora_r": 4,')
+    (out / "train_config.yaml").write_text("lora: [4,\n")
     with pytest.raises(InputError) as e:
         run(ckpt, data, out, max_steps=4, resume=True)
-    assert "train_config.json: unreadable or malformed JSON" in one_line_error(e)
-    (out / "train_config.json").unlink()
+    assert "train_config.yaml: unreadable or malformed YAML" in one_line_error(e)
+    (out / "train_config.yaml").unlink()
     (out / "state.ckpt").write_bytes((out / "state.ckpt").read_bytes()[:100])
     with pytest.raises(InputError) as e:
         run(ckpt, data, out, max_steps=4, resume=True)
@@ -199,6 +201,22 @@ def test_a_diverging_run_stops_without_saving_over_the_last_good_adapter(ckpt, d
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "stopped" and status["step"] == 1
     assert status["reason"].startswith("the training loss is ") and "at step 2, nothing saved after step 1" in status["reason"]
-    assert "lower --learning_rate (now 1e+30)" in status["reason"]
+    assert "lower --train.learning_rate (now 1e+30)" in status["reason"]
     adapter = load_file(out / "adapter.safetensors")  # step 1's: finite, not the diverged step's
     assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+def test_config_files_that_do_not_work_are_one_line(ckpt, data, tmp_path, capsys):
+    """--config FILE: a missing file, broken YAML, an unknown or mistyped flag inside it: one line, exit status 2."""
+    common = ["--checkpoint_dir", str(ckpt), "--data_dir", str(data), "--out_dir", str(tmp_path / "out")]
+    assert "does not exist" in cli_error(capsys, "--config", str(tmp_path / "missing.yaml"), *common)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lora: [\n")
+    assert "broken.yaml" in cli_error(capsys, "--config", str(broken), *common)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("lora:\n  rank: 8\n")
+    assert "rank" in cli_error(capsys, "--config", str(unknown), *common)
+    mistyped = tmp_path / "mistyped.yaml"
+    mistyped.write_text("train:\n  batch_size: 0\n")
+    assert "--train.batch_size" in cli_error(capsys, "--config", str(mistyped), *common)
+    assert not (tmp_path / "out").exists()
