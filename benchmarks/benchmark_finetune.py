@@ -192,8 +192,9 @@ def main(
         seq: sequence length.
         configs: comma list of MBxC: micro-batch MB, activation checkpointing C (1, 0 or pN: the first N blocks;
             a trailing o offloads the checkpoints: 1o, p20o); +fp8 after one runs it with FP8 base matmuls
-            (finetune/lora.py --fp8 all), +fp8grad with FP8 input-gradient matmuls only (--fp8 grad); +keep keeps
-            the norm outputs and SwiGLU products for the backward pass (--recompute_inputs false): 1x0+fp8+keep;
+            (finetune/lora.py --speed.fp8 all), +fp8grad with FP8 input-gradient matmuls only (--speed.fp8 grad);
+            +keep keeps the norm outputs and SwiGLU products for the backward pass (--speed.recompute_inputs false):
+            1x0+fp8+keep;
             +unfusedmlp runs the gated MLP as three fused LoRA matmuls instead of fast.lora.lora_gated_mlp (the
             previous path, for comparison).
         quantize: base weights (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8) or null for bf16.

@@ -1,6 +1,6 @@
 """How far FP8 base matmuls move a real model's loss and LoRA gradients, on the CPU (no GPU needed): one
 forward/backward pass of a checkpoint on a batch of prepared training data, in fp32 (the reference), in bf16 (the
-normal training path) and with finetune/lora.py's --fp8 grad and --fp8 all, all from the same LoRA initialisation.
+normal training path) and with finetune/lora.py's --speed.fp8 grad and --speed.fp8 all, all from the same LoRA initialisation.
 One JSON line per run: loss, and the relative error of each LoRA gradient against fp32 (mean and worst).
 
     python benchmarks/fp8_accuracy.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --data_dir data/e2e
@@ -90,9 +90,9 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         seq: tokens per row.
         seed: LoRA initialisation seed.
         keep_forward_bf16: comma list of a block's linears (attn.qkv, attn.proj, mlp.fc_1, mlp.fc_2, mlp.proj) whose
-            forward pass stays bf16 in the --fp8 all run, to find which layers move the output (then only that run
+            forward pass stays bf16 in the fp8="all" run, to find which layers move the output (then only that run
             and the fp32 reference run).
-        emulate_rounding: instead of the real FP8 matmuls, emulate them in fp32 for the --fp8 all run (then only that
+        emulate_rounding: instead of the real FP8 matmuls, emulate them in fp32 for the fp8="all" run (then only that
             run and the fp32 reference run): "weights" rounds only the weights, "activations" only the activations
             (per row), "blocks" both with one activation scale per 64 elements of a row instead of per row.
         device: "cpu" or "cuda" (where torch._scaled_mm runs on the FP8 tensor cores).
@@ -113,10 +113,10 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
     tokens = split.tokens[:n].long().view(rows, seq + 1)
     targets = tokens[:, 1:].clone()
     targets[~split.loss_mask[:n].view(rows, seq + 1)[:, 1:].bool()] = -100  # prompt tokens carry no loss
-    all_label = "bf16 + --fp8 all" + (f" (forward bf16: {keep_forward_bf16})" if keep else "") + (
+    all_label = "bf16 + fp8 all" + (f" (forward bf16: {keep_forward_bf16})" if keep else "") + (
         f" (emulated, rounding: {emulate_rounding})" if emulate_rounding else "")
     runs = [("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
-            ("bf16 + --fp8 grad", torch.bfloat16, "grad"), (all_label, torch.bfloat16, "all")]
+            ("bf16 + fp8 grad", torch.bfloat16, "grad"), (all_label, torch.bfloat16, "all")]
     if keep or emulate_rounding:  # only the reference and the variant
         runs = [runs[0], runs[-1]]
     reference = None

@@ -60,7 +60,7 @@ def device_problem(device: torch.device) -> Optional[str]:
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         return (f"FP8 matmuls need compute capability 8.9+ (L4, RTX 4090, H100, B200); "
-                f"{torch.cuda.get_device_name(device)} is {major}.{minor}; drop --fp8")
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}; drop --speed.fp8")
     return None
 
 

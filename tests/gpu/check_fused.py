@@ -8,7 +8,7 @@ linear, packed rows with a document mask, bf16:
    lora_gated_mlp with fast/kernels.py's Triton SwiGLU kernels, compiled RMSNorm/RoPE/SwiGLU), eager;
 2. fused + checkpointing of the first blocks + CUDA graph: two replays accumulate the gradients of two micro-batches,
    which must equal the sum of the plain path's gradients for the two;
-3. the same with the checkpointed blocks' inputs offloaded to pinned host memory (--offload_checkpoints);
+3. the same with the checkpointed blocks' inputs offloaded to pinned host memory (--speed.offload_checkpoints);
 4. FP8 base matmuls (speed_up(fp8=...)): the 4-bit -> float8 decode (the Triton kernel) equals bitsandbytes'
    dequantization
    rounded to float8, the Triton per-row cast equals eager PyTorch's, the GPU's scaled matmul equals the float8 values
