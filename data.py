@@ -7,18 +7,22 @@
 And the trainer's side of it: splits -> shifted examples -> packed rows or length-bucketed batches -> tensors.
 """
 
+from __future__ import annotations
+
 import bisect
 import gzip
 import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from cli import InputError
+
+if TYPE_CHECKING:  # the readers need torch; prepare_data/, which only writes, does not import it
+    import torch
 
 IGNORE = -100  # the target of a position that is not trained on (prompt, padding): cross-entropy's ignore_index
 FIX = "prepare the data again with prepare_data/ (see README)"
@@ -93,6 +97,7 @@ class Split:
 
 def load_split(path: Path) -> Split:
     """Reads and checks one split file; every problem is one line naming the file and what to do."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -165,6 +170,7 @@ class Examples:
 
 
 def make_examples(split: Split, max_seq_length: int, limit: Optional[int] = None) -> Examples:
+    import torch
     starts = split.offsets[:-1]
     lengths = (split.lengths() - 1).clamp(max=max_seq_length)
     # Drop samples whose kept part has no target token: they would only cost compute.
@@ -199,6 +205,7 @@ def epoch_batches(examples: Examples, rows: Optional[List[List[int]]], micro_bat
                   epoch: int) -> List[List[List[int]]]:
     """The micro-batches of one epoch, a pure function of (seed, epoch) so --resume can find its place again.
     Each micro-batch is a list of rows; a row is a list of sample ids (one id when not packing)."""
+    import torch
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     if rows is not None:
         order = torch.randperm(len(rows), generator=g).tolist()
@@ -221,6 +228,7 @@ def collate(examples: Examples, batch: List[List[int]], packed: bool, device, fi
     """Right-padded (B, T) inputs and targets (IGNORE on prompt and padding); for packed rows also segment ids.
     fixed_length / fixed_rows pad every batch to that T / B (rows of padding only: no target) and always include
     the segment ids: the CUDA graph's fixed shapes."""
+    import torch
     split = examples.split
     rows_idx, rows_tgt, rows_seg = [], [], []
     for row in batch:

@@ -9,7 +9,7 @@ never touches the k rows (lit-gpt shipped that bug for months; tests/test_lora.p
 LoRA weights stay fp32 (master weights, like peft) and are cast to the compute dtype on the fly: with bf16 weights,
 updates smaller than 1/256 of a weight (routine at lr 2e-5) would round away.
 
-This is the plain LoRA, the reference: `fast.speed_up(model)` (fast/lora.py) turns each LoRALinear into a
+This is the plain LoRA, the reference: `fast.speed_up(model)` (fast/fused.py) turns each LoRALinear into a
 FusedLoRALinear with the same parameters, which computes the same thing in fewer kernels and less memory for training.
 
 An adapter file is a safetensors file with only the LoRA tensors; its metadata holds the settings that rebuild them
@@ -45,7 +45,7 @@ PRESETS = {
 class LoRAConfig:
     r: int = 16
     alpha: float = 32.0
-    dropout: float = 0.0  # > 0 keeps the fast path's fused matmuls (fast/lora.py) off this model's layers
+    dropout: float = 0.0  # > 0 keeps the fast path's fused matmuls (fast/fused.py) off this model's layers
     targets: Tuple[str, ...] = PRESETS["all"]
 
     def __post_init__(self):

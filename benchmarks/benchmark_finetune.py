@@ -5,7 +5,7 @@ with random weights built directly on the GPU (no checkpoint on disk). Uses fine
 
 Each configuration MBxC is micro-batch MB with activation checkpointing C: 1 (every block), 0 (none) or pN (the
 first N blocks), optionally +fp8 (FP8 base matmuls) or +fp8grad (FP8 input-gradient matmuls only), +keep
-(--recompute_inputs false) and +unfusedmlp (the gated MLP as three LoRA matmuls, not fast.lora.lora_gated_mlp); one
+(--recompute_inputs false) and +unfusedmlp (the gated MLP as three LoRA matmuls, not fast.fused.lora_gated_mlp); one
 JSON line each: tokens_per_s (median over --steps after --warmup steps, timed with CUDA events) and peak_mem_gib
 (torch.cuda.max_memory_allocated, weights included), like the peer scripts in ../shared/anchors.
 `--table results.jsonl` prints a Markdown table of such lines (ours and the peers').
@@ -195,7 +195,7 @@ def main(
             (finetune/lora.py --speed.fp8 all), +fp8grad with FP8 input-gradient matmuls only (--speed.fp8 grad);
             +keep keeps the norm outputs and SwiGLU products for the backward pass (--speed.recompute_inputs false):
             1x0+fp8+keep;
-            +unfusedmlp runs the gated MLP as three fused LoRA matmuls instead of fast.lora.lora_gated_mlp (the
+            +unfusedmlp runs the gated MLP as three fused LoRA matmuls instead of fast.fused.lora_gated_mlp (the
             previous path, for comparison).
         quantize: base weights (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.int8) or null for bf16.
         lora_r: LoRA rank.

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fast  # noqa: E402
 from data import load_split  # noqa: E402
 from fast import fp8  # noqa: E402
-from fast.lora import FusedLoRALinear, base_weight  # noqa: E402
+from fast.fused import FusedLoRALinear, base_weight  # noqa: E402
 from lora import LoRAConfig, inject_lora  # noqa: E402
 from utils import load_model  # noqa: E402
 

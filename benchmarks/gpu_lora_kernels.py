@@ -1,4 +1,4 @@
-"""Times fast/kernels.py's SwiGLU kernels (fast.lora.lora_gated_mlp on a GPU) on a model's MLP shape against what the unfused
+"""Times fast/kernels.py's SwiGLU kernels (fast.fused.lora_gated_mlp on a GPU) on a model's MLP shape against what the unfused
 path runs for the same math: the adapters added into the gate and up outputs by two addmm_ and the compiled SwiGLU
 (forward); the SwiGLU product recomputed, the down adapter added into its input gradient by addmm_, and the compiled
 SwiGLU backward (backward). Also for a few tile shapes, and how many bf16 values equal the plain PyTorch version's.
@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fast import kernels as triton_swiglu  # noqa: E402
-from fast import lora as fast_lora  # noqa: E402
+from fast import fused  # noqa: E402
 from model import Config  # noqa: E402
 from benchmarks.gpu_fp8_kernels import median_ms  # noqa: E402
 
@@ -30,7 +30,7 @@ def main(model: str = "Mistral-7B-v0.1", tokens: int = 4096, rank: int = 16, ite
     """
     config = Config.from_name(model)
     M, N = tokens, config.intermediate_size
-    compiled = fast_lora.choose_kernels(True, on_gpu=False)  # the compiled SwiGLU the unfused path runs
+    compiled = fused.choose_kernels(True, on_gpu=False)  # the compiled SwiGLU the unfused path runs
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(*shape, std=1.0):

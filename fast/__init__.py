@@ -1,12 +1,12 @@
 """The training speed layer, switched on by one call on a model: `fast.speed_up(model)`.
 
 model.py and lora.py are the plain reference. After `lora.inject_lora`, speed_up converts the model in place: each
-LoRALinear, MLP, RMSNorm, attention and Block becomes its subclass in fast/lora.py, which computes the same thing in
+LoRALinear, MLP, RMSNorm, attention and Block becomes its subclass in fast/fused.py, which computes the same thing in
 fewer kernels and keeps less for the backward pass. Parameters, their names and the state_dict stay the same, so
 adapters save and load as before. A model that never calls speed_up runs the plain path, and two models in one
 process can run different paths: every setting lives on the model's own modules.
 
-- fast/lora.py: the fused LoRA autograd functions and the fast modules;
+- fast/fused.py: the fused LoRA autograd functions and the fast modules;
 - fast/fp8.py: FP8 base matmuls (fp8="grad" or "all");
 - fast/kernels.py: Triton kernels for the gated MLP, used on a GPU once checked against the plain math;
 - fast/memory.py: activation checkpointing, host offload and CUDA graphs. speed_up comes first: checkpointing wraps
@@ -15,7 +15,7 @@ process can run different paths: every setting lives on the model's own modules.
 
 from typing import Literal, Optional
 
-from fast import lora as fused
+from fast import fused
 
 FP8 = Literal["grad", "all"]
 
@@ -28,7 +28,7 @@ def speed_up(model, fp8: Optional[FP8] = None, recompute_inputs: bool = True, fu
         pass only, "all" the forward ones too (fast/fp8.py); per layer, where its shape allows.
     recompute_inputs: the fused matmuls recompute the RMSNorm outputs and SwiGLU products they read in the backward
         pass instead of keeping them (less memory, a few more elementwise kernels).
-    fused_mlp: a gated MLP with adapters on gate, up and down runs as one (fast.lora.lora_gated_mlp); False runs it
+    fused_mlp: a gated MLP with adapters on gate, up and down runs as one (fast.fused.lora_gated_mlp); False runs it
         as three fused LoRA matmuls.
     kernels: torch.compile'd RMSNorm, RoPE and SwiGLU, and on a GPU the Triton kernels (each checked against its
         plain version before use); default: on when the model's parameters are on a CUDA GPU.

@@ -1,13 +1,13 @@
-"""Triton kernels for the fast path's gated MLP (fast/lora.py, lora_gated_mlp): SwiGLU with the gate and up adapters
+"""Triton kernels for the fast path's gated MLP (fast/fused.py, lora_gated_mlp): SwiGLU with the gate and up adapters
 added inside.
 
 Each kernel reads its (tokens, intermediate) inputs once and writes its outputs once; the adapters' rank-r products
-are computed per tile on the tensor cores, and the sums are rounded to the input dtype where fast.lora.swiglu_lora
+are computed per tile on the tensor cores, and the sums are rounded to the input dtype where fast.fused.swiglu_lora
 (the plain PyTorch version, the reference) rounds them. fast.speed_up uses them on a GPU after checking them against
-the plain versions (fast.lora.checked_triton_kernels); the tests run them in fp16 under Triton's CPU interpreter
+the plain versions (fast.fused.checked_triton_kernels); the tests run them in fp16 under Triton's CPU interpreter
 (TRITON_INTERPRET=1; Triton 3.5's interpreter gets bf16 dots wrong and rounds to bf16 by truncation). Imported only
 there, so that machines without Triton never need it. This file imports nothing of the project's: the caller checks
-that the kernels take its inputs (fast.lora.kernels_take).
+that the kernels take its inputs (fast.fused.kernels_take).
 """
 
 import os
@@ -88,11 +88,11 @@ def check(g: torch.Tensor, h_g: torch.Tensor, h_u: torch.Tensor, s_g: float, s_u
             or s_g == 0 or s_u == 0):
         raise ValueError(f"the Triton SwiGLU kernels take bf16 or fp16 on a GPU, one LoRA rank and scalings other than "
                          f"0, not {g.dtype} on {g.device}, ranks {h_g.shape[1]} and {h_u.shape[1]}, scalings {s_g} "
-                         f"and {s_u} (fast.lora.kernels_take tells before the call)")
+                         f"and {s_u} (fast.fused.kernels_take tells before the call)")
 
 
 def swiglu_lora(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float, tile=TILE) -> torch.Tensor:
-    """fast.lora.swiglu_lora in one kernel (programs of `tile` rows x columns)."""
+    """fast.fused.swiglu_lora in one kernel (programs of `tile` rows x columns)."""
     check(g, h_g, h_u, s_g, s_u)
     g, u, h_g, B_g, h_u, B_u = (t.contiguous() for t in (g, u, h_g, B_g, h_u, B_u))
     out = torch.empty_like(g)
@@ -103,7 +103,7 @@ def swiglu_lora(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float, tile=TILE) -> 
 
 
 def swiglu_lora_backward(g, u, h_g, B_g, s_g: float, h_u, B_u, s_u: float, d, dh, A, need_act: bool, tile=TILE):
-    """fast.lora.swiglu_lora_backward in one kernel; the SwiGLU product (need_act) is written over d."""
+    """fast.fused.swiglu_lora_backward in one kernel; the SwiGLU product (need_act) is written over d."""
     check(g, h_g, h_u, s_g, s_u)
     g, u, h_g, B_g, h_u, B_u, d, dh, A = (t.contiguous() for t in (g, u, h_g, B_g, h_u, B_u, d, dh, A))
     d_gate, d_up = torch.empty_like(g), torch.empty_like(u)

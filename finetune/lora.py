@@ -2,7 +2,7 @@
 
     python finetune/lora.py --data_dir data/demo --train.max_steps 60        # SmolLM2-135M, CPU, a few minutes
     python finetune/lora.py --config finetune/configs/upaya_4090.yaml        # a winning recipe's flags
-    python finetune/lora.py --config out/lora/run/train_config.yaml          # the same run again
+    python finetune/lora.py --config out/lora/run/train_config.yaml --out_dir out/lora/again   # the same run again
 
 Reads `train.safetensors` / `val.safetensors` and `meta.json` (data.py; made by prepare_data/) and writes to out_dir:
 `adapter.safetensors` (latest), `adapter_best.safetensors` (best validation loss), `adapters/step-*.safetensors`,
@@ -299,8 +299,10 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
             tokens_now += int(n_tok)
             throughput.update(time=sum(step_times), batches=len(step_times), samples=len(step_times),
                               lengths=tokens_now)
+            # The log gets this step's figure; the printed line the mean over the steps since the last line (the
+            # window holds all ranks' tokens, already summed: "device" here is the whole job).
             tok_s = throughput.compute().get("device/items_per_sec", n_tok / step_times[-1])
-            fabric.log_dict({"train_loss": loss, "lr": lr, "tokens_per_s": tok_s}, step=state["step"])
+            fabric.log_dict({"train_loss": loss, "lr": lr, "tokens_per_s": n_tok / step_times[-1]}, step=state["step"])
             if state["step"] % t.log_interval == 0 or state["step"] == total_steps:
                 recent = sorted(step_times[-20:])[len(step_times[-20:]) // 2]
                 eta = recent * (total_steps - state["step"])

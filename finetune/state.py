@@ -40,22 +40,32 @@ RESUME_MUST_MATCH = ("checkpoint_dir", "data_dir", "quantize", "precision", "lor
                      "train.packing", "train.optimizer", "seed")
 
 
+MISSING = object()
+
+
 def lookup(hparams: dict, key: str):
-    """hparams["train"]["batch_size"] for key "train.batch_size"; None where the key is absent."""
+    """hparams["train"]["batch_size"] for key "train.batch_size"; MISSING where the key is absent (a saved null is a
+    value: a run without --quantize must not resume with it)."""
     for part in key.split("."):
-        hparams = hparams.get(part) if isinstance(hparams, dict) else None
+        if not (isinstance(hparams, dict) and part in hparams):
+            return MISSING
+        hparams = hparams[part]
     return hparams
 
 
 def write_config(out_dir: Path, hparams: dict) -> None:
-    """train_config.yaml: every flag of this run in the shape --config reads: `finetune/lora.py --config` repeats it."""
+    """train_config.yaml: every flag of this run in the shape --config reads: `finetune/lora.py --config` repeats it.
+    Without --resume: repeating a run is a fresh start (give another --out_dir), continuing one says so."""
     tmp = out_dir / "train_config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(hparams, sort_keys=False))
+    tmp.write_text(yaml.safe_dump({k: v for k, v in hparams.items() if k != "resume"}, sort_keys=False))
     os.replace(tmp, out_dir / "train_config.yaml")
 
 
 def check_resumable(out_dir: Path, hparams: dict, config) -> None:
     path = out_dir / "train_config.yaml"
+    if not path.exists() and (out_dir / "train_config.json").exists():
+        raise InputError(f"{out_dir}: written by the trainer before its flags were grouped (train_config.json); "
+                         "finish it with that version, or start a new --out_dir")
     saved = {}
     if path.exists():
         try:
@@ -68,7 +78,7 @@ def check_resumable(out_dir: Path, hparams: dict, config) -> None:
                              "start a new --out_dir")
     for key in RESUME_MUST_MATCH:
         was, now = lookup(saved, key), lookup(hparams, key)
-        if was is not None and was != now:
+        if was is not MISSING and was != now:
             raise InputError(f"{path}: --{key} was {was!r}, now {now!r}; resuming needs the same value "
                              "(or start a new --out_dir)")
     adapter = out_dir / "adapter.safetensors"
@@ -113,9 +123,12 @@ def load_checkpoint(fabric, path: Path, gpt, optimizer, scheduler, state: dict, 
     """Restores the LoRA weights, optimizer, scheduler and RNG streams in place; returns the loop's state dict."""
     try:
         payload = fabric.load(path, {"optimizer": optimizer, "scheduler": scheduler})
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise InputError(f"{path}: unreadable ({' '.join(str(e).split())[:200]}); it cannot be resumed, start a new "
                          "--out_dir") from None
+    if not {"lora", "hparams", "state", "rng"} <= set(payload):
+        raise InputError(f"{path}: not a state this trainer wrote (keys {sorted(payload)}); it cannot be resumed, "
+                         "start a new --out_dir")
     params = dict(gpt.named_parameters())
     with torch.no_grad():
         for k, v in payload["lora"].items():

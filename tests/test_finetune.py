@@ -485,6 +485,31 @@ def test_resume_refuses_changed_settings_and_foreign_adapters(ckpt, data, tmp_pa
     with pytest.raises(InputError) as e:
         run(other, data, out, max_steps=6, resume=True)
     assert "--checkpoint_dir was" in one_line_error(e)
+    # A setting that was null is a setting too: the run trained on full-precision weights and untruncated rows.
+    with pytest.raises(InputError) as e:
+        run(ckpt, data, out, max_steps=6, resume=True, quantize="bnb.nf4")
+    assert "--quantize was None, now 'bnb.nf4'" in one_line_error(e)
+    with pytest.raises(InputError) as e:
+        run(ckpt, data, out, max_steps=6, resume=True, max_seq_length=16)
+    assert "--train.max_seq_length was None, now 16" in one_line_error(e)
+
+
+def test_a_run_of_the_flat_flag_trainer_is_refused_in_one_line(ckpt, data, tmp_path):
+    """Before the flags were grouped a run wrote train_config.json and a state.ckpt of another shape: resuming it
+    must say so, not trace back after the model has loaded."""
+    out = tmp_path / "run"
+    run(ckpt, data, out, max_steps=2, sample_tokens=0)
+    (out / "train_config.yaml").rename(out / "train_config.json")
+    with pytest.raises(InputError) as e:
+        run(ckpt, data, out, max_steps=4, resume=True)
+    assert "before its flags were grouped (train_config.json)" in one_line_error(e)
+    (out / "train_config.json").rename(out / "train_config.yaml")
+    state = torch.load(out / "state.ckpt", weights_only=False)
+    del state["hparams"]
+    torch.save(state, out / "state.ckpt")
+    with pytest.raises(InputError) as e:
+        run(ckpt, data, out, max_steps=4, resume=True)
+    assert "state.ckpt: not a state this trainer wrote" in one_line_error(e)
 
 
 def test_a_runs_train_config_yaml_repeats_the_run(ckpt, data, tmp_path):
@@ -494,6 +519,7 @@ def test_a_runs_train_config_yaml_repeats_the_run(ckpt, data, tmp_path):
     saved = yaml.safe_load((tmp_path / "first/train_config.yaml").read_text())
     assert saved["lora"]["r"] == 4 and saved["lora"]["dropout"] == 0.1 and saved["train"]["neftune_alpha"] == 5.0
     assert set(saved) >= {"checkpoint_dir", "data_dir", "out_dir", "lora", "train", "speed", "eval", "seed"}
+    assert "resume" not in saved  # repeating a run starts it afresh; continuing one is --resume true, said aloud
     again = subprocess.run([sys.executable, "finetune/lora.py", "--config", str(tmp_path / "first/train_config.yaml"),
                             "--out_dir", str(tmp_path / "again")], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                            capture_output=True, text=True, timeout=300)

@@ -21,8 +21,8 @@ import torch.nn as nn
 import fast
 import model as model_module
 from data import IGNORE, collate, load_split, make_examples, pack
-from fast import lora as fast_lora
-from fast.lora import FusedLoRALinear, LoRAMatmul
+from fast import fused as fast_fused
+from fast.fused import FusedLoRALinear, LoRAMatmul
 from fast.memory import chunked_cross_entropy, enable_activation_checkpointing
 from finetune import lora as ft
 from lora import (LoRAConfig, LoRALinear, inject_lora, load_adapter, lora_state_dict, qkv_parts,
@@ -77,8 +77,8 @@ def test_lora_matmul_without_input_grad_skips_dx(monkeypatch):
     layer, plain = fast_and_plain(lora_layer(nn.Linear(16, 24, bias=False).requires_grad_(False)))
     x = torch.randn(3, 16)  # like the first block's input: no gradient wanted
     calls = []
-    original = fast_lora.base_weight
-    monkeypatch.setattr(fast_lora, "base_weight", lambda *a: calls.append(1) or original(*a))
+    original = fast_fused.base_weight
+    monkeypatch.setattr(fast_fused, "base_weight", lambda *a: calls.append(1) or original(*a))
     fused = grads_of(layer, x)
     assert len(calls) == 1  # forward only: the backward's base matmul (and 4-bit dequantization) is skipped
     reference = grads_of(plain, x)
@@ -107,7 +107,7 @@ def test_swiglu_backward_matches_autograd():
     torch.manual_seed(0)
     g, u, d = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
     model_module.swiglu(g, u).backward(d)
-    dg, du = fast_lora.swiglu_backward(g.detach(), u.detach(), d)
+    dg, du = fast_fused.swiglu_backward(g.detach(), u.detach(), d)
     torch.testing.assert_close(dg, g.grad)
     torch.testing.assert_close(du, u.grad)
 
@@ -167,15 +167,15 @@ def fast_mlp(mlp, norm, **settings):
 
 def run_mlp(mlp, norm, x0):
     """(output, input gradient, the six adapter gradients) and whether lora_gated_mlp ran."""
-    calls, original = [], fast_lora.SwiGLULoRADown.apply
-    fast_lora.SwiGLULoRADown.apply = lambda *args: calls.append(1) or original(*args)
+    calls, original = [], fast_fused.SwiGLULoRADown.apply
+    fast_fused.SwiGLULoRADown.apply = lambda *args: calls.append(1) or original(*args)
     try:
         mlp.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_()
         y = mlp(norm(x))
         (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
     finally:
-        fast_lora.SwiGLULoRADown.apply = original
+        fast_fused.SwiGLULoRADown.apply = original
     layers = (mlp.fc_1, mlp.fc_2, mlp.proj)
     return (y.detach(), x.grad, *(p.grad for m in layers for p in (m.lora_A, m.lora_B))), bool(calls)
 
@@ -223,8 +223,8 @@ def test_gated_mlp_is_refused_where_it_does_not_apply():
     mlp.fc_1.merge()
     assert not run_mlp(mlp, norm, x0)[1]
     mlp.fc_1.unmerge()
-    calls, original = [], fast_lora.SwiGLULoRADown.apply
-    fast_lora.SwiGLULoRADown.apply = lambda *args: calls.append(1) or original(*args)
+    calls, original = [], fast_fused.SwiGLULoRADown.apply
+    fast_fused.SwiGLULoRADown.apply = lambda *args: calls.append(1) or original(*args)
     try:
         with torch.no_grad():  # inference keeps the base layers' own kernels
             mlp(norm(x0))
@@ -233,7 +233,7 @@ def test_gated_mlp_is_refused_where_it_does_not_apply():
         inject_lora(model, LoRAConfig(r=4, targets=("down",)))  # no adapters on gate and up
         fast.speed_up(model)(torch.randint(0, c.vocab_size, (1, 8))).sum().backward()
     finally:
-        fast_lora.SwiGLULoRADown.apply = original
+        fast_fused.SwiGLULoRADown.apply = original
     assert calls == [] and model.blocks[0].mlp.proj.lora_A.grad is not None
 
 
@@ -253,7 +253,7 @@ def check_swiglu_lora_kernels():
     truncation (the GPU rounds to nearest; tests/gpu/check_fused.py compares bf16 there). Each value within two
     fp16 steps (the plain forward rounds silu(gate) before multiplying, the kernel does not); the gradients, computed
     in fp32 by both, nearly all equal."""
-    forward, backward = fast_lora.triton_kernels()
+    forward, backward = fast_fused.triton_kernels()
     gen = torch.Generator().manual_seed(0)
     M, N, r, r2 = 70, 200, 12, 8
 
@@ -270,8 +270,8 @@ def check_swiglu_lora_kernels():
         assert got.shape == want.shape and bool(((got - want).abs() <= steps).all()), name
         assert (got == want).float().mean() >= equal, name
 
-    close(forward(*args), fast_lora.swiglu_lora(*args), "forward")
-    expected = fast_lora.swiglu_lora_backward(*args, d, dh, A, True)
+    close(forward(*args), fast_fused.swiglu_lora(*args), "forward")
+    expected = fast_fused.swiglu_lora_backward(*args, d, dh, A, True)
     d_over = d.clone()
     got = backward(*args, d_over, dh, A, True)
     assert got[2].data_ptr() == d_over.data_ptr()  # the product went over d: no extra (M, N) tensor
@@ -289,25 +289,25 @@ def test_self_check_finds_a_wrong_swiglu_kernel_and_the_plain_one_is_kept(monkey
     """A forward kernel that drops the up projection's adapter is refused with a warning, and so are kernels that
     fail to run; kernels that agree are taken."""
     def bad_forward(g, u, h_g, B_g, s_g, h_u, B_u, s_u):
-        return fast_lora.swiglu_lora(g, u, h_g, B_g, s_g, h_u, B_u, 0.0)
+        return fast_fused.swiglu_lora(g, u, h_g, B_g, s_g, h_u, B_u, 0.0)
 
     def good_forward(*args):
-        return fast_lora.swiglu_lora(*args)
+        return fast_fused.swiglu_lora(*args)
 
-    plain = (fast_lora.swiglu_lora, fast_lora.swiglu_lora_backward)
-    assert fast_lora.self_check(*plain, device="cpu") == 0
-    assert fast_lora.self_check(bad_forward, plain[1], device="cpu") > 0.1
-    real_check = fast_lora.self_check
-    monkeypatch.setattr(fast_lora, "self_check", lambda f, b, rank: real_check(f, b, device="cpu", rank=rank))
-    monkeypatch.setattr(fast_lora, "triton_kernels", lambda: (bad_forward, plain[1]))
-    kernels = fast_lora.choose_kernels(True, on_gpu=True, rank=16)  # as on a GPU
-    assert not kernels.triton_mlp and kernels.swiglu_lora.func is fast_lora.swiglu_lora
+    plain = (fast_fused.swiglu_lora, fast_fused.swiglu_lora_backward)
+    assert fast_fused.self_check(*plain, device="cpu") == 0
+    assert fast_fused.self_check(bad_forward, plain[1], device="cpu") > 0.1
+    real_check = fast_fused.self_check
+    monkeypatch.setattr(fast_fused, "self_check", lambda f, b, rank: real_check(f, b, device="cpu", rank=rank))
+    monkeypatch.setattr(fast_fused, "triton_kernels", lambda: (bad_forward, plain[1]))
+    kernels = fast_fused.choose_kernels(True, on_gpu=True, rank=16)  # as on a GPU
+    assert not kernels.triton_mlp and kernels.swiglu_lora.func is fast_fused.swiglu_lora
     assert "Triton SwiGLU kernels differ from the PyTorch versions" in capsys.readouterr().err
-    monkeypatch.setattr(fast_lora, "triton_kernels", lambda: 1 / 0)  # e.g. no Triton for this GPU
-    assert fast_lora.checked_triton_kernels(rank=16) is None
+    monkeypatch.setattr(fast_fused, "triton_kernels", lambda: 1 / 0)  # e.g. no Triton for this GPU
+    assert fast_fused.checked_triton_kernels(rank=16) is None
     assert "did not run on this GPU (ZeroDivisionError" in capsys.readouterr().err
-    monkeypatch.setattr(fast_lora, "triton_kernels", lambda: (good_forward, plain[1]))
-    kernels = fast_lora.choose_kernels(True, on_gpu=True, rank=16)
+    monkeypatch.setattr(fast_fused, "triton_kernels", lambda: (good_forward, plain[1]))
+    kernels = fast_fused.choose_kernels(True, on_gpu=True, rank=16)
     assert kernels.triton_mlp and kernels.swiglu_lora is good_forward and not capsys.readouterr().err
 
 
@@ -352,8 +352,8 @@ def fast_model(net, backend=None, **settings):
     itself compiles with inductor; another backend goes through the same conversion with kernels compiled by it."""
     if backend in (None, "inductor"):
         return fast.speed_up(net, kernels=backend is not None, **settings)
-    kernels = fast_lora.choose_kernels(True, on_gpu=False, backend=backend)
-    return fast_lora.convert(net, kernels, settings.get("fp8"), settings.get("recompute_inputs", True),
+    kernels = fast_fused.choose_kernels(True, on_gpu=False, backend=backend)
+    return fast_fused.convert(net, kernels, settings.get("fp8"), settings.get("recompute_inputs", True),
                              settings.get("fused_mlp", True))
 
 
@@ -608,7 +608,7 @@ def test_compiled_norms_round_like_eager_so_a_recomputed_norm_equals_the_forward
     norm = model_module.RMSNorm(256, 1e-5).to(torch.bfloat16)
     nn.init.normal_(norm.weight, 1.0, 0.1)
     x, h = torch.randn(2, 32, 256, dtype=torch.bfloat16), torch.randn(2, 32, 256, dtype=torch.bfloat16)
-    eager_sum, eager_y = fast_lora.add_rms_norm(x, h, norm.weight, norm.eps)
+    eager_sum, eager_y = fast_fused.add_rms_norm(x, h, norm.weight, norm.eps)
     patch = {"emulate_precision_casts_on_saved_tensors": False}  # torch >= 2.13 only: behave like older inductors
     patch = {k: v for k, v in patch.items() if hasattr(torch._inductor.config, k)}
     fast_model(norm, backend)
@@ -664,7 +664,7 @@ def test_validation_runs_the_compiled_kernels_eagerly(packed_batch):
 # ---------------------------------------------------------------------------------------------------------------------
 # The fast layer's contract
 
-FAST_CLASSES = tuple(fast_lora.FAST_CLASS.values())
+FAST_CLASSES = tuple(fast_fused.FAST_CLASS.values())
 
 
 def test_speed_up_keeps_parameters_state_dict_keys_and_adapters(tmp_path):
@@ -714,10 +714,10 @@ def test_a_fast_and_a_plain_model_in_one_process_do_not_affect_each_other(packed
     quick = fast.speed_up(tiny_model(dtype=torch.bfloat16), fp8="all", recompute_inputs=False, kernels=True)
     calls = []
     for name in ("LoRAMatmul", "LoRAGateUp", "SwiGLULoRADown", "SwiGLULoRAMatmul"):
-        function = getattr(fast_lora, name)
+        function = getattr(fast_fused, name)
         monkeypatch.setattr(function, "apply", lambda *a, _f=function.apply: calls.append(1) or _f(*a))
     fp8_calls = []
-    monkeypatch.setattr(fast_lora.fp8, "linear", lambda *a, _f=fast_lora.fp8.linear: fp8_calls.append(1) or _f(*a))
+    monkeypatch.setattr(fast_fused.fp8, "linear", lambda *a, _f=fast_fused.fp8.linear: fp8_calls.append(1) or _f(*a))
     quick_result = loss_and_grads(quick, batch)
     assert calls and fp8_calls
     calls.clear(), fp8_calls.clear()
@@ -732,7 +732,7 @@ def test_a_fast_and_a_plain_model_in_one_process_do_not_affect_each_other(packed
 
 def project_imports():
     """{module: the project modules it imports, anywhere in the file (also inside functions)} for the project's own
-    code (not tests/): `from fast import lora` imports fast.lora."""
+    code (not tests/): `from fast import fused` imports fast.fused."""
     folders = [ROOT, *(ROOT / d for d in ("fast", "finetune", "generate", "scripts", "benchmarks", "prepare_data"))]
     files = {}
     for folder in folders:
@@ -754,9 +754,9 @@ def project_imports():
 
 def test_no_import_cycles():
     graph = project_imports()
-    assert {"fast", "fast.lora", "fast.fp8", "fast.kernels", "lora", "model", "quantize", "utils"} <= set(graph)
-    assert "lora" not in graph["fast.kernels"] and "fast.lora" not in graph["fast.kernels"]
-    assert not {"fast.fp8", "fast.kernels", "fast.lora"} & (graph["lora"] | graph["model"])  # the plain core
+    assert {"fast", "fast.fused", "fast.fp8", "fast.kernels", "lora", "model", "quantize", "utils"} <= set(graph)
+    assert "lora" not in graph["fast.kernels"] and "fast.fused" not in graph["fast.kernels"]
+    assert not {"fast.fp8", "fast.kernels", "fast.fused"} & (graph["lora"] | graph["model"])  # the plain core
     state = {}  # module -> "open" while its imports are walked, "done" after
 
     def walk(module, path):

@@ -234,9 +234,10 @@ class FastMLP(model.MLP):
             return False
         gate, up, down = layers
         # On a GPU only with the Triton kernels: the plain ones keep more memory than three LoRA matmuls. On a CPU
-        # (the tests) the plain ones compute the same math.
-        kernels = x.device.type == "cpu" or (down.kernels.triton_mlp and kernels_take(x.dtype, gate.r, up.r,
-                                                                                       gate.scaling, up.scaling))
+        # (the tests) the plain ones compute the same math. The Triton kernels refuse what kernels_take refuses.
+        triton = down.kernels.triton_mlp
+        kernels = ((x.device.type == "cpu" and not triton)
+                   or (triton and kernels_take(x.dtype, gate.r, up.r, gate.scaling, up.scaling)))
         return kernels and len({m.fp8_mode for m in layers}) == 1
 
 
