@@ -232,9 +232,9 @@ def main(
                       "mem_after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
                       "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}), flush=True)
     for i, spec in enumerate(configs.split(",")):
-        if i:  # each configuration compiles afresh, as its own trainer process would. Without this, a configuration
-            # after others of another shape ran 17% slower with 3 GiB more peak memory (one H100 call: 3x0 after 2x0
-            # and 1x0); likely the compiled kernels recompiled for dynamic shapes
+        if i:  # each configuration compiles afresh, as its own trainer process would: without this, one that follows
+            # others of another shape runs slower and with more peak memory (the compiled kernels recompile for
+            # dynamic shapes), and the table would rank configurations by their order
             torch._dynamo.reset()
             gc.collect()
         spec, *extras = spec.lower().split("+")
