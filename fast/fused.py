@@ -222,20 +222,19 @@ class FastMLP(model.MLP):
             return super().forward(x)
         layers = (self.fc_1, self.fc_2, self.proj)
         if self.fuse_lora and self.fusable(x, layers):
-            return lora_gated_mlp(x, layers, self.proj.fp8_mode, self.proj.recompute, self.proj.kernels)
+            return lora_gated_mlp(x, layers, self.proj.fp8_mode, self.proj.recompute, self.kernels)
         gate, up = self.fc_1(x), self.fc_2(x)
         if isinstance(self.proj, FusedLoRALinear):
             return self.proj.swiglu_forward(gate, up)
         return self.proj(self.kernels.swiglu(gate, up))
 
-    @staticmethod
-    def fusable(x: torch.Tensor, layers) -> bool:
+    def fusable(self, x: torch.Tensor, layers) -> bool:
         if not all(isinstance(m, FusedLoRALinear) and m.takes_fused_path and m.covers_all_rows for m in layers):
             return False
-        gate, up, down = layers
+        gate, up, _ = layers
         # On a GPU only with the Triton kernels: the plain ones keep more memory than three LoRA matmuls. On a CPU
         # (the tests) the plain ones compute the same math. The Triton kernels refuse what kernels_take refuses.
-        triton = down.kernels.triton_mlp
+        triton = self.kernels.triton_mlp
         kernels = ((x.device.type == "cpu" and not triton)
                    or (triton and kernels_take(x.dtype, gate.r, up.r, gate.scaling, up.scaling)))
         return kernels and len({m.fp8_mode for m in layers}) == 1
