@@ -648,8 +648,7 @@ def test_validation_runs_the_compiled_kernels_eagerly(packed_batch):
     ex, _ = packed_batch
     assert len(set(ex.lengths.tolist())) > 1
     model = fast_model(tiny_model(), "aot_eager")
-    a = SimpleNamespace(micro_batch_size=2, sample_tokens=0, out_dir="unused",  # flat and grouped hyperparameters
-                        train=SimpleNamespace(micro_batch_size=2), eval=SimpleNamespace(sample_tokens=0))
+    a = SimpleNamespace(out_dir="unused", train=SimpleNamespace(micro_batch_size=2), eval=SimpleNamespace(sample_tokens=0))
     state = {"step": 0, "history": {"val": []}, "best_val": float("inf")}
     torch._dynamo.reset()
     counters.clear()
