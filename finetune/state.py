@@ -56,9 +56,15 @@ def lookup(hparams: dict, key: str):
 def write_config(out_dir: Path, hparams: dict) -> None:
     """train_config.yaml: every flag of this run in the shape --config reads: `finetune/lora.py --config` repeats it.
     Without --resume: repeating a run is a fresh start (give another --out_dir), continuing one says so."""
-    tmp = out_dir / "train_config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump({k: v for k, v in hparams.items() if k != "resume"}, sort_keys=False))
-    os.replace(tmp, out_dir / "train_config.yaml")
+    flags = {k: v for k, v in hparams.items() if k != "resume"}
+    write_atomic(out_dir / "train_config.yaml", yaml.safe_dump(flags, sort_keys=False))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A reader (or a run killed meanwhile) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def check_resumable(out_dir: Path, hparams: dict, config) -> None:
@@ -159,9 +165,8 @@ def load_checkpoint(fabric, path: Path, gpt, optimizer, scheduler, state: dict, 
 def write_status(out_dir: Path, status: str, step: int, total_steps: int, reason: str = "") -> None:
     """status.json: "running", "stopped" (by the budget or a signal: continue with --resume true; the exit status is
     75) or "finished" (exit status 0). A run that crashed still says "running"."""
-    tmp = out_dir / "status.json.tmp"
-    tmp.write_text(json.dumps({"status": status, "reason": reason, "step": step, "total_steps": total_steps}) + "\n")
-    os.replace(tmp, out_dir / "status.json")
+    write_atomic(out_dir / "status.json",
+                 json.dumps({"status": status, "reason": reason, "step": step, "total_steps": total_steps}) + "\n")
 
 
 class Stopper:
