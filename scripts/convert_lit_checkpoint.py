@@ -25,13 +25,13 @@ from safetensors import safe_open
 
 from cli import InputError
 from convert_hf_checkpoint import TOKENIZER_FILES
-from hf_names import FAMILIES, guess_family, hf_config_from_lit, lit_to_hf
+from hf_names import FAMILIES, hf_config_from_lit, lit_to_hf, pick_family
 from utils import iter_checkpoint, load_config, output_folder, resolve_checkpoint_dir, save_safetensors
 
 
 def setup(checkpoint_dir: Path, out_dir: Path, family: Optional[Literal[FAMILIES]] = None,
           max_shard_size_gb: PositiveFloat = 5.0) -> None:
-    """Export a checkpoint folder (model_config.json + model*.safetensors) as a Hugging Face model folder.
+    """Export a checkpoint folder (model_config.json + oneday/weights*.safetensors) as a Hugging Face model folder.
 
     Args:
         checkpoint_dir: Our checkpoint folder (from convert_hf_checkpoint.py, convert_gguf_checkpoint.py or a merged
@@ -45,10 +45,7 @@ def setup(checkpoint_dir: Path, out_dir: Path, family: Optional[Literal[FAMILIES
     config = load_config(checkpoint_dir)
     source_path = checkpoint_dir / "config.json"  # the original config.json when converted in place
     source = json.loads(source_path.read_text()) if source_path.is_file() else {}
-    if family is None:
-        family = source.get("model_type") if source.get("model_type") in FAMILIES else guess_family(config)
-    if family not in FAMILIES:
-        raise InputError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
+    family = pick_family(config, source, family)
     base = source if source.get("model_type") == family else None
     hf_config_from_lit(config, family, "float32", base)  # a config the family cannot express fails before writing
 

@@ -4,7 +4,9 @@
     python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/mistralai/Mistral-7B-v0.1
 
 Only what the converter needs: safetensors weights (pytorch .bin only when the repo has no safetensors), the configs
-and the tokenizer files. Gated models (Llama 2, ...) need an access token: `export HF_TOKEN=hf_...`.
+and the tokenizer files. The converter writes its own files beside them (model_config.json, oneday/) and leaves these
+as downloaded, so transformers and vLLM load the same folder. Gated models (Llama 2, ...) need an access token:
+`export HF_TOKEN=hf_...`.
 """
 
 import fnmatch

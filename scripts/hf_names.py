@@ -141,6 +141,17 @@ def lit_to_hf(family: str, config: Config, name: str, tensor: torch.Tensor) -> L
     return [(hf.format(layer), by_part[part].contiguous()) for hf, part in found]
 
 
+def hf_modules(family: str, module: str) -> List[Tuple[str, Optional[str]]]:
+    """One of our linear layers ('blocks.3.attn.qkv') -> the Hugging Face module(s) holding its weight, each with the
+    part it holds (as in NAMES): [('model.layers.3.self_attn.q_proj', 'q'), ...]. For LoRA adapter exports."""
+    template, layer = _template(f"{module}.weight")
+    found = [(hf.removesuffix(".weight").format(layer), part) for hf, (ours, part) in NAMES[family].items()
+             if ours == template]
+    if not found:
+        raise KeyError(f"module {module!r} has no {family} Hugging Face name")
+    return found
+
+
 # ---- config.json <-> Config -------------------------------------------------------------------------------------
 
 
@@ -223,6 +234,16 @@ def guess_family(config: Config) -> str:
         first_gen_qwen = config.name.lower().startswith("qwen-") or config.hf_repo.lower().startswith("qwen/qwen-")
         return "qwen" if first_gen_qwen else "qwen2"
     return "mistral" if config.sliding_window else "llama"
+
+
+def pick_family(config: Config, source: dict, family: Optional[str] = None) -> str:
+    """The family to write: `family` if given, else the model_type of the checkpoint's own config.json (`source`,
+    there when converted beside a download), else guessed from the config."""
+    if family is None:
+        family = source.get("model_type") if source.get("model_type") in FAMILIES else guess_family(config)
+    if family not in FAMILIES:
+        raise InputError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
+    return family
 
 
 def hf_config_from_lit(config: Config, family: str, dtype: str, base: Optional[dict] = None) -> dict:

@@ -6,7 +6,7 @@ The adapter file knows its base checkpoint, rank, alpha and targets, so no train
 streams through tensor by tensor (host RAM stays near one tensor plus one output shard). For an adapter trained on a
 4-bit base (QLoRA), `--base_weights trained` (default) merges onto the base weights as the adapter saw them
 (quantized, then dequantized with bitsandbytes), so the merged model computes what was trained; `original` merges
-onto the unquantized weights instead. The result (model_config.json, model*.safetensors, tokenizer files,
+onto the unquantized weights instead. The result (model_config.json, oneday/weights*.safetensors, tokenizer files,
 prompt_style.json) loads like any converted checkpoint and scripts/convert_lit_checkpoint.py exports it.
 """
 
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cli import InputError  # noqa: E402
 from generate.base import pick_device  # noqa: E402
 from lora import LoRAConfig, check_adapter_fits, delta_weight, read_adapter, target_modules  # noqa: E402
-from utils import (iter_checkpoint, load_config, output_folder, resolve_checkpoint_dir,  # noqa: E402
-                   save_safetensors)
+from utils import (install_shards, iter_checkpoint, load_config, output_folder,  # noqa: E402
+                   resolve_checkpoint_dir, save_safetensors, shard_part)
 
 SHARD_BYTES = 5 * 2**30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
@@ -92,16 +92,14 @@ def main(
 
     out_dir = output_folder(out_dir or (adapter.parent if adapter.is_file() else adapter) / "merged", "--out_dir",
                             checkpoint_dir)
-    for old in out_dir.glob("model*.safetensors"):
-        old.unlink()
     untie = config.tie_embeddings and "lm_head.weight" in deltas
     shards, shard, size = [], {}, 0
 
     def flush():
         nonlocal shard, size
         if shard:
-            path = out_dir / f"part-{len(shards):05d}.safetensors"
-            save_safetensors(shard, path)
+            path = shard_part(out_dir, len(shards))
+            save_safetensors(shard, path, metadata={"format": "pt"})
             shards.append(path)
             shard, size = {}, 0
 
@@ -119,9 +117,7 @@ def main(
         if n % 64 == 0:
             print(f"merged {n} tensors", file=sys.stderr)
     flush()
-    for i, path in enumerate(shards):
-        final = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        path.rename(out_dir / final)
+    install_shards(out_dir, shards)  # replaces the weights of an earlier merge into out_dir
 
     if untie:
         config.tie_embeddings = False

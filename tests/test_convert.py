@@ -1,6 +1,8 @@
-"""Hugging Face checkpoints -> converter -> our model: same logits as transformers, bit-exact round trips, and
-one-line errors on bad input. Tiny random models of every family, saved with save_pretrained into tmp_path."""
+"""Hugging Face checkpoints -> converter -> our model: same logits as transformers, bit-exact round trips, the download
+left as it was, and one-line errors on bad input. Tiny random models of every family, saved with save_pretrained into
+tmp_path."""
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -18,7 +20,7 @@ import convert_hf_checkpoint  # noqa: E402
 import convert_lit_checkpoint  # noqa: E402
 from cli import InputError  # noqa: E402
 from model import Config  # noqa: E402
-from utils import load_model  # noqa: E402
+from utils import checkpoint_files, load_model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,11 +128,25 @@ def write_first_gen_qwen(model, folder: Path) -> None:
 
 
 def read_all(folder: Path) -> dict:
+    """The Hugging Face weights of a folder (model*.safetensors)."""
+    return read_files(sorted(folder.glob("model*.safetensors")))
+
+
+def read_ours(folder: Path) -> dict:
+    """Our converted weights (oneday/weights*.safetensors)."""
+    return read_files(checkpoint_files(folder))
+
+
+def read_files(files) -> dict:
     tensors = {}
-    for file in sorted(folder.glob("model*.safetensors")):
+    for file in files:
         with safe_open(str(file), framework="pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     return tensors
+
+
+def digests(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
 
 
 def folder_name(case: str) -> str:
@@ -141,6 +157,7 @@ def folder_name(case: str) -> str:
 def test_logits_match_transformers(case, tmp_path):
     folder = tmp_path / folder_name(case)
     hf_model = make_hf(case, folder)
+    downloaded = digests(folder)
     convert_hf_checkpoint.setup(folder)
     model = load_model(folder)
     ids = torch.randint(0, TINY["vocab_size"], (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
@@ -150,9 +167,17 @@ def test_logits_match_transformers(case, tmp_path):
     assert expected.std() > 0.3  # the weights are not so small that any mapping would pass
     diff = (ours - expected).abs().max().item()
     assert diff <= 1e-4, f"{case}: max |logits - transformers| = {diff}"
-    # The folder stays a whole checkpoint: config, tokenizer files kept, no Hugging Face index left behind.
-    assert (folder / "model_config.json").is_file() and (folder / "tokenizer_config.json").is_file()
-    assert not (folder / "model.safetensors.index.json").exists()
+    # Our files sit beside the download, which is byte for byte what it was ...
+    assert (folder / "model_config.json").is_file() and (folder / "oneday").is_dir()
+    after = digests(folder)
+    assert {name: after[name] for name in downloaded} == downloaded and set(after) - set(downloaded) == {
+        "model_config.json"}
+    if case == "qwen":
+        return  # no transformers class (remote code)
+    # ... so transformers still loads the folder as the model it was.
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
 
 
 def test_mistral_window_is_used(tmp_path):
@@ -215,9 +240,10 @@ def test_sharded_safetensors_and_dtype(tmp_path):
     inputs = sorted(folder.glob("model-*.safetensors"))
     assert len(inputs) > 2
     convert_hf_checkpoint.setup(folder, dtype="bfloat16")
-    outputs = sorted(folder.glob("model*.safetensors"))
-    assert [p.name for p in outputs] == [p.name for p in inputs]
-    assert all(t.dtype == torch.bfloat16 for t in read_all(folder).values())
+    outputs = checkpoint_files(folder)
+    assert [p.name for p in outputs] == [p.name.replace("model", "weights") for p in inputs]
+    assert sorted(folder.glob("model-*.safetensors")) == inputs
+    assert all(t.dtype == torch.bfloat16 for t in read_ours(folder).values())
     model = load_model(folder, dtype=torch.float32)
     ids = torch.randint(0, TINY["vocab_size"], (1, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -225,8 +251,37 @@ def test_sharded_safetensors_and_dtype(tmp_path):
     assert 0 < diff < 0.1  # bf16 weights: close, not equal
 
     # Running again on a converted folder is harmless.
+    stamps = [p.stat().st_mtime_ns for p in outputs]
     convert_hf_checkpoint.setup(folder)
-    assert sorted(folder.glob("model*.safetensors")) == outputs
+    assert checkpoint_files(folder) == outputs and [p.stat().st_mtime_ns for p in outputs] == stamps
+
+
+@pytest.mark.parametrize("source", ["download", "gguf"])
+def test_folder_converted_by_an_older_version(tmp_path, source):
+    """Versions before oneday/ wrote our tensors under Hugging Face's names (model*.safetensors), replacing the
+    download (with its config.json kept) or beside a GGUF import (no config.json). Loading says in one line what to
+    run; that run moves the shards to oneday/ unchanged, and the folder loads again."""
+    folder = tmp_path / "tiny-llama"
+    hf_model = make_hf("tinyllama", folder, max_shard_size="20KB")
+    convert_hf_checkpoint.setup(folder)
+    converted = read_ours(folder)
+    for file in sorted(folder.glob("model*.safetensors")) + [folder / "model.safetensors.index.json"]:
+        file.unlink()
+    for file in checkpoint_files(folder):
+        file.rename(folder / file.name.replace("weights", "model"))
+    if source == "gguf":
+        (folder / "config.json").unlink()
+    with pytest.raises(InputError) as excinfo:
+        load_model(folder)
+    one_line_error(excinfo, folder, "model*.safetensors", f"convert_hf_checkpoint.py --checkpoint_dir {folder}")
+
+    convert_hf_checkpoint.setup(folder)
+    assert not list(folder.glob("*.safetensors"))
+    moved = read_ours(folder)
+    assert sorted(moved) == sorted(converted) and all(torch.equal(moved[k], v) for k, v in converted.items())
+    ids = torch.randint(0, TINY["vocab_size"], (1, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (load_model(folder)(ids) - hf_model(ids).logits).abs().max() <= 1e-4
 
 
 def test_pytorch_bin_shards_to_out_dir(tmp_path):
@@ -255,10 +310,10 @@ def test_pytorch_bin_shards_to_out_dir(tmp_path):
         assert (model(ids) - hf_model(ids).logits).abs().max() <= 1e-4
 
     convert_hf_checkpoint.setup(folder)  # in place: our shards beside the .bin originals, which stay
-    assert len(list(folder.glob("pytorch_model-*.bin"))) == 2
-    assert sorted(p.name for p in folder.glob("model*.safetensors")) == ["model-00001-of-00002.safetensors",
-                                                                        "model-00002-of-00002.safetensors"]
-    assert all(torch.equal(a, b) for a, b in zip(read_all(folder).values(), read_all(out).values()))
+    assert len(list(folder.glob("pytorch_model-*.bin"))) == 2 and not list(folder.glob("*.safetensors"))
+    assert [p.name for p in checkpoint_files(folder)] == ["weights-00001-of-00002.safetensors",
+                                                          "weights-00002-of-00002.safetensors"]
+    assert all(torch.equal(a, b) for a, b in zip(read_ours(folder).values(), read_ours(out).values()))
 
 
 def test_registered_config_is_picked(tmp_path):
@@ -437,5 +492,5 @@ def test_real_smollm2_exports_to_transformers_and_back(tmp_path):
     del reference, model
     convert_hf_checkpoint.setup(exported)
     assert Config.from_json(exported / "model_config.json") == Config.from_json(ours / "model_config.json")
-    back, original = read_all(exported), read_all(ours)
+    back, original = read_ours(exported), read_ours(ours)
     assert sorted(back) == sorted(original) and all(torch.equal(back[k], v) for k, v in original.items())

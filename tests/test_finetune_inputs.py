@@ -79,7 +79,7 @@ def test_paths_that_do_not_work_are_one_line_before_anything_is_written(ckpt, da
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     shutil.copy(ckpt / "model_config.json", no_weights / "model_config.json")
-    assert f"--checkpoint_dir {no_weights}: no model*.safetensors" in refused(no_weights, data, tmp_path / "o2")
+    assert f"--checkpoint_dir {no_weights}: no oneday/weights*.safetensors" in refused(no_weights, data, tmp_path / "o2")
     no_data = tmp_path / "no-such-data"
     assert f"--data_dir {no_data}: no such folder" in refused(ckpt, no_data, tmp_path / "o3")
     a_file = tmp_path / "a_file"
@@ -123,8 +123,8 @@ def test_weights_that_do_not_fit_model_config_are_one_line(ckpt, data, tmp_path,
     (other / "model_config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
     message = refused(other, data, tmp_path / "out", quantize=quantize)
     assert "has shape" in message and "model_config.json does not match the weights" in message
-    weights = (other / "model.safetensors").read_bytes()
-    (other / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    weights = (other / "oneday/weights.safetensors").read_bytes()
+    (other / "oneday/weights.safetensors").write_bytes(weights[:len(weights) // 2])
     (other / "model_config.json").write_text(json.dumps(config))
     assert "unreadable checkpoint shard" in refused(other, data, tmp_path / "out", quantize=quantize)
 

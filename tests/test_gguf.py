@@ -172,6 +172,25 @@ def test_tiny_gguf_converts_to_original_weights(tmp_path, arch):
             assert tok.decode(ids) == text
 
 
+def test_converting_again_replaces_the_weights(tmp_path):
+    """Into a folder an older version converted (our tensors in model.safetensors) and then with another shard count:
+    each time only the new shards are left (stale ones would mix in), under oneday/, and they load."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "ckpt"
+    convert(tmp_path / "tiny.gguf", out, dtype="float32")
+    reference = load_model(out).state_dict()
+    (out / "oneday/weights.safetensors").rename(out / "model.safetensors")  # what versions before oneday/ wrote
+    convert(tmp_path / "tiny.gguf", out, dtype="float32", shard_size_gb=1e-5)  # ~10 kB shards
+    assert not (out / "model.safetensors").exists()
+    shards = sorted(p.name for p in (out / "oneday").iterdir())
+    assert len(shards) > 2 and shards == [f"weights-{i:05d}-of-{len(shards):05d}.safetensors"
+                                          for i in range(1, len(shards) + 1)]
+    convert(tmp_path / "tiny.gguf", out, dtype="float32")
+    assert [p.name for p in (out / "oneday").iterdir()] == ["weights.safetensors"]
+    state = load_model(out).state_dict()
+    assert all(torch.equal(state[k], v) for k, v in reference.items())
+
+
 def test_unsupported_architecture_is_one_line_error(tmp_path):
     path = tmp_path / "falcon.gguf"
     w = gguf.GGUFWriter(str(path), "falcon")

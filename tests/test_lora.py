@@ -236,14 +236,14 @@ def test_qlora_trains_and_merges_to_bf16_checkpoint(tiny_ckpt, tmp_path):
 
     out = tmp_path / "merged"
     load_script("merge_lora").main(adapter=tmp_path / "adapter.safetensors", out_dir=out)  # no LoRA flags repeated
-    for f in ("model_config.json", "model.safetensors", "tokenizer.json", "prompt_style.json"):
+    for f in ("model_config.json", "oneday/weights.safetensors", "tokenizer.json", "prompt_style.json"):
         assert (out / f).is_file(), f
     merged_config = json.loads((out / "model_config.json").read_text())
     assert merged_config["tie_embeddings"] is False  # the LoRA head got its own weight
     merged = load_model(out, device="cpu", dtype=torch.bfloat16)
     from safetensors import safe_open
 
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(out / "oneday/weights.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     # The same merge in memory (dequantize, add B A in fp32, round to bf16) gives the same weights bit for bit ...
     merge_lora(model)

@@ -2,6 +2,7 @@
 file that is wrong each get one line (exit status 2), no traceback, naming the flag or file (cli.run)."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,12 +19,15 @@ import convert_gguf_checkpoint  # noqa: E402
 import convert_hf_checkpoint  # noqa: E402
 import convert_lit_checkpoint  # noqa: E402
 import download  # noqa: E402
+import export_adapter  # noqa: E402
 import merge_lora  # noqa: E402
 from generate import base, lora as generate_lora, server  # noqa: E402
 from benchmarks import e2e_report  # noqa: E402
 from scripts import evaluate  # noqa: E402
+from utils import weight_names  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+(WEIGHTS,) = weight_names(1)
 
 
 def one_line_error(capsys, fn, *args) -> str:
@@ -63,6 +67,7 @@ def one_line_error(capsys, fn, *args) -> str:
      "--max_shard_size_gb"),
     (convert_gguf_checkpoint.main, ["--dtype", "q4"], "--dtype"),
     (convert_gguf_checkpoint.main, ["--shard_size_gb", "-1"], "--shard_size_gb"),
+    (export_adapter.main, ["--adapter", "x", "--family", "falcon"], "--family"),
 ])
 def test_meaningless_flag_values_are_refused(capsys, fn, args, flag):
     assert one_line_error(capsys, fn, *args).startswith(f"error: {flag}")
@@ -86,10 +91,14 @@ def tiny(tmp_path_factory):
 def copy_with(tiny: Path, tmp_path: Path, name: str, content) -> Path:
     """A copy of the base checkpoint with one file replaced (text or bytes)."""
     folder = tmp_path / "copy"
-    folder.mkdir()
-    for f in (tiny / "base").iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(tiny / "base", folder)
     (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return folder
+
+
+def moved_to_old_names(folder: Path) -> Path:
+    """The checkpoint as versions before oneday/ left it: our tensors in model.safetensors."""
+    (folder / WEIGHTS).rename(folder / "model.safetensors")
     return folder
 
 
@@ -118,10 +127,13 @@ MISTAKES = {
                                                                                               '"n_head": 0'))],
         "model_config.json"),
     "weights that are not safetensors": lambda t, tmp: (
-        base.main, ["--checkpoint_dir", copy_with(t, tmp, "model.safetensors", b"\0" * 16)], "unreadable checkpoint"),
+        base.main, ["--checkpoint_dir", copy_with(t, tmp, WEIGHTS, b"\0" * 16)], "unreadable checkpoint"),
     "weights of another model": lambda t, tmp: (
-        base.main, ["--checkpoint_dir", copy_with(t, tmp, "model.safetensors", (t / "other" / "model.safetensors")
-                                                  .read_bytes())], "model_config.json does not match the weights"),
+        base.main, ["--checkpoint_dir", copy_with(t, tmp, WEIGHTS, (t / "other" / WEIGHTS).read_bytes())],
+        "model_config.json does not match the weights"),
+    "weights under the file names of an older version": lambda t, tmp: (
+        base.main, ["--checkpoint_dir", moved_to_old_names(copy_with(t, tmp, "x", ""))],
+        "move them to oneday/weights*.safetensors with: python scripts/convert_hf_checkpoint.py"),
     "tokenizer.json that is broken": lambda t, tmp: (
         base.main, ["--checkpoint_dir", copy_with(t, tmp, "tokenizer.json", "{")], "not a readable tokenizer"),
     "adapter that does not exist": lambda t, tmp: (
@@ -134,6 +146,8 @@ MISTAKES = {
         generate_lora.main, ["--adapter", t / "foreign", "--checkpoint_dir", t / "base"], "adapter was trained on"),
     "adapter for another base (merge_lora.py)": lambda t, tmp: (
         merge_lora.main, ["--adapter", t / "foreign", "--checkpoint_dir", t / "base"], "adapter was trained on"),
+    "adapter for another base (export_adapter.py)": lambda t, tmp: (
+        export_adapter.main, ["--adapter", t / "foreign", "--checkpoint_dir", t / "base"], "adapter was trained on"),
     "adapter for another base (server)": lambda t, tmp: (
         server.main, ["--adapter_dir", t / "foreign", "--checkpoint_dir", t / "base"], "adapter was trained on"),
     "merge into the base folder": lambda t, tmp: (
@@ -170,7 +184,7 @@ MISTAKES = {
 def test_user_mistakes_are_one_line(capsys, tiny, tmp_path, mistake):
     fn, args, words = MISTAKES[mistake](tiny, tmp_path)
     assert words in one_line_error(capsys, fn, *args)
-    assert (tiny / "base" / "model.safetensors").is_file()  # no mistake costs the user their checkpoint
+    assert (tiny / "base" / WEIGHTS).is_file()  # no mistake costs the user their checkpoint
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")

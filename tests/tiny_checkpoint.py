@@ -1,5 +1,6 @@
-"""A tiny random checkpoint folder (model_config.json, model.safetensors, tokenizer.json + configs) for server and
-evaluation tests: byte-level BPE trained in a blink on a few sentences, a 2-layer GQA decoder with peaked logits."""
+"""A tiny random checkpoint folder (model_config.json, oneday/weights.safetensors, tokenizer.json + configs) for
+server and evaluation tests: byte-level BPE trained in a blink on a few sentences, a 2-layer GQA decoder with peaked
+logits."""
 
 import json
 from pathlib import Path
@@ -8,7 +9,7 @@ from typing import Optional
 import torch
 
 from model import GPT, Config
-from utils import model_state_to_save, save_safetensors
+from utils import model_state_to_save, save_safetensors, weight_names
 
 CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",
@@ -51,7 +52,9 @@ def make_tiny_checkpoint(folder: Path, bos: bool = False, seed: int = 0, prompt_
             if p.dim() > 1:
                 p.normal_(0, 0.3)  # peaked next-token distributions: greedy choices are far from ties
     config.to_json(folder / "model_config.json")
-    save_safetensors(model_state_to_save(model.state_dict(), config), folder / "model.safetensors")
+    (weights,) = weight_names(1)
+    (folder / weights).parent.mkdir(exist_ok=True)
+    save_safetensors(model_state_to_save(model.state_dict(), config), folder / weights)
     if prompt_style is not None:
         from prompts import save_style
 

@@ -110,7 +110,7 @@ EOF
 real() {
   # A real 4-bit fine-tune: SmolLM2-135M-Instruct on data/demo (carry checkpoints/ and data/demo to run it).
   local ckpt=checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
-  if [ ! -f "$ckpt/model_config.json" ] || [ ! -f data/demo/train.safetensors ]; then
+  if [ ! -f "$ckpt/oneday/weights.safetensors" ] || [ ! -f data/demo/train.safetensors ]; then
     echo "REAL: skipped ($ckpt or data/demo not carried)"; return
   fi
   timeout 500 $py finetune/lora.py --checkpoint_dir "$ckpt" --data_dir data/demo --out_dir "$out/real_nf4" \
