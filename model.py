@@ -184,7 +184,8 @@ class GPT(nn.Module):
 
         input_pos: positions (T,) of these tokens in the KV cache (after `set_kv_cache`); None means no cache.
         pos_ids: RoPE positions, (T,) or (B, T); default `input_pos` or 0..T-1. Packed rows restart them per document.
-        mask: boolean (B or 1, 1, T, keys) where True may attend; default causal (see the mask helpers below).
+        mask: boolean (B or 1, 1, T, keys) where True may attend; default causal (see the mask helpers below). A model
+            sped up by fast/ also takes packed rows' mask as a FlexAttention BlockMask (fast.packed_mask).
         """
         return self.lm_head(self.hidden_states(idx, input_pos, pos_ids, mask))
 
@@ -255,6 +256,14 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache(input_pos, k, v)
+        y = self.attend(q, k, v, mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, n_head * hs))
+
+    def attend(self, q, k, v, mask):
+        """q (B, n_head, T, hs) over k and v (B, n_kv, keys, hs) -> (B, n_head, T, hs). A method so that fast/ can run
+        packed rows through FlexAttention."""
+        B, n_head, T, hs = q.shape
+        n_kv = k.size(1)
         if n_kv != n_head and mask is not None:
             # The kernels that take a mask do not share K/V across heads. Instead of copying K/V (the whole cache,
             # when decoding) for every query head, fold each group's query heads into the query axis: query head h
@@ -262,11 +271,9 @@ class CausalSelfAttention(nn.Module):
             group = n_head // n_kv
             y = F.scaled_dot_product_attention(q.reshape(B, n_kv, group * T, hs), k, v,
                                                attn_mask=mask.repeat(1, 1, group, 1))
-            y = y.reshape(B, n_head, T, hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=n_kv != n_head)
-        return self.proj(y.transpose(1, 2).reshape(B, T, n_head * hs))
+            return y.reshape(B, n_head, T, hs)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=n_kv != n_head)
 
     def rotate(self, x, cos, sin):
         """RoPE on queries or keys (B, heads, T, hs). A method so that fast/ can run a compiled kernel of it."""

@@ -7,6 +7,7 @@ adapters save and load as before. A model that never calls speed_up runs the pla
 process can run different paths: every setting lives on the model's own modules.
 
 - fast/fused.py: the fused LoRA autograd functions and the fast modules;
+- fast/attention.py: packed rows' document mask as a FlexAttention BlockMask (made by packed_mask below);
 - fast/fp8.py: FP8 base matmuls (fp8="grad" or "all");
 - fast/kernels.py: Triton kernels for the gated MLP, used on a GPU once checked against the plain math;
 - fast/memory.py: activation checkpointing, host offload and CUDA graphs. speed_up comes first: checkpointing wraps
@@ -15,7 +16,10 @@ process can run different paths: every setting lives on the model's own modules.
 
 from typing import Literal, Optional
 
-from fast import fused
+import torch
+
+from fast import attention, fused
+from model import CausalSelfAttention, document_mask
 
 FP8 = Literal["grad", "all"]
 
@@ -31,7 +35,8 @@ def speed_up(model, fp8: Optional[FP8] = None, recompute_inputs: bool = True, fu
     fused_mlp: a gated MLP with adapters on gate, up and down runs as one (fast.fused.lora_gated_mlp); False runs it
         as three fused LoRA matmuls.
     kernels: torch.compile'd RMSNorm, RoPE and SwiGLU, and on a GPU the Triton kernels (each checked against its
-        plain version before use); default: on when the model's parameters are on a CUDA GPU.
+        plain version before use) and compiled FlexAttention for packed rows; default: on when the model's
+        parameters are on a CUDA GPU.
     """
     if fp8 not in (None, "grad", "all"):
         raise ValueError(f"fp8={fp8!r}: use None, 'grad' or 'all'")
@@ -40,3 +45,14 @@ def speed_up(model, fp8: Optional[FP8] = None, recompute_inputs: bool = True, fu
     chosen = fused.choose_kernels(on_gpu if kernels is None else kernels, on_gpu,
                                   rank=lora_config.r if lora_config else 16, fp8_on=fp8 is not None)
     return fused.convert(model, chosen, fp8, recompute_inputs, fused_mlp)
+
+
+def packed_mask(model, segments: torch.Tensor):
+    """The attention mask of packed rows with these segment ids (B, T) (data.collate) for `model` (a GPT, also inside
+    Fabric's wrapper), made once per micro-batch for all its layers (GPT.hidden_states(mask=...)): a FlexAttention
+    BlockMask where speed_up gave the model compiled FlexAttention (on a GPU), else model.document_mask's dense mask
+    (the reference)."""
+    attn = next(m for m in model.modules() if isinstance(m, CausalSelfAttention))
+    if isinstance(attn, fused.FastAttention) and attn.kernels.flex_attention is not None:
+        return attention.document_block_mask(segments, attn.config.sliding_window)
+    return document_mask(segments, attn.config.sliding_window)

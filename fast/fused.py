@@ -8,7 +8,8 @@ fast.speed_up swaps each module's class for the subclass below (parameters, name
   outputs are added inside the SwiGLU kernel instead of into the block's widest tensors;
 - FastBlock and FastRMSNorm: the residual add after attention and the norm after it in one kernel; each norm output
   is tagged so that a fused matmul reading it can keep the norm's input instead and recompute it (norm_source);
-- FastAttention: RoPE as one compiled kernel.
+- FastAttention: RoPE as one compiled kernel; packed rows' attention through FlexAttention with a BlockMask
+  (fast/attention.py).
 
 Which kernels run is a Kernels object per model: the plain PyTorch functions (the reference), or torch.compile'd
 versions of them and the Triton kernels of fast/kernels.py, each checked against its plain version before use.
@@ -22,9 +23,11 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.attention.flex_attention import flex_attention
 
 import model
 from fast import fp8
+from fast.attention import BlockMask
 from lora import LoRALinear, is_bnb
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -83,6 +86,9 @@ class Kernels:
     swiglu_lora_backward: Callable = swiglu_lora_backward
     triton_mlp: bool = False  # swiglu_lora and swiglu_lora_backward are fast/kernels.py's
     fp8: "fp8.Kernels" = fp8.PLAIN  # the FP8 matmuls' (fast/fp8.py)
+    # packed rows' attention over a BlockMask (fast/attention.py); None: fast.packed_mask gives them model.py's dense
+    # document mask instead
+    flex_attention: Optional[Callable] = None
 
 
 PLAIN = Kernels()
@@ -92,11 +98,13 @@ ELEMENTWISE = ("rms_norm", "add_rms_norm", "apply_rope", "swiglu", "swiglu_backw
 def choose_kernels(compile_ops: bool, on_gpu: bool, rank: int = 16, fp8_on: bool = False,
                    backend: str = "inductor") -> Kernels:
     """PLAIN, or: RMSNorm (alone and after a residual add), RoPE and SwiGLU (forward and backward) torch.compile'd,
-    and on a GPU the Triton SwiGLU kernels (checked_triton_kernels) and with FP8 the FP8 kernels (fp8.gpu_kernels).
+    and on a GPU the Triton SwiGLU kernels (checked_triton_kernels), compiled FlexAttention for packed rows and with
+    FP8 the FP8 kernels (fp8.gpu_kernels).
 
     Eager PyTorch runs each elementwise step as several kernels that write fp32 or bf16 intermediates and keeps
     several for the backward pass; compiled, each is one fused kernel forward and one backward that keep only their
-    inputs. Matmuls and attention are untouched."""
+    inputs. Matmuls are untouched, and so is attention over unpacked rows (SDPA's causal flash kernel). FlexAttention
+    only pays compiled (eager, it computes the whole score matrix) and has no backward pass on a CPU."""
     if not compile_ops:
         return PLAIN
     ops = {name: compiled(getattr(PLAIN, name), backend) for name in ELEMENTWISE}
@@ -105,7 +113,8 @@ def choose_kernels(compile_ops: bool, on_gpu: bool, rank: int = 16, fp8_on: bool
                      functools.partial(swiglu_lora_backward, swiglu=ops["swiglu"],
                                        swiglu_backward=ops["swiglu_backward"]))
     return Kernels(**ops, swiglu_lora=mlp[0], swiglu_lora_backward=mlp[1], triton_mlp=triton is not None,
-                   fp8=fp8.gpu_kernels() if fp8_on and on_gpu else fp8.PLAIN)
+                   fp8=fp8.gpu_kernels() if fp8_on and on_gpu else fp8.PLAIN,
+                   flex_attention=compiled(flex_attention, backend) if on_gpu else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,11 +273,19 @@ class FastRMSNorm(model.RMSNorm):
 
 
 class FastAttention(model.CausalSelfAttention):
+    """Takes packed rows' mask as a BlockMask too (fast.packed_mask): FlexAttention skips the tiles where no token
+    sees another of its document, and keeps no mask for the backward pass."""
+
     def set_up(self, kernels: Kernels) -> None:
         self.kernels = kernels
 
     def rotate(self, x, cos, sin):
         return self.kernels.apply_rope(x, cos, sin)
+
+    def attend(self, q, k, v, mask):
+        if isinstance(mask, BlockMask):
+            return self.kernels.flex_attention(q, k, v, block_mask=mask, enable_gqa=k.size(1) != q.size(1))
+        return super().attend(q, k, v, mask)
 
 
 class FastBlock(model.Block):

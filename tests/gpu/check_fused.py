@@ -1,11 +1,13 @@
 """On the GPU: the training speed paths give the plain path's loss and gradients (CPU tests cover the same on CPU;
-the CUDA graph and the Triton kernels exist only here). A small random GQA model with an NF4 base and LoRA on every
-linear, packed rows with a document mask, bf16:
+the CUDA graph, the Triton kernels and compiled FlexAttention exist only here). A small random GQA model with a
+sliding window, an NF4 base and LoRA on every linear, packed rows (a row of a few documents, a row of many short ones
+and padding), bf16:
 
     python tests/gpu/check_fused.py
 
-1. plain (the model as model.py and lora.py build it) vs the same weights after fast.speed_up (LoRAMatmul,
-   lora_gated_mlp with fast/kernels.py's Triton SwiGLU kernels, compiled RMSNorm/RoPE/SwiGLU), eager;
+1. plain (the model as model.py and lora.py build it: packed rows through the dense document mask) vs the same
+   weights after fast.speed_up (LoRAMatmul, lora_gated_mlp with fast/kernels.py's Triton SwiGLU kernels, compiled
+   RMSNorm/RoPE/SwiGLU, packed rows through compiled FlexAttention), eager;
 2. fused + checkpointing of the first blocks + CUDA graph: two replays accumulate the gradients of two micro-batches,
    which must equal the sum of the plain path's gradients for the two;
 3. the same with the checkpointed blocks' inputs offloaded to pinned host memory (--speed.offload_checkpoints);
@@ -14,6 +16,9 @@ linear, packed rows with a document mask, bf16:
    rounded to float8, the Triton per-row cast equals eager PyTorch's, the GPU's scaled matmul equals the float8 values
    multiplied out in fp32, and fused + FP8 training (eager "grad" and "all", then "all" graphed with offloaded
    checkpoints) stays near the plain path (looser: e4m3 rounding);
+5. packed rows' attention alone at Mistral-7B's head shapes with a sliding window: compiled FlexAttention with the
+   document BlockMask (fast/attention.py) and model.py's attention with the dense document mask, forward and
+   backward, each against fp32;
 and that an RMSNorm output recomputed without grad (as LoRAMatmul's backward does) equals the forward's bit for bit,
 also where the forward fused the norm with the residual add before it.
 Prints one JSON line per comparison (loss and the worst relative gradient error) and exits non-zero on a mismatch.
@@ -32,20 +37,60 @@ from fast import fp8  # noqa: E402
 from fast.memory import GraphedMicroStep  # noqa: E402
 from finetune.lora import training_loss  # noqa: E402
 from lora import LoRAConfig  # noqa: E402
-from model import Config, document_mask  # noqa: E402
+from model import CausalSelfAttention, Config, document_mask  # noqa: E402
 from benchmarks.benchmark_finetune import build, set_checkpointing  # noqa: E402
 
 
 def make_batch(seed: int, mb: int, T: int, vocab: int) -> dict:
+    """Packed rows as data.collate makes them: the first row holds 4 documents, the others about 30 short ones and a
+    padded tail (segment -1, no target)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, vocab, (mb, T), generator=g)
     targets = torch.randint(0, vocab, (mb, T), generator=g)
     targets[:, : T // 8] = -100  # a prompt
-    cuts = sorted(torch.randperm(T - 2, generator=g)[:3].add(1).tolist())
     segments = torch.zeros(mb, T, dtype=torch.long)
-    for c in cuts:
-        segments[:, c:] += 1
+    for row in range(mb):
+        n_cuts = 3 if row == 0 else 30
+        for c in sorted(torch.randperm(T - 2, generator=g)[:n_cuts].add(1).tolist()):
+            segments[row, c:] += 1
+        if row:
+            segments[row, T - 40:] = -1
+            targets[row, T - 40:] = -100
     return {k: v.cuda() for k, v in dict(idx=idx, targets=targets, segments=segments).items()}
+
+
+def check_flex_attention(flex) -> bool:
+    """Compiled FlexAttention with the document BlockMask against model.py's attention with the dense mask, both
+    against the same math in fp32, at Mistral-7B's head shapes (32 query heads, 8 K/V heads of 128) over 2048 tokens
+    with a 512-token sliding window: documents longer than the window, one across tiles, and a padded tail."""
+    from fast.attention import document_block_mask
+
+    config = Config(name="mistral-heads", n_head=32, n_query_groups=8, n_embd=4096, sliding_window=512)
+    with torch.device("meta"):
+        attention = CausalSelfAttention(config)  # attend() uses no weights
+    T, window = 2048, config.sliding_window
+    segments = torch.repeat_interleave(torch.arange(5), torch.tensor([700, 900, 300, 100, 48])).cuda()[None]
+    segments[segments == 4] = -1
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, h, T, 128, device="cuda", generator=g) for h in (32, 8, 8))
+    dy = torch.randn(1, 32, T, 128, device="cuda", generator=g)
+
+    def run(fn, dtype):
+        leaves = [x.to(dtype, copy=True).requires_grad_() for x in (q, k, v)]
+        y = fn(*leaves)
+        y.backward(dy.to(dtype))
+        return [t.float() for t in (y, *(x.grad for x in leaves))]
+
+    dense = document_mask(segments, window)
+    exact = run(lambda q, k, v: attention.attend(q, k, v, dense), torch.float32)
+    block_mask = document_block_mask(segments, window)
+    flex_err = rel_err(run(lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True), torch.bfloat16),
+                       exact)
+    sdpa_err = rel_err(run(lambda q, k, v: attention.attend(q, k, v, dense), torch.bfloat16), exact)
+    print(json.dumps({"check": "packed rows' attention: compiled FlexAttention (BlockMask) vs dense-mask SDPA in bf16, "
+                               "each vs fp32 (output, dq, dk, dv)", "max_rel_err_flex": flex_err,
+                      "max_rel_err_sdpa_bf16": sdpa_err}), flush=True)
+    return flex_err < max(2 * sdpa_err, 1e-2)
 
 
 def grads(params):
@@ -119,7 +164,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("tests/gpu/check_fused.py needs a CUDA GPU")
     config = Config(name="check", block_size=512, vocab_size=1000, n_layer=4, n_head=8, n_query_groups=2, n_embd=512,
-                    intermediate_size=1408)
+                    intermediate_size=1408, sliding_window=192)
 
     def make_net():  # the same random weights each time
         torch.manual_seed(0)
@@ -131,7 +176,7 @@ def main() -> None:
 
     plain_net, net = make_net(), make_net()
     b1, b2 = make_batch(1, 2, 512, config.vocab_size), make_batch(2, 2, 512, config.vocab_size)
-    assert not document_mask(b1["segments"]).all()  # the packed path (masked attention) is what gets checked
+    assert not torch.equal(document_mask(b1["segments"], config.sliding_window), document_mask(b1["segments"]))
 
     def eager(model, batch):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -142,13 +187,23 @@ def main() -> None:
         return loss.item(), grads(params)
 
     plain1, plain2 = eager(plain_net, b1), eager(plain_net, b2)
-    fast.speed_up(net)  # on the GPU: compiled elementwise ops and the Triton kernels
+    fast.speed_up(net)  # on the GPU: compiled elementwise ops, the Triton kernels and compiled FlexAttention
     params = [p for p in net.parameters() if p.requires_grad]
+    masks = []  # what each model's first attention layer is given
+    hooks = [m.blocks[0].attn.register_forward_pre_hook(lambda module, args: masks.append(type(args[3]).__name__))
+             for m in (net, plain_net)]
     fused1 = eager(net, b1)
+    eager(plain_net, b1)
+    for hook in hooks:
+        hook.remove()
+    flex_in_use = masks == ["BlockMask", "Tensor"]
+    print(json.dumps({"check": "the trainer's training_loss gives packed rows to the sped-up model as a BlockMask "
+                              "(FlexAttention) and to the plain one as a dense mask", "masks": masks}), flush=True)
+    ok = flex_in_use
     triton_in_use = net.blocks[0].mlp.proj.kernels.triton_mlp
     print(json.dumps({"check": "speed_up's self-check accepted fast/kernels.py's Triton SwiGLU kernels on this GPU",
                       "ok": triton_in_use}), flush=True)
-    ok = triton_in_use
+    ok &= triton_in_use
     err = rel_err(fused1[1], plain1[1])
     row = {"check": "fused vs plain", "loss_plain": plain1[0], "loss_fused": fused1[0], "max_rel_grad_err": err}
     ok &= close([fused1[0]], [plain1[0]], err)
@@ -216,6 +271,9 @@ def main() -> None:
     print(json.dumps({"check": "cuda graph (fused, FP8 all, 3 of 4 blocks checkpointed and offloaded) vs eager FP8",
                       "loss": loss, "max_rel_grad_err": err}), flush=True)
     ok &= err < 3e-2
+    # last: its shapes differ from the model's, and a compiled function that has seen two shapes recompiles for
+    # dynamic ones, which the checks above should not run
+    ok &= check_flex_attention(net.blocks[0].attn.kernels.flex_attention)
     print("gpu_check_fused:", "OK" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 
