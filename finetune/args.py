@@ -48,7 +48,8 @@ class TrainArgs:
     batch_size: PositiveInt = 16
     """sequences (packed rows) per optimizer step, over all devices."""
     micro_batch_size: PositiveInt = 1
-    """sequences per forward/backward pass on one device; the rest of batch_size is gradient accumulation."""
+    """sequences per forward/backward pass on one device; the rest of batch_size is gradient accumulation.
+    --memory_budget chooses it (unless given at another value than 1)."""
     epochs: PositiveInt = 1
     """passes over the training data (when max_steps is not given)."""
     max_steps: Optional[PositiveInt] = None
@@ -74,13 +75,14 @@ class SpeedArgs:
     matmuls only, "all" the forward ones too. Needs fused and lora.dropout 0."""
     recompute_inputs: bool = True
     """the fused LoRA matmuls recompute the norm outputs and SwiGLU products they read in the backward pass; false
-    keeps them: faster where memory allows."""
+    keeps them: faster where memory allows. --memory_budget chooses it (unless given false)."""
     activation_checkpointing: Union[bool, NonNegativeInt] = False
     """recompute each block in the backward pass (less memory, more compute): true (or 1) every block, N >= 2 the
-    first N blocks only (spend the memory left over on speed)."""
+    first N blocks only (spend the memory left over on speed). --memory_budget chooses it (unless given)."""
     offload_checkpoints: bool = False
     """with activation checkpointing, the checkpointed blocks' inputs wait in pinned host memory instead of on the
-    GPU; the copies overlap compute. What lets a 13B train on a small GPU."""
+    GPU; the copies overlap compute. What lets a 13B train on a small GPU. --memory_budget chooses it (unless given
+    true)."""
     cuda_graph: bool = False
     """capture one micro-batch's forward and backward as a CUDA graph and replay it (GPU, packed rows, one device):
     no kernel-launch overhead at small micro-batches."""
@@ -99,8 +101,10 @@ class EvalArgs:
 
 
 def check_flags(lora: LoRAArgs, train: TrainArgs, speed: SpeedArgs, devices: int, on_gpu: bool,
-                quantize: Optional[str]) -> None:
-    """Flag combinations that cannot work: one line each, before anything is loaded."""
+                quantize: Optional[str], planned: bool = False) -> None:
+    """Flag combinations that cannot work: one line each, before anything is loaded. planned: --memory_budget
+    chooses the memory flags (finetune/plan.py), and --speed.offload_checkpoints alone says to offload what it
+    checkpoints."""
     if (quantize or train.optimizer != "adamw") and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError(f"--quantize {quantize} --train.optimizer {train.optimizer}: needs bitsandbytes; "
                          "pip install 'bitsandbytes>=0.45'")
@@ -113,7 +117,7 @@ def check_flags(lora: LoRAArgs, train: TrainArgs, speed: SpeedArgs, devices: int
         raise InputError("--speed.cuda_graph true with --lora.dropout > 0 and activation checkpointing is not "
                          "supported (the recomputed dropout masks would need the RNG state inside the graph); set one "
                          "of them off")
-    if speed.offload_checkpoints and not speed.activation_checkpointing:
+    if speed.offload_checkpoints and not speed.activation_checkpointing and not planned:
         raise InputError("--speed.offload_checkpoints true offloads checkpointed blocks' inputs: add "
                          "--speed.activation_checkpointing")
     if speed.offload_checkpoints and speed.compile:

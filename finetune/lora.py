@@ -3,6 +3,7 @@
     python finetune/lora.py --data_dir data/demo --train.max_steps 60        # SmolLM2-135M, CPU, a few minutes
     python finetune/lora.py --config finetune/configs/upaya_4090.yaml        # a winning recipe's flags
     python finetune/lora.py --config out/lora/run/train_config.yaml --out_dir out/lora/again   # the same run again
+    python finetune/lora.py --checkpoint_dir mistral-7b --quantize bnb.nf4-dq --memory_budget 22.5GiB  # a 24 GB card
 
 Reads `train.safetensors` / `val.safetensors` and `meta.json` (data.py; made by prepare_data/) and writes to out_dir:
 `adapter.safetensors` (latest), `adapter_best.safetensors` (best validation loss), `adapters/step-*.safetensors`,
@@ -12,6 +13,7 @@ Reads `train.safetensors` / `val.safetensors` and `meta.json` (data.py; made by 
 true), 2 a bad input (one line, nothing written).
 """
 
+import gc
 import json
 import math
 import os
@@ -34,12 +36,13 @@ from cli import InputError  # noqa: E402
 from data import (IGNORE, Examples, check_tokenizer, collate, epoch_batches, load_split, make_examples,  # noqa: E402
                   pack, read_meta)
 from fast.memory import GraphedMicroStep, chunked_cross_entropy, enable_activation_checkpointing  # noqa: E402
+from finetune import plan  # noqa: E402
 from finetune.args import EvalArgs, LoRAArgs, Seed, SpeedArgs, TrainArgs, check_flags  # noqa: E402
 from finetune.state import (EXIT_STOPPED, START, Stopper, adapter_extra, check_resumable, finish,  # noqa: E402
                             format_seconds, load_checkpoint, make_loggers, parse_time, peak_memory, save_checkpoint,
                             write_config, write_status)
 from lora import LoRAConfig, inject_lora, lora_modules, lora_state_dict, save_adapter  # noqa: E402
-from model import GPT, document_mask, segment_positions  # noqa: E402
+from model import GPT, segment_positions  # noqa: E402
 from quantize import Mode as QuantizeMode  # noqa: E402
 from utils import checkpoint_files, load_config, load_model, resolve_checkpoint_dir  # noqa: E402
 
@@ -57,6 +60,7 @@ def setup(
     speed: SpeedArgs = SpeedArgs(),
     eval: EvalArgs = EvalArgs(),
     max_time: Optional[str] = "23:30:00",
+    memory_budget: Optional[str] = None,
     resume: bool = False,
     seed: Seed = 1337,
 ) -> str:
@@ -77,6 +81,10 @@ def setup(
         eval: validation.
         max_time: wall-clock budget as [DD:]HH:MM:SS or seconds, counted from process start; the run stops and saves
             before it runs out, and exits with status 75 (status.json says "stopped"). null: no budget.
+        memory_budget: a cap on GPU memory, e.g. 24GiB, 40GB or 22.5GiB (GiB = 2^30 bytes): the trainer chooses the
+            micro-batch, activation checkpointing, offloading and kept inputs for the fastest training that fits,
+            checks its choice with a real step, prints it, and PyTorch never holds more (finetune/plan.py). Those
+            flags, given at other values than their defaults, are kept. null: the flags as given.
         resume: continue the run in out_dir from its last state (optimizer, scheduler, RNG and data position).
         seed: random seed (LoRA init, data order, dropout).
     """
@@ -96,7 +104,7 @@ def setup(
     hparams = json.loads(json.dumps(dict(
         checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, quantize=quantize, precision=precision,
         devices=devices, accelerator=accelerator, lora=asdict(lora), train=asdict(train), speed=asdict(speed),
-        eval=asdict(eval), max_time=max_time, resume=resume, seed=seed), default=str))
+        eval=asdict(eval), max_time=max_time, memory_budget=memory_budget, resume=resume, seed=seed), default=str))
 
     # Everything that can be wrong with the inputs is found here, before a GPU second is spent or out_dir is touched.
     try:
@@ -110,7 +118,10 @@ def setup(
     if not (data_dir.is_dir() and os.access(data_dir, os.R_OK | os.X_OK)):
         raise InputError(f"--data_dir {data_dir}: {'not readable' if data_dir.is_dir() else 'no such folder'}; "
                          "prepare the data with prepare_data/ (see README)")
-    check_flags(lora, train, speed, devices, on_gpu, quantize)
+    cap = plan.parse_budget(memory_budget) if memory_budget is not None else None
+    if cap is not None and on_gpu:
+        plan.check_device(cap, memory_budget, torch.device("cuda"))
+    check_flags(lora, train, speed, devices, on_gpu, quantize, planned=cap is not None)
     train_data, val_data = load_split(data_dir / "train.safetensors"), load_split(data_dir / "val.safetensors")
     meta = read_meta(data_dir)
     if (data_dir / "prompt_style.json").is_file():  # copied next to the adapter, where generate/lora.py reads it
@@ -132,6 +143,10 @@ def setup(
     if train.batch_size % (train.micro_batch_size * devices):
         raise InputError(f"--train.batch_size {train.batch_size} is not a multiple of --train.micro_batch_size "
                          f"{train.micro_batch_size} x {devices} devices; change one of them")
+    if cap is not None:  # nothing fits: say so now, not after loading the model
+        a = json.loads(json.dumps(hparams), object_hook=lambda d: SimpleNamespace(**d))
+        plan.choose(memory_job(config, a, max_seq_length, dense_mask=train.packing), cap,
+                    pins=memory_pins(a, config), budget_text=memory_budget)
     budget = parse_time(max_time) if max_time else None
     state_path = out_dir / "state.ckpt"
     if resume and not state_path.is_file():
@@ -162,6 +177,9 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
     out_dir, checkpoint_dir, data_dir = Path(a.out_dir), Path(a.checkpoint_dir), Path(a.data_dir)
     fabric.seed_everything(a.seed)  # the same LoRA init on every rank
 
+    budget = plan.parse_budget(a.memory_budget) if a.memory_budget else None
+    if budget is not None and fabric.device.type == "cuda":
+        plan.enforce(budget, fabric.device)  # from the first weight on
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if a.precision == "bf16-true" else torch.float32
     gpt = load_model(checkpoint_dir, device=fabric.device, dtype=dtype, quantize=a.quantize)
@@ -169,23 +187,23 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
     fabric.print(f"Loaded {checkpoint_dir} ({a.quantize or a.precision}) in {time.perf_counter() - t0:.1f}s; LoRA "
                  f"{lora_config.targets} r={lora_config.r}: {sum(p.numel() for p in lora_state_dict(gpt).values()):,} "
                  "trainable parameters")
-    if a.speed.fused:  # before checkpointing, which wraps the blocks' forward as speed_up left it
-        fast.speed_up(gpt, fp8=a.speed.fp8, recompute_inputs=a.speed.recompute_inputs)
-    if a.speed.activation_checkpointing:
-        n = None if a.speed.activation_checkpointing in (True, 1) else int(a.speed.activation_checkpointing)
-        enable_activation_checkpointing(gpt, n, preserve_rng_state=a.lora.dropout > 0,
-                                        offload=a.speed.offload_checkpoints)
+    if a.train.neftune_alpha > 0:
+        gpt.wte.register_forward_hook(partial(neftune_hook, alpha=a.train.neftune_alpha))
+    trainable = [p for p in gpt.parameters() if p.requires_grad]
+    rows = pack(train_examples.lengths.tolist(), max_seq_length) if a.train.packing else None
+    memory = None  # what status.json says of --memory_budget
+    if budget is not None:  # sets a.train.micro_batch_size and a.speed.* to the plan's choice
+        memory = plan_memory(fabric, gpt, trainable, a, budget, train_examples, rows, max_seq_length)
+    else:
+        apply_speed(gpt, a)
     if a.speed.fp8:
         layers = lora_modules(gpt).values()
         n_fp8 = sum(getattr(m, "fp8_mode", None) is not None for m in layers)
         fabric.print(f"FP8 base matmuls ({a.speed.fp8}) in {n_fp8} of {len(layers)} LoRA layers")
-    if a.train.neftune_alpha > 0:
-        gpt.wte.register_forward_hook(partial(neftune_hook, alpha=a.train.neftune_alpha))
     if a.speed.compile:
         for block in gpt.blocks:
             block.compile()
 
-    trainable = [p for p in gpt.parameters() if p.requires_grad]
     optimizer = make_optimizer(a.train.optimizer, trainable, a.train.learning_rate, a.train.weight_decay, fabric.device)
     model = fabric.setup_module(gpt)
     model.mark_forward_method("hidden_states")
@@ -194,7 +212,6 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
     t = a.train
     world, rank = fabric.world_size, fabric.global_rank
     micro_per_step = t.batch_size // t.micro_batch_size  # over all devices
-    rows = pack(train_examples.lengths.tolist(), max_seq_length) if t.packing else None
     n_micro = len(epoch_batches(train_examples, rows, t.micro_batch_size, a.seed, 0))
     steps_per_epoch = math.ceil(n_micro / micro_per_step)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
@@ -220,10 +237,10 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
         torch.manual_seed(a.seed + rank)  # dropout/NEFTune noise differs per rank; LoRA init above did not
     if rank == 0:  # only now: a run that refused to start leaves nothing behind
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_config(out_dir, hparams)
+        write_config(out_dir, hparams, memory and memory["line"])
         if (data_dir / "prompt_style.json").is_file():
             shutil.copy(data_dir / "prompt_style.json", out_dir / "prompt_style.json")
-        write_status(out_dir, "running", state["step"], total_steps)
+        write_status(out_dir, "running", state["step"], total_steps, memory=memory_status(memory, fabric.device))
     stopper = Stopper(deadline, a.max_time)
     save = partial(save_checkpoint, fabric, gpt, optimizer, scheduler, state, out_dir, hparams)
 
@@ -245,14 +262,18 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
                 fabric.print(f"Stopping at step {state['step']}: {stopper.reason}; saved. Continue with --resume true")
                 finish(fabric, state, out_dir)
                 if rank == 0:
-                    write_status(out_dir, "stopped", state["step"], total_steps, stopper.reason)
+                    write_status(out_dir, "stopped", state["step"], total_steps, stopper.reason,
+                                 memory_status(memory, fabric.device))
                 return "stopped"
             t_step = time.perf_counter()
             i0 = state["step_in_epoch"] * micro_per_step
             step_batches = batches[i0:i0 + micro_per_step]
             if world > 1 and len(step_batches) % world:  # every rank needs as many passes: wrap around
                 step_batches += batches[:world - len(step_batches) % world]
-            fixed = dict(fixed_length=max_seq_length, fixed_rows=t.micro_batch_size) if a.speed.cuda_graph else {}
+            # Packed rows are padded to one shape, as the CUDA graph needs anyway: the compiled kernels (FlexAttention
+            # among them) then never recompile for dynamic shapes; the padding is a few tokens per row
+            fixed = dict(fixed_length=max_seq_length, fixed_rows=t.micro_batch_size) \
+                if a.speed.cuda_graph or t.packing else {}
             mine = step_batches[rank::world]
             collated = [collate(train_examples, b, t.packing, fabric.device, **fixed) for b in mine]
             n_local = sum(int((c["targets"] != IGNORE).sum()) for c in collated)
@@ -279,7 +300,8 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
                           f"--train.learning_rate (now {t.learning_rate:g}) and --resume true, or start again")
                 fabric.print(f"Stopping: {reason}")
                 if rank == 0:
-                    write_status(out_dir, "stopped", state["step"], total_steps, reason)
+                    write_status(out_dir, "stopped", state["step"], total_steps, reason,
+                                 memory_status(memory, fabric.device))
                 return "stopped"
             if t.grad_clip:
                 fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip)
@@ -324,19 +346,167 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
     save(numbered=True)
     finish(fabric, state, out_dir)
     if rank == 0:
-        write_status(out_dir, "finished", state["step"], total_steps)
+        write_status(out_dir, "finished", state["step"], total_steps, memory=memory_status(memory, fabric.device))
     return "finished"
 
 
+def apply_speed(gpt: GPT, a) -> None:
+    """The --speed.* settings in `a` on the model; called again, it replaces them. speed_up first: checkpointing wraps
+    each block's forward as speed_up left it."""
+    if a.speed.fused:
+        fast.speed_up(gpt, fp8=a.speed.fp8, recompute_inputs=a.speed.recompute_inputs)
+    for block in gpt.blocks:
+        block.__dict__.pop("forward", None)  # no checkpointing: the class's own forward
+    if a.speed.activation_checkpointing:
+        n = None if a.speed.activation_checkpointing in (True, 1) else int(a.speed.activation_checkpointing)
+        enable_activation_checkpointing(gpt, n, preserve_rng_state=a.lora.dropout > 0,
+                                        offload=a.speed.offload_checkpoints)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --memory_budget: finetune/plan.py chooses; here the trainer's side of it (the probe, the settings)
+
+
+def memory_job(config, a, max_seq_length: int, dense_mask: bool) -> plan.Job:
+    lora = LoRAConfig(r=a.lora.r, alpha=float(a.lora.alpha), dropout=float(a.lora.dropout), targets=a.lora.targets)
+    return plan.Job(config, lora, max_seq_length, a.train.batch_size // a.devices, quantize=a.quantize,
+                    dtype_bytes=2 if a.precision == "bf16-true" else 4, optimizer=a.train.optimizer,
+                    fused=a.speed.fused, dense_mask=dense_mask, cuda_graph=a.speed.cuda_graph,
+                    compile=a.speed.compile, ddp=a.devices > 1)
+
+
+def memory_pins(a, config) -> plan.Pins:
+    return plan.memory_pins(a.train.micro_batch_size, a.speed.activation_checkpointing, a.speed.offload_checkpoints,
+                            a.speed.recompute_inputs, config.n_layer, a.train.packing)
+
+
+def use_choice(a, choice: plan.Choice, n_layer: int) -> None:
+    a.train.micro_batch_size = choice.micro_batch_size
+    c = choice.checkpointed  # --speed.activation_checkpointing 1 means every block; plan.candidates never gives 1
+    a.speed.activation_checkpointing = True if c >= n_layer else c or False
+    a.speed.offload_checkpoints = choice.offload
+    a.speed.recompute_inputs = not choice.keep_inputs
+
+
+def plan_memory(fabric, gpt: GPT, trainable, a, budget: int, examples: Examples, rows, max_seq_length: int) -> dict:
+    """Chooses, probes (on a GPU) and applies the fastest memory settings under the budget; prints the choice and
+    returns what status.json reports of it."""
+    pins = memory_pins(a, gpt.config)  # the flags as given
+    apply_speed(gpt, a)
+    # Packed rows take FlexAttention where speed_up gave the model its compiled kernel (fast.packed_mask), else the
+    # dense document mask, which each layer keeps
+    flex = any(getattr(getattr(m, "kernels", None), "flex_attention", None) is not None for m in gpt.modules())
+    job = memory_job(gpt.config, a, max_seq_length, dense_mask=a.train.packing and not flex)
+    probe = memory_probe(fabric, gpt, trainable, a, examples, rows, max_seq_length)
+    chosen = plan.choose(job, budget, probe, pins, a.memory_budget)
+    use_choice(a, chosen.choice, gpt.config.n_layer)
+    apply_speed(gpt, a)
+    line = chosen.line(job, a.memory_budget, budget)
+    fabric.print(line)
+    if fabric.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(fabric.device)  # status.json's peaks are the run's, not the probes'
+    gib = lambda n: None if n is None else round(n / plan.GiB, 2)  # noqa: E731
+    return {"line": line, "budget_gib": gib(budget), **vars(chosen.choice), "dense_mask": job.dense_mask,
+            "predicted_gib": gib(chosen.predicted), "probed_gib": gib(chosen.probed)}
+
+
+def memory_status(memory: Optional[dict], device) -> Optional[dict]:
+    if memory is None:
+        return None
+    status = {k: v for k, v in memory.items() if k != "line"}
+    if torch.device(device).type == "cuda":
+        status.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / plan.GiB, 2),
+                      peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / plan.GiB, 2))
+    return status
+
+
+def memory_probe(fabric, gpt: GPT, trainable, a, examples: Examples, rows, max_seq_length: int):
+    """probe(choice) for plan.choose: the peak memory PyTorch reserved (under the cap) for one micro-step in that
+    choice's settings, as the loop runs it, then an optimizer step and a validation forward; None when that ran out
+    of memory. None on a CPU: nothing to measure or cap there."""
+    if fabric.device.type != "cuda":
+        return None
+    n_layer, shapes = gpt.config.n_layer, set()
+
+    def probe(choice: plan.Choice) -> Optional[int]:
+        if shapes and choice.micro_batch_size not in shapes:
+            torch._dynamo.reset()  # kernels compiled for one shape and called with another recompile for any shape
+        shapes.add(choice.micro_batch_size)
+        use_choice(a, choice, n_layer)
+        apply_speed(gpt, a)
+        batch = probe_batch(examples, rows, choice.micro_batch_size, max_seq_length, fabric.device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(fabric.device)
+        try:
+            probe_step(gpt, trainable, a, batch)
+            peak = float(torch.cuda.max_memory_reserved(fabric.device))
+        except torch.cuda.OutOfMemoryError:
+            peak = math.inf
+        gc.collect()
+        torch.cuda.empty_cache()
+        if fabric.world_size > 1:  # every rank decides alike, on the largest peak; DDP adds its gradient buckets
+            peak = fabric.all_reduce(torch.tensor(peak, device=fabric.device), reduce_op="max").item()
+            peak += 4 * sum(p.numel() for p in trainable)
+        return None if math.isinf(peak) else int(peak)
+
+    return probe
+
+
+def probe_batch(examples: Examples, rows, micro_batch_size: int, max_seq_length: int, device) -> dict:
+    """A micro-batch of the fullest rows of the training data, at the loop's largest shape, every position a target:
+    the most a training micro-step can hold."""
+    if rows is not None:
+        fullest = sorted(rows, key=lambda r: -sum(int(examples.lengths[i]) for i in r))[:micro_batch_size]
+    else:
+        fullest = [[int(i)] for i in torch.argsort(examples.lengths, descending=True)[:micro_batch_size]]
+    batch = collate(examples, fullest, rows is not None, device, fixed_length=max_seq_length,
+                    fixed_rows=micro_batch_size)
+    batch["targets"] = batch["targets"].clamp(min=0)
+    return batch
+
+
+def probe_step(gpt: GPT, trainable, a, batch: dict) -> None:
+    """What the loop does with memory, once: training micro-steps (the CUDA graph's capture and a replay, or two
+    eager ones), optimizer steps, a validation forward. Afterwards the LoRA weights are as they were and have no
+    gradients; the optimizer stepped is the probe's own. Blocks run uncompiled (--speed.compile comes after)."""
+    saved = [p.detach().cpu().clone() for p in trainable]
+    optimizer = make_optimizer(a.train.optimizer, trainable, a.train.learning_rate, 0.0, batch["idx"].device)
+    graphed = None
+    try:
+        gpt.train()
+        if a.speed.cuda_graph:
+            graphed = GraphedMicroStep(gpt, trainable, batch, training_loss)
+            graphed(batch)
+            optimizer.step()
+        else:
+            for _ in range(2):  # the second with the optimizer state allocated
+                loss, _ = training_loss(gpt, batch)
+                loss.backward()
+                del loss
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        gpt.eval()
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # as validate_and_log runs it
+            training_loss(gpt, {"idx": batch["idx"], "targets": batch["targets"]})
+    finally:
+        del graphed, optimizer
+        gpt.train()
+        with torch.no_grad():
+            for p, value in zip(trainable, saved):
+                p.copy_(value)
+                p.grad = None
+
+
 def training_loss(model, batch: Dict[str, torch.Tensor], select_targets: bool = True) -> Tuple[torch.Tensor, int]:
-    """(sum of the token losses, number of counted tokens) for one micro-batch. Packed rows get a document mask and
-    RoPE positions that restart per sample; otherwise no mask at all, so SDPA takes its causal flash path.
+    """(sum of the token losses, number of counted tokens) for one micro-batch. Packed rows get a document mask
+    (fast.packed_mask: a FlexAttention BlockMask for a sped-up model on a GPU, else model.document_mask) and RoPE
+    positions that restart per sample; otherwise no mask at all, so SDPA takes its causal flash path.
     select_targets=False sends every position through the head (fixed shapes, no host sync: for CUDA graphs) and
     returns None for the count."""
     pos_ids = mask = None
     if "segments" in batch:
-        window = getattr(model, "config", None) and model.config.sliding_window
-        mask, pos_ids = document_mask(batch["segments"], window), segment_positions(batch["segments"])
+        mask, pos_ids = fast.packed_mask(model, batch["segments"]), segment_positions(batch["segments"])
     hidden = model.hidden_states(batch["idx"], pos_ids=pos_ids, mask=mask)
     head = model.lm_head if hasattr(model, "lm_head") else model.module.lm_head
     return chunked_cross_entropy(head, hidden, batch["targets"], select_targets=select_targets)

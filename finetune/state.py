@@ -53,11 +53,13 @@ def lookup(hparams: dict, key: str):
     return hparams
 
 
-def write_config(out_dir: Path, hparams: dict) -> None:
+def write_config(out_dir: Path, hparams: dict, note: Optional[str] = None) -> None:
     """train_config.yaml: every flag of this run in the shape --config reads: `finetune/lora.py --config` repeats it.
-    Without --resume: repeating a run is a fresh start (give another --out_dir), continuing one says so."""
+    Without --resume: repeating a run is a fresh start (give another --out_dir), continuing one says so. The flags
+    are as given, so --memory_budget plans again; `note` (what it chose) goes on top as a comment."""
     flags = {k: v for k, v in hparams.items() if k != "resume"}
-    write_atomic(out_dir / "train_config.yaml", yaml.safe_dump(flags, sort_keys=False))
+    comment = f"# {note}\n" if note else ""
+    write_atomic(out_dir / "train_config.yaml", comment + yaml.safe_dump(flags, sort_keys=False))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -162,11 +164,13 @@ def load_checkpoint(fabric, path: Path, gpt, optimizer, scheduler, state: dict, 
     return {**state, **json.loads(payload["state"])}
 
 
-def write_status(out_dir: Path, status: str, step: int, total_steps: int, reason: str = "") -> None:
+def write_status(out_dir: Path, status: str, step: int, total_steps: int, reason: str = "",
+                 memory: Optional[dict] = None) -> None:
     """status.json: "running", "stopped" (by the budget or a signal: continue with --resume true; the exit status is
-    75) or "finished" (exit status 0). A run that crashed still says "running"."""
-    write_atomic(out_dir / "status.json",
-                 json.dumps({"status": status, "reason": reason, "step": step, "total_steps": total_steps}) + "\n")
+    75) or "finished" (exit status 0). A run that crashed still says "running". memory: with --memory_budget, the
+    plan and the run's peaks."""
+    fields = {"status": status, "reason": reason, "step": step, "total_steps": total_steps}
+    write_atomic(out_dir / "status.json", json.dumps({**fields, **({"memory": memory} if memory else {})}) + "\n")
 
 
 class Stopper:
@@ -221,8 +225,9 @@ def format_seconds(s: float) -> str:
 
 
 def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    if device.type == "cuda":  # reserved: what the allocator holds, and what --memory_budget caps
+        return (f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB "
+                f"(reserved {torch.cuda.max_memory_reserved(device) / 2**30:.2f})")
     return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
 
 

@@ -23,6 +23,7 @@ from data import IGNORE, collate, load_split, make_examples, pack
 from fast import fused
 from fast.attention import document_block_mask
 from fast.memory import chunked_cross_entropy, enable_activation_checkpointing
+from finetune.lora import training_loss
 from lora import LoRAConfig, inject_lora
 from model import GPT, Config, document_mask, segment_positions
 from tiny_data import write_split
@@ -91,11 +92,8 @@ def with_flex(net):
 
 
 def packed_loss(net, batch):
-    """finetune/lora.py's training_loss for packed rows with every position through the head (select_targets=False,
-    as with CUDA graphs): the mask from fast.packed_mask, RoPE positions restarting per document."""
-    mask = fast.packed_mask(net, batch["segments"])
-    hidden = net.hidden_states(batch["idx"], pos_ids=segment_positions(batch["segments"]), mask=mask)
-    return chunked_cross_entropy(net.lm_head, hidden, batch["targets"], select_targets=False)[0]
+    """The trainer's loss, every position through the head (select_targets=False, as with CUDA graphs)."""
+    return training_loss(net, batch, select_targets=False)[0]
 
 
 def loss_and_grads(net, batch):
