@@ -6,6 +6,7 @@
     python benchmarks/benchmark_server.py --random_model Mistral-7B-v0.1 --precision bf16
     # in process: a real checkpoint
     python benchmarks/benchmark_server.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+    # against the hardware's bounds and transformers' fastest generation, one table: benchmarks/serve_table.py
 
 Four measurements, each over HTTP (in process: uvicorn on a free local port):
 - scoring: `requests` 1-token greedy requests (HELM's MMLU shape) with distinct prompts, then with prompts that share
@@ -124,6 +125,7 @@ def main(
     generation_prompt_words: int = 128,
     new_tokens: int = 128,
     max_batch_size: int = 32,
+    decode: str = "auto",
     out: str = "out/benchmark_server.md",
 ) -> list:
     """Measure requests/s (1-token scoring) and tokens/s (128-token generation), concurrent vs one at a time.
@@ -143,6 +145,7 @@ def main(
         generation_prompt_words: generation prompt length in words.
         new_tokens: tokens per generation (no stop: random models run to the limit).
         max_batch_size: in process: the engine's slots / rows per batch.
+        decode: in process: the engine's decode step (auto, eager, static, graphs, compiled; see generate/engine.py).
         out: Markdown table destination.
     """
     import torch
@@ -162,10 +165,12 @@ def main(
         if random_model:
             folder = random_checkpoint(random_model, Path(tempfile.mkdtemp()) / "random", n_layer)
             model = build_random_model(folder, dev, dtype)
-            engine = Engine(model, Tokenizer(folder), max_seq_length=2048, max_batch_size=max_batch_size)
+            engine = Engine(model, Tokenizer(folder), max_seq_length=2048, max_batch_size=max_batch_size,
+                            decode=decode)
             service = Service(engine, None, name=f"{random_model} (random weights)")
         elif checkpoint_dir:
-            service = load_service(checkpoint_dir, precision=precision, device=dev, max_batch_size=max_batch_size)
+            service = load_service(checkpoint_dir, precision=precision, device=dev, max_batch_size=max_batch_size,
+                                   decode=decode)
         else:
             raise SystemExit("give --url, --checkpoint_dir or --random_model")
         print(f"model ready in {time.perf_counter() - t0:.1f}s on {dev} ({precision})", file=sys.stderr)

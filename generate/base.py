@@ -30,6 +30,14 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] 
     """logits (B, vocab) -> next token ids (B,)."""
     if temperature <= GREEDY_TEMPERATURE:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), num_samples=1,
+                             generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                   top_p: float = 1.0) -> torch.Tensor:
+    """The distribution `sample` draws from: logits (B, vocab) at a temperature, cut to top-k and top-p, softmaxed.
+    Row by row, so one call for rows of the same settings gives each row what a call for it alone gives."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -42,8 +50,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] 
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
 
 
 @torch.inference_mode()

@@ -6,7 +6,12 @@ Two kinds of work, interleaved so that neither starves the other:
   the prefix computed once and its keys/values broadcast to the rest ("shared-prefix prefill").
 - Generation requests get a slot of a per-slot KV cache (continuous batching): they are prefilled when they arrive and
   join the running decode batch at the next step; a finished request frees its slot at once.
-Each engine loop runs: admit waiting generations into free slots, one scoring batch, one decode step.
+Each engine loop runs: admit waiting generations into free slots, one scoring batch, one decode step. While
+generations decode, a scoring batch holds at most `interleave_tokens` tokens, so neither kind starves the other.
+
+The decode step below (`_decode_step` through SlotCache) is the plain reference. On a GPU the engine runs the same
+step through generate/fast_decode.py (static shapes per bucket of rows and keys, compiled blocks, one CUDA graph per
+bucket); `decode` picks the path and tests/test_fast_decode.py checks that the two agree.
 
 Numbers: a token's logprob is log_softmax(logits.float())[token] at the position before it, the same as a direct
 forward pass. An echoed prompt's first token has nothing before it (unless the tokenizer adds BOS, which is then the
@@ -14,23 +19,31 @@ context and is not echoed): it gets logprob 0.0 and top_logprob {its text: 0.0},
 """
 
 import concurrent.futures
+import json
+import logging
 import math
 import random
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 import torch.nn as nn
 
 from cli import InputError
-from generate.base import GREEDY_TEMPERATURE, sample, seeded_generator
+from generate.base import GREEDY_TEMPERATURE, sample, sampling_probs, seeded_generator
+from generate.fast_decode import FastDecoder
 from model import GPT
 from tokenizer import Tokenizer
 
 TokenScore = Tuple[float, Dict[int, float]]  # (logprob of the token, {alternative id: logprob} best first)
+# How generation steps run: eager (the plain reference), static (fast_decode's buckets, no compile or graphs), graphs
+# (+ a CUDA graph per bucket), compiled (+ torch.compile'd blocks; graphs too on CUDA). auto: compiled on CUDA, else
+# eager.
+Decode = Literal["auto", "eager", "static", "graphs", "compiled"]
+log = logging.getLogger("server")
 
 
 @dataclass
@@ -133,11 +146,14 @@ class PrefixCache(nn.Module):
 class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_seq_length: Optional[int] = None,
                  max_batch_size: int = 32, max_batch_tokens: int = 16384, min_shared_prefix: int = 32,
-                 dola_layers: Optional[Sequence[int]] = None) -> None:
+                 dola_layers: Optional[Sequence[int]] = None, decode: Decode = "auto", interleave_tokens: int = 2048,
+                 key_block: int = 256) -> None:
         """model: in eval mode on its device. max_seq_length: prompt + new tokens (default: the model's context).
         max_batch_size: decode slots and rows per scoring batch. max_batch_tokens: padded tokens per forward pass.
         min_shared_prefix: scoring rows sharing at least this many leading tokens compute them once.
-        dola_layers: early layers to contrast with the final one when choosing tokens (DoLa); None = off."""
+        dola_layers: early layers to contrast with the final one when choosing tokens (DoLa); None = off.
+        decode: how generation steps run (see Decode). interleave_tokens: the most tokens a scoring batch holds while
+        generations decode. key_block: the fast decode step reads keys in multiples of this many positions."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -150,6 +166,19 @@ class Engine:
             if not 0 <= layer < self.config.n_layer:
                 raise ValueError(f"dola_layers: layer {layer} does not exist; the model has layers 0..{self.config.n_layer - 1}")
         self.device = model.wte.weight.device
+        if decode not in get_args(Decode):
+            raise ValueError(f"decode={decode!r}: choose one of {', '.join(get_args(Decode))}")
+        if decode == "auto":
+            decode = "compiled" if self.device.type == "cuda" else "eager"
+        if self.dola_layers and decode != "eager":
+            # DoLa reads early layers' states through forward hooks, each token: a captured or compiled step would
+            # not call them. DoLa requests are rare (TruthfulQA) and short.
+            log.info(json.dumps({"event": "decode", "mode": "eager", "why": "DoLa needs the plain step's hooks"}))
+            decode = "eager"
+        self.decode = decode
+        self.interleave_tokens = interleave_tokens
+        self.key_block = key_block
+        self._fast: Optional[FastDecoder] = None
         self._captured: Dict[int, torch.Tensor] = {}
         for layer in self.dola_layers:
             model.blocks[layer].register_forward_hook(self._capture_hook(layer))
@@ -193,6 +222,34 @@ class Engine:
             self._lock.notify()
         return request.future
 
+    def warm_up(self, max_keys: Optional[int] = None) -> None:
+        """Compiles and captures the fast decode step for every bucket (up to `max_keys` positions; default the
+        context) before traffic arrives; otherwise each is done the first time a step needs it. Call it before
+        start(): it writes position 0 of every slot."""
+        if self._thread is not None:
+            raise RuntimeError("Engine.warm_up() runs before start()")
+        if self.decode in ("eager", "static"):
+            return
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self._install_caches()
+            n = self._fast.warm_up(max_keys=max_keys)
+        log.info(json.dumps({"event": "decode_warmup", "mode": self.decode_mode, "buckets": n,
+                             "seconds": round(time.perf_counter() - t0, 2)}))
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def decode_mode(self) -> str:
+        """The path generation steps take now (a fast mode that failed to compile or capture says what it fell to)."""
+        if self.decode == "eager":
+            return "eager"
+        if self._fast is None:
+            return self.decode
+        return self._fast.mode
+
     def pending(self) -> int:
         with self._lock:
             return len(self._scoring) + len(self._waiting) + sum(s is not None for s in self._slots)
@@ -218,7 +275,7 @@ class Engine:
                 if self._stopped:
                     break
                 admit = self._take_waiting()
-                scoring = self._take_scoring()
+                scoring = self._take_scoring(decoding=bool(admit or self._active()))
             try:
                 with torch.inference_mode():
                     if admit:
@@ -250,9 +307,11 @@ class Engine:
             tokens += n
         return taken
 
-    def _take_scoring(self) -> List[Request]:
-        """Oldest first, up to max_batch_size rows and max_batch_tokens tokens of compute. Tokens a request shares
+    def _take_scoring(self, decoding: bool = False) -> List[Request]:
+        """Oldest first, up to max_batch_size rows and max_batch_tokens tokens of compute (interleave_tokens while
+        generations decode: each of their steps waits for the scoring batch before it). Tokens a request shares
         with the batch's first one count once (shared-prefix prefill), so HELM's few-shot prompts batch widely."""
+        limit = min(self.max_batch_tokens, self.interleave_tokens) if decoding else self.max_batch_tokens
         taken, shared, longest_tail = [], 0, 0
         while self._scoring and len(taken) < self.max_batch_size:
             ids = self._scoring[0].prompt_ids
@@ -260,7 +319,7 @@ class Engine:
             if new_shared < self.min_shared_prefix:
                 new_shared = 0
             tail = max(longest_tail + shared - new_shared, len(ids) - new_shared)
-            if taken and new_shared + tail * (len(taken) + 1) > self.max_batch_tokens:
+            if taken and new_shared + tail * (len(taken) + 1) > limit:
                 break
             taken.append(self._scoring.popleft())
             shared, longest_tail = new_shared, tail
@@ -352,8 +411,14 @@ class Engine:
             dtype = self.model.wte.weight.dtype
             if not dtype.is_floating_point or dtype.itemsize < 2:
                 dtype = torch.bfloat16
-            self._caches = [SlotCache(self.max_batch_size, c.n_query_groups, self.max_seq_length, c.head_size,
+            # One position more than a sequence can reach: every view the fast step takes of it then has the same
+            # stride pattern, so torch.compile keeps one graph for all key lengths, the longest included.
+            self._caches = [SlotCache(self.max_batch_size, c.n_query_groups, self.max_seq_length + 1, c.head_size,
                                       self.device, dtype) for _ in range(c.n_layer)]
+            if self.decode != "eager":
+                self._fast = FastDecoder(self.model, self._caches, self.max_seq_length, key_block=self.key_block,
+                                         compile=self.decode == "compiled",
+                                         cuda_graphs=self.decode in ("graphs", "compiled"))
         for block, cache in zip(self.model.blocks, self._caches):
             block.attn.kv_cache = cache
 
@@ -391,6 +456,8 @@ class Engine:
     def _decode_step(self) -> None:
         self.stats["decode_steps"] += 1
         B = max(i for i, s in enumerate(self._slots) if s is not None) + 1
+        if self._fast is not None:
+            return self._fast_decode_step(self._slots[:B])
         # One host-to-device copy each (not one tiny write per row): this runs once per generated token.
         rows = self._slots[:B]
         idx = torch.tensor([[s.new_ids[-1] if s else 0] for s in rows], device=self.device)
@@ -414,12 +481,54 @@ class Engine:
         self._take_tokens([self._slots[i] for i in live], logits[rows],
                           {k: v[rows] for k, v in early.items()})
 
+    def _fast_decode_step(self, rows: List[Optional[_Slot]]) -> None:
+        """The same step through fast_decode: greedy rows take the argmax and scores it computed on the device;
+        sampled rows draw from its logits with their own generators, exactly as _choose does."""
+        live = [i for i, s in enumerate(rows) if s is not None]
+        slots = [rows[i] for i in live]
+        k = max(s.request.top_logprobs for s in slots)
+        out = self._fast.step([s.new_ids[-1] if s else 0 for s in rows], [s.pos if s else 0 for s in rows],
+                              min(k, self._fast.top_k))
+        for s in slots:
+            s.pos += 1
+        if k > self._fast.top_k:  # more alternatives than the step computes: the plain choice and scoring
+            return self._take_tokens(slots, out.logits[live], {})
+        tokens = {i: out.greedy[i] for i, s in zip(live, slots) if s.request.temperature <= GREEDY_TEMPERATURE}
+        scores = {i: out.scores[i] for i in tokens}
+        sampled = [(i, s) for i, s in zip(live, slots) if i not in tokens]
+        if sampled:
+            for i, token, logprob in self._draw(out, sampled):
+                tokens[i], scores[i] = token, (logprob, out.scores[i][1])
+        self._record(slots, [tokens[i] for i in live], [scores[i] for i in live])
+
+    def _draw(self, out, sampled: List[Tuple[int, _Slot]]) -> List[Tuple[int, int, float]]:
+        """(row, token, its logprob) for the sampled rows of a fast step. Rows with the same settings share one
+        computation of the distribution and draw with their own generators: each gets the token `sample` would give
+        it alone, for a few kernels per step instead of a few per row (summarisation sends 30 requests at
+        temperature 0.3), and one wait for the GPU for them all."""
+        groups: Dict[tuple, list] = {}
+        for i, s in sampled:
+            groups.setdefault((s.request.temperature, s.request.top_k or None, s.request.top_p), []).append((i, s))
+        order, draws = [], []
+        for (temperature, top_k, top_p), members in groups.items():
+            index = [i for i, _ in members]
+            probs = sampling_probs(out.logits[index], temperature, top_k, top_p)
+            draws += [torch.multinomial(probs[j: j + 1], 1, generator=s.generator)[0]
+                      for j, (_, s) in enumerate(members)]
+            order += index
+        drawn = torch.cat(draws)
+        tokens, logprobs = torch.stack([drawn.to(out.logprobs.dtype), out.logprobs[order, drawn]]).tolist()
+        return [(i, int(t), lp) for i, t, lp in zip(order, tokens, logprobs)]
+
     def _take_tokens(self, slots: List[_Slot], logits: torch.Tensor, early: Dict[int, torch.Tensor]) -> None:
         """Choose each slot's next token from its logits (B, vocab), record it, and retire finished slots."""
         early_logits = {k: self.model.lm_head(self.model.ln_f(v)) for k, v in early.items()}
         tokens = self._choose(logits, early_logits, [s.request for s in slots], [s.generator for s in slots])
         # One log-softmax/top-k and one device-to-host copy for the whole batch, not one per row.
         scores = score_tokens(logits, tokens, max(s.request.top_logprobs for s in slots))
+        self._record(slots, tokens, scores)
+
+    def _record(self, slots: List[_Slot], tokens: List[int], scores: List[TokenScore]) -> None:
         for s, token, (logprob, top) in zip(slots, tokens, scores):
             r = s.request
             if token == self.tokenizer.eos_id:

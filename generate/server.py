@@ -39,7 +39,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generate.base import Precision, Quantize, check_quantize_device, pick_device, pick_dtype  # noqa: E402
-from generate.engine import Engine, Request, Result, parse_dola_layers  # noqa: E402
+from generate.engine import Decode, Engine, Request, Result, parse_dola_layers  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 MAX_SAMPLES = 16
@@ -129,6 +129,7 @@ class Health(BaseModel):
     pending: int  # requests queued or generating
     prompt_style: Optional[str]
     dola_layers: List[int]
+    decode: str  # how generation steps run now: eager, or static[+compiled][+cuda_graphs] (generate/fast_decode.py)
     scoring_batches: int
     decode_steps: int
     prefills: int
@@ -325,8 +326,10 @@ def build_app(service: Service, warmup: bool = True, max_body_bytes: int = 4 * 2
 
     @asynccontextmanager
     async def lifespan(app):
+        if warmup and not service.engine.running:  # compile and capture the decode step's buckets before traffic
+            await asyncio.to_thread(service.engine.warm_up)
         service.engine.start()
-        if warmup:  # compile kernels and allocate the caches before the first real request
+        if warmup:  # the scoring and prefill kernels, and the caches, before the first real request
             t0 = time.perf_counter()
             await asyncio.to_thread(service.process, {"prompt": "The capital of France is", "max_new_tokens": 1,
                                                        "temperature": 0, "echo_prompt": True})
@@ -388,7 +391,7 @@ def build_app(service: Service, warmup: bool = True, max_body_bytes: int = 4 * 2
         e = service.engine
         return {"status": "ok", "model": service.name, "context": e.max_seq_length, "pending": e.pending(),
                 "prompt_style": service.prompt_style.name if service.prompt_style else None,
-                "dola_layers": e.dola_layers, **e.stats}
+                "dola_layers": e.dola_layers, "decode": e.decode_mode, **e.stats}
 
     return app
 
@@ -396,7 +399,8 @@ def build_app(service: Service, warmup: bool = True, max_body_bytes: int = 4 * 2
 def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantize: Optional[str] = None,
                  precision: str = "auto", device: str = "auto", prompt_style: str = "auto",
                  max_seq_length: Optional[int] = 2048, max_batch_size: int = 32, max_batch_tokens: int = 16384,
-                 dola_layers: Optional[str] = None, stop_at_blank_line: bool = False) -> Service:
+                 dola_layers: Optional[str] = None, stop_at_blank_line: bool = False, decode: Decode = "auto",
+                 interleave_tokens: int = 2048) -> Service:
     """Loads the model (merged, or base + LoRA adapter; bf16/fp32 or 4-bit) and wraps it in an engine."""
     from prompts import get_style, load_style
     from utils import load_model, resolve_checkpoint_dir
@@ -431,7 +435,8 @@ def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantiz
         style = get_style(prompt_style)
     layers = parse_dola_layers(dola_layers, model.config.n_layer)
     engine = Engine(model, tokenizer, max_seq_length=max_seq_length, max_batch_size=max_batch_size,
-                    max_batch_tokens=max_batch_tokens, dola_layers=layers)
+                    max_batch_tokens=max_batch_tokens, dola_layers=layers, decode=decode,
+                    interleave_tokens=interleave_tokens)
     return Service(engine, style, stop_at_blank_line, name=model.config.name or str(checkpoint_dir))
 
 
@@ -450,6 +455,8 @@ def main(
     max_body_mb: PositiveFloat = 4.0,
     dola_layers: Optional[str] = None,
     stop_at_blank_line: bool = False,
+    decode: Decode = "auto",
+    interleave_tokens: PositiveInt = 2048,
     warmup: bool = True,
 ) -> None:
     """Serve the challenge API (/process, /tokenize, /decode, /health).
@@ -473,13 +480,19 @@ def main(
         max_body_mb: larger request bodies get a 413 (HELM's, at most 2048 tokens, are a few KB).
         dola_layers: DoLa decoding: low, high or comma-separated early layers to contrast with the final layer.
         stop_at_blank_line: cut every completion at its first blank line (after some text), as Upaya's entry did.
-        warmup: run two small requests before accepting traffic.
+        decode: how generation steps run: auto (compiled on a GPU, else eager), eager (the plain reference step),
+            static, graphs or compiled (generate/fast_decode.py: static shapes per bucket, + a CUDA graph per bucket,
+            + torch.compile'd blocks; docs/serving.md).
+        interleave_tokens: while generations decode, a scoring batch holds at most this many tokens, so that
+            neither kind of request starves the other.
+        warmup: compile and capture the decode step and run two small requests before accepting traffic.
     """
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     service = load_service(checkpoint_dir, adapter_dir, quantize, precision, device, prompt_style, max_seq_length,
-                           max_batch_size, max_batch_tokens, dola_layers, stop_at_blank_line)
+                           max_batch_size, max_batch_tokens, dola_layers, stop_at_blank_line, decode,
+                           interleave_tokens)
     uvicorn.run(build_app(service, warmup, int(max_body_mb * 2**20)), host=host, port=port, log_level="warning")
 
 

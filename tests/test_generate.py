@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from generate.base import cut_at_stop, generate, sample, seeded_generator
+from generate.base import cut_at_stop, generate, sample, sampling_probs, seeded_generator
 from model import GPT, Config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,6 +27,19 @@ def test_sampling_rules():
     generator = torch.Generator().manual_seed(0)
     picks = [int(sample(logits, temperature=0.25, generator=generator)) for _ in range(400)]
     assert picks.count(1) / 400 > 0.8
+
+
+def test_sampling_probs_row_by_row():
+    """The engine's fast step computes the distribution once for all rows of the same settings and draws each row
+    with its own generator: every row must get exactly what `sample` gives it alone."""
+    logits = torch.randn(5, 300)
+    together = sampling_probs(logits, 0.7, top_k=40, top_p=0.9)
+    for i in range(5):
+        assert torch.equal(together[i: i + 1], sampling_probs(logits[i: i + 1], 0.7, top_k=40, top_p=0.9))
+        g1, g2 = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
+        drawn = torch.multinomial(together[i: i + 1], 1, generator=g1)[0]
+        assert torch.equal(drawn, sample(logits[i: i + 1], 0.7, 40, 0.9, g2))
+    assert (together > 0).sum(-1).max() <= 40 and torch.allclose(together.sum(-1), torch.ones(5))
 
 
 @pytest.fixture(scope="module")

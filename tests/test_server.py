@@ -27,15 +27,23 @@ def checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
+# Tests that generate run with the plain decode step and with the fast one (generate/fast_decode.py, without CUDA
+# graphs on the CPU); the two services live for the whole module.
+DECODES = pytest.mark.parametrize("service", ["eager", "static"], indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def service(checkpoint):
-    svc = load_service(str(checkpoint), device="cpu", max_seq_length=128, max_batch_size=8, max_batch_tokens=2048)
+def service(checkpoint, request):
+    decode = getattr(request, "param", "eager")  # the plain step, unless a test is parametrized with DECODES
+    svc = load_service(str(checkpoint), device="cpu", max_seq_length=128, max_batch_size=8, max_batch_tokens=2048,
+                       decode=decode)
+    svc.engine.key_block = 16  # several key-length buckets within these short requests (fast step)
     svc.engine.start()
     yield svc
     svc.engine.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(service):
     return TestClient(build_app(service, warmup=False))  # the engine is already running (module fixture)
 
@@ -93,7 +101,7 @@ def test_openapi_has_every_endpoints_schemas(client):
                                 "truncated_prompt_tokens", "samples"}),
         ("post", "/tokenize"): ({"text", "truncation", "max_length"}, {"tokens", "request_time"}),
         ("post", "/decode"): ({"tokens"}, {"text", "request_time"}),
-        ("get", "/health"): (None, {"status", "model", "context", "pending", "prompt_style", "dola_layers",
+        ("get", "/health"): (None, {"status", "model", "context", "pending", "prompt_style", "dola_layers", "decode",
                                     "scoring_batches", "decode_steps", "prefills", "requests"}),
     }
     for (method, path), (request, response) in endpoints.items():
@@ -118,6 +126,7 @@ def test_tokenize_decode_round_trip(client, service):
     assert default == full  # max_length 2048 by default: nothing to cut
 
 
+@DECODES
 def test_generation_logprobs_equal_forward_pass(client, service):
     body = {"prompt": PROMPT, "max_new_tokens": 6, "top_k_per_token": 3, **GREEDY}
     result, out = run(service, body)
@@ -135,6 +144,7 @@ def test_generation_logprobs_equal_forward_pass(client, service):
         assert sorted(t["top_logprob"].values(), reverse=True) == pytest.approx(best.values.tolist(), abs=1e-4)
 
 
+@DECODES
 @pytest.mark.parametrize("max_new_tokens", [0, 1, 3])
 def test_echo_logprobs_equal_forward_pass(client, service, max_new_tokens):
     body = {"prompt": PROMPT, "max_new_tokens": max_new_tokens, "echo_prompt": True, "top_k_per_token": 2, **GREEDY}
@@ -188,6 +198,7 @@ def service_body(prompt):
     return ProcessRequest(prompt=prompt, max_new_tokens=1, echo_prompt=True, temperature=0.0)
 
 
+@DECODES
 def test_stop_sequences_cut_text_and_tokens(client):
     free = client.post("/process", json={"prompt": PROMPT, "max_new_tokens": 12, **GREEDY}).json()
     text = free["text"]
@@ -200,6 +211,7 @@ def test_stop_sequences_cut_text_and_tokens(client):
     assert [t["logprob"] for t in out["tokens"]] == [t["logprob"] for t in free["tokens"][: len(out["tokens"])]]
 
 
+@DECODES
 def test_eos_stops_and_is_not_returned(service):
     free, free_out = run(service, {"prompt": PROMPT, "max_new_tokens": 6, **GREEDY})
     eos = service.tokenizer.eos_id
@@ -232,6 +244,7 @@ def test_stop_at_blank_line_option(checkpoint):
         svc.engine.stop()
 
 
+@DECODES
 def test_long_prompt_is_left_truncated(client, service):
     prompt = " ".join(f"word{i}" for i in range(400))
     out = client.post("/process", json={"prompt": prompt, "max_new_tokens": 5, **GREEDY}).json()
@@ -288,6 +301,7 @@ def test_bad_tokenize_and_decode_requests(client):
     assert client.post("/tokenize", json={"text": PROMPT}).status_code == 200
 
 
+@DECODES
 def test_any_integer_seed_works_and_its_batch_neighbours_are_unharmed(client):
     """torch takes seeds in [-2**63, 2**64): a larger one is reduced modulo 2**64 rather than failing the engine's
     whole batch. Valid requests batched with it get the answers they get alone."""
@@ -343,9 +357,11 @@ def test_a_huge_request_does_not_stall_the_others(service):
     assert len(huge.json()["tokens"]) > 10**6
 
 
-def test_health_and_one_json_log_line_per_request(client, caplog):
+@DECODES
+def test_health_and_one_json_log_line_per_request(client, caplog, service):
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["context"] == 128
+    assert health["status"] == "ok" and health["context"] == 128 and health["decode"] == service.engine.decode
+    assert service.engine.decode in ("eager", "static")
     with caplog.at_level(logging.INFO, logger="server"):
         client.post("/process", json={"prompt": PROMPT, "max_new_tokens": 2})
         client.post("/process", json={"prompt": ""})
@@ -355,6 +371,7 @@ def test_health_and_one_json_log_line_per_request(client, caplog):
     assert lines[1]["status"] == 422 and "prompt" in lines[1]["error"]
 
 
+@DECODES
 def test_30_concurrent_clients_get_their_answers_alone(client, service):
     """Mixed HELM traffic at once: 1-token scoring, echo scoring, generations of different lengths, a sampled one
     with a seed. Each response must equal the one the same request gets when it is sent alone."""
@@ -384,12 +401,14 @@ def test_30_concurrent_clients_get_their_answers_alone(client, service):
         assert [t["text"] for t in b["tokens"]] == [t["text"] for t in a["tokens"]]
         assert [t["logprob"] for t in b["tokens"]] == pytest.approx([t["logprob"] for t in a["tokens"]], abs=1e-4)
     stats = service.engine.stats
+    assert service.engine.decode_mode == client.get("/health").json()["decode"]
     n_scoring = sum(b["max_new_tokens"] <= 1 for b in bodies)
     assert stats["scoring_batches"] - before["scoring_batches"] < n_scoring  # scoring requests were batched
     decode_steps = stats["decode_steps"] - before["decode_steps"]
     assert decode_steps < sum(len(a["tokens"]) for a, b in zip(alone, bodies) if b["max_new_tokens"] > 1) / 2
 
 
+@DECODES
 def test_sampling_is_seeded_and_num_return_sequences(client):
     body = {"prompt": PROMPT, "max_new_tokens": 6, "temperature": 1.0, "seed": 7, "num_return_sequences": 3}
     a, b = client.post("/process", json=body).json(), client.post("/process", json=body).json()
@@ -487,6 +506,28 @@ def test_benchmark_script_runs_on_a_random_model(tmp_path):
     assert [r["unit"] for r in rows] == ["requests/s", "requests/s", "tokens/s"]
     assert all(r["same_outputs"] and r["one_at_a_time"] > 0 and r["3_concurrent"] > 0 for r in rows)
     assert "| generation, 4 new tokens | tokens/s |" in (tmp_path / "bench.md").read_text()
+
+
+def test_serve_table_runs_on_a_random_model(tmp_path):
+    """benchmarks/serve_table.py end to end on a CPU: every row, the 4-bit ones failing on purpose (an unknown mode),
+    which must cost only those rows."""
+    pytest.importorskip("transformers")
+    from benchmarks.serve_table import main
+
+    common = dict(model="SmolLM2-135M", n_layer=1, device="cpu", streams=3, prompt_tokens=6, new_tokens=4,
+                  scoring_tokens=8, alone=3, alone_quantized=3, alone_eager=3, max_seq_length=32)
+    rows = main(**common, out=str(tmp_path / "table.md"))
+    by = {(r["system"], r.get("streams")): r for r in rows}
+    assert by[("oneday fp32", 3)]["same_as_alone"] == "3/3" and by[("oneday fp32", 1)]["decode"] == "static"
+    assert by[("oneday eager (reference step)", 1)]["same_as_alone"] == "3/3 as the fast step"
+    assert by[("oneday nf4+lora", 3)]["same_as_alone"] == "3/3"
+    hf = by[("transformers static cache + compile", 3)]
+    assert hf["same_as_alone"] == "3/3 as oneday"  # the peer holds the same weights: the same greedy tokens in fp32
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert "| oneday fp32 scoring (prefill tokens/s) | fp32 | 3 |" in (tmp_path / "table.md").read_text()
+    broken = main(**common, rows="bf16,nf4", quantize="bnb.nf5", out=str(tmp_path / "broken.md"))
+    assert [r["system"] for r in broken][-1] == "nf4" and "nf5" in broken[-1]["error"]
+    assert len(broken) == 4  # the bf16 rows came out
 
 
 @pytest.mark.slow

@@ -1,0 +1,230 @@
+"""The serving engine's fast decode step: static shapes per bucket, compiled blocks and one CUDA graph per bucket.
+
+The engine's plain step (`Engine._decode_step` through `SlotCache`) is the reference; this layer computes the same
+thing (tests/test_fast_decode.py compares them on the CPU) in a form a GPU runs at its memory bandwidth. Decoding one
+token per row reads every weight once per step; in eager PyTorch the ~1,500 small kernels a 32-layer step launches
+cost more than the reads. gpt-fast's recipe removes that:
+- Buckets. The engine's slots 0..n-1 decode as B >= n rows (B in 1, 2, 4, ..., max slots). Rows past n are free slots
+  fed token 0 at position 0: they write only their own unused cache row, their outputs are dropped, and the next
+  request admitted to such a slot overwrites that position at prefill.
+- Keys. Each row attends over the first L positions of its slot's cache, L the longest live row rounded up to a
+  multiple of `key_block`, not over the whole cache: at 30 rows and a 2,048-token context the whole cache of
+  Mistral-7B is about 8 GB, most of the 14.5 GB of weights again, read every step for positions nobody has reached.
+  Rounding up keeps the number of shapes (and graphs) small for a few percent more reads.
+- Compile. Each block runs through one `torch.compile`d call (regional compilation: the layers share one compiled
+  graph, so compiling costs about one block's time). The cache write stays outside it (a graph break, see DecodeView).
+- Graphs. On CUDA each (B, L) bucket's whole step (embedding, blocks, head, log-softmax, argmax, top-k) is captured as
+  a CUDA graph the first time it is needed and replayed afterwards: one launch per token instead of one per kernel.
+Sampling, stops and bookkeeping stay in the engine; a step hands back the logits and log-probabilities for sampled rows
+and, in one device-to-host copy, every row's greedy token, its log-probability and the top-k alternatives.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from model import GPT, rope
+
+log = logging.getLogger("server")
+
+
+def buckets(limit: int) -> List[int]:
+    """Row counts that get their own shapes: powers of two below `limit`, then `limit`."""
+    sizes, b = [], 1
+    while b < limit:
+        sizes.append(b)
+        b *= 2
+    return sizes + [limit]
+
+
+def bucket_of(n: int, sizes: List[int]) -> int:
+    return next(b for b in sizes if b >= n)
+
+
+class DecodeView(nn.Module):
+    """One layer's cache as a bucket sees it: the first B slots and first L positions of the engine's SlotCache.
+
+    Views, so the write lands in the cache the prefill filled. The views are plain attributes, not buffers:
+    torch.compile treats buffers as fixed-shape, which would compile once per bucket instead of once in all.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        super().__init__()
+        self.k, self.v = k, v
+        self.rows = torch.arange(k.size(0), device=k.device)
+
+    @property
+    def size(self) -> int:
+        return self.k.size(2)
+
+    # Eager inside the compiled block: written by the compiled code, the write into these strided views of a larger
+    # buffer would copy the whole view out and back each step (functionalization of an input mutation).
+    @torch.compiler.disable
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        pos = input_pos[:, 0]
+        self.k[self.rows, :, pos] = k[:, :, 0].to(self.k.dtype)
+        self.v[self.rows, :, pos] = v[:, :, 0].to(self.v.dtype)
+        return self.k, self.v
+
+
+def _call_block(block: nn.Module, x, cos, sin, mask, input_pos):
+    return block(x, cos, sin, mask, input_pos)
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # (rows, vocab) fp32: what sampled rows draw from
+    logprobs: torch.Tensor  # (rows, vocab) fp32 log-softmax of the logits
+    greedy: List[int]  # per row: the argmax token
+    scores: List[Tuple[float, Dict[int, float]]]  # per row: (logprob of the argmax, {top-k id: logprob} best first)
+
+
+class FastDecoder:
+    def __init__(self, model: GPT, caches: List[nn.Module], max_keys: int, top_k: int = 20, key_block: int = 256,
+                 compile: bool = False, cuda_graphs: bool = False) -> None:
+        """model: in eval mode; caches: the engine's SlotCache per layer (k, v of (slots, n_kv, positions, head)).
+        max_keys: the most positions a sequence reaches (below the caches' length, see Engine._install_caches).
+        top_k: alternatives computed per row and step (requests asking for more take the engine's plain scoring).
+        key_block: key positions are read in multiples of this. compile: torch.compile the blocks.
+        cuda_graphs: capture each bucket's step as a CUDA graph (CUDA only)."""
+        self.model, self.config = model, model.config
+        self.caches = caches
+        self.n_slots, self.max_keys = caches[0].k.size(0), max_keys
+        self.row_buckets = buckets(self.n_slots)
+        self.key_block = key_block
+        self.top_k = min(top_k, self.config.vocab_size)
+        self.device = caches[0].k.device
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.compile = compile
+        self._block = self._compiled_block() if compile else _call_block
+        # Inputs live at fixed addresses (graphs read them from there): per slot, its last token and its position.
+        self.inputs = torch.zeros(self.n_slots, 2, dtype=torch.long, device=self.device)
+        self.key_positions = torch.arange(max_keys, device=self.device)
+        self._views: Dict[Tuple[int, int], List[DecodeView]] = {}
+        self._graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    @property
+    def mode(self) -> str:
+        return "+".join(["static"] + ["compiled"] * self.compile + ["cuda_graphs"] * self.cuda_graphs)
+
+    def key_bucket(self, n_keys: int) -> int:
+        return min(-(-n_keys // self.key_block) * self.key_block, self.max_keys)
+
+    def step(self, tokens: List[int], positions: List[int], k: int = 1) -> StepOutput:
+        """One new token for rows 0..n-1 (the engine's slots; free ones pass token 0 at position 0): writes each
+        row's key and value at its position and returns the next-token distribution of every row."""
+        n = len(tokens)
+        shape = bucket_of(n, self.row_buckets), self.key_bucket(max(positions) + 1)
+        inputs = list(zip(tokens, positions)) + [(0, 0)] * (shape[0] - n)
+        self.inputs[: shape[0]].copy_(torch.tensor(inputs))  # one host-to-device copy
+        logits, logprobs, packed = self._run(shape)
+        rows = packed[:n, : 2 + 2 * k].tolist()  # the one wait for the GPU in a step
+        scores = [(r[1], {int(i): v for v, i in zip(r[2::2], r[3::2])}) for r in rows]
+        return StepOutput(logits[:n], logprobs[:n], [int(r[0]) for r in rows], scores)
+
+    def warm_up(self, max_rows: Optional[int] = None, max_keys: Optional[int] = None) -> int:
+        """Compiles and captures every bucket up to `max_rows` rows and `max_keys` keys ahead of traffic (the
+        engine calls it before it starts: it writes position 0 of every slot). Returns the number of buckets."""
+        max_rows, max_keys = min(max_rows or self.n_slots, self.n_slots), min(max_keys or self.max_keys, self.max_keys)
+        rows = [b for b in self.row_buckets if b < max_rows] + [bucket_of(max_rows, self.row_buckets)]
+        lengths = {self.key_bucket(n) for n in range(1, max_keys + 1, self.key_block)} | {self.key_bucket(max_keys)}
+        self.inputs.zero_()
+        for shape in [(b, n) for b in rows for n in sorted(lengths)]:
+            self._run(shape)
+        return len(rows) * len(lengths)
+
+    # ---- running a bucket ----------------------------------------------------------------------------------------
+
+    def _run(self, shape: Tuple[int, int]) -> tuple:
+        try:
+            return self._replay(shape) if self.cuda_graphs else self._forward(*shape)
+        except Exception as e:
+            if not (self.compile or self.cuda_graphs):
+                raise
+            # Keep serving with one layer less: first without torch.compile, then without graphs (the same math).
+            dropped = "torch.compile" if self.compile else "CUDA graphs"
+            log.warning(f"decode: {type(e).__name__} in bucket {shape} ({str(e).splitlines()[0] if str(e) else ''}); "
+                        f"decoding without {dropped} from now on")
+            if self.compile:
+                self.compile, self._block = False, _call_block
+            else:
+                self.cuda_graphs = False
+            if self.device.type == "cuda":
+                torch.cuda.set_stream(torch.cuda.default_stream(self.device))  # a failed capture can leave its stream
+            self._graphs.clear()
+            return self._run(shape)
+
+    def _replay(self, shape: Tuple[int, int]) -> tuple:
+        if shape not in self._graphs:
+            self._graphs[shape] = self._capture(shape)
+        graph, outputs = self._graphs[shape]
+        graph.replay()
+        return outputs
+
+    def _capture(self, shape: Tuple[int, int]) -> tuple:
+        t0 = time.perf_counter()
+        # Warm-up runs (compilation, autotuning, cuBLAS workspaces) happen outside the capture, on a side stream as
+        # capture requires. They write the same keys and values the captured step will: the inputs are this step's.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(*shape)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            outputs = self._forward(*shape)
+        log.debug(f"decode: captured bucket {shape} in {time.perf_counter() - t0:.2f}s")
+        return graph, outputs
+
+    def _forward(self, B: int, L: int) -> tuple:
+        """The step for a bucket of B rows and L keys: GPT.hidden_states with a per-row mask and DecodeViews as the
+        caches (the same math as the engine's plain step), then the head and the scores the engine needs."""
+        model, config = self.model, self.config
+        idx, pos = self.inputs[:B, 0:1], self.inputs[:B, 1:2]
+        keys = self.key_positions[:L]
+        mask = keys[None, :] <= pos  # (B, L)
+        if config.sliding_window is not None:
+            mask &= pos - keys[None, :] < config.sliding_window
+        mask = mask[:, None, None, :]
+        cos, sin = rope(pos, config.rope_n_elem, config.rope_base)
+        x = model.wte(idx)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        saved = [block.attn.kv_cache for block in model.blocks]
+        try:
+            for block, view in zip(model.blocks, self._bucket_views(B, L)):
+                block.attn.kv_cache = view
+                x = self._block(block, x, cos, sin, mask, pos)
+        finally:
+            for block, cache in zip(model.blocks, saved):
+                block.attn.kv_cache = cache
+        logits = model.lm_head(model.ln_f(x))[:, -1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        greedy = logits.argmax(dim=-1)
+        top = logprobs.topk(self.top_k, dim=-1)
+        # One (B, 2 + 2k) fp32 table, [greedy id, its logprob, value 1, id 1, value 2, id 2, ...], so that the host
+        # fetches only the columns a step's requests ask for. Ids are exact in fp32 (vocabularies are below 2**24).
+        packed = torch.cat([greedy[:, None].float(), logprobs.gather(-1, greedy[:, None]),
+                            torch.stack([top.values, top.indices.float()], dim=-1).flatten(1)], dim=1)
+        return logits, logprobs, packed
+
+    def _bucket_views(self, B: int, L: int) -> List[DecodeView]:
+        if (B, L) not in self._views:
+            self._views[(B, L)] = [DecodeView(c.k[:B, :, :L], c.v[:B, :, :L]) for c in self.caches]
+        return self._views[(B, L)]
+
+    def _compiled_block(self):
+        import torch._dynamo
+
+        # Every model, bucket class (one row, several rows) and block kind served in a process adds entries to the
+        # same code objects' caches; past the default limit torch would silently run them uncompiled.
+        for name, at_least in (("recompile_limit", 64), ("accumulated_recompile_limit", 1024)):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), at_least))
+        # dynamic: one graph serves every row count > 1 and every key length (1 row is specialised, as torch does).
+        return torch.compile(_call_block, dynamic=True)
