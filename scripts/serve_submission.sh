@@ -7,9 +7,10 @@
 #   PORT            listening port                              (default 80)
 #   SERVER_ARGS     any further generate/server.py flags, e.g. "--stop_at_blank_line true --dola_layers low"
 # DRY_RUN=1 prints the command instead of running it (tests/test_docker.py checks it).
+# python3, not python: the base image runs the system Python, where `python` need not exist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cmd=(python generate/server.py --checkpoint_dir "${CHECKPOINT_DIR:-/workspace/checkpoint}" --host 0.0.0.0
+cmd=(python3 generate/server.py --checkpoint_dir "${CHECKPOINT_DIR:-/workspace/checkpoint}" --host 0.0.0.0
      --port "${PORT:-80}" --max_seq_length "${MAX_SEQ_LENGTH:-2048}")
 [ -n "${ADAPTER_DIR:-}" ] && cmd+=(--adapter_dir "$ADAPTER_DIR")
 [ -n "${QUANTIZE:-}" ] && cmd+=(--quantize "$QUANTIZE")

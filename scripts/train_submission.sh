@@ -10,6 +10,7 @@
 #                   winning team's hyperparameters for its data recipe; empty for finetune/lora.py's defaults)
 #   FINETUNE_ARGS   further finetune/lora.py flags, e.g. "--lora.r 128 --lora.alpha 256 --train.learning_rate 2e-5"
 # DRY_RUN=1 prints the commands instead of running them (tests/test_docker.py checks them).
+# python3, not python: the base image runs the system Python, where `python` need not exist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base_repo=${BASE_REPO:-mistralai/Mistral-7B-v0.1}
@@ -28,15 +29,15 @@ run() {
 }
 # shellcheck disable=SC2206
 extra=(${FINETUNE_ARGS:-})
-run python scripts/download.py --repo_id "$base_repo" --checkpoint_dir "$out/checkpoints"
-run python scripts/convert_hf_checkpoint.py --checkpoint_dir "$ckpt"
-run python prepare_data/prepare_mix.py --recipe "$recipe" --checkpoint_dir "$ckpt" --out_dir "$data"
+run python3 scripts/download.py --repo_id "$base_repo" --checkpoint_dir "$out/checkpoints"
+run python3 scripts/convert_hf_checkpoint.py --checkpoint_dir "$ckpt"
+run python3 prepare_data/prepare_mix.py --recipe "$recipe" --checkpoint_dir "$ckpt" --out_dir "$data"
 # The config comes first, so the paths here override its own; --speed.cuda_graph: the fast path (README, Measured);
 # FINETUNE_ARGS come last, so "--speed.cuda_graph false" there wins
 # exit status 75: stopped by --max_time (or a signal) with everything saved; merge what it has
-run python finetune/lora.py ${config:+--config "$config"} --checkpoint_dir "$ckpt" --data_dir "$data" --out_dir "$run" \
-  --quantize bnb.nf4-dq --speed.cuda_graph true --max_time "$max_time" "${extra[@]}" || [ $? -eq 75 ]
+run python3 finetune/lora.py ${config:+--config "$config"} --checkpoint_dir "$ckpt" --data_dir "$data" \
+  --out_dir "$run" --quantize bnb.nf4-dq --speed.cuda_graph true --max_time "$max_time" "${extra[@]}" || [ $? -eq 75 ]
 adapter=$run/adapter_best.safetensors  # best validation loss; the latest one when no validation ran
 [ -f "$adapter" ] || [ -n "${DRY_RUN:-}" ] || adapter=$run/adapter.safetensors
-run python scripts/merge_lora.py --adapter "$adapter" --out_dir "$out/final"
-echo "merged checkpoint: $out/final (serve it: docker build -f Dockerfile.serve --build-arg CHECKPOINT=... .)" >&2
+run python3 scripts/merge_lora.py --adapter "$adapter" --out_dir "$out/final"
+echo "merged checkpoint: $out/final (to serve it: checkpoints/final, then docker build -f Dockerfile.serve .)" >&2
