@@ -13,7 +13,6 @@ Reads `train.safetensors` / `val.safetensors` and `meta.json` (data.py; made by 
 true), 2 a bad input (one line, nothing written).
 """
 
-import gc
 import json
 import math
 import os
@@ -145,8 +144,8 @@ def setup(
                          f"{train.micro_batch_size} x {devices} devices; change one of them")
     if cap is not None:  # nothing fits: say so now, not after loading the model
         a = json.loads(json.dumps(hparams), object_hook=lambda d: SimpleNamespace(**d))
-        plan.choose(memory_job(config, a, max_seq_length, dense_mask=train.packing), cap,
-                    pins=memory_pins(a, config), budget_text=memory_budget)
+        plan.choose(plan.memory_job(config, a, max_seq_length, dense_mask=train.packing), cap,
+                    pins=plan.memory_pins(a, config.n_layer), budget_text=memory_budget)
     budget = parse_time(max_time) if max_time else None
     state_path = out_dir / "state.ckpt"
     if resume and not state_path.is_file():
@@ -193,7 +192,8 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
     rows = pack(train_examples.lengths.tolist(), max_seq_length) if a.train.packing else None
     memory = None  # what status.json says of --memory_budget
     if budget is not None:  # sets a.train.micro_batch_size and a.speed.* to the plan's choice
-        memory = plan_memory(fabric, gpt, trainable, a, budget, train_examples, rows, max_seq_length)
+        memory = plan.fit_budget(fabric, gpt, a, budget, train_examples, rows, max_seq_length, apply_speed,
+                                 training_loss, make_optimizer)
     else:
         apply_speed(gpt, a)
     if a.speed.fp8:
@@ -240,7 +240,7 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
         write_config(out_dir, hparams, memory and memory["line"])
         if (data_dir / "prompt_style.json").is_file():
             shutil.copy(data_dir / "prompt_style.json", out_dir / "prompt_style.json")
-        write_status(out_dir, "running", state["step"], total_steps, memory=memory_status(memory, fabric.device))
+        write_status(out_dir, "running", state["step"], total_steps, memory=plan.memory_status(memory, fabric.device))
     stopper = Stopper(deadline, a.max_time)
     save = partial(save_checkpoint, fabric, gpt, optimizer, scheduler, state, out_dir, hparams)
 
@@ -263,7 +263,7 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
                 finish(fabric, state, out_dir)
                 if rank == 0:
                     write_status(out_dir, "stopped", state["step"], total_steps, stopper.reason,
-                                 memory_status(memory, fabric.device))
+                                 plan.memory_status(memory, fabric.device))
                 return "stopped"
             t_step = time.perf_counter()
             i0 = state["step_in_epoch"] * micro_per_step
@@ -301,7 +301,7 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
                 fabric.print(f"Stopping: {reason}")
                 if rank == 0:
                     write_status(out_dir, "stopped", state["step"], total_steps, reason,
-                                 memory_status(memory, fabric.device))
+                                 plan.memory_status(memory, fabric.device))
                 return "stopped"
             if t.grad_clip:
                 fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip)
@@ -346,7 +346,7 @@ def main(fabric, hparams: dict, lora_config: LoRAConfig, train_examples: Example
     save(numbered=True)
     finish(fabric, state, out_dir)
     if rank == 0:
-        write_status(out_dir, "finished", state["step"], total_steps, memory=memory_status(memory, fabric.device))
+        write_status(out_dir, "finished", state["step"], total_steps, memory=plan.memory_status(memory, fabric.device))
     return "finished"
 
 
@@ -361,141 +361,6 @@ def apply_speed(gpt: GPT, a) -> None:
         n = None if a.speed.activation_checkpointing in (True, 1) else int(a.speed.activation_checkpointing)
         enable_activation_checkpointing(gpt, n, preserve_rng_state=a.lora.dropout > 0,
                                         offload=a.speed.offload_checkpoints)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# --memory_budget: finetune/plan.py chooses; here the trainer's side of it (the probe, the settings)
-
-
-def memory_job(config, a, max_seq_length: int, dense_mask: bool) -> plan.Job:
-    lora = LoRAConfig(r=a.lora.r, alpha=float(a.lora.alpha), dropout=float(a.lora.dropout), targets=a.lora.targets)
-    return plan.Job(config, lora, max_seq_length, a.train.batch_size // a.devices, quantize=a.quantize,
-                    dtype_bytes=2 if a.precision == "bf16-true" else 4, optimizer=a.train.optimizer,
-                    fused=a.speed.fused, dense_mask=dense_mask, cuda_graph=a.speed.cuda_graph,
-                    compile=a.speed.compile, ddp=a.devices > 1)
-
-
-def memory_pins(a, config) -> plan.Pins:
-    return plan.memory_pins(a.train.micro_batch_size, a.speed.activation_checkpointing, a.speed.offload_checkpoints,
-                            a.speed.recompute_inputs, config.n_layer, a.train.packing)
-
-
-def use_choice(a, choice: plan.Choice, n_layer: int) -> None:
-    a.train.micro_batch_size = choice.micro_batch_size
-    c = choice.checkpointed  # --speed.activation_checkpointing 1 means every block; plan.candidates never gives 1
-    a.speed.activation_checkpointing = True if c >= n_layer else c or False
-    a.speed.offload_checkpoints = choice.offload
-    a.speed.recompute_inputs = not choice.keep_inputs
-
-
-def plan_memory(fabric, gpt: GPT, trainable, a, budget: int, examples: Examples, rows, max_seq_length: int) -> dict:
-    """Chooses, probes (on a GPU) and applies the fastest memory settings under the budget; prints the choice and
-    returns what status.json reports of it."""
-    pins = memory_pins(a, gpt.config)  # the flags as given
-    apply_speed(gpt, a)
-    # Packed rows take FlexAttention where speed_up gave the model its compiled kernel (fast.packed_mask), else the
-    # dense document mask, which each layer keeps
-    flex = any(getattr(getattr(m, "kernels", None), "flex_attention", None) is not None for m in gpt.modules())
-    job = memory_job(gpt.config, a, max_seq_length, dense_mask=a.train.packing and not flex)
-    probe = memory_probe(fabric, gpt, trainable, a, examples, rows, max_seq_length)
-    chosen = plan.choose(job, budget, probe, pins, a.memory_budget)
-    use_choice(a, chosen.choice, gpt.config.n_layer)
-    apply_speed(gpt, a)
-    line = chosen.line(job, a.memory_budget, budget)
-    fabric.print(line)
-    if fabric.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(fabric.device)  # status.json's peaks are the run's, not the probes'
-    gib = lambda n: None if n is None else round(n / plan.GiB, 2)  # noqa: E731
-    return {"line": line, "budget_gib": gib(budget), **vars(chosen.choice), "dense_mask": job.dense_mask,
-            "predicted_gib": gib(chosen.predicted), "probed_gib": gib(chosen.probed)}
-
-
-def memory_status(memory: Optional[dict], device) -> Optional[dict]:
-    if memory is None:
-        return None
-    status = {k: v for k, v in memory.items() if k != "line"}
-    if torch.device(device).type == "cuda":
-        status.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / plan.GiB, 2),
-                      peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / plan.GiB, 2))
-    return status
-
-
-def memory_probe(fabric, gpt: GPT, trainable, a, examples: Examples, rows, max_seq_length: int):
-    """probe(choice) for plan.choose: the peak memory PyTorch reserved (under the cap) for one micro-step in that
-    choice's settings, as the loop runs it, then an optimizer step and a validation forward; None when that ran out
-    of memory. None on a CPU: nothing to measure or cap there."""
-    if fabric.device.type != "cuda":
-        return None
-    n_layer, shapes = gpt.config.n_layer, set()
-
-    def probe(choice: plan.Choice) -> Optional[int]:
-        if shapes and choice.micro_batch_size not in shapes:
-            torch._dynamo.reset()  # kernels compiled for one shape and called with another recompile for any shape
-        shapes.add(choice.micro_batch_size)
-        use_choice(a, choice, n_layer)
-        apply_speed(gpt, a)
-        batch = probe_batch(examples, rows, choice.micro_batch_size, max_seq_length, fabric.device)
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(fabric.device)
-        try:
-            probe_step(gpt, trainable, a, batch)
-            peak = float(torch.cuda.max_memory_reserved(fabric.device))
-        except torch.cuda.OutOfMemoryError:
-            peak = math.inf
-        gc.collect()
-        torch.cuda.empty_cache()
-        if fabric.world_size > 1:  # every rank decides alike, on the largest peak; DDP adds its gradient buckets
-            peak = fabric.all_reduce(torch.tensor(peak, device=fabric.device), reduce_op="max").item()
-            peak += 4 * sum(p.numel() for p in trainable)
-        return None if math.isinf(peak) else int(peak)
-
-    return probe
-
-
-def probe_batch(examples: Examples, rows, micro_batch_size: int, max_seq_length: int, device) -> dict:
-    """A micro-batch of the fullest rows of the training data, at the loop's largest shape, every position a target:
-    the most a training micro-step can hold."""
-    if rows is not None:
-        fullest = sorted(rows, key=lambda r: -sum(int(examples.lengths[i]) for i in r))[:micro_batch_size]
-    else:
-        fullest = [[int(i)] for i in torch.argsort(examples.lengths, descending=True)[:micro_batch_size]]
-    batch = collate(examples, fullest, rows is not None, device, fixed_length=max_seq_length,
-                    fixed_rows=micro_batch_size)
-    batch["targets"] = batch["targets"].clamp(min=0)
-    return batch
-
-
-def probe_step(gpt: GPT, trainable, a, batch: dict) -> None:
-    """What the loop does with memory, once: training micro-steps (the CUDA graph's capture and a replay, or two
-    eager ones), optimizer steps, a validation forward. Afterwards the LoRA weights are as they were and have no
-    gradients; the optimizer stepped is the probe's own. Blocks run uncompiled (--speed.compile comes after)."""
-    saved = [p.detach().cpu().clone() for p in trainable]
-    optimizer = make_optimizer(a.train.optimizer, trainable, a.train.learning_rate, 0.0, batch["idx"].device)
-    graphed = None
-    try:
-        gpt.train()
-        if a.speed.cuda_graph:
-            graphed = GraphedMicroStep(gpt, trainable, batch, training_loss)
-            graphed(batch)
-            optimizer.step()
-        else:
-            for _ in range(2):  # the second with the optimizer state allocated
-                loss, _ = training_loss(gpt, batch)
-                loss.backward()
-                del loss
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        gpt.eval()
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # as validate_and_log runs it
-            training_loss(gpt, {"idx": batch["idx"], "targets": batch["targets"]})
-    finally:
-        del graphed, optimizer
-        gpt.train()
-        with torch.no_grad():
-            for p, value in zip(trainable, saved):
-                p.copy_(value)
-                p.grad = None
 
 
 def training_loss(model, batch: Dict[str, torch.Tensor], select_targets: bool = True) -> Tuple[torch.Tensor, int]:

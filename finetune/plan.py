@@ -16,16 +16,19 @@ model, LoRA, the data) is the user's and planned for as given.
    and the loss, and with a CUDA graph the validation forward beside the graph's own memory pool. Its constants come
    from the peaks in docs/speed/ (H100, torch.cuda.max_memory_allocated); tests/test_plan.py checks it against them.
 2. relative_speed, a model of speed, ranks them (assumptions at its definition).
-3. The fastest configuration the model fits under the cap is probed: finetune/lora.py runs one real micro-step (as
-   the loop runs it, CUDA graph included), an optimizer step and a validation forward, under the cap, and reports the
-   peak memory PyTorch reserved. Out of memory or within HEADROOM of the cap, the planner steps down to the next
-   configuration, with the model's activation estimate scaled by what the probe found.
+3. The fastest configuration the model fits under the cap is probed: in the trainer, one real micro-step (as the loop
+   runs it, CUDA graph included), an optimizer step and a validation forward, under the cap, report the peak memory
+   PyTorch reserved. Out of memory or within HEADROOM of the cap, the planner steps down to the next configuration,
+   with the model's activation estimate scaled by what the probe found.
 
-finetune/lora.py enforces the cap with torch.cuda.set_per_process_memory_fraction, so PyTorch's allocator never holds
-more, whatever happens after the probe; the CUDA context (about half a GiB) comes on top. On a CPU nothing is probed
-or enforced: the model's choice is printed as such.
+The trainer (finetune/lora.py) calls fit_budget, the last section here, and enforces the cap with
+torch.cuda.set_per_process_memory_fraction, so PyTorch's allocator never holds more, whatever happens after the probe;
+the CUDA context (about half a GiB) comes on top. On a CPU nothing is probed or enforced: the model's choice is
+printed as such.
 """
 
+import gc
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
@@ -33,6 +36,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from cli import InputError
+from data import Examples, collate
+from fast.memory import GraphedMicroStep
 from lora import LoRAConfig, inject_lora
 from model import GPT, Config
 from quantize import is_quantized_linear
@@ -73,6 +78,7 @@ class Job:
     optimizer: str = "adamw"
     fused: bool = True  # --speed.fused: the fast path (compiled kernels on a GPU)
     dense_mask: bool = False  # packed rows through model.py's dense document mask (not FlexAttention)
+    fp8: Optional[str] = None  # --speed.fp8: None, "grad" or "all"
     cuda_graph: bool = False
     compile: bool = False
     ddp: bool = False
@@ -176,25 +182,31 @@ def peak_bytes(job: Job, choice: Choice, validation: bool = True) -> int:
     return int(static_bytes(job) + activations)
 
 
-# Speed, relative (tokens per unit of time), from the H100 measurements in docs/training-speed.md:
-# - a micro-step costs its tokens plus a fixed amount of work whatever its size (dequantizing every base weight,
-#   thousands of small kernels, the optimizer), worth FIXED_TOKENS tokens with a CUDA graph (Mistral-7B at 2048 with
-#   FP8: 3 rows ran 15% faster than 1) and far more without (eager launches: 333 ms a step for 183 ms of GPU work);
-# - a checkpointed block runs its forward again: RECOMPUTE of its forward-and-backward time (15 of 32 blocks cost
-#   18%, all 40 of Llama-2-13B's 39%);
+# Speed, relative (tokens per unit of time), fitted to the H100 benchmark calls in docs/speed/ (tests/test_plan.py
+# checks that it ranks each call's configurations in their measured order). Its assumptions:
+# - a micro-step costs its tokens plus a fixed amount of work whatever its size (dequantizing every base weight, with
+#   FP8 quantizing it again; thousands of small kernels; the optimizer). With a CUDA graph that work is worth
+#   FIXED_TOKENS tokens: more with FP8 base matmuls, which make each token cheaper and add to the fixed work (Mistral-7B
+#   at 2048: 3 rows a micro-step ran 14-16% faster than 1 with FP8, 8.5% with bf16), an unmeasured middle for FP8 in
+#   the backward pass only. Without a graph, far more (eager launches: 333 ms a step for 183 ms of GPU work);
+# - a checkpointed block runs its forward again: RECOMPUTE of its forward-and-backward time (FP8, 2026-12-06: the first
+#   4 of 32 blocks took 4.5% longer, 17 of them offloaded 21%; all 40 of Llama-2-13B's 39%);
 # - offloading costs next to nothing (the copies overlap compute): OFFLOAD_COST only breaks ties towards keeping
 #   inputs on the GPU;
-# - kept inputs save the recomputation of norms and SwiGLU products (2-3% measured).
+# - kept inputs save the recomputation of norms and SwiGLU products: 1.2-2.4% measured, for half again the activation
+#   memory (2.7 GiB for Mistral-7B 1 x 2048);
+# - the model, data and GPU scale every configuration alike: only the ranking within one job matters.
 # Not modelled: the one contrary measurement, FP8 with 4 rows and every block offloaded, 20% slower than 1 row with
 # half of them offloaded (docs/speed/h100_2026-11-24_d.md, a call whose configurations recompiled for dynamic shapes),
 # where this model puts them level.
-FIXED_TOKENS, FIXED_TOKENS_EAGER, RECOMPUTE, OFFLOAD_COST, KEEP_SPEEDUP = 480, 2000, 0.4, 0.01, 1.025
+FIXED_TOKENS = {None: 320, "grad": 410, "all": 500}  # by --speed.fp8
+FIXED_TOKENS_EAGER, RECOMPUTE, OFFLOAD_COST, KEEP_SPEEDUP = 2000, 0.38, 0.01, 1.02
 
 
 def relative_speed(job: Job, choice: Choice) -> float:
     tokens = choice.micro_batch_size * job.seq
     share = choice.checkpointed / job.config.n_layer
-    fixed = FIXED_TOKENS if job.cuda_graph else FIXED_TOKENS_EAGER
+    fixed = FIXED_TOKENS[job.fp8] if job.cuda_graph else FIXED_TOKENS_EAGER
     time = (tokens + fixed) * (1 + RECOMPUTE * share + OFFLOAD_COST * share * choice.offload)
     return tokens / time * (KEEP_SPEEDUP if choice.keep_inputs else 1.0)
 
@@ -284,12 +296,149 @@ def enforce(budget: int, device: torch.device) -> None:
                                                device)
 
 
-def memory_pins(micro_batch_size: int, activation_checkpointing, offload: bool, recompute_inputs: bool,
-                n_layer: int, packing: bool) -> Pins:
+# ---------------------------------------------------------------------------------------------------------------------
+# In the trainer: its flags (`a`, finetune/lora.py's hyperparameters as attributes) to a Job and Pins, the probe, and
+# the choice back to its flags. The trainer passes in its own apply_speed, training_loss and make_optimizer, so that
+# the probe runs what the loop runs and this module does not import the trainer.
+
+
+def memory_job(config: Config, a, max_seq_length: int, dense_mask: bool) -> Job:
+    lora = LoRAConfig(r=a.lora.r, alpha=float(a.lora.alpha), dropout=float(a.lora.dropout), targets=a.lora.targets)
+    return Job(config, lora, max_seq_length, a.train.batch_size // a.devices, quantize=a.quantize,
+               dtype_bytes=2 if a.precision == "bf16-true" else 4, optimizer=a.train.optimizer, fused=a.speed.fused,
+               dense_mask=dense_mask, fp8=a.speed.fp8, cuda_graph=a.speed.cuda_graph, compile=a.speed.compile,
+               ddp=a.devices > 1)
+
+
+def memory_pins(a, n_layer: int) -> Pins:
     """The planner's four flags at other values than their defaults pin them. Unpacked rows keep their micro-batch:
     their length buckets, and so the data order, depend on it."""
-    ckpt = activation_checkpointing
-    return Pins(micro_batch_size=micro_batch_size if micro_batch_size != 1 or not packing else None,
+    mb, ckpt = a.train.micro_batch_size, a.speed.activation_checkpointing
+    return Pins(micro_batch_size=mb if mb != 1 or not a.train.packing else None,
                 checkpointed=None if ckpt is False or ckpt == 0 else n_layer if ckpt is True or ckpt == 1
                 else min(int(ckpt), n_layer),
-                offload=True if offload else None, keep_inputs=True if not recompute_inputs else None)
+                offload=True if a.speed.offload_checkpoints else None,
+                keep_inputs=True if not a.speed.recompute_inputs else None)
+
+
+def use_choice(a, choice: Choice, n_layer: int) -> None:
+    a.train.micro_batch_size = choice.micro_batch_size
+    c = choice.checkpointed  # --speed.activation_checkpointing 1 means every block; candidates never gives 1
+    a.speed.activation_checkpointing = True if c >= n_layer else c or False
+    a.speed.offload_checkpoints = choice.offload
+    a.speed.recompute_inputs = not choice.keep_inputs
+
+
+def fit_budget(fabric, gpt: GPT, a, budget: int, examples: Examples, rows, max_seq_length: int,
+               apply_speed: Callable, training_loss: Callable, make_optimizer: Callable) -> dict:
+    """Chooses, probes (on a GPU) and applies (in `a` and through apply_speed) the fastest memory settings under the
+    budget; prints the choice and returns what status.json reports of it."""
+    pins = memory_pins(a, gpt.config.n_layer)  # the flags as given
+    apply_speed(gpt, a)
+    # Packed rows take FlexAttention where speed_up gave the model its compiled kernel (fast.packed_mask), else the
+    # dense document mask, which each layer keeps
+    flex = any(getattr(getattr(m, "kernels", None), "flex_attention", None) is not None for m in gpt.modules())
+    job = memory_job(gpt.config, a, max_seq_length, dense_mask=a.train.packing and not flex)
+    probe = memory_probe(fabric, gpt, a, examples, rows, max_seq_length, apply_speed, training_loss, make_optimizer)
+    chosen = choose(job, budget, probe, pins, a.memory_budget)
+    use_choice(a, chosen.choice, gpt.config.n_layer)
+    apply_speed(gpt, a)
+    line = chosen.line(job, a.memory_budget, budget)
+    fabric.print(line)
+    if fabric.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(fabric.device)  # status.json's peaks are the run's, not the probes'
+    gib = lambda n: None if n is None else round(n / GiB, 2)  # noqa: E731
+    return {"line": line, "budget_gib": gib(budget), **vars(chosen.choice), "dense_mask": job.dense_mask,
+            "predicted_gib": gib(chosen.predicted), "probed_gib": gib(chosen.probed)}
+
+
+def memory_status(memory: Optional[dict], device) -> Optional[dict]:
+    """status.json's "memory": fit_budget's report and the run's peaks so far (None without --memory_budget)."""
+    if memory is None:
+        return None
+    status = {k: v for k, v in memory.items() if k != "line"}
+    if torch.device(device).type == "cuda":
+        status.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GiB, 2),
+                      peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GiB, 2))
+    return status
+
+
+def memory_probe(fabric, gpt: GPT, a, examples: Examples, rows, max_seq_length: int, apply_speed: Callable,
+                 training_loss: Callable, make_optimizer: Callable) -> Optional[Callable[[Choice], Optional[int]]]:
+    """probe(choice) for choose: the peak memory PyTorch reserved (under the cap) for one micro-step in that choice's
+    settings, as the loop runs it, then an optimizer step and a validation forward; None when that ran out of
+    memory. None on a CPU: nothing to measure or cap there."""
+    if fabric.device.type != "cuda":
+        return None
+    n_layer, shapes = gpt.config.n_layer, set()
+    trainable = [p for p in gpt.parameters() if p.requires_grad]
+
+    def probe(choice: Choice) -> Optional[int]:
+        if shapes and choice.micro_batch_size not in shapes:
+            torch._dynamo.reset()  # kernels compiled for one shape and called with another recompile for any shape
+        shapes.add(choice.micro_batch_size)
+        use_choice(a, choice, n_layer)
+        apply_speed(gpt, a)
+        batch = probe_batch(examples, rows, choice.micro_batch_size, max_seq_length, fabric.device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(fabric.device)
+        try:
+            probe_step(gpt, a, batch, training_loss, make_optimizer)
+            peak = float(torch.cuda.max_memory_reserved(fabric.device))
+        except torch.cuda.OutOfMemoryError:
+            peak = math.inf
+        gc.collect()
+        torch.cuda.empty_cache()
+        if fabric.world_size > 1:  # every rank decides alike, on the largest peak; DDP adds its gradient buckets
+            peak = fabric.all_reduce(torch.tensor(peak, device=fabric.device), reduce_op="max").item()
+            peak += 4 * sum(p.numel() for p in trainable)
+        return None if math.isinf(peak) else int(peak)
+
+    return probe
+
+
+def probe_batch(examples: Examples, rows, micro_batch_size: int, max_seq_length: int, device) -> dict:
+    """A micro-batch of the fullest rows of the training data, at the loop's largest shape, every position a target:
+    the most a training micro-step can hold."""
+    if rows is not None:
+        fullest = sorted(rows, key=lambda r: -sum(int(examples.lengths[i]) for i in r))[:micro_batch_size]
+    else:
+        fullest = [[int(i)] for i in torch.argsort(examples.lengths, descending=True)[:micro_batch_size]]
+    batch = collate(examples, fullest, rows is not None, device, fixed_length=max_seq_length,
+                    fixed_rows=micro_batch_size)
+    batch["targets"] = batch["targets"].clamp(min=0)
+    return batch
+
+
+def probe_step(gpt: GPT, a, batch: dict, training_loss: Callable, make_optimizer: Callable) -> None:
+    """What the loop does with memory, once: training micro-steps (the CUDA graph's capture and a replay, or two
+    eager ones), optimizer steps, a validation forward. Afterwards the LoRA weights are as they were and have no
+    gradients; the optimizer stepped is the probe's own. Blocks run uncompiled (--speed.compile comes after)."""
+    trainable = [p for p in gpt.parameters() if p.requires_grad]
+    saved = [p.detach().cpu().clone() for p in trainable]
+    optimizer = make_optimizer(a.train.optimizer, trainable, a.train.learning_rate, 0.0, batch["idx"].device)
+    graphed = None
+    try:
+        gpt.train()
+        if a.speed.cuda_graph:
+            graphed = GraphedMicroStep(gpt, trainable, batch, training_loss)
+            graphed(batch)
+            optimizer.step()
+        else:
+            for _ in range(2):  # the second with the optimizer state allocated
+                loss, _ = training_loss(gpt, batch)
+                loss.backward()
+                del loss
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        gpt.eval()
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # as validate_and_log runs it
+            training_loss(gpt, {"idx": batch["idx"], "targets": batch["targets"]})
+    finally:
+        del graphed, optimizer
+        gpt.train()
+        with torch.no_grad():
+            for p, value in zip(trainable, saved):
+                p.copy_(value)
+                p.grad = None

@@ -3,7 +3,9 @@ peaks measured on an H100 (docs/speed/), the planner's choice under a fake probe
 the cap, never slower for a larger budget, stepping down when the probe says over), and the trainer with
 --memory_budget on the CPU."""
 
+import itertools
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -152,6 +154,94 @@ def test_the_model_predicts_the_measured_peaks():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The speed model
+
+
+def misranked(job: Job, measured, noise: float = 0.0) -> list:
+    """The pairs of (Choice, measured tokens/s) more than `noise` apart that relative_speed orders the other way."""
+    speed = lambda c: plan.relative_speed(job, c)  # noqa: E731
+    return [(a, b) for a, b in itertools.combinations(measured, 2)
+            if abs(a[1] / b[1] - 1) > noise and (a[1] > b[1]) != (speed(a[0]) > speed(b[0]))]
+
+
+def spec_choice(spec: str, n_layer: int) -> Choice:
+    """benchmark_finetune.py's name of a configuration ("2xp31o+fp8+keep") as a Choice."""
+    mb, blocks, offload, extras = re.fullmatch(r"(\d+)x(0|1|p\d+)(o?)((?:\+\w+)*)", spec).groups()
+    blocks = 0 if blocks == "0" else n_layer if blocks == "1" else int(blocks[1:])
+    return Choice(int(mb), blocks, offload == "o", "+keep" in extras)
+
+
+# tests/gpu/check_plan.py's call on an H100, 2026-12-06 (Mistral-7B, 2048 tokens, NF4-dq, LoRA r16, FP8, CUDA graph):
+# the benchmark's unpacked random rows, printed by that call; its packed rows are in h100_2026-12-06_check_plan.json
+CHECK_PLAN_UNPACKED = {"2x0+fp8": 19_820, "2xp4+fp8": 18_975, "1x0+fp8+keep": 18_233, "1x0+fp8": 18_008,
+                       "1xp17o+fp8": 14_905, "2xp31o+fp8+keep": 14_701}
+
+
+def check_plan_measurements():
+    packed = json.loads((ROOT / "docs/speed/h100_2026-12-06_check_plan.json").read_text())["benchmark"]
+    for name, rows in (("unpacked", CHECK_PLAN_UNPACKED),
+                       ("packed", {spec: row["tokens_per_s"] for spec, row in packed.items()})):
+        yield name, [(spec_choice(spec, 32), tokens_per_s) for spec, tokens_per_s in rows.items()]
+
+
+def test_the_speed_model_ranks_the_check_plan_configurations_in_their_measured_order():
+    """Every configuration the GPU check measured, exactly in its order: two rows with 4 blocks checkpointed before
+    one row without, kept inputs a little (1.2%) before recomputed ones, 17 of 32 blocks offloaded at one row before
+    31 at two (1.5%)."""
+    job = mistral(fp8="all", batch_size=6)
+    for name, measured in check_plan_measurements():
+        assert len(measured) >= 5
+        ranked = sorted(measured, key=lambda m: plan.relative_speed(job, m[0]), reverse=True)
+        assert ranked == sorted(measured, key=lambda m: m[1], reverse=True), name
+
+
+@pytest.mark.parametrize("wrong", [dict(KEEP_SPEEDUP=1.06), dict(RECOMPUTE=0.3), dict(FIXED_TOKENS={"all": 200}),
+                                   dict(FIXED_TOKENS={"all": 900})])
+def test_a_speed_model_with_other_constants_fails_that_ranking(monkeypatch, wrong):
+    """The check above can fail: kept inputs worth 6%, cheaper recomputation, a smaller or larger fixed cost per
+    micro-step each put some measured pair in the wrong order."""
+    for name, value in wrong.items():
+        monkeypatch.setattr(plan, name, value)
+    job = mistral(fp8="all", batch_size=6)
+    assert any(misranked(job, measured) for _, measured in check_plan_measurements())
+
+
+# Calls whose configurations recompiled for dynamic shapes after others of another shape (up to 17% slower:
+# docs/training-speed.md, "The benchmark resets")
+RECOMPILED = ("h100_2026-11-24_c/", "h100_2026-11-24_d/speed_mistral-2048_first", "h100_2026-11-24_e/first_call/")
+
+
+def benchmark_calls() -> dict:
+    """{(report file, model, seq, system): [(Choice, tokens/s)]}: the configurations of one job in one call of
+    benchmark_finetune.py, every such call in docs/speed/ (bf16 and FP8 base matmuls) but the RECOMPILED ones."""
+    calls = {}
+    for path in sorted((ROOT / "docs/speed").rglob("*.jsonl")):
+        name = str(path.relative_to(ROOT / "docs/speed"))
+        for line in path.read_text().splitlines():
+            row = json.loads(line) if line.startswith("{") else {}
+            if not row.get("system", "").startswith("oneday") or "tokens_per_s" not in row or \
+                    any(r in name for r in RECOMPILED):
+                continue
+            key = (name, row["model"], row["seq"], row["system"].replace("+keep", ""))
+            choice = benchmark_choice(row, Config.from_name(row["model"]).n_layer)
+            calls.setdefault(key, []).append((choice, row["tokens_per_s"]))
+    return calls
+
+
+def test_the_speed_model_ranks_every_benchmark_call():
+    """The speed tables of docs/speed/ (Mistral-7B at 2048 and 4096 tokens, Llama-2-13B, bf16 and FP8 base matmuls,
+    micro-batches 1-4, none to all blocks checkpointed, offloaded, kept inputs): within each call, every two
+    configurations more than 1% apart (a benchmark's call-to-call spread) in their measured order."""
+    pairs, wrong = 0, []
+    for (name, model, seq, system), measured in benchmark_calls().items():
+        job = Job(Config.from_name(model), LoRAConfig(r=16), seq, 12, quantize="bnb.nf4-dq", cuda_graph=True,
+                  fp8="all" if "+fp8" in system else None)
+        pairs += sum(abs(a[1] / b[1] - 1) > 0.01 for a, b in itertools.combinations(measured, 2))
+        wrong += [(name, a, b) for a, b in misranked(job, measured, noise=0.01)]
+    assert pairs >= 150 and not wrong, wrong
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The planner
 
 
@@ -251,10 +341,17 @@ def test_pinned_flags_win_and_the_candidates_respect_what_cannot_work():
     graph_dropout = Job(job.config, LoRAConfig(r=16, dropout=0.1), 2048, 12, quantize="bnb.nf4-dq", cuda_graph=True)
     assert {(c.checkpointed, c.keep_inputs) for c in plan.candidates(graph_dropout)} == {(0, False)}
     assert not any(c.offload for c in plan.candidates(mistral(compile=True)))
-    flags = plan.memory_pins(2, 12, True, False, 32, packing=True)
-    assert flags == Pins(2, 12, True, True)
-    assert plan.memory_pins(1, False, False, True, 32, packing=True) == Pins()
-    assert plan.memory_pins(1, True, False, True, 32, packing=False) == Pins(micro_batch_size=1, checkpointed=32)
+    def pins(mb, ckpt, offload, recompute_inputs, packing):
+        flags = SimpleNamespace(train=SimpleNamespace(micro_batch_size=mb, packing=packing),
+                                speed=SimpleNamespace(activation_checkpointing=ckpt, offload_checkpoints=offload,
+                                                      recompute_inputs=recompute_inputs))
+        return plan.memory_pins(flags, 32)
+
+    assert pins(2, 12, True, False, packing=True) == Pins(2, 12, True, True)
+    assert pins(1, False, False, True, packing=True) == Pins()
+    assert pins(1, True, False, True, packing=False) == Pins(micro_batch_size=1, checkpointed=32)
+    assert pins(1, 1, False, True, packing=True) == Pins(checkpointed=32)  # the flag's 1 means every block
+    assert pins(1, 40, False, True, packing=True) == Pins(checkpointed=32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,17 +393,19 @@ def test_a_probe_that_says_over_steps_down_and_leaves_the_run_untouched(ckpt, da
     the LoRA weights and the optimizer as they were."""
     seen = []
 
-    def cpu_probe(fabric, gpt, trainable, a, examples, rows, max_seq_length):
+    def cpu_probe(fabric, gpt, a, examples, rows, max_seq_length, apply_speed, training_loss, make_optimizer):
+        assert (apply_speed, training_loss, make_optimizer) == (ft.apply_speed, ft.training_loss, ft.make_optimizer)
+
         def probe(choice):
-            ft.use_choice(a, choice, gpt.config.n_layer)
-            ft.apply_speed(gpt, a)
-            ft.probe_step(gpt, trainable, a, ft.probe_batch(examples, rows, choice.micro_batch_size,
-                                                            max_seq_length, "cpu"))
+            plan.use_choice(a, choice, gpt.config.n_layer)
+            apply_speed(gpt, a)
+            plan.probe_step(gpt, a, plan.probe_batch(examples, rows, choice.micro_batch_size, max_seq_length, "cpu"),
+                            training_loss, make_optimizer)
             seen.append(choice)
             return 2 * GiB if len(seen) == 1 else GiB // 2
         return probe
 
-    monkeypatch.setattr(ft, "memory_probe", cpu_probe)
+    monkeypatch.setattr(plan, "memory_probe", cpu_probe)
     out = tmp_path / "probed"
     run(ckpt, data, out, memory_budget="1GiB", micro_batch_size=1, lora_dropout=0.0, neftune_alpha=5.0,
         sample_tokens=0)

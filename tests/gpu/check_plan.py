@@ -109,7 +109,7 @@ def train(ckpt: Path, data: Path, gib: int, runs_left: int) -> dict:
            "--eval.samples", "16", "--eval.sample_tokens", "0", "--lora.r", "16", "--lora.alpha", "16",
            "--max_time", str(limit)]
     say(f"trainer under {gib} GiB (up to {limit} s)")
-    log, first_step, done, tokens, steps = [], None, None, 0, 0
+    log, first_step, done, tokens, steps, plan_line = [], None, None, 0, 0, ""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
@@ -117,6 +117,8 @@ def train(ckpt: Path, data: Path, gib: int, runs_left: int) -> dict:
         print(f"  {gib} GiB | {line}", end="", flush=True)
         if line.startswith("step 1/") and first_step is None:
             first_step = time.monotonic()
+        if line.startswith("--memory_budget"):
+            plan_line = line.strip()
         if line.startswith("Done:"):
             done = time.monotonic()
             steps = int(line.split()[1])
@@ -129,7 +131,8 @@ def train(ckpt: Path, data: Path, gib: int, runs_left: int) -> dict:
     memory = json.loads((out / "status.json").read_text())["memory"]
     metrics = next((out / "logs").rglob("metrics.csv"))
     rates = [float(r["tokens_per_s"]) for r in csv.DictReader(metrics.open()) if r.get("tokens_per_s")]
-    return {**memory, "budget_gib": gib, "steps": steps, "step_tokens_per_s": round(median(rates[3:]), 1),
+    return {**memory, "budget_gib": gib, "line": plan_line, "steps": steps,
+            "step_tokens_per_s": round(median(rates[3:]), 1),
             # from the first step's end to the last's, validation and checkpoints included
             "loop_tokens_per_s": round(tokens * (steps - 1) / steps / (done - first_step), 1)}
 
@@ -141,9 +144,10 @@ def spec(c: plan.Choice, n_layer: int) -> str:
 
 
 def runner_up(result: dict, config: Config) -> plan.Choice:
-    """The speed model's fastest configuration under the budget with one row a micro-batch if the choice has more,
-    else with more: the trade the model is least sure of (more rows against fewer checkpointed blocks)."""
-    job = plan.Job(config, LoRAConfig(r=16, alpha=16), SEQ, BATCH, quantize="bnb.nf4-dq", cuda_graph=True,
+    """The speed model's fastest configuration that its memory model fits under the budget with one row a micro-batch
+    if the choice has more, else with more: the trade the model is least sure of (more rows against fewer
+    checkpointed blocks). The trainer's probe may have found it over the cap: then it was never a choice."""
+    job = plan.Job(config, LoRAConfig(r=16, alpha=16), SEQ, BATCH, quantize="bnb.nf4-dq", fp8="all", cuda_graph=True,
                    dense_mask=result["dense_mask"])
     limit = result["budget_gib"] * plan.GiB * (1 - plan.HEADROOM)
     one_row = result["micro_batch_size"] > 1
@@ -218,10 +222,14 @@ def main() -> int:
     for r in results:
         if "error" in r or r["config"] not in bench:
             continue
-        alt = spec(runner_up(r, config), config.n_layer)
+        alt_choice = runner_up(r, config)
+        alt = spec(alt_choice, config.n_layer)
+        # the trainer's line lists what it probed over the cap: "...; over the cap: <describe> (7.95 GiB), ..."
+        over = alt_choice.describe(config.n_layer) + " (" in r.get("line", "").partition("over the cap: ")[2]
         if alt in bench and "tokens_per_s" in bench[alt] and "tokens_per_s" in bench[r["config"]]:
             print(f"speed model, {r['budget_gib']} GiB: chosen {r['config']} {bench[r['config']]['tokens_per_s']:,.0f} "
-                  f"tok/s, runner-up {alt} {bench[alt]['tokens_per_s']:,.0f} tok/s (benchmark, packed rows)")
+                  f"tok/s, runner-up {alt} {bench[alt]['tokens_per_s']:,.0f} tok/s (benchmark, packed rows; "
+                  f"{'the trainer probed it over the cap' if over else 'not probed by the trainer'})")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "check_plan.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "docs_per_row": docs,
                                                      "fill": fill, "results": results, "benchmark": bench}, indent=1))
