@@ -11,7 +11,9 @@ generations decode, a scoring batch holds at most `interleave_tokens` tokens, so
 
 The decode step below (`_decode_step` through SlotCache) is the plain reference. On a GPU the engine runs the same
 step through generate/fast_decode.py (static shapes per bucket of rows and keys, compiled blocks, one CUDA graph per
-bucket); `decode` picks the path and tests/test_fast_decode.py checks that the two agree.
+bucket); `decode` picks the path and tests/test_fast_decode.py checks that the two agree. While every decoding request
+is greedy, the fast path keeps one step in flight: it launches step t+1 from step t's argmax on the device before it
+does step t's host work (see `_fast_decode_step`).
 
 Numbers: a token's logprob is log_softmax(logits.float())[token] at the position before it, the same as a direct
 forward pass. An echoed prompt's first token has nothing before it (unless the tokenizer adds BOS, which is then the
@@ -34,7 +36,7 @@ import torch.nn as nn
 
 from cli import InputError
 from generate.base import GREEDY_TEMPERATURE, sample, sampling_probs, seeded_generator
-from generate.fast_decode import FastDecoder
+from generate.fast_decode import FastDecoder, StepOutput, table_score
 from model import GPT
 from tokenizer import Tokenizer
 
@@ -83,9 +85,31 @@ class _Slot:
         self.generator = generator
         self.pos = len(request.prompt_ids)  # where the next token goes in the slot's cache
         self.new_ids: List[int] = []
-        self.new_scores: List[TokenScore] = []
+        self._scores: List[TokenScore] = []
+        # Fast steps' scores stay rows of their step's table until the request ends: HELM asks every generated
+        # token's logprob, and a dict per row and step is host work the GPU would wait for.
+        self._unread: List[Tuple[torch.Tensor, int]] = []
         self.prompt_scores: List[TokenScore] = []
         self.finish_reason: Optional[str] = None
+        stops = [s for s in request.stop if s] + ["\n\n"] * request.stop_at_blank_line
+        # Tokens decoded to look for a stop string that the newest token may have completed (see Engine._stopped_text).
+        self.stop_window = max((len(s.encode()) for s in stops), default=0) + 8 if stops else 0
+
+    def add_score(self, score) -> None:
+        """A TokenScore, or (table, row) of a fast step's score table."""
+        if isinstance(score[0], torch.Tensor):
+            self._unread.append(score)
+        else:
+            self.new_scores.append(score)
+
+    @property
+    def new_scores(self) -> List[TokenScore]:
+        if self._unread:
+            k = self.request.top_logprobs
+            rows = torch.stack([table[row, : 2 + 2 * k] for table, row in self._unread]).tolist()
+            self._scores.extend(table_score(row, k) for row in rows)
+            self._unread.clear()
+        return self._scores
 
 
 class SlotCache(nn.Module):
@@ -187,9 +211,10 @@ class Engine:
         self._waiting: deque = deque()
         self._slots: List[Optional[_Slot]] = [None] * max_batch_size
         self._caches: Optional[List[SlotCache]] = None
+        self._inflight: Optional[Tuple[StepOutput, List[Optional[_Slot]]]] = None  # a launched fast step, unread
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
-        self.stats = {"scoring_batches": 0, "decode_steps": 0, "prefills": 0, "requests": 0}
+        self.stats = {"scoring_batches": 0, "decode_steps": 0, "pipelined_steps": 0, "prefills": 0, "requests": 0}
 
     # ---- public ------------------------------------------------------------------------------------------------
 
@@ -278,6 +303,8 @@ class Engine:
                 scoring = self._take_scoring(decoding=bool(admit or self._active()))
             try:
                 with torch.inference_mode():
+                    if admit or scoring:
+                        self._drain()  # prefill and scoring run between steps, never beside one in flight
                     if admit:
                         self._admit(admit)
                     if scoring:
@@ -289,6 +316,7 @@ class Engine:
                     if not r.future.done():
                         r.future.set_exception(e)
                 self._slots = [None] * self.max_batch_size
+                self._inflight = None
         for r in list(self._scoring) + list(self._waiting) + [s.request for s in self._active()]:
             if not r.future.done():
                 r.future.set_exception(RuntimeError("engine stopped"))
@@ -454,10 +482,10 @@ class Engine:
         self._take_tokens([s for s, _ in slots], logits, early)
 
     def _decode_step(self) -> None:
-        self.stats["decode_steps"] += 1
         B = max(i for i, s in enumerate(self._slots) if s is not None) + 1
         if self._fast is not None:
             return self._fast_decode_step(self._slots[:B])
+        self.stats["decode_steps"] += 1
         # One host-to-device copy each (not one tiny write per row): this runs once per generated token.
         rows = self._slots[:B]
         idx = torch.tensor([[s.new_ids[-1] if s else 0] for s in rows], device=self.device)
@@ -483,22 +511,59 @@ class Engine:
 
     def _fast_decode_step(self, rows: List[Optional[_Slot]]) -> None:
         """The same step through fast_decode: greedy rows take the argmax and scores it computed on the device;
-        sampled rows draw from its logits with their own generators, exactly as _choose does."""
-        live = [i for i, s in enumerate(rows) if s is not None]
-        slots = [rows[i] for i in live]
-        k = max(s.request.top_logprobs for s in slots)
-        out = self._fast.step([s.new_ids[-1] if s else 0 for s in rows], [s.pos if s else 0 for s in rows],
-                              min(k, self._fast.top_k))
-        for s in slots:
+        sampled rows draw from its logits with their own generators, exactly as _choose does.
+
+        Pipelined while every row is greedy: step t+1's tokens are step t's argmax, already on the device, so step
+        t+1 is launched before step t is read and its host work (stop strings, bookkeeping, finished requests) runs
+        while the GPU computes. A request that step t finishes has its row in step t+1 too: that output is dropped
+        (its slot is no longer the one in the step), and its key/value write lands in a freed slot at a position a
+        later request writes (prefill or its own step) before it ever attends to it."""
+        step = self._inflight or self._launch(rows)
+        self._inflight = None
+        if self._pipelined(self._active()):
+            self._inflight = self._launch(self._slots[: max(i for i, s in enumerate(self._slots) if s is not None) + 1],
+                                          after=step[0])
+        self._read(*step)
+        if self._inflight and not any(s is not None and self._slots[i] is s for i, s in enumerate(self._inflight[1])):
+            self._inflight = None  # every request in it has finished
+
+    def _pipelined(self, slots: List[_Slot]) -> bool:
+        return all(s.request.temperature <= GREEDY_TEMPERATURE and s.request.top_logprobs <= self._fast.top_k
+                   for s in slots)
+
+    def _launch(self, rows: List[Optional[_Slot]], after: Optional[StepOutput] = None):
+        live = [s for s in rows if s is not None]
+        k = min(max(s.request.top_logprobs for s in live), self._fast.top_k)
+        tokens = None if after is not None else [s.new_ids[-1] if s else 0 for s in rows]
+        out = self._fast.launch([s.pos if s else 0 for s in rows], k, tokens=tokens, after=after)
+        self.stats["pipelined_steps"] += after is not None
+        for s in live:
             s.pos += 1
-        if k > self._fast.top_k:  # more alternatives than the step computes: the plain choice and scoring
+        return out, list(rows)
+
+    def _drain(self) -> None:
+        """Reads the step in flight, launching none after it."""
+        if self._inflight is not None:
+            step, self._inflight = self._inflight, None
+            self._read(*step)
+
+    def _read(self, out: StepOutput, rows: List[Optional[_Slot]]) -> None:
+        # Rows whose request finished since the launch (the pipelined extra step) are dropped here.
+        live = [i for i, s in enumerate(rows) if s is not None and self._slots[i] is s]
+        if not live:
+            return
+        self.stats["decode_steps"] += 1
+        table = out.wait()
+        slots = [rows[i] for i in live]
+        if max(s.request.top_logprobs for s in slots) > self._fast.top_k:  # more alternatives than the step has
             return self._take_tokens(slots, out.logits[live], {})
-        tokens = {i: out.greedy[i] for i, s in zip(live, slots) if s.request.temperature <= GREEDY_TEMPERATURE}
-        scores = {i: out.scores[i] for i in tokens}
+        greedy = table[:, 0].tolist()
+        tokens = {i: int(greedy[i]) for i, s in zip(live, slots) if s.request.temperature <= GREEDY_TEMPERATURE}
+        scores = {i: (table, i) for i in tokens}
         sampled = [(i, s) for i, s in zip(live, slots) if i not in tokens]
         if sampled:
             for i, token, logprob in self._draw(out, sampled):
-                tokens[i], scores[i] = token, (logprob, out.scores[i][1])
+                tokens[i], scores[i] = token, (logprob, table_score(table[i].tolist(), self._fast.top_k)[1])
         self._record(slots, [tokens[i] for i in live], [scores[i] for i in live])
 
     def _draw(self, out, sampled: List[Tuple[int, _Slot]]) -> List[Tuple[int, int, float]]:
@@ -528,22 +593,35 @@ class Engine:
         scores = score_tokens(logits, tokens, max(s.request.top_logprobs for s in slots))
         self._record(slots, tokens, scores)
 
-    def _record(self, slots: List[_Slot], tokens: List[int], scores: List[TokenScore]) -> None:
-        for s, token, (logprob, top) in zip(slots, tokens, scores):
+    def _record(self, slots: List[_Slot], tokens: List[int], scores: list) -> None:
+        """scores: per slot a TokenScore, or (table, row) of a fast step (see _Slot.add_score)."""
+        for s, token, score in zip(slots, tokens, scores):
             r = s.request
             if token == self.tokenizer.eos_id:
                 s.finish_reason = "eos"
             else:
                 s.new_ids.append(token)
-                s.new_scores.append((logprob, dict(list(top.items())[: r.top_logprobs])))
+                s.add_score(score if isinstance(score[0], torch.Tensor)
+                            else (score[0], dict(list(score[1].items())[: r.top_logprobs])))
                 if len(s.new_ids) >= r.max_new_tokens:
                     s.finish_reason = "length"
-                elif (r.stop or r.stop_at_blank_line) and find_stop(self.tokenizer.decode(s.new_ids), r.stop,
-                                                                    r.stop_at_blank_line) is not None:
+                elif s.stop_window and self._stopped_text(s):
                     s.finish_reason = "stop"
             if s.finish_reason is not None:
                 self._slots[self._slots.index(s)] = None
                 self._resolve(r, s.prompt_scores, s.new_ids, s.new_scores, s.finish_reason)
+
+    def _stopped_text(self, s: _Slot) -> bool:
+        """Whether the text so far holds a stop string (or the blank line), as find_stop on the whole decoded text
+        says. Only the last tokens are decoded each step: a stop the newest token completes lies within them. The
+        whole text is decoded only when they show one, to confirm it: a window's edge (a stripped leading space, a
+        character cut in half) can show what the text does not hold. Missing one (a token of no text at all in the
+        window) would only decode further: the result is cut at the first stop of the whole text regardless."""
+        r = s.request
+        tail = self.tokenizer.decode(s.new_ids[-s.stop_window:])
+        if not (any(x and x in tail for x in r.stop) or (r.stop_at_blank_line and "\n\n" in tail)):
+            return False
+        return find_stop(self.tokenizer.decode(s.new_ids), r.stop, r.stop_at_blank_line) is not None
 
     # ---- shared --------------------------------------------------------------------------------------------------
 

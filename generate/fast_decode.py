@@ -15,6 +15,10 @@ cost more than the reads. gpt-fast's recipe removes that:
   graph, so compiling costs about one block's time). The cache write stays outside it (a graph break, see DecodeView).
 - Graphs. On CUDA each (B, L) bucket's whole step (embedding, blocks, head, log-softmax, argmax, top-k) is captured as
   a CUDA graph the first time it is needed and replayed afterwards: one launch per token instead of one per kernel.
+- Pipelining. A step is launched, not waited for: `launch` returns at once with the step's device outputs and a
+  host copy of its small score table on the way. For greedy rows the next step's tokens are this step's argmax, which
+  is already on the device, so the engine launches step t+1 (`launch(..., after=step t)`) before it reads step t's
+  table and does its host work (stops, bookkeeping); the GPU never waits for the host during steady decoding.
 Sampling, stops and bookkeeping stay in the engine; a step hands back the logits and log-probabilities for sampled rows
 and, in one device-to-host copy, every row's greedy token, its log-probability and the top-k alternatives.
 """
@@ -77,10 +81,25 @@ def _call_block(block: nn.Module, x, cos, sin, mask, input_pos):
 
 @dataclass
 class StepOutput:
-    logits: torch.Tensor  # (rows, vocab) fp32: what sampled rows draw from
-    logprobs: torch.Tensor  # (rows, vocab) fp32 log-softmax of the logits
-    greedy: List[int]  # per row: the argmax token
-    scores: List[Tuple[float, Dict[int, float]]]  # per row: (logprob of the argmax, {top-k id: logprob} best first)
+    """A launched step. The device tensors are the bucket's (a CUDA graph's outputs): valid until that bucket runs
+    again, so only a step that is read before the next launch may use `logits`/`logprobs` (sampled rows do)."""
+
+    logits: torch.Tensor  # (bucket rows, vocab) fp32: what sampled rows draw from
+    logprobs: torch.Tensor  # (bucket rows, vocab) fp32 log-softmax of the logits
+    greedy: torch.Tensor  # (bucket rows,) on the device: each row's argmax, what a following step is fed
+    table: torch.Tensor  # (rows, 2 + 2k) fp32 on the host: [argmax, its logprob, value 1, id 1, ...]; see `wait`
+    ready: Optional[torch.cuda.Event] = None
+
+    def wait(self) -> torch.Tensor:
+        """The score table, once its copy to the host has landed (the only wait for the GPU in a step)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.table
+
+
+def table_score(row: List[float], k: int) -> Tuple[float, Dict[int, float]]:
+    """(logprob of the argmax, {top-k id: logprob} best first) from one row of a step's score table."""
+    return row[1], {int(i): v for v, i in zip(row[2: 2 + 2 * k: 2], row[3: 3 + 2 * k: 2])}
 
 
 class FastDecoder:
@@ -102,7 +121,8 @@ class FastDecoder:
         self.compile = compile
         self._block = self._compiled_block() if compile else _call_block
         # Inputs live at fixed addresses (graphs read them from there): per slot, its last token and its position.
-        self.inputs = torch.zeros(self.n_slots, 2, dtype=torch.long, device=self.device)
+        self.tokens = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
         self.key_positions = torch.arange(max_keys, device=self.device)
         self._views: Dict[Tuple[int, int], List[DecodeView]] = {}
         self._graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, tuple]] = {}
@@ -115,17 +135,36 @@ class FastDecoder:
     def key_bucket(self, n_keys: int) -> int:
         return min(-(-n_keys // self.key_block) * self.key_block, self.max_keys)
 
-    def step(self, tokens: List[int], positions: List[int], k: int = 1) -> StepOutput:
-        """One new token for rows 0..n-1 (the engine's slots; free ones pass token 0 at position 0): writes each
-        row's key and value at its position and returns the next-token distribution of every row."""
-        n = len(tokens)
-        shape = bucket_of(n, self.row_buckets), self.key_bucket(max(positions) + 1)
-        inputs = list(zip(tokens, positions)) + [(0, 0)] * (shape[0] - n)
-        self.inputs[: shape[0]].copy_(torch.tensor(inputs))  # one host-to-device copy
-        logits, logprobs, packed = self._run(shape)
-        rows = packed[:n, : 2 + 2 * k].tolist()  # the one wait for the GPU in a step
-        scores = [(r[1], {int(i): v for v, i in zip(r[2::2], r[3::2])}) for r in rows]
-        return StepOutput(logits[:n], logprobs[:n], [int(r[0]) for r in rows], scores)
+    def launch(self, positions: List[int], k: int = 1, tokens: Optional[List[int]] = None,
+               after: Optional[StepOutput] = None) -> StepOutput:
+        """One new token for rows 0..n-1 (the engine's slots; free ones pass position 0): writes each row's key and
+        value at its position and computes every row's next-token distribution, without waiting for the device.
+        The rows' tokens come from the host (`tokens`) or are the argmax of the step `after`, read on the device."""
+        n = len(positions)
+        B, L = shape = bucket_of(n, self.row_buckets), self.key_bucket(max(positions) + 1)
+        pad = [0] * (B - n)
+        self.positions[:B].copy_(self._to_device(positions + pad), non_blocking=True)
+        if tokens is not None:
+            self.tokens[:B].copy_(self._to_device(tokens + pad), non_blocking=True)
+        else:
+            # Queued behind step `after` and ahead of this replay, which overwrites `after.greedy` when the bucket is
+            # the same. Padding rows get that step's argmax instead of 0: they write only their own free cache row.
+            self.tokens[:B].copy_(after.greedy[:B])
+        logits, logprobs, greedy, packed = self._run(shape)
+        columns = packed[:n, : 2 + 2 * k]
+        if self.device.type != "cuda":
+            return StepOutput(logits, logprobs, greedy, columns)
+        # Pinned, so the copy runs behind the step without blocking the host; the caching host allocator keeps the
+        # buffer until the copy is done.
+        table = torch.empty(columns.shape, dtype=columns.dtype, pin_memory=True)
+        table.copy_(columns, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return StepOutput(logits, logprobs, greedy, table, ready)
+
+    def _to_device(self, values: List[int]) -> torch.Tensor:
+        host = torch.tensor(values, dtype=torch.long)
+        return host.pin_memory() if self.device.type == "cuda" else host
 
     def warm_up(self, max_rows: Optional[int] = None, max_keys: Optional[int] = None) -> int:
         """Compiles and captures every bucket up to `max_rows` rows and `max_keys` keys ahead of traffic (the
@@ -133,7 +172,8 @@ class FastDecoder:
         max_rows, max_keys = min(max_rows or self.n_slots, self.n_slots), min(max_keys or self.max_keys, self.max_keys)
         rows = [b for b in self.row_buckets if b < max_rows] + [bucket_of(max_rows, self.row_buckets)]
         lengths = {self.key_bucket(n) for n in range(1, max_keys + 1, self.key_block)} | {self.key_bucket(max_keys)}
-        self.inputs.zero_()
+        self.tokens.zero_()
+        self.positions.zero_()
         for shape in [(b, n) for b in rows for n in sorted(lengths)]:
             self._run(shape)
         return len(rows) * len(lengths)
@@ -186,7 +226,7 @@ class FastDecoder:
         """The step for a bucket of B rows and L keys: GPT.hidden_states with a per-row mask and DecodeViews as the
         caches (the same math as the engine's plain step), then the head and the scores the engine needs."""
         model, config = self.model, self.config
-        idx, pos = self.inputs[:B, 0:1], self.inputs[:B, 1:2]
+        idx, pos = self.tokens[:B, None], self.positions[:B, None]
         keys = self.key_positions[:L]
         mask = keys[None, :] <= pos  # (B, L)
         if config.sliding_window is not None:
@@ -211,7 +251,7 @@ class FastDecoder:
         # fetches only the columns a step's requests ask for. Ids are exact in fp32 (vocabularies are below 2**24).
         packed = torch.cat([greedy[:, None].float(), logprobs.gather(-1, greedy[:, None]),
                             torch.stack([top.values, top.indices.float()], dim=-1).flatten(1)], dim=1)
-        return logits, logprobs, packed
+        return logits, logprobs, greedy, packed
 
     def _bucket_views(self, B: int, L: int) -> List[DecodeView]:
         if (B, L) not in self._views:

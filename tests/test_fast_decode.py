@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
 def make_engine(checkpoint, decode, model=None, **kwargs):
     model = model if model is not None else load_model(checkpoint)
     # key_block 8: several key-length buckets within these short sequences
-    options = dict(max_seq_length=96, max_batch_size=4, key_block=8, **kwargs)
+    options = {"max_seq_length": 96, "max_batch_size": 4, "key_block": 8, **kwargs}
     return Engine(model.eval(), Tokenizer(checkpoint), decode=decode, **options)
 
 
@@ -183,3 +183,105 @@ def test_compiled_decode_equals_plain(checkpoint):
     together = run(engine, specs, together=True)
     assert engine.decode_mode == "static+compiled"  # still compiled: nothing fell back
     assert_same(together, run(make_engine(checkpoint, "eager"), specs, together=False), abs=1e-4)
+
+
+# ---- pipelining: step t+1 is launched from step t's argmax before step t is read -----------------------------------
+
+
+def stops_inside(engine_factory, specs):
+    """Each spec gets a stop string cut from the middle of its own plain, unstopped output (so it ends that row
+    mid-batch, and may span tokens or hold a character of several tokens), or the blank line."""
+    plain = run(engine_factory(), specs, together=False)
+    out = []
+    for i, (spec, result) in enumerate(zip(specs, plain)):
+        text = "".join(result.new_texts)
+        spec = dict(spec)
+        if len(text) > 6:
+            at = len(text) // 2 + i % 3
+            spec["stop"] = [text[at: at + 2 + i % 3]]
+        else:
+            spec["stop_at_blank_line"] = True
+        out.append(spec)
+    return out
+
+
+def test_pipelined_steps_give_the_plain_answers(checkpoint):
+    """Greedy requests only (so steps are pipelined), of different max_new_tokens and with stop strings that end rows
+    mid-batch, on 3 slots: requests finish while a step is already launched for them, and new ones are admitted into
+    their slots while others decode. Every answer equals the plain step's answer alone."""
+    rng = random.Random(6)
+    specs = [dict(prompt_ids=[rng.randrange(3, 300) for _ in range(rng.randrange(2, 20))],
+                  max_new_tokens=rng.randrange(2, 40), temperature=0.0, top_logprobs=1 + i % 2) for i in range(10)]
+    specs = stops_inside(lambda: make_engine(checkpoint, "eager"), specs)
+    alone = run(make_engine(checkpoint, "eager"), specs, together=False)
+    assert sum(r.finish_reason == "stop" for r in alone) >= 5
+    engine = make_engine(checkpoint, "static", max_batch_size=3)
+    assert_same(run(engine, specs, together=True), alone)
+    for a, b in zip(run(make_engine(checkpoint, "static", max_batch_size=3), specs, together=True), alone):
+        assert a.new_texts == b.new_texts
+    assert engine.stats["pipelined_steps"] > engine.stats["prefills"]  # most steps ran pipelined
+    assert engine.stats["prefills"] >= 3  # requests were admitted while others decoded
+
+
+def test_the_extra_pipelined_step_leaks_nothing(checkpoint):
+    """Request A stops early; its slot has already been fed one more step (a key/value written past A's end, an
+    output dropped). B, admitted to that slot with a shorter prompt, gets what it gets alone, and A gets no extra
+    token or logprob."""
+    a = dict(prompt_ids=list(range(40, 70)), max_new_tokens=30, temperature=0.0)
+    a = stops_inside(lambda: make_engine(checkpoint, "eager"), [a])[0]
+    b = dict(prompt_ids=[7, 8, 9], max_new_tokens=20, temperature=0.0, top_logprobs=2)
+    alone = run(make_engine(checkpoint, "eager"), [a, b], together=False)
+    engine = make_engine(checkpoint, "static", max_batch_size=1)
+    with torch.inference_mode():
+        engine._admit([Request(**a)])
+        slot = engine._slots[0]
+        while engine._slots[0] is slot:
+            engine._decode_step()
+        assert engine._inflight is None  # A's extra step was dropped with it
+        assert engine.stats["pipelined_steps"] == engine.stats["decode_steps"]  # each read step had a next one
+    first = slot.request.future.result()
+    assert_same([first], alone[:1]) and first.finish_reason == "stop"
+    assert len(slot.new_ids) == len(slot.new_scores) <= a["max_new_tokens"]
+    assert_same(run(engine, [b], together=False), alone[1:])
+
+
+def test_sampled_rows_turn_pipelining_off(checkpoint):
+    specs = [dict(prompt_ids=[5, 6, 7], max_new_tokens=12, temperature=0.0),
+             dict(prompt_ids=[9, 8], max_new_tokens=12, temperature=0.8, seed=3)]
+    engine = make_engine(checkpoint, "static")
+    with torch.inference_mode():
+        engine._admit([Request(**s) for s in specs])
+        for _ in range(5):
+            engine._decode_step()
+    assert engine.stats["pipelined_steps"] == 0 and engine._inflight is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stop_check_on_the_last_tokens_equals_the_whole_text(checkpoint, seed):
+    """_stopped_text decodes only a window of the last tokens; on random token sequences (multi-byte characters split
+    over byte-level tokens included) it first sees a stop at the same token as find_stop on the whole decoded text
+    (where the engine ends the request), and never before."""
+    from generate.engine import _Slot, find_stop
+
+    engine = make_engine(checkpoint, "eager")
+    tok = engine.tokenizer
+    rng = random.Random(seed)
+    pieces = ["東京", "🙂", "é", "\n\n", " Paris", "7.", "ü"]
+    text = "".join(rng.choice(pieces + ["The capital ", "Answer: B", "\n", " "]) for _ in range(60))
+    ids = tok.encode(text, bos=False).tolist()
+    ids = [t if rng.random() > 0.1 else rng.randrange(tok.vocab_size) for t in ids]  # some broken characters too
+    stops = [rng.choice(pieces), "al o"]
+    for blank_line in (False, True):
+        slot = _Slot(Request(prompt_ids=[1], stop=stops, stop_at_blank_line=blank_line), None)
+        assert find_stop(tok.decode(ids), stops, blank_line) is not None
+        for start in range(len(ids)):  # each later stop, as the first one of the text that starts after `start`
+            slot.new_ids = []
+            first = None
+            for n in range(start + 1, len(ids) + 1):
+                slot.new_ids = ids[start:n]
+                if engine._stopped_text(slot):
+                    first = n
+                    break
+            expected = next((n for n in range(start + 1, len(ids) + 1)
+                             if find_stop(tok.decode(ids[start:n]), stops, blank_line) is not None), None)
+            assert first == expected, (start, tok.decode(ids[start:]))
