@@ -42,8 +42,10 @@ def speed_up(model, fp8: Optional[FP8] = None, recompute_inputs: bool = True, fu
         raise ValueError(f"fp8={fp8!r}: use None, 'grad' or 'all'")
     on_gpu = next(model.parameters()).device.type == "cuda"
     lora_config = getattr(model, "lora_config", None)
+    c = getattr(model, "config", None)  # None: a single layer sped up alone
     chosen = fused.choose_kernels(on_gpu if kernels is None else kernels, on_gpu,
-                                  rank=lora_config.r if lora_config else 16, fp8_on=fp8 is not None)
+                                  rank=lora_config.r if lora_config else 16, fp8_on=fp8 is not None,
+                                  attention_shape=c and (c.n_head, c.n_query_groups, c.head_size, c.sliding_window))
     return fused.convert(model, chosen, fp8, recompute_inputs, fused_mlp)
 
 

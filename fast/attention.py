@@ -17,10 +17,17 @@ in torch versions before its enable_gqa flag, K/V repeated for every query head.
 `benchmarks/benchmark_finetune.py --attention true` times the two, and SDPA's causal and masked kernels, side by side.
 """
 
+import functools
+import sys
 from typing import Optional
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+# Smaller tiles for GPUs with about 100 KB of shared memory per block (RTX 4090/3090, A10, L40): the default tiles of
+# FlexAttention's backward kernel at head size 128 need more and fail to compile there (pytorch/pytorch#133254)
+SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
+               "num_stages": 1}
 
 
 def document_block_mask(segments: torch.Tensor, window: Optional[int] = None) -> BlockMask:
@@ -35,3 +42,49 @@ def document_block_mask(segments: torch.Tensor, window: Optional[int] = None) ->
 
     return create_block_mask(document_mask_mod, B, None, T, T, device=segments.device)
 
+
+
+@functools.lru_cache(maxsize=None)
+def checked_tiles(n_head: int, n_kv: int, head_size: int, window: Optional[int]) -> Optional[dict]:
+    """The kernel options with which compiled FlexAttention runs on this GPU at the model's head shapes and agrees
+    with SDPA over the dense document mask, forward and backward: {} (the default tiles) or SMALL_TILES; None with a
+    warning when neither does, and packed rows then take the dense mask (slower, the same result)."""
+    from model import document_mask
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    T = 512
+    q, k, v = (torch.randn(1, h, T, head_size, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for h in (n_head, n_kv, n_kv))
+    segments = torch.repeat_interleave(torch.arange(3, device="cuda"), torch.tensor([300, 150, 62], device="cuda"))
+    segments = segments[None]
+    dy = torch.randn(1, n_head, T, head_size, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def outputs(fn):
+        q.grad = k.grad = v.grad = None
+        y = fn()
+        y.backward(dy)
+        return [t.float() for t in (y, q.grad, k.grad, v.grad)]
+
+    group = n_head // n_kv
+    dense = document_mask(segments, window).repeat(1, 1, group, 1)
+    reference = outputs(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(1, n_kv, group * T, head_size), k, v, attn_mask=dense).reshape(1, n_head, T, head_size))
+    block_mask = document_block_mask(segments, window)
+    # The check compiles its own copy for its own shapes: the trainer's compiled kernel then sees only the training
+    # shapes and is never recompiled for dynamic ones
+    check = torch.compile(flex_attention, dynamic=False)
+    failure = ""
+    for options in ({}, SMALL_TILES):
+        try:
+            got = outputs(lambda: check(q, k, v, block_mask=block_mask, enable_gqa=n_kv != n_head,
+                                        kernel_options=options or None))
+        except Exception as e:  # out of shared memory on this GPU, an older Triton
+            failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        error = max(float((a - b).norm() / b.norm()) for a, b in zip(got, reference))
+        if error < 2e-2:
+            return options
+        failure = f"differs from SDPA by {error:.1%}"
+    print(f"Warning: compiled FlexAttention did not pass its check on this GPU ({failure}); packed rows take the "
+          "dense document mask (slower, the same result)", file=sys.stderr)
+    return None

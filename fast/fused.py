@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.nn.attention.flex_attention import flex_attention
 
 import model
-from fast import fp8
+from fast import attention, fp8
 from fast.attention import BlockMask
 from lora import LoRALinear, is_bnb
 
@@ -96,7 +96,7 @@ ELEMENTWISE = ("rms_norm", "add_rms_norm", "apply_rope", "swiglu", "swiglu_backw
 
 
 def choose_kernels(compile_ops: bool, on_gpu: bool, rank: int = 16, fp8_on: bool = False,
-                   backend: str = "inductor") -> Kernels:
+                   backend: str = "inductor", attention_shape: Optional[tuple] = None) -> Kernels:
     """PLAIN, or: RMSNorm (alone and after a residual add), RoPE and SwiGLU (forward and backward) torch.compile'd,
     and on a GPU the Triton SwiGLU kernels (checked_triton_kernels), compiled FlexAttention for packed rows and with
     FP8 the FP8 kernels (fp8.gpu_kernels).
@@ -114,7 +114,17 @@ def choose_kernels(compile_ops: bool, on_gpu: bool, rank: int = 16, fp8_on: bool
                                        swiglu_backward=ops["swiglu_backward"]))
     return Kernels(**ops, swiglu_lora=mlp[0], swiglu_lora_backward=mlp[1], triton_mlp=triton is not None,
                    fp8=fp8.gpu_kernels() if fp8_on and on_gpu else fp8.PLAIN,
-                   flex_attention=compiled(flex_attention, backend) if on_gpu else None)
+                   flex_attention=flex_kernel(attention_shape, backend) if on_gpu else None)
+
+
+def flex_kernel(attention_shape: Optional[tuple], backend: str) -> Optional[Callable]:
+    """Compiled FlexAttention, checked on this GPU at the model's (n_head, n_kv, head_size, window) when given."""
+    if attention_shape is None or backend != "inductor":
+        return compiled(flex_attention, backend)
+    options = attention.checked_tiles(*attention_shape)
+    if options is None:
+        return None
+    return functools.partial(compiled(flex_attention), kernel_options=options) if options else compiled(flex_attention)
 
 
 @functools.lru_cache(maxsize=None)

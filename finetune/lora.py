@@ -466,6 +466,10 @@ def print_sample(fabric, gpt: GPT, examples: Examples, checkpoint_dir: Path, max
     gpt.eval()
     try:
         out = generate(gpt, [prompt], max_new, temperature=0.0, eos_id=tokenizer.eos_id)[0]
+    except torch.cuda.OutOfMemoryError:  # its KV cache is the one allocation --memory_budget's probe does not make
+        torch.cuda.empty_cache()
+        fabric.print("(no sample generation: out of GPU memory under the cap; training goes on)")
+        return
     finally:
         gpt.train(was_training)
     fabric.print(f"sample | {tokenizer.decode(prompt.tolist())[-200:]!r} -> {tokenizer.decode(out)!r}")

@@ -15,11 +15,13 @@ model, LoRA, the data) is the user's and planned for as given.
    pass (what tests/test_plan.py measures autograd keeping), a checkpointed block's input, the last block's backward
    and the loss, and with a CUDA graph the validation forward beside the graph's own memory pool. Its constants come
    from the peaks in docs/speed/ (H100, torch.cuda.max_memory_allocated); tests/test_plan.py checks it against them.
+   The cap limits what PyTorch reserves, more than it allocates: reserved_bytes adds that margin, and is what the
+   planner compares with the cap.
 2. relative_speed, a model of speed, ranks them (assumptions at its definition).
 3. The fastest configuration the model fits under the cap is probed: in the trainer, one real micro-step (as the loop
    runs it, CUDA graph included), an optimizer step and a validation forward, under the cap, report the peak memory
    PyTorch reserved. Out of memory or within HEADROOM of the cap, the planner steps down to the next configuration,
-   with the model's activation estimate scaled by what the probe found.
+   with the model's activation estimate scaled by what the probe found (at most MAX_PROBES probes).
 
 The trainer (finetune/lora.py) calls fit_budget, the last section here, and enforces the cap with
 torch.cuda.set_per_process_memory_fraction, so PyTorch's allocator never holds more, whatever happens after the probe;
@@ -53,6 +55,12 @@ QUANTIZED_BYTES = {"bnb.nf4": 0.5 + 4 / 64, "bnb.fp4": 0.5 + 4 / 64, "bnb.nf4-dq
 # allocator: neither counted here nor capped.
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw": 0, "paged_adamw8bit": 0}
 FIXED = 0.08 * GiB  # cuBLAS workspaces, a dequantized weight, the loss's logits chunk: fitted to docs/speed's peaks
+# What PyTorch's caching allocator reserves beyond the allocated peak: freed blocks it keeps cached, segments split and
+# rounded up, the CUDA graph's private pool beside the rest. So the reserved peak, which the cap limits, runs ahead of
+# the allocated one, modelled as a fixed amount plus a share of the activations. Fitted to the trainer's probes on an H100 (tests/gpu/check_plan.py, 2026-12-06: Mistral-7B NF4-dq,
+# FP8, CUDA graph, 8-24 GiB): every measured probe within 0.15 GiB, every out-of-memory one predicted over its cap
+# (tests/test_plan.py). Other setups (eager, bf16) are unmeasured; the fixed part is large for small models.
+RESERVED_FIXED, RESERVED_SHARE = 1.2 * GiB, 0.075
 HEADROOM = 0.02  # a probe must stay this fraction below the cap: later steps vary a little (validation lengths)
 MAX_PROBES = 4
 
@@ -182,6 +190,14 @@ def peak_bytes(job: Job, choice: Choice, validation: bool = True) -> int:
     return int(static_bytes(job) + activations)
 
 
+def reserved_bytes(job: Job, choice: Choice, scale: float = 1.0) -> int:
+    """The predicted peak PyTorch reserves, what the cap limits: peak_bytes with its activations times `scale` (what
+    probes found beyond the model), plus the allocator's margin."""
+    static = static_bytes(job)
+    activations = scale * (peak_bytes(job, choice) - static)
+    return int(static + activations + RESERVED_FIXED + RESERVED_SHARE * activations)
+
+
 # Speed, relative (tokens per unit of time), fitted to the H100 benchmark calls in docs/speed/ (tests/test_plan.py
 # checks that it ranks each call's configurations in their measured order). Its assumptions:
 # - a micro-step costs its tokens plus a fixed amount of work whatever its size (dequantizing every base weight, with
@@ -232,8 +248,9 @@ def candidates(job: Job, pins: Pins = Pins(), max_micro_batch: int = 16) -> List
 @dataclass
 class Plan:
     choice: Choice
-    predicted: int
-    probed: Optional[int]  # the probe's peak (None: not probed)
+    predicted: int  # reserved_bytes: the model's reserved peak, the probe's counterpart
+    allocated: int  # peak_bytes: the model's allocated peak
+    probed: Optional[int]  # the probe's reserved peak (None: not probed)
     rejected: List[Tuple[Choice, Optional[int]]]  # probed and over the cap (None: out of memory)
 
     def line(self, job: Job, budget_text: str, budget: int) -> str:
@@ -243,13 +260,15 @@ class Plan:
             f"{c.describe(n)} ({'out of memory' if peak is None else f'{peak / GiB:.2f} GiB'})"
             for c, peak in self.rejected) if self.rejected else ""
         return (f"--memory_budget {budget_text} ({budget / GiB:.2f} GiB): {self.choice.describe(n)} "
-                f"({self.choice.flags(n)}); predicted peak {self.predicted / GiB:.2f} GiB, {probed}{tried}")
+                f"({self.choice.flags(n)}); reserved peak predicted {self.predicted / GiB:.2f} GiB (allocated "
+                f"{self.allocated / GiB:.2f}), {probed}{tried}")
 
 
 def choose(job: Job, budget: int, probe: Optional[Callable[[Choice], Optional[int]]] = None,
            pins: Pins = Pins(), budget_text: str = "") -> Plan:
-    """The fastest configuration that fits `budget` bytes. probe(choice) -> the peak bytes of a real step, None when
-    it ran out of memory; without a probe, the model's choice. Raises InputError when nothing fits."""
+    """The fastest configuration whose predicted reserved peak fits `budget` bytes. probe(choice) -> the reserved peak
+    of a real step, None when it ran out of memory; without a probe, the model's choice. Raises InputError when
+    nothing fits."""
     ranked = sorted(candidates(job, pins), key=lambda c: relative_speed(job, c), reverse=True)
     if not ranked:
         raise InputError(f"--memory_budget {budget_text}: the pinned flags leave no configuration to choose from; "
@@ -258,18 +277,20 @@ def choose(job: Job, budget: int, probe: Optional[Callable[[Choice], Optional[in
     scale = 1.0  # how much more activation memory the probes found than the model predicted (only ever raised)
     rejected = []
     for choice in ranked:
-        predicted = peak_bytes(job, choice)
-        if static + scale * (predicted - static) > limit:
+        if reserved_bytes(job, choice, scale) > limit:
             continue
+        plan = Plan(choice, reserved_bytes(job, choice), peak_bytes(job, choice), None, rejected)
         if probe is None:
-            return Plan(choice, predicted, None, rejected)
+            return plan
         if len(rejected) == MAX_PROBES:
             break
-        peak = probe(choice)
-        if peak is not None and peak <= limit:
-            return Plan(choice, predicted, peak, rejected)
-        rejected.append((choice, peak))
-        scale = max(scale, ((peak if peak is not None else budget) - static) / max(predicted - static, 1))
+        plan.probed = probe(choice)
+        if plan.probed is not None and plan.probed <= limit:
+            return plan
+        rejected.append((choice, plan.probed))
+        # the scale at which reserved_bytes predicts what the probe found (out of memory: at least the budget)
+        found = (plan.probed if plan.probed is not None else budget) - static - RESERVED_FIXED
+        scale = max(scale, found / ((1 + RESERVED_SHARE) * max(plan.allocated - static, 1)))
     leanest = min(ranked, key=lambda c: peak_bytes(job, c))  # of equally lean ones the fastest (ranked order)
     n = job.config.n_layer
     if rejected:
@@ -277,9 +298,11 @@ def choose(job: Job, budget: int, probe: Optional[Callable[[Choice], Optional[in
                          f"({', '.join(c.describe(n) for c, _ in rejected)}); give a larger budget, a shorter "
                          "--train.max_seq_length or a smaller --lora.r")
     four_bit = "" if job.quantize else "4-bit weights (--quantize bnb.nf4-dq), "
-    raise InputError(f"--memory_budget {budget_text}: even {leanest.describe(n)} needs about "
-                     f"{peak_bytes(job, leanest) / GiB:.1f} GiB (the weights alone {job.weight_bytes / GiB:.1f}); give "
-                     f"a larger budget, {four_bit}a shorter --train.max_seq_length or a smaller --lora.r")
+    need = reserved_bytes(job, leanest)
+    raise InputError(f"--memory_budget {budget_text}: nothing fits; even {leanest.describe(n)} would reserve about "
+                     f"{need / GiB:.1f} GiB (the weights alone {job.weight_bytes / GiB:.1f}), so the smallest budget "
+                     f"that fits is about {math.ceil(need / (1 - HEADROOM) / GiB * 10) / 10:.1f}GiB; give that or "
+                     f"more, or {four_bit}a shorter --train.max_seq_length or a smaller --lora.r")
 
 
 def check_device(budget: int, budget_text: str, device: torch.device) -> None:
@@ -349,7 +372,8 @@ def fit_budget(fabric, gpt: GPT, a, budget: int, examples: Examples, rows, max_s
         torch.cuda.reset_peak_memory_stats(fabric.device)  # status.json's peaks are the run's, not the probes'
     gib = lambda n: None if n is None else round(n / GiB, 2)  # noqa: E731
     return {"line": line, "budget_gib": gib(budget), **vars(chosen.choice), "dense_mask": job.dense_mask,
-            "predicted_gib": gib(chosen.predicted), "probed_gib": gib(chosen.probed)}
+            "predicted_gib": gib(chosen.predicted), "predicted_allocated_gib": gib(chosen.allocated),
+            "probed_gib": gib(chosen.probed), "probes": len(chosen.rejected) + (chosen.probed is not None)}
 
 
 def memory_status(memory: Optional[dict], device) -> Optional[dict]:
@@ -386,7 +410,10 @@ def memory_probe(fabric, gpt: GPT, a, examples: Examples, rows, max_seq_length: 
         try:
             probe_step(gpt, a, batch, training_loss, make_optimizer)
             peak = float(torch.cuda.max_memory_reserved(fabric.device))
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:  # OutOfMemoryError, or an allocation failing inside the CUDA graph's capture or cuBLAS
+            if not isinstance(e, torch.cuda.OutOfMemoryError) and not any(
+                    m in str(e) for m in ("out of memory", "ALLOC_FAILED")):
+                raise
             peak = math.inf
         gc.collect()
         torch.cuda.empty_cache()

@@ -24,6 +24,7 @@ also where the forward fused the norm with the residual add before it.
 Prints one JSON line per comparison (loss and the worst relative gradient error) and exits non-zero on a mismatch.
 """
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -274,6 +275,11 @@ def main() -> None:
     # last: its shapes differ from the model's, and a compiled function that has seen two shapes recompiles for
     # dynamic ones, which the checks above should not run
     ok &= check_flex_attention(net.blocks[0].attn.kernels.flex_attention)
+    # The smaller tiles that GPUs with about 100 KB of shared memory per block fall back to: valid options, same result
+    from torch.nn.attention.flex_attention import flex_attention
+    from fast.attention import SMALL_TILES
+    ok &= check_flex_attention(functools.partial(torch.compile(flex_attention, dynamic=False),
+                                                 kernel_options=SMALL_TILES))
     print("gpu_check_fused:", "OK" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 

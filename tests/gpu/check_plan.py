@@ -7,7 +7,8 @@ benchmarks/benchmark_finetune.py in the same call.
 Writes a random bf16 Mistral-7B checkpoint and random-token data of instruction-like lengths (data.save_split) under
 /tmp/check_plan, runs the trainer once per budget (NF4-dq, LoRA r16 on every linear, FP8, CUDA graph, 6 rows of 2048
 tokens a step), then the benchmark on the chosen configurations (and, time allowing, each budget's runner-up by the
-speed model) on packed rows. Prints per budget: the choice, the predicted, probed and measured peaks (reserved must
+speed model) on packed rows. Prints per budget: the choice and how many configurations the trainer probed for it
+(with plan.reserved_bytes, usually one), the predicted and probed reserved peaks, the run's peaks (reserved must
 stay under the cap), the trainer's tokens/s (median step; per row slot, padding included, to compare with the
 benchmark, whose own packed rows are filled a little differently; over the whole loop with validation and
 checkpoints) and the benchmark's. Results: $OUT/check_plan.json (or /tmp/check_plan/check_plan.json) and the
@@ -144,7 +145,7 @@ def spec(c: plan.Choice, n_layer: int) -> str:
 
 
 def runner_up(result: dict, config: Config) -> plan.Choice:
-    """The speed model's fastest configuration that its memory model fits under the budget with one row a micro-batch
+    """The speed model's fastest configuration that the memory model fits under the budget with one row a micro-batch
     if the choice has more, else with more: the trade the model is least sure of (more rows against fewer
     checkpointed blocks). The trainer's probe may have found it over the cap: then it was never a choice."""
     job = plan.Job(config, LoRAConfig(r=16, alpha=16), SEQ, BATCH, quantize="bnb.nf4-dq", fp8="all", cuda_graph=True,
@@ -152,7 +153,7 @@ def runner_up(result: dict, config: Config) -> plan.Choice:
     limit = result["budget_gib"] * plan.GiB * (1 - plan.HEADROOM)
     one_row = result["micro_batch_size"] > 1
     others = [c for c in plan.candidates(job) if (c.micro_batch_size == 1) == one_row
-              and plan.peak_bytes(job, c) <= limit]
+              and plan.reserved_bytes(job, c) <= limit]
     return max(others, key=lambda c: plan.relative_speed(job, c))
 
 
@@ -196,8 +197,9 @@ def main() -> int:
             if "tokens_per_s" in row and real:
                 row["slot_tokens_per_s"] = round(row["tokens_per_s"] * SEQ / real, 1)
             bench[name] = row
-    print("\n| budget | choice | predicted / probed GiB | run peak allocated / reserved GiB | trainer tok/s (step) "
-          "| per row slot | whole loop | benchmark per row slot (peak GiB, attention) | trainer slot / benchmark |")
+    print("\n| budget | choice (probes) | reserved predicted / probed GiB | run peak allocated / reserved GiB "
+          "| trainer tok/s (step) | per row slot | whole loop | benchmark per row slot (peak GiB, attention) "
+          "| trainer slot / benchmark |")
     print("|---|---|---|---|---|---|---|---|---|")
     ok = True
     for r in results:
@@ -212,7 +214,7 @@ def main() -> int:
         under = r["peak_reserved_gib"] <= r["budget_gib"]
         ok &= under and ratio is not None and ratio >= 0.95
         cap = "(under the cap)" if under else "OVER THE CAP"
-        print(f"| {r['budget_gib']} GiB | {r['config']} ({r['steps']} steps) | "
+        print(f"| {r['budget_gib']} GiB | {r['config']} ({r.get('probes', '?')}; {r['steps']} steps) | "
               f"{r['predicted_gib']} / {r['probed_gib']} | "
               f"{r['peak_allocated_gib']} / {r['peak_reserved_gib']} {cap} | "
               f"{r['step_tokens_per_s']:,.0f} | {slot:,.0f} | {r['loop_tokens_per_s']:,.0f} | "
