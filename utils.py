@@ -44,6 +44,16 @@ def resolve_checkpoint_dir(name_or_path) -> Path:
     raise InputError(f"{folder}: checkpoint for {name_or_path!r} not found; get it with: {how}")
 
 
+def adapter_base(adapter: Path, settings: dict, checkpoint_dir=None) -> Path:
+    """The base checkpoint folder of an adapter (lora.read_adapter's settings): checkpoint_dir when given, else the
+    one it was trained on."""
+    if checkpoint_dir is None:
+        if not settings.get("checkpoint_dir"):
+            raise InputError(f"{adapter}: does not name its base checkpoint; pass --checkpoint_dir")
+        checkpoint_dir = settings["checkpoint_dir"]
+    return resolve_checkpoint_dir(checkpoint_dir)
+
+
 # Our weights live in their own subfolder: beside a download, Hugging Face's files stay untouched and are the only
 # *.safetensors at the top, where transformers looks for model*.safetensors and vLLM reads every *.safetensors.
 WEIGHTS = "oneday/weights"  # -> oneday/weights.safetensors, or oneday/weights-00001-of-00003.safetensors ...

@@ -20,7 +20,7 @@ from generate.base import Precision, Quantize, TopP, generate_and_print, pick_de
 from lora import load_adapter, merge_lora, read_adapter  # noqa: E402
 from prompts import get_style, load_style, render  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from utils import load_model, resolve_checkpoint_dir  # noqa: E402
+from utils import adapter_base, load_model  # noqa: E402
 
 
 def main(
@@ -73,11 +73,7 @@ def main(
         quantize = settings.get("quantize") if device.startswith("cuda") else None
     quantize = None if quantize in (None, "none") else quantize
     dtype = pick_dtype(precision, device)
-    if checkpoint_dir is None:
-        if not settings.get("checkpoint_dir"):
-            raise InputError(f"{adapter}: does not name its base checkpoint; pass --checkpoint_dir")
-        checkpoint_dir = settings["checkpoint_dir"]
-    checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
+    checkpoint_dir = adapter_base(adapter, settings, checkpoint_dir)
     if prompt_style is None:
         style = load_style(adapter_dir, default=None) if (adapter_dir / "prompt_style.json").is_file() else \
             load_style(checkpoint_dir, default="plain")

@@ -24,7 +24,7 @@ from cli import InputError
 from hf_names import FAMILIES, hf_modules, lit_to_hf, pick_family
 from lora import LoRAConfig, check_adapter_fits, read_adapter, target_modules
 from model import Config
-from utils import load_config, output_folder, resolve_checkpoint_dir, save_safetensors
+from utils import adapter_base, load_config, output_folder, save_safetensors
 
 # Where a module's name in transformers differs from its checkpoint tensor's: transformers >= 5 loads GPT-NeoX's
 # embed_out.weight into a module named lm_head, and adapters must name the module.
@@ -46,11 +46,7 @@ def main(adapter: Path, out_dir: Optional[Path] = None, checkpoint_dir: Optional
     """
     adapter = Path(adapter)
     settings, tensors = read_adapter(adapter)
-    if checkpoint_dir is None:
-        if not settings.get("checkpoint_dir"):
-            raise InputError(f"{adapter}: does not name its base checkpoint; pass --checkpoint_dir")
-        checkpoint_dir = settings["checkpoint_dir"]
-    checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
+    checkpoint_dir = adapter_base(adapter, settings, checkpoint_dir)
     config = load_config(checkpoint_dir)
     check_adapter_fits(settings, config, adapter)
     source_path = checkpoint_dir / "config.json"

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cli import InputError  # noqa: E402
 from generate.base import pick_device  # noqa: E402
 from lora import LoRAConfig, check_adapter_fits, delta_weight, read_adapter, target_modules  # noqa: E402
-from utils import (install_shards, iter_checkpoint, load_config, output_folder,  # noqa: E402
-                   resolve_checkpoint_dir, save_safetensors, shard_part)
+from utils import (adapter_base, install_shards, iter_checkpoint, load_config, output_folder,  # noqa: E402
+                   save_safetensors, shard_part)
 
 SHARD_BYTES = 5 * 2**30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
@@ -55,11 +55,7 @@ def main(
         raise InputError("--adapter is required: the adapter.safetensors written by finetune/lora.py")
     adapter = Path(adapter)
     settings, tensors = read_adapter(adapter)
-    if checkpoint_dir is None:
-        if not settings.get("checkpoint_dir"):
-            raise InputError(f"{adapter}: does not name its base checkpoint; pass --checkpoint_dir")
-        checkpoint_dir = settings["checkpoint_dir"]
-    checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
+    checkpoint_dir = adapter_base(adapter, settings, checkpoint_dir)
     config = load_config(checkpoint_dir)
     check_adapter_fits(settings, config, adapter)
     device = pick_device(device)
