@@ -42,7 +42,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
-          dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None, out_dir: Optional[Path] = None) -> None:
+          dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None, out_dir: Optional[Path] = None,
+          drop_source: bool = False) -> None:
     """Convert the Hugging Face files in a folder (from scripts/download.py) into our checkpoint format.
 
     Args:
@@ -51,6 +52,9 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
             config.json, else a config built from config.json itself (named after the folder).
         dtype: Cast the weights to float32, bfloat16 or float16; default: keep the checkpoint's dtype.
         out_dir: Write our checkpoint here instead of beside the download (tokenizer files and config.json are copied).
+        drop_source: Once converted, delete the download's weight files (and their index), keeping its config and
+            tokenizer: a 7B model then takes its size on disk once, not twice (transformers can no longer load the
+            folder; scripts/convert_lit_checkpoint.py exports ours back).
     """
     checkpoint_dir = Path(checkpoint_dir)
     out_dir = Path(out_dir) if out_dir is not None else checkpoint_dir
@@ -79,6 +83,8 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
     if already_converted(out_dir):
         print(f"{out_dir}: already converted ({WEIGHTS}*.safetensors and model_config.json are there); "
               f"delete {(out_dir / WEIGHTS).parent} to convert again", file=sys.stderr)
+        if drop_source:
+            delete_download(checkpoint_dir)
         return
     files = weight_files(checkpoint_dir)
 
@@ -123,6 +129,18 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
     shards = ", ".join(str(f.relative_to(out_dir)) for f in finals)
     print(f"{out_dir}: wrote model_config.json ({config.name}) and {shards} in {time.perf_counter() - started:.0f}s",
           file=sys.stderr)
+    if drop_source:
+        delete_download(checkpoint_dir)
+
+
+def delete_download(checkpoint_dir: Path) -> None:
+    """The Hugging Face weight files and their index (--drop_source): never our shards, config or tokenizer."""
+    files = [f for pattern in ("model*.safetensors", "pytorch_model*.bin", "*.index.json")
+             for f in sorted(checkpoint_dir.glob(pattern))]
+    for file in files:
+        file.unlink()
+    if files:
+        print(f"{checkpoint_dir}: deleted the download's weights ({len(files)} files, --drop_source)", file=sys.stderr)
 
 
 def pick_config(derived: Config, model_name: Optional[str], checkpoint_dir: Path, source_repo: str = "") -> Config:

@@ -9,6 +9,8 @@
 #   FINETUNE_CONFIG finetune/lora.py --config file      (default finetune/configs/<recipe>.yaml when it exists: the
 #                   winning team's hyperparameters for its data recipe; empty for finetune/lora.py's defaults)
 #   FINETUNE_ARGS   further finetune/lora.py flags, e.g. "--lora.r 128 --lora.alpha 256 --train.learning_rate 2e-5"
+#   KEEP_DOWNLOAD   true keeps the Hugging Face weights after conversion (default false: download, converted and
+#                   merged copies at once would need about 43 GB for a 7B model, 85 GB for a 14B one)
 # DRY_RUN=1 prints the commands instead of running them (tests/test_docker.py checks them).
 # python3, not python: the base image runs the system Python, where `python` need not exist.
 set -euo pipefail
@@ -30,7 +32,8 @@ run() {
 # shellcheck disable=SC2206
 extra=(${FINETUNE_ARGS:-})
 run python3 scripts/download.py --repo_id "$base_repo" --checkpoint_dir "$out/checkpoints"
-run python3 scripts/convert_hf_checkpoint.py --checkpoint_dir "$ckpt"
+drop=true; [ "${KEEP_DOWNLOAD:-false}" = true ] && drop=false
+run python3 scripts/convert_hf_checkpoint.py --checkpoint_dir "$ckpt" --drop_source "$drop"
 run python3 prepare_data/prepare_mix.py --recipe "$recipe" --checkpoint_dir "$ckpt" --out_dir "$data"
 # The config comes first, so the paths here override its own; --speed.cuda_graph: the fast path (README, Measured);
 # FINETUNE_ARGS come last, so "--speed.cuda_graph false" there wins

@@ -3,6 +3,7 @@ left as it was, and one-line errors on bad input. Tiny random models of every fa
 tmp_path."""
 
 import hashlib
+import shutil
 import importlib.util
 import json
 import sys
@@ -178,6 +179,31 @@ def test_logits_match_transformers(case, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, expected)
+
+
+def test_drop_source_deletes_only_the_downloads_weights(tmp_path):
+    """--drop_source: the download's weights and index go, our shards, config and tokenizer stay, and the model loads
+    as before; a second run on the converted folder also drops what is left."""
+    folder = tmp_path / "tiny-llama"
+    make_hf("llama", folder)
+    reference = load_model_after(folder / "..", folder)
+    weights = {p.name for p in folder.iterdir()
+               if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")}
+    assert weights  # the download has weight files to drop
+    convert_hf_checkpoint.setup(folder, drop_source=True)
+    left = {p.name for p in folder.iterdir() if p.is_file()}
+    assert not weights & left and {"config.json", "model_config.json"} <= left
+    ids = torch.randint(0, TINY["vocab_size"], (1, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_model(folder)(ids), reference(ids))
+
+
+def load_model_after(scratch: Path, folder: Path):
+    """The model converted from a copy of `folder` without --drop_source: the reference."""
+    copy = scratch / "copy"
+    shutil.copytree(folder, copy)
+    convert_hf_checkpoint.setup(copy)
+    return load_model(copy)
 
 
 def test_mistral_window_is_used(tmp_path):
