@@ -80,7 +80,11 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
         raise InputError(f"{config_path}: not a usable Hugging Face config ({type(e).__name__}: {e}); "
                          "download the model again") from None
     config = pick_config(derived, model_name, checkpoint_dir, hf_config.get("_name_or_path") or "")
-    if already_converted(out_dir):
+    if already_converted(out_dir) and newer_download(checkpoint_dir, out_dir):
+        # A newer revision downloaded into the same folder: our shards are of the old one
+        print(f"{checkpoint_dir}: the download is newer than {out_dir / 'model_config.json'}; converting again",
+              file=sys.stderr)
+    elif already_converted(out_dir):
         print(f"{out_dir}: already converted ({WEIGHTS}*.safetensors and model_config.json are there); "
               f"delete {(out_dir / WEIGHTS).parent} to convert again", file=sys.stderr)
         if drop_source:
@@ -200,6 +204,14 @@ def already_converted(folder: Path) -> bool:
         return bool(checkpoint_files(folder)) and (folder / "model_config.json").is_file()
     except InputError:
         return False
+
+
+def newer_download(checkpoint_dir: Path, out_dir: Path) -> bool:
+    """Whether a Hugging Face weight file or config.json changed after our conversion wrote model_config.json."""
+    converted = (out_dir / "model_config.json").stat().st_mtime
+    sources = [checkpoint_dir / "config.json"] + [f for pattern in ("model*.safetensors", "pytorch_model*.bin")
+                                                   for f in checkpoint_dir.glob(pattern)]
+    return any(f.is_file() and f.stat().st_mtime > converted for f in sources)
 
 
 def read_shard(file: Path) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -3,6 +3,7 @@ left as it was, and one-line errors on bad input. Tiny random models of every fa
 tmp_path."""
 
 import hashlib
+import os
 import shutil
 import importlib.util
 import json
@@ -196,6 +197,27 @@ def test_drop_source_deletes_only_the_downloads_weights(tmp_path):
     ids = torch.randint(0, TINY["vocab_size"], (1, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(load_model(folder)(ids), reference(ids))
+
+
+def test_a_newer_download_is_converted_again(tmp_path):
+    """A newer revision downloaded into a converted folder: converting again must not keep the old shards."""
+    folder = tmp_path / "tiny-llama"
+    make_hf("llama", folder)
+    convert_hf_checkpoint.setup(folder)
+    ids = torch.randint(0, TINY["vocab_size"], (1, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        old = load_model(folder)(ids)
+        new_hf = transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+        for p in new_hf.parameters():
+            p.mul_(1.5)  # the "new revision"
+        new_hf.save_pretrained(folder)
+        later = (folder / "model_config.json").stat().st_mtime + 10
+        for f in folder.glob("model*.safetensors"):
+            os.utime(f, (later, later))
+        convert_hf_checkpoint.setup(folder)
+        ours = load_model(folder)(ids)
+        assert (ours - old).abs().max() > 1e-2
+        assert (ours - new_hf(ids).logits).abs().max() <= 1e-4
 
 
 def load_model_after(scratch: Path, folder: Path):
