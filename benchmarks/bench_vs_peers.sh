@@ -3,6 +3,7 @@
 # transformers+peft) timed one after another on the same GPU in one call, then the rows table and the per-cap verdict
 # (benchmarks/speed_table.py). One stage per call, each built to finish inside the device tool's 10-minute limit:
 #     PYTHONPATH=.anchors/site:$PWD bash benchmarks/bench_vs_peers.sh mistral-2048|mistral-4096|llama13b-2048
+#     bash benchmarks/bench_vs_peers.sh qwen14b-2048   # first-generation Qwen-14B: ours only (no peer runs it natively)
 # Needs .anchors/ (bash ../shared/anchors/make_site.sh) carried to the machine. Results: $OUT/speed_<stage>.jsonl
 # (every JSON line, appended) and $OUT/speed_<stage>.md (the tables). Override per run:
 #     OURS_CONFIGS=1x0,4x1   UNSLOTH_CONFIGS=4xoffload,1xnone   HF_CONFIGS=1xfull (the HF baseline; off by default)
@@ -21,6 +22,7 @@ stage=${1:-}
 OURS_mistral_2048="1x0+fp8,3x0+fp8,2x0+fp8+keep,1xp15o+fp8,1xp16o+fp8"
 OURS_mistral_4096="1x0+fp8+keep,1xp3o+fp8,1xp4o+fp8,1xp24o+fp8,1xp26o+fp8"
 OURS_llama13b_2048="1x1o+fp8,1x0+fp8+keep,1xp4o+fp8,1xp6o+fp8,1x0+fp8"
+OURS_qwen14b_2048="1x1o,1x1o+fp8,1xp8o+fp8,1x0+fp8,1x0"
 # Unsloth's likely best under each cap, most useful first (the budget may cut the tail). From the anchors' table:
 # offloaded checkpointing ("offload") costs ~0.5 GiB per extra 2,048 tokens on a 7B (1x2048 5.0 GiB, 4x2048 6.6) and
 # speeds up with micro-batch, so the largest one under 8 GiB is its 8-GiB best (6x2048 ~7.6 GiB is the guess, 8x2048
@@ -34,7 +36,9 @@ case "$stage" in
   mistral-2048) arch=mistral-7b; model=Mistral-7B-v0.1; seq=2048; ours=$OURS_mistral_2048; peer=$UNSLOTH_mistral_2048 ;;
   mistral-4096) arch=mistral-7b; model=Mistral-7B-v0.1; seq=4096; ours=$OURS_mistral_4096; peer=$UNSLOTH_mistral_4096 ;;
   llama13b-2048) arch=llama-2-13b; model=Llama-2-13b-hf; seq=2048; ours=$OURS_llama13b_2048; peer=$UNSLOTH_llama13b_2048 ;;
-  *) echo "usage: $0 mistral-2048|mistral-4096|llama13b-2048   (one stage per call: each takes ~7-9 minutes)"; exit 2 ;;
+  qwen14b-2048) arch=qwen-14b; model=Qwen-14B; seq=2048; ours=$OURS_qwen14b_2048; peer= ;;
+  *) echo "usage: $0 mistral-2048|mistral-4096|llama13b-2048|qwen14b-2048   (one stage per call: each takes ~7-9 minutes)"
+     exit 2 ;;
 esac
 ours=${OURS_CONFIGS:-$ours}
 peer=${UNSLOTH_CONFIGS:-$peer}
@@ -79,14 +83,20 @@ print(json.dumps({"probe": {"gpu": torch.cuda.get_device_name(0), "torch": torch
 EOF
 [ -f .anchors/anchor_unsloth_qlora.py ] || echo "WARNING: .anchors/ not here: the peers will fail (carry .anchors)"
 
-step "random Hugging Face $arch for the peers"
-if ! timeout -k 10 $(( $(left) > 300 ? 300 : $(left) )) python3 benchmarks/peer_models.py --arch "$arch"; then
-  echo "could not write /tmp/$arch-random: the peers are skipped"; built=0; status=1
+built=0
+if [ -z "$peer" ]; then
+  step "no peer runs $model: ours take the whole budget"
 else
-  built=1
+  step "random Hugging Face $arch for the peers"
+  if timeout -k 10 $(( $(left) > 300 ? 300 : $(left) )) python3 benchmarks/peer_models.py --arch "$arch"; then
+    built=1
+  else
+    echo "could not write /tmp/$arch-random: the peers are skipped"; status=1
+  fi
 fi
 
 t=$(( $(left) - 60 )); t=$(( t > ${OURS_TIMEOUT_S:-240} ? ${OURS_TIMEOUT_S:-240} : t ))  # leave the peers their turn
+[ -z "$peer" ] && t=$(( $(left) - 30 ))
 step "oneday: benchmark_finetune.py --configs $ours (up to $t s)"
 if [ $t -gt 30 ]; then
   collect timeout -k 10 $t python3 benchmarks/benchmark_finetune.py --model "$model" --seq "$seq" --configs "$ours" --cuda_graph true --steps 6 --warmup 2
@@ -110,7 +120,7 @@ if [ $built -eq 1 ]; then
     collect timeout -k 10 $((b + 30)) python3 benchmarks/peer_unsloth.py --peer hf-peft --arch "$arch" --seq "$seq" \
         --configs "$hf" --timeout_s "$per_config_s" --budget_s "$b" || status=1
   fi
-else
+elif [ -n "$peer" ]; then
   error_row unsloth "no random checkpoint"
 fi
 
