@@ -23,6 +23,12 @@ class InputError(ValueError):
     """A problem with the user's input: its message names the file, row, field or flag and says what to do."""
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line of a warning or a table cell: its type and the first line of its message."""
+    message = str(e)
+    return f"{type(e).__name__}: {message.splitlines()[0] if message else ''}"
+
+
 def run(fn, **kwargs):
     """jsonargparse.CLI(fn) with one-line errors (status 2) for bad flags and InputError."""
     from argparse import ArgumentError

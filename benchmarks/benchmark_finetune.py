@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fast  # noqa: E402
+from cli import one_line  # noqa: E402
 from data import IGNORE, pack  # noqa: E402
 from fast.memory import GraphedMicroStep, enable_activation_checkpointing  # noqa: E402
 from finetune.lora import make_optimizer, training_loss  # noqa: E402
@@ -233,7 +234,7 @@ def time_attention(config: Config, seq: int, mb: int, reps: int = 10) -> None:
                 times.append(start.elapsed_time(end))
             row.update(ms_median=round(sorted(times[3:])[reps // 2], 3), kept_mib=round(kept / 2**20, 1))
         except Exception as e:  # one kernel that does not run here leaves the others' lines
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row["error"] = one_line(e)
         print(json.dumps(row), flush=True)
 
 

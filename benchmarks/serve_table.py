@@ -35,6 +35,8 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli import one_line  # noqa: E402
+
 # Data-sheet memory bandwidth (bytes/s) and dense bf16 tensor throughput (FLOP/s), by device name.
 SPECS = [("H200", 4.8e12, 989e12), ("H100 NVL", 3.9e12, 835e12), ("H100 PCIe", 2.0e12, 756e12),
          ("H100", 3.35e12, 989e12), ("A100-SXM4-80GB", 2.039e12, 312e12), ("A100 80GB PCIe", 1.935e12, 312e12),
@@ -50,16 +52,11 @@ def copy_bandwidth(device) -> float:
     """Bytes/s of a 2 GiB device-to-device copy (it reads and writes every byte)."""
     import torch
 
+    from benchmarks.gpu_bandwidth import timed
+
     src = torch.empty(2**30, dtype=torch.uint16, device=device)
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    return 10 * 2 * src.nbytes / (time.perf_counter() - t0)
+    return 2 * src.nbytes / timed(lambda: dst.copy_(src), reps=10)
 
 
 def weight_bytes(model) -> int:
@@ -308,7 +305,7 @@ def main(
                             quantized, "compiled" if cuda else "static", alone_quantized, score=which == "nf4")
         except Exception as e:  # one row's failure is that row's result
             traceback.print_exc()
-            table.add(system=which, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            table.add(system=which, error=one_line(e)[:300])
             release(cuda)
     header = (f"Serving speed: {model} ({config.n_layer} layers, random weights) on {name}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}. Generation: {prompt_tokens}-token prompts, {new_tokens} new tokens, "

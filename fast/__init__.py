@@ -49,12 +49,16 @@ def speed_up(model, fp8: Optional[FP8] = None, recompute_inputs: bool = True, fu
     return fused.convert(model, chosen, fp8, recompute_inputs, fused_mlp)
 
 
-def packed_mask(model, segments: torch.Tensor):
-    """The attention mask of packed rows with these segment ids (B, T) (data.collate) for `model` (a GPT, also inside
-    Fabric's wrapper), made once per micro-batch for all its layers (GPT.hidden_states(mask=...)): a FlexAttention
-    BlockMask where speed_up gave the model compiled FlexAttention (on a GPU), else model.document_mask's dense mask
-    (the reference)."""
+def packs_with_flex(model) -> bool:
+    """Whether `model` (a GPT, also inside Fabric's wrapper) takes packed rows through FlexAttention: speed_up gave it
+    compiled FlexAttention that passed its check on this GPU."""
     attn = next(m for m in model.modules() if isinstance(m, CausalSelfAttention))
-    if isinstance(attn, fused.FastAttention) and attn.kernels.flex_attention is not None:
-        return attention.document_block_mask(segments, attn.config.sliding_window)
-    return document_mask(segments, attn.config.sliding_window)
+    return isinstance(attn, fused.FastAttention) and attn.kernels.flex_attention is not None
+
+
+def packed_mask(model, segments: torch.Tensor):
+    """The attention mask of packed rows with these segment ids (B, T) (data.collate) for `model`, made once per
+    micro-batch for all its layers (GPT.hidden_states(mask=...)): a FlexAttention BlockMask where packs_with_flex,
+    else model.document_mask's dense mask (the reference)."""
+    window = next(m for m in model.modules() if isinstance(m, CausalSelfAttention)).config.sliding_window
+    return (attention.document_block_mask if packs_with_flex(model) else document_mask)(segments, window)

@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from cli import one_line
+
 # Smaller tiles for GPUs with about 100 KB of shared memory per block (RTX 4090/3090, A10, L40): the default tiles of
 # FlexAttention's backward kernel at head size 128 need more and fail to compile there (pytorch/pytorch#133254)
 SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
@@ -41,7 +43,6 @@ def document_block_mask(segments: torch.Tensor, window: Optional[int] = None) ->
         return allowed & (q - kv < window) if window is not None else allowed
 
     return create_block_mask(document_mask_mod, B, None, T, T, device=segments.device)
-
 
 
 def _flex_for_check(*args, **kwargs):
@@ -69,14 +70,13 @@ def checked_tiles(n_head: int, n_kv: int, head_size: int, window: Optional[int])
         y.backward(dy)
         return [t.detach().float() for t in (y, q.grad, k.grad, v.grad)]
 
-    group = n_head // n_kv
-    dense = document_mask(segments, window).repeat(1, 1, group, 1)
-    reference = outputs(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q.reshape(1, n_kv, group * T, head_size), k, v, attn_mask=dense).reshape(1, n_head, T, head_size))
+    dense = document_mask(segments, window)
+    reference = outputs(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense,
+                                                                                 enable_gqa=n_kv != n_head))
     block_mask = document_block_mask(segments, window)
     # The check compiles a function of its own: dynamo keeps compiled code and shape history per function, and
     # flex_attention itself, once called at these shapes, would be recompiled for dynamic shapes at the training
-    # shapes, a slower kernel (seen on an H100: the trainer 9% slower)
+    # shapes, a slower kernel
     check = torch.compile(_flex_for_check, dynamic=False)
     failure = ""
     for options in ({}, SMALL_TILES):
@@ -84,7 +84,7 @@ def checked_tiles(n_head: int, n_kv: int, head_size: int, window: Optional[int])
             got = outputs(lambda: check(q, k, v, block_mask=block_mask, enable_gqa=n_kv != n_head,
                                         kernel_options=options or None))
         except Exception as e:  # out of shared memory on this GPU, an older Triton
-            failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            failure = one_line(e)
             continue
         error = max(float((a - b).norm() / b.norm()) for a, b in zip(got, reference))
         if error < 2e-2:

@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.nn.attention.flex_attention import flex_attention
 
 import model
+from cli import one_line
 from fast import attention, fp8
 from fast.attention import BlockMask
 from lora import LoRALinear, is_bnb
@@ -153,8 +154,8 @@ def checked_triton_kernels(rank: int):
         kernels = triton_kernels()
         error = self_check(*kernels, rank=rank)
     except Exception as e:  # no Triton, an older GPU, out of resources at this rank
-        print(f"Warning: fast/kernels.py's Triton SwiGLU kernels did not run on this GPU ({type(e).__name__}: "
-              f"{str(e).splitlines()[0] if str(e) else ''}); using the (slower) PyTorch path", file=sys.stderr)
+        print(f"Warning: fast/kernels.py's Triton SwiGLU kernels did not run on this GPU ({one_line(e)}); using the "
+              "(slower) PyTorch path", file=sys.stderr)
         return None
     if error < 1e-2:
         return kernels

@@ -38,6 +38,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from cli import InputError
+import fast
 from data import Examples, collate
 from fast.memory import GraphedMicroStep
 from lora import LoRAConfig, inject_lora
@@ -57,9 +58,10 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw": 0, "paged_adamw8bi
 FIXED = 0.08 * GiB  # cuBLAS workspaces, a dequantized weight, the loss's logits chunk: fitted to docs/speed's peaks
 # What PyTorch's caching allocator reserves beyond the allocated peak: freed blocks it keeps cached, segments split and
 # rounded up, the CUDA graph's private pool beside the rest. So the reserved peak, which the cap limits, runs ahead of
-# the allocated one, modelled as a fixed amount plus a share of the activations. Fitted to the trainer's probes on an H100 (tests/gpu/check_plan.py, 2026-12-06: Mistral-7B NF4-dq,
-# FP8, CUDA graph, 8-24 GiB): every measured probe within 0.15 GiB, every out-of-memory one predicted over its cap
-# (tests/test_plan.py). Other setups (eager, bf16) are unmeasured; the fixed part is large for small models.
+# the allocated one, modelled as a fixed amount plus a share of the activations. Fitted to the trainer's probes on an
+# H100 (tests/gpu/check_plan.py, 2026-12-06: Mistral-7B NF4-dq, FP8, CUDA graph, 8-24 GiB): every measured probe
+# within 0.15 GiB, every out-of-memory one predicted over its cap (tests/test_plan.py). Other setups (eager, bf16)
+# are unmeasured; the fixed part is large for small models.
 RESERVED_FIXED, RESERVED_SHARE = 1.2 * GiB, 0.075
 HEADROOM = 0.02  # a probe must stay this fraction below the cap: later steps vary a little (validation lengths)
 MAX_PROBES = 4
@@ -358,10 +360,8 @@ def fit_budget(fabric, gpt: GPT, a, budget: int, examples: Examples, rows, max_s
     budget; prints the choice and returns what status.json reports of it."""
     pins = memory_pins(a, gpt.config.n_layer)  # the flags as given
     apply_speed(gpt, a)
-    # Packed rows take FlexAttention where speed_up gave the model its compiled kernel (fast.packed_mask), else the
-    # dense document mask, which each layer keeps
-    flex = any(getattr(getattr(m, "kernels", None), "flex_attention", None) is not None for m in gpt.modules())
-    job = memory_job(gpt.config, a, max_seq_length, dense_mask=a.train.packing and not flex)
+    # Packed rows not taken by FlexAttention take the dense document mask, which each layer keeps
+    job = memory_job(gpt.config, a, max_seq_length, dense_mask=a.train.packing and not fast.packs_with_flex(gpt))
     probe = memory_probe(fabric, gpt, a, examples, rows, max_seq_length, apply_speed, training_loss, make_optimizer)
     chosen = choose(job, budget, probe, pins, a.memory_budget)
     use_choice(a, chosen.choice, gpt.config.n_layer)
@@ -410,7 +410,7 @@ def memory_probe(fabric, gpt: GPT, a, examples: Examples, rows, max_seq_length: 
         try:
             probe_step(gpt, a, batch, training_loss, make_optimizer)
             peak = float(torch.cuda.max_memory_reserved(fabric.device))
-        except RuntimeError as e:  # OutOfMemoryError, or an allocation failing inside the CUDA graph's capture or cuBLAS
+        except RuntimeError as e:  # OutOfMemoryError, or an allocation failing in the CUDA graph's capture or cuBLAS
             if not isinstance(e, torch.cuda.OutOfMemoryError) and not any(
                     m in str(e) for m in ("out of memory", "ALLOC_FAILED")):
                 raise
