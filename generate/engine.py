@@ -37,7 +37,7 @@ import torch.nn as nn
 from cli import InputError
 from generate.base import GREEDY_TEMPERATURE, sample, sampling_probs, seeded_generator
 from generate.fast_decode import FastDecoder, StepOutput, table_score
-from model import GPT
+from model import GPT, causal_mask
 from tokenizer import Tokenizer
 
 TokenScore = Tuple[float, Dict[int, float]]  # (logprob of the token, {alternative id: logprob} best first)
@@ -481,33 +481,33 @@ class Engine:
         logits = self.model.lm_head(torch.stack([h for _, h in slots]))
         self._take_tokens([s for s, _ in slots], logits, early)
 
+    def _rows(self) -> List[Optional[_Slot]]:
+        """The slots a decode step runs: up to the last one in use (free ones among them are padding)."""
+        return self._slots[: max(i for i, s in enumerate(self._slots) if s is not None) + 1]
+
     def _decode_step(self) -> None:
-        B = max(i for i, s in enumerate(self._slots) if s is not None) + 1
         if self._fast is not None:
-            return self._fast_decode_step(self._slots[:B])
+            return self._fast_decode_step(self._rows())
         self.stats["decode_steps"] += 1
         # One host-to-device copy each (not one tiny write per row): this runs once per generated token.
-        rows = self._slots[:B]
+        rows = self._rows()
         idx = torch.tensor([[s.new_ids[-1] if s else 0] for s in rows], device=self.device)
         positions = [s.pos if s else 0 for s in rows]
         pos = torch.tensor(positions, device=self.device)[:, None]
         n_keys = max(positions) + 1
         for c in self._caches:
             c.n_keys = n_keys
-        keys = torch.arange(n_keys, device=self.device)
-        mask = keys[None, :] <= pos  # (B, n_keys); a free slot (pos 0) sees its key 0 only, never an empty row
-        if self.config.sliding_window is not None:
-            mask &= pos - keys[None, :] < self.config.sliding_window
-        logits = self.model(idx, input_pos=pos, pos_ids=pos, mask=mask[:, None, None, :])[:, -1]
+        # (B, 1, 1, n_keys), each row over its own positions; a free slot (pos 0) sees its key 0 only, never an
+        # empty row
+        mask = causal_mask(pos[:, 0], n_keys, self.config.sliding_window)[0, 0, :, None, None]
+        logits = self.model(idx, input_pos=pos, pos_ids=pos, mask=mask)[:, -1]
         early = {layer: x[:, -1] for layer, x in self._captured.items()}
         self._captured.clear()
-        live = [i for i, s in enumerate(self._slots[:B]) if s is not None]
-        for s in self._slots[:B]:
-            if s is not None:
-                s.pos += 1
-        rows = torch.tensor(live, device=self.device)
-        self._take_tokens([self._slots[i] for i in live], logits[rows],
-                          {k: v[rows] for k, v in early.items()})
+        live = [i for i, s in enumerate(rows) if s is not None]
+        for i in live:
+            rows[i].pos += 1
+        index = torch.tensor(live, device=self.device)
+        self._take_tokens([rows[i] for i in live], logits[index], {k: v[index] for k, v in early.items()})
 
     def _fast_decode_step(self, rows: List[Optional[_Slot]]) -> None:
         """The same step through fast_decode: greedy rows take the argmax and scores it computed on the device;
@@ -521,8 +521,7 @@ class Engine:
         step = self._inflight or self._launch(rows)
         self._inflight = None
         if self._pipelined(self._active()):
-            self._inflight = self._launch(self._slots[: max(i for i, s in enumerate(self._slots) if s is not None) + 1],
-                                          after=step[0])
+            self._inflight = self._launch(self._rows(), after=step[0])
         self._read(*step)
         if self._inflight and not any(s is not None and self._slots[i] is s for i, s in enumerate(self._inflight[1])):
             self._inflight = None  # every request in it has finished

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from model import GPT, rope
+from model import GPT, causal_mask, rope
 
 log = logging.getLogger("server")
 
@@ -123,7 +123,6 @@ class FastDecoder:
         # Inputs live at fixed addresses (graphs read them from there): per slot, its last token and its position.
         self.tokens = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
-        self.key_positions = torch.arange(max_keys, device=self.device)
         self._views: Dict[Tuple[int, int], List[DecodeView]] = {}
         self._graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
@@ -227,11 +226,7 @@ class FastDecoder:
         caches (the same math as the engine's plain step), then the head and the scores the engine needs."""
         model, config = self.model, self.config
         idx, pos = self.tokens[:B, None], self.positions[:B, None]
-        keys = self.key_positions[:L]
-        mask = keys[None, :] <= pos  # (B, L)
-        if config.sliding_window is not None:
-            mask &= pos - keys[None, :] < config.sliding_window
-        mask = mask[:, None, None, :]
+        mask = causal_mask(pos[:, 0], L, config.sliding_window)[0, 0, :, None, None]  # (B, 1, 1, L): per row
         cos, sin = rope(pos, config.rope_n_elem, config.rope_base)
         x = model.wte(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
