@@ -39,6 +39,9 @@ SHAPE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_query_groups", "n_embd", "
                 "rotary_percentage", "rope_base", "norm_class", "norm_eps", "gated_mlp", "gelu_approximate", "bias",
                 "attn_bias", "parallel_residual", "tie_embeddings", "sliding_window")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A download's weight files, preferred first, and the index that lists its shards.
+HF_WEIGHTS = (("model*.safetensors", "model.safetensors.index.json"),
+              ("pytorch_model*.bin", "pytorch_model.bin.index.json"))
 
 
 def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
@@ -80,16 +83,16 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
         raise InputError(f"{config_path}: not a usable Hugging Face config ({type(e).__name__}: {e}); "
                          "download the model again") from None
     config = pick_config(derived, model_name, checkpoint_dir, hf_config.get("_name_or_path") or "")
-    if already_converted(out_dir) and newer_download(checkpoint_dir, out_dir):
+    if already_converted(out_dir):
+        if not newer_download(checkpoint_dir, out_dir):
+            print(f"{out_dir}: already converted ({WEIGHTS}*.safetensors and model_config.json are there); "
+                  f"delete {(out_dir / WEIGHTS).parent} to convert again", file=sys.stderr)
+            if drop_source:
+                delete_download(checkpoint_dir)
+            return
         # A newer revision downloaded into the same folder: our shards are of the old one
         print(f"{checkpoint_dir}: the download is newer than {out_dir / 'model_config.json'}; converting again",
               file=sys.stderr)
-    elif already_converted(out_dir):
-        print(f"{out_dir}: already converted ({WEIGHTS}*.safetensors and model_config.json are there); "
-              f"delete {(out_dir / WEIGHTS).parent} to convert again", file=sys.stderr)
-        if drop_source:
-            delete_download(checkpoint_dir)
-        return
     files = weight_files(checkpoint_dir)
 
     output_folder(out_dir, "--out_dir")
@@ -137,10 +140,15 @@ def setup(checkpoint_dir: Path, model_name: Optional[str] = None,
         delete_download(checkpoint_dir)
 
 
+def download_files(checkpoint_dir: Path) -> List[Path]:
+    """Every weight file and index of the download in the folder (HF_WEIGHTS; our shards live in oneday/)."""
+    return [f for pattern, index in HF_WEIGHTS for f in [*sorted(checkpoint_dir.glob(pattern)), checkpoint_dir / index]
+            if f.is_file()]
+
+
 def delete_download(checkpoint_dir: Path) -> None:
     """The Hugging Face weight files and their index (--drop_source): never our shards, config or tokenizer."""
-    files = [f for pattern in ("model*.safetensors", "pytorch_model*.bin", "*.index.json")
-             for f in sorted(checkpoint_dir.glob(pattern))]
+    files = download_files(checkpoint_dir)
     for file in files:
         file.unlink()
     if files:
@@ -177,8 +185,7 @@ def pick_config(derived: Config, model_name: Optional[str], checkpoint_dir: Path
 
 def weight_files(checkpoint_dir: Path) -> List[Path]:
     """The weight shards in order; a missing shard raises, naming the file."""
-    for pattern, index_name in (("model*.safetensors", "model.safetensors.index.json"),
-                                ("pytorch_model*.bin", "pytorch_model.bin.index.json")):
+    for pattern, index_name in HF_WEIGHTS:
         index = checkpoint_dir / index_name
         if index.is_file():
             listed = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -209,8 +216,7 @@ def already_converted(folder: Path) -> bool:
 def newer_download(checkpoint_dir: Path, out_dir: Path) -> bool:
     """Whether a Hugging Face weight file or config.json changed after our conversion wrote model_config.json."""
     converted = (out_dir / "model_config.json").stat().st_mtime
-    sources = [checkpoint_dir / "config.json"] + [f for pattern in ("model*.safetensors", "pytorch_model*.bin")
-                                                   for f in checkpoint_dir.glob(pattern)]
+    sources = [checkpoint_dir / "config.json", *download_files(checkpoint_dir)]
     return any(f.is_file() and f.stat().st_mtime > converted for f in sources)
 
 
