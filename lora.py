@@ -125,14 +125,7 @@ class LoRALinear(nn.Module):
         """(out, n_parts * r): part i's B on its own rows and its own r columns, zeros elsewhere. One matmul then
         gives every part's delta on exactly its rows (a block-diagonal B when q, k and v all have adapters)."""
         B = self.lora_B.to(dtype)
-        if self.covers_all_rows:
-            return B
-        placed = B.new_zeros(self.out_features, len(self.parts) * self.r)
-        row = 0
-        for i, (start, end) in enumerate(self.parts):
-            placed[start:end, i * self.r:(i + 1) * self.r] = B[row:row + end - start]
-            row += end - start
-        return placed
+        return B if self.covers_all_rows else place_B(B, self.parts, self.r, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -175,11 +168,27 @@ def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, parts, r: int, scal
                  ) -> torch.Tensor:
     """scaling * B_i @ A_i on each part's rows, zero elsewhere: (out, in) fp32."""
     delta = torch.zeros(out_features, lora_A.shape[1], device=lora_A.device, dtype=torch.float32)
+    for rows, a, b in part_slices(parts, r):
+        delta[rows] = lora_B[b].float() @ lora_A[a].float() * scaling
+    return delta
+
+
+def place_B(lora_B: torch.Tensor, parts, r: int, out_features: int) -> torch.Tensor:
+    """(out, n_parts * r): part i's B on its own rows and its own r columns, zeros elsewhere."""
+    placed = lora_B.new_zeros(out_features, len(parts) * r)
+    for rows, a, b in part_slices(parts, r):
+        placed[rows, a] = lora_B[b]
+    return placed
+
+
+def part_slices(parts, r: int):
+    """Per part of a layer with an adapter on some of its output rows (qkv_parts): (its rows of the output, its rows
+    of lora_A, its rows of lora_B) as slices. Each part has its own pair: the A matrices stacked in lora_A (r rows
+    each), the B matrices in lora_B, in the order of `parts`."""
     row = 0
     for i, (start, end) in enumerate(parts):
-        delta[start:end] = lora_B[row:row + end - start].float() @ lora_A[i * r:(i + 1) * r].float() * scaling
+        yield slice(start, end), slice(i * r, (i + 1) * r), slice(row, row + end - start)
         row += end - start
-    return delta
 
 
 def qkv_parts(config: Config, targets: Sequence[str]) -> List[Tuple[int, int]]:

@@ -22,7 +22,7 @@ import torch
 
 from cli import InputError
 from hf_names import FAMILIES, hf_modules, lit_to_hf, pick_family
-from lora import LoRAConfig, check_adapter_fits, read_adapter, target_modules
+from lora import LoRAConfig, check_adapter_fits, part_slices, place_B, read_adapter, target_modules
 from model import Config
 from utils import adapter_base, load_config, output_folder, save_safetensors
 
@@ -92,17 +92,10 @@ def peft_tensors(config: Config, lora: LoRAConfig, tensors: Dict[str, torch.Tens
         elif len(hf) == 3:  # separate q/k/v projections: part i of ours (A_i, B_i) is one of them, nothing shared
             by_part = {part: name for name, part in hf}
             names = [by_part[t] for t in "qkv" if t in lora.targets]  # the order qkv_parts gives the parts
-            pieces, row = [], 0
-            for i, ((start, end), name) in enumerate(zip(parts, names)):
-                pieces.append((name, A[i * r:(i + 1) * r], B[row:row + end - start]))
-                row += end - start
+            pieces = [(name, A[a], B[b]) for name, (_, a, b) in zip(names, part_slices(parts, r))]
         else:  # one fused projection: the parts side by side (rank n_parts * r), B zero off each part's own rows
             out_features = (config.n_head + 2 * config.n_query_groups) * config.head_size
-            placed = B.new_zeros(out_features, len(parts) * r)
-            row = 0
-            for i, (start, end) in enumerate(parts):
-                placed[start:end, i * r:(i + 1) * r] = B[row:row + end - start]
-                row += end - start
+            placed = place_B(B, parts, r, out_features)
             [(hf_weight, placed)] = lit_to_hf(family, config, f"{module}.weight", placed)  # NeoX: rows per head
             name = hf_weight.removesuffix(".weight")
             pieces = [(name, A, placed)]
