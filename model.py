@@ -260,8 +260,9 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, n_head * hs))
 
     def attend(self, q, k, v, mask):
-        """q (B, n_head, T, hs) over k and v (B, n_kv, keys, hs) -> (B, n_head, T, hs). A method so that fast/ can run
-        packed rows through FlexAttention."""
+        """q (B, n_head, T, hs) over k and v (B, n_kv, keys, hs) -> (B, n_head, T, hs). A method so that speed layers
+        can replace it: fast/ runs packed rows through FlexAttention, generate/fast_decode.py one query per row through
+        two matrix products."""
         B, n_head, T, hs = q.shape
         n_kv = k.size(1)
         if n_kv != n_head and mask is not None:

@@ -12,7 +12,8 @@ cost more than the reads. gpt-fast's recipe removes that:
   Mistral-7B is about 8 GB, most of the 14.5 GB of weights again, read every step for positions nobody has reached.
   Rounding up keeps the number of shapes (and graphs) small for a few percent more reads.
 - Compile. Each block runs through one `torch.compile`d call (regional compilation: the layers share one compiled
-  graph, so compiling costs about one block's time). The cache write stays outside it (a graph break, see DecodeView).
+  graph, so compiling costs about one block's time), the cache write included (see DecodeView), with attention for
+  one query per row (`decode_attention`).
 - Graphs. On CUDA each (B, L) bucket's whole step (embedding, blocks, head, log-softmax, argmax, top-k) is captured as
   a CUDA graph the first time it is needed and replayed afterwards: one launch per token instead of one per kernel.
 - Pipelining. A step is launched, not waited for: `launch` returns at once with the step's device outputs and a
@@ -50,32 +51,64 @@ def bucket_of(n: int, sizes: List[int]) -> int:
 
 
 class DecodeView(nn.Module):
-    """One layer's cache as a bucket sees it: the first B slots and first L positions of the engine's SlotCache.
+    """One layer's cache as a bucket of B rows and L keys sees it: writes each row's new key and value into the engine's
+    SlotCache (the same tensors the prefill filled), then hands attention its first B slots and first L positions.
 
-    Views, so the write lands in the cache the prefill filled. The views are plain attributes, not buffers:
-    torch.compile treats buffers as fixed-shape, which would compile once per bucket instead of once in all.
+    The write runs inside the compiled block, into the whole cache tensors: torch.compile turns an in-place write into
+    a graph input back into an in-place store (fused with the step's other small kernels), where a write into a
+    strided view of the cache would be copied out and back whole. L travels as the length of `keys` (the positions the
+    bucket reads) rather than as an int, so that one compiled graph serves every key length.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, n_keys: int) -> None:
         super().__init__()
-        self.k, self.v = k, v
-        self.rows = torch.arange(k.size(0), device=k.device)
+        # (slots, n_kv, positions, head_size), the same in every bucket: buffers, which torch.compile keeps static
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+        self.keys = torch.arange(n_keys, device=k.device)  # a plain attribute: its length stays symbolic
 
     @property
     def size(self) -> int:
-        return self.k.size(2)
+        return self.keys.size(0)
 
-    # Eager inside the compiled block: written by the compiled code, the write into these strided views of a larger
-    # buffer would copy the whole view out and back each step (functionalization of an input mutation).
-    @torch.compiler.disable
     def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        pos = input_pos[:, 0]
-        self.k[self.rows, :, pos] = k[:, :, 0].to(self.k.dtype)
-        self.v[self.rows, :, pos] = v[:, :, 0].to(self.v.dtype)
-        return self.k, self.v
+        B, L = k.size(0), self.keys.size(0)
+        rows, pos = torch.arange(B, device=k.device), input_pos[:, 0]
+        self.k[rows, :, pos] = k[:, :, 0].to(self.k.dtype)
+        self.v[rows, :, pos] = v[:, :, 0].to(self.v.dtype)
+        return self.k[:B, :, :L], self.v[:B, :, :L]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`CausalSelfAttention.attend` for the step's one query per row: q (B, n_head, 1, hs) over k, v (B, n_kv, L, hs)
+    with mask (B, 1, 1, L) -> (B, n_head, 1, hs).
+
+    Two batched matrix products and a softmax instead of SDPA: SDPA's kernels tile long query blocks, and a step has a
+    handful of queries per key/value head, so they leave most of the GPU idle, more so the longer the context
+    (benchmarks/profile_decode.py times both). As in those kernels, scores are accumulated and kept in fp32 and the
+    probabilities meet V in the model's dtype."""
+    B, n_head, _, hs = q.shape
+    n_kv, L = k.size(1), k.size(2)
+    group = n_head // n_kv  # the query heads that share a key/value head are one group's rows
+    q, k = q.reshape(B * n_kv, group, hs), k.reshape(B * n_kv, L, hs).transpose(1, 2)
+    if q.is_cuda and q.dtype != torch.float32:
+        scores = torch.bmm(q, k, out_dtype=torch.float32)
+    else:
+        scores = torch.bmm(q, k).float()
+    scores = (scores.view(B, n_kv, group, L) * hs**-0.5).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B * n_kv, group, L)
+    return torch.bmm(probs, v.reshape(B * n_kv, L, hs)).view(B, n_head, 1, hs)
+
+
+ONE_ROW_COMPILE = {"coordinate_descent_tuning": True}  # inductor settings of the one-row graph (see _compiled_block)
 
 
 def _call_block(block: nn.Module, x, cos, sin, mask, input_pos):
+    return block(x, cos, sin, mask, input_pos)
+
+
+def _call_block_one_row(block: nn.Module, x, cos, sin, mask, input_pos):
+    """The same call, compiled on its own with other settings (see FastDecoder._compiled_block)."""
     return block(x, cos, sin, mask, input_pos)
 
 
@@ -123,7 +156,7 @@ class FastDecoder:
         # Inputs live at fixed addresses (graphs read them from there): per slot, its last token and its position.
         self.tokens = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
-        self._views: Dict[Tuple[int, int], List[DecodeView]] = {}
+        self._views: Dict[int, List[DecodeView]] = {}  # per key length
         self._graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, tuple]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
@@ -230,14 +263,18 @@ class FastDecoder:
         cos, sin = rope(pos, config.rope_n_elem, config.rope_base)
         x = model.wte(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        saved = [block.attn.kv_cache for block in model.blocks]
+        saved = [(block.attn.kv_cache, block.attn.__dict__.get("attend")) for block in model.blocks]
         try:
-            for block, view in zip(model.blocks, self._bucket_views(B, L)):
-                block.attn.kv_cache = view
+            for block, view in zip(model.blocks, self._bucket_views(L)):
+                block.attn.kv_cache, block.attn.attend = view, decode_attention
                 x = self._block(block, x, cos, sin, mask, pos)
         finally:
-            for block, cache in zip(model.blocks, saved):
+            for block, (cache, attend) in zip(model.blocks, saved):
                 block.attn.kv_cache = cache
+                if attend is None:
+                    del block.attn.attend  # back to the class's method
+                else:
+                    block.attn.attend = attend
         logits = model.lm_head(model.ln_f(x))[:, -1].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         greedy = logits.argmax(dim=-1)
@@ -248,10 +285,10 @@ class FastDecoder:
                             torch.stack([top.values, top.indices.float()], dim=-1).flatten(1)], dim=1)
         return logits, logprobs, greedy, packed
 
-    def _bucket_views(self, B: int, L: int) -> List[DecodeView]:
-        if (B, L) not in self._views:
-            self._views[(B, L)] = [DecodeView(c.k[:B, :, :L], c.v[:B, :, :L]) for c in self.caches]
-        return self._views[(B, L)]
+    def _bucket_views(self, L: int) -> List[DecodeView]:
+        if L not in self._views:
+            self._views[L] = [DecodeView(c.k, c.v, L) for c in self.caches]
+        return self._views[L]
 
     def _compiled_block(self):
         import torch._dynamo
@@ -261,5 +298,10 @@ class FastDecoder:
         for name, at_least in (("recompile_limit", 64), ("accumulated_recompile_limit", 1024)):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), at_least))
-        # dynamic: one graph serves every row count > 1 and every key length (1 row is specialised, as torch does).
-        return torch.compile(_call_block, dynamic=True)
+        # dynamic: one graph serves every row count > 1 and every key length.
+        rows = torch.compile(_call_block, dynamic=True)
+        # One row's matrix products are matrix-vector products. Inductor writes those as its own reductions, fused with
+        # the norms and activations around them and faster than cuBLAS's kernels, only when it tunes its kernels
+        # (coordinate descent); with more rows, tuned or not, cuBLAS's are the faster (benchmarks/profile_decode.py).
+        one_row = torch.compile(_call_block_one_row, dynamic=True, options=dict(ONE_ROW_COMPILE))
+        return lambda block, x, *args: (one_row if x.size(0) == 1 else rows)(block, x, *args)
