@@ -5,7 +5,7 @@
 Random weights of a registered config (Mistral-7B-v0.1 at full depth by default), built on the GPU, so no checkpoint
 travels. Rows, each measured through the serving engine (generate/engine.py), as HELM's client drives it minus HTTP:
 - generation: 128-token greedy requests with 128-token prompts, each alone one after another (1 stream) and all 30 at
-  once (30 streams); "same as alone" counts the requests whose 30-stream tokens differ from their own alone run, and
+  once (30 streams; the median of `repeats` such runs, each about a second); "same as alone" counts the requests whose 30-stream tokens differ from their own alone run, and
   gives the widest gap between the best and second-best log-probability where one first differed (a near-tie is a
   small gap: bf16 rounding in a batch of another size can flip it).
 - for the model in bf16 with the fast decode step (compiled, CUDA graphs), with the plain eager step (the reference,
