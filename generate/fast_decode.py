@@ -269,11 +269,10 @@ class FastDecoder:
                 block.attn.kv_cache, block.attn.attend = view, decode_attention
                 x = self._block(block, x, cos, sin, mask, pos)
         finally:
-            for block, (cache, attend) in zip(model.blocks, saved):
+            for block, (cache, attend) in zip(model.blocks, saved):  # also the blocks a failed step did not reach
                 block.attn.kv_cache = cache
-                if attend is None:
-                    del block.attn.attend  # back to the class's method
-                else:
+                block.attn.__dict__.pop("attend", None)  # back to the class's method
+                if attend is not None:
                     block.attn.attend = attend
         logits = model.lm_head(model.ln_f(x))[:, -1].float()
         logprobs = torch.log_softmax(logits, dim=-1)

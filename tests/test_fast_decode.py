@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from generate.engine import Engine, Request
+from generate import fast_decode
 from generate.fast_decode import bucket_of, buckets, decode_attention
 from model import CausalSelfAttention, causal_mask
 from tests.tiny_checkpoint import make_tiny_checkpoint
@@ -194,11 +195,44 @@ def test_4bit_base_with_and_without_adapter(checkpoint, adapter):
 
 def test_compiled_decode_equals_plain(checkpoint):
     """torch.compile'd blocks (Inductor's C++ backend here): one compiled graph for one row, one for several."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     specs = requests(5, seed=5)
     engine = make_engine(checkpoint, "compiled")
     together = run(engine, specs, together=True)
     assert engine.decode_mode == "static+compiled"  # still compiled: nothing fell back
+    # Buckets do not get graphs of their own: the key length is static in a first compile and symbolic from the
+    # second length on (torch's automatic dynamic shapes), so at most one graph for one row and two for several.
+    assert counters["stats"]["unique_graphs"] <= 3 and len(engine._fast._views) >= 4
     assert_same(together, run(make_engine(checkpoint, "eager"), specs, together=False), abs=1e-4)
+
+
+def test_a_failing_compiled_step_falls_back_to_the_plain_one(checkpoint, caplog):
+    """A step whose compiled call fails midway (here in its second block) runs again without torch.compile, the log
+    names the failure, and every block gets its own cache and attention back, also the blocks the failed step never
+    reached."""
+    specs = requests(5, seed=5)
+    engine = make_engine(checkpoint, "compiled")
+    with torch.inference_mode():
+        engine._install_caches()
+    fast, calls = engine._fast, []
+
+    def fails_once(block, *args):
+        calls.append(block)
+        if len(calls) == 2:
+            raise RuntimeError("compilation failed")
+        return fast_decode._call_block(block, *args)
+
+    fast._block = fails_once
+    together = run(engine, specs, together=True)
+    assert engine.decode_mode == "static" and len(calls) == 2
+    assert "RuntimeError in bucket" in caplog.text and "compilation failed" in caplog.text
+    assert_same(together, run(make_engine(checkpoint, "eager"), specs, together=False))
+    for block, cache in zip(engine.model.blocks, engine._caches):
+        assert "attend" not in vars(block.attn) and block.attn.kv_cache is cache
 
 
 # ---- pipelining: step t+1 is launched from step t's argmax before step t is read -----------------------------------
