@@ -163,7 +163,7 @@ def main(model: str = "Mistral-7B-v0.1", variants: str = "shipped,sdpa,sdpa+nocd
             decoder._graphs.clear()
             decoder._views.clear()
             fast_decode.DecodeView = EagerWrite if "eagerwrite" in parts else InGraphWrite
-            fast_decode.decode_attention = sdpa if "sdpa" in parts else shipped_attention
+            decoder.attention = sdpa if "sdpa" in parts else shipped_attention
             for rows, keys in buckets:
                 decoder.tokens.zero_()
                 decoder.positions.zero_()

@@ -153,6 +153,9 @@ class FastDecoder:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.compile = compile
         self._block = self._compiled_block() if compile else _call_block
+        # decode_attention's fp32 scores from bf16 operands on CUDA need torch.bmm's out_dtype (torch 2.8+); without
+        # it the step keeps the model's own attention (SDPA).
+        self.attention = decode_attention if self.device.type != "cuda" or hasattr(torch.ops.aten.bmm, "dtype") else None
         # Inputs live at fixed addresses (graphs read them from there): per slot, its last token and its position.
         self.tokens = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
@@ -266,7 +269,9 @@ class FastDecoder:
         saved = [(block.attn.kv_cache, block.attn.__dict__.get("attend")) for block in model.blocks]
         try:
             for block, view in zip(model.blocks, self._bucket_views(L)):
-                block.attn.kv_cache, block.attn.attend = view, decode_attention
+                block.attn.kv_cache = view
+                if self.attention is not None:
+                    block.attn.attend = self.attention
                 x = self._block(block, x, cos, sin, mask, pos)
         finally:
             for block, (cache, attend) in zip(model.blocks, saved):  # also the blocks a failed step did not reach

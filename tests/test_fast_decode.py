@@ -88,6 +88,25 @@ def test_decode_attention_equals_the_models_attention(n_kv):
     assert not torch.allclose(decode_attention(q, k, v, causal_mask(pos, L)[0, 0, :, None, None]), expected, atol=1e-3)
 
 
+def test_the_step_keeps_the_models_attention_where_decode_attention_cannot_run(checkpoint):
+    """FastDecoder.attention None (CUDA with a torch before bmm's out_dtype): every block keeps model.attend, and the
+    answers are the plain step's."""
+    specs = requests(6, seed=3)
+    engine = make_engine(checkpoint, "static")
+    with torch.inference_mode():
+        engine._install_caches()
+    engine._fast.attention = None
+    seen = []
+    original = CausalSelfAttention.attend
+    try:
+        CausalSelfAttention.attend = lambda self, q, *args: seen.append(q.size(2)) or original(self, q, *args)
+        together = run(engine, specs, together=True)
+    finally:
+        CausalSelfAttention.attend = original
+    assert 1 in seen  # one query per row: the fast step's, through model.attend (prefills have longer prompts)
+    assert_same(together, run(make_engine(checkpoint, "eager"), specs, together=False))
+
+
 def test_batched_fast_answers_equal_plain_single_answers(checkpoint):
     """12 requests on 4 slots: slots are reused as requests finish, leaving holes that decode as padding rows of a
     bucket, while later requests are prefilled into them. Each answer equals the plain step's answer alone (fp32),
