@@ -7,9 +7,10 @@ is not timed). Random inputs, CUDA events, median of --iters after warm-up.
 
 Per linear layer of a block: the forward product (tokens, in) x (in, out) and the backward's input gradient
 (tokens, out) x (out, in), each in TFLOP/s. Last, the rate over one whole step's base matrix products (every block's
-linears and the head, forward and input gradient, weighted by their FLOPs) and what it means for QLoRA training:
-tokens/s if a step did nothing but those products (2 x 2 x matmul parameters FLOP per token). The training tables'
-tokens/s over that figure is the share of a step the rest (attention, 4-bit decoding, norms, adapters) costs.
+linears and the head, forward and input gradient, weighted by their FLOPs; the head in bf16 for both kinds, as
+training runs it) and what it means for QLoRA training: tokens/s if a step did nothing but those products (2 x 2 x
+matmul parameters FLOP per token). A training table's tokens/s over that figure is the share of a step left after
+the rest (attention, 4-bit decoding, norms, adapters).
 """
 
 import json
@@ -71,10 +72,13 @@ def main(model: str = "Mistral-7B-v0.1", tokens: int = 4096, iters: int = 20, fp
     step_flop = 0.0
     for name, (n, k) in linears.items():
         flop = 2 * tokens * n * k
-        for (kind, direction), ms in product_ms(n, k, tokens, kinds, iters).items():
-            step_ms[kind] += counts[name] * ms
+        timed = product_ms(n, k, tokens, kinds if name != "head" else ["bf16"], iters)
+        for (kind, direction), ms in timed.items():
             print(json.dumps({"kind": kind, "linear": name, "direction": direction, "out_in": [n, k],
                               "tokens": tokens, "ms": round(ms, 4), "TFLOPs": round(flop / ms / 1e9, 1)}), flush=True)
+        for kind in kinds:
+            as_kind = "bf16" if name == "head" else kind  # the head stays in bf16 under --speed.fp8 too
+            step_ms[kind] += counts[name] * sum(ms for (of, _), ms in timed.items() if of == as_kind)
         step_flop += 2 * counts[name] * flop
     for kind in kinds:
         print(json.dumps({"kind": kind, "model": model, "tokens": tokens,

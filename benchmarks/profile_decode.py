@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generate import fast_decode  # noqa: E402
 
-InGraphWrite, shipped_attention = fast_decode.DecodeView, fast_decode.decode_attention
+InGraphWrite, shipped_attention, SHIPPED_ONE_ROW = (fast_decode.DecodeView, fast_decode.decode_attention,
+                                                    dict(fast_decode.ONE_ROW_COMPILE))
+WIDE = {"coordinate_descent_check_all_directions": True, "coordinate_descent_search_radius": 2}
 
 
 def sdpa(q, k, v, mask):
@@ -41,8 +43,6 @@ class EagerWrite(fast_decode.DecodeView):
 
 
 def replay_ms(graph, reps: int = 50) -> float:
-    import torch
-
     for _ in range(5):
         graph.replay()
     times = []
@@ -58,7 +58,6 @@ def replay_ms(graph, reps: int = 50) -> float:
 
 def matmul_floor_ms(model, rows: int) -> float:
     """The step's linear layers alone, on `rows` rows, captured in one graph."""
-    import torch
     import torch.nn.functional as F
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -76,8 +75,6 @@ def attention_ms(model: str, shapes, reps: int = 50) -> None:
     """One decode token's attention for every layer (each its own cache, as in a step), captured in one graph:
     model.attend (SDPA with the engine's boolean mask, which picks cuDNN's kernel on an H100) against the fast step's
     decode_attention compiled as the step compiles it, each with its error against fp32."""
-    import torch
-
     from generate.fast_decode import decode_attention
     from model import CausalSelfAttention, Config
 
@@ -119,7 +116,6 @@ def main(model: str = "Mistral-7B-v0.1", variants: str = "shipped,sdpa,sdpa+nocd
         top: kernels listed in the profile.
         profile_one_row: profile the one-row buckets of every variant, not only of the first.
     """
-    import torch
     import torch._dynamo
 
     from benchmarks.benchmark_server import build_random_model, random_checkpoint
@@ -150,34 +146,34 @@ def main(model: str = "Mistral-7B-v0.1", variants: str = "shipped,sdpa,sdpa+nocd
         engine._install_caches()
         decoder = engine._fast
         chosen = [v.strip() for v in variants.split(",") if v.strip()]
-        for variant in chosen:
-            parts = variant.split("+")
-            torch._dynamo.reset()
-            fast_decode.ONE_ROW_COMPILE = {"coordinate_descent_tuning": True, **(
-                {"coordinate_descent_check_all_directions": True, "coordinate_descent_search_radius": 2}
-                if "wide" in parts else {})}
-            if "nocdt" in parts:
-                decoder._block = torch.compile(fast_decode._call_block, dynamic=True)
-            else:
-                decoder._block = decoder._compiled_block()
-            decoder._graphs.clear()
-            decoder._views.clear()
-            fast_decode.DecodeView = EagerWrite if "eagerwrite" in parts else InGraphWrite
-            decoder.attention = sdpa if "sdpa" in parts else shipped_attention
-            for rows, keys in buckets:
-                decoder.tokens.zero_()
-                decoder.positions.zero_()
-                decoder.positions[:rows] = keys - 1
-                graph, _ = decoder._capture((rows, keys))
-                ms = replay_ms(graph)
-                tokens_s = rows * 1e3 / ms
-                print(f"{variant:24s} {rows:3d} rows x {keys:5d} keys: {ms:.3f} ms/step, {tokens_s:,.0f} tokens/s")
-                if variant == chosen[0] or (rows == 1 and profile_one_row):
-                    profile(decoder, (rows, keys), top)
+        try:
+            for variant in chosen:
+                parts = variant.split("+")
+                torch._dynamo.reset()
+                fast_decode.ONE_ROW_COMPILE = {**SHIPPED_ONE_ROW, **(WIDE if "wide" in parts else {})}
+                if "nocdt" in parts:
+                    decoder._block = torch.compile(fast_decode._call_block, dynamic=True)
+                else:
+                    decoder._block = decoder._compiled_block()
+                decoder._graphs.clear()
+                decoder._views.clear()
+                fast_decode.DecodeView = EagerWrite if "eagerwrite" in parts else InGraphWrite
+                decoder.attention = sdpa if "sdpa" in parts else shipped_attention
+                for rows, keys in buckets:
+                    decoder.tokens.zero_()
+                    decoder.positions.zero_()
+                    decoder.positions[:rows] = keys - 1
+                    graph, _ = decoder._capture((rows, keys))
+                    ms = replay_ms(graph)
+                    tokens_s = rows * 1e3 / ms
+                    print(f"{variant:24s} {rows:3d} rows x {keys:5d} keys: {ms:.3f} ms/step, {tokens_s:,.0f} tokens/s")
+                    if variant == chosen[0] or (rows == 1 and profile_one_row):
+                        profile(decoder, (rows, keys), top)
+        finally:  # the module as shipped again
+            fast_decode.ONE_ROW_COMPILE, fast_decode.DecodeView = dict(SHIPPED_ONE_ROW), InGraphWrite
 
 
 def profile(decoder, shape, top: int) -> None:
-    import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     for _ in range(3):

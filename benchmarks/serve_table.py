@@ -5,9 +5,10 @@
 Random weights of a registered config (Mistral-7B-v0.1 at full depth by default), built on the GPU, so no checkpoint
 travels. Rows, each measured through the serving engine (generate/engine.py), as HELM's client drives it minus HTTP:
 - generation: 128-token greedy requests with 128-token prompts, each alone one after another (1 stream) and all 30 at
-  once (30 streams; the median of `repeats` such runs, each about a second); "same as alone" counts the requests whose 30-stream tokens differ from their own alone run, and
-  gives the widest gap between the best and second-best log-probability where one first differed (a near-tie is a
-  small gap: bf16 rounding in a batch of another size can flip it).
+  once (30 streams: the median of `repeats` such runs, each about a second; the row gives the slowest and fastest
+  too); "same as alone" counts the requests whose 30-stream tokens all equal their own alone run, and gives the widest
+  gap between the best and second-best log-probability where one first differed (a near-tie is a small gap: bf16
+  rounding in a batch of another size can flip it).
 - for the model in bf16 with the fast decode step (compiled, CUDA graphs), with the plain eager step (the reference,
   the engine before the fast step), over a 4-bit NF4 base and over the same base with a LoRA adapter kept unmerged.
 - scoring: 30 distinct 512-token prompts asking for 1 token (MMLU's shape) at once: prefill tokens/s.
@@ -122,7 +123,10 @@ class Table:
                 lines.append(f"| {r['system']} | {r.get('precision', '')} | {r.get('streams', '')} | "
                              f"{r['error']} | | | | | | |")
                 continue
-            lines.append(f"| {r['system']} | {r['precision']} | {r['streams']} | {r['tokens_per_s']:.1f} | "
+            spread = r.get("tokens_per_s_range")
+            rate = f"{r['tokens_per_s']:.1f}" + (f" (median of {r['repeats']}: {spread[0]:.0f}-{spread[1]:.0f})"
+                                                 if spread and r.get("repeats", 1) > 1 else "")
+            lines.append(f"| {r['system']} | {r['precision']} | {r['streams']} | {rate} | "
                          f"{pct(r, 'of_spec_bound')} | {pct(r, 'of_measured_bound')} | {r.get('peak_gib', '')} | "
                          f"{r.get('same_as_alone', '')} | {r.get('ready_s', '')} | {r.get('decode', '')} |")
         return "\n".join(lines) + "\n"
@@ -229,7 +233,8 @@ def main(
                 t = time.perf_counter()
                 results = run_requests(engine, prompts, new_tokens)
                 runs.append((time.perf_counter() - t, results))
-            together_s, together = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+            runs.sort(key=lambda r: r[0])
+            together_s, together = runs[len(runs) // 2]
             weights = weight_bytes(model_)
             n1 = sum(len(r.new_ids) for r in alone_results)
             row = dict(system=f"oneday {label}", precision=prec, streams=1, tokens_per_s=round(n1 / alone_s, 1),
@@ -241,7 +246,8 @@ def main(
                          tokens_per_s=round(n30 / together_s, 1),
                          **table.bound(weights, kv_per_row, streams, n30 / together_s),
                          same_as_alone=f"{n_alone - differ}/{n_alone}" + (f" (gap {gap:.3f})" if differ else ""),
-                         ready_s=ready, decode=engine.decode_mode, requests=streams)
+                         ready_s=ready, decode=engine.decode_mode, requests=streams, repeats=repeats,
+                         tokens_per_s_range=[round(n30 / runs[-1][0], 1), round(n30 / runs[0][0], 1)])
             if label == precision:
                 alone_ids.update({i: r.new_ids for i, r in enumerate(alone_results)})
             elif decode == "eager" and alone_ids:  # the plain step against the fast one, request by request

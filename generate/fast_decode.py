@@ -57,7 +57,7 @@ class DecodeView(nn.Module):
     The write runs inside the compiled block, into the whole cache tensors: torch.compile turns an in-place write into
     a graph input back into an in-place store (fused with the step's other small kernels), where a write into a
     strided view of the cache would be copied out and back whole. L travels as the length of `keys` (the positions the
-    bucket reads) rather than as an int, so that one compiled graph serves every key length.
+    bucket reads) rather than as an int, so that one compiled graph serves every key length after the first.
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, n_keys: int) -> None:
@@ -65,7 +65,9 @@ class DecodeView(nn.Module):
         # (slots, n_kv, positions, head_size), the same in every bucket: buffers, which torch.compile keeps static
         self.register_buffer("k", k, persistent=False)
         self.register_buffer("v", v, persistent=False)
-        self.keys = torch.arange(n_keys, device=k.device)  # a plain attribute: its length stays symbolic
+        # A plain attribute, so that its length can be symbolic: torch.compile specialises it in a graph's first
+        # compile and makes it symbolic when a second length comes (automatic dynamic shapes).
+        self.keys = torch.arange(n_keys, device=k.device)
 
     @property
     def size(self) -> int:
@@ -91,10 +93,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     n_kv, L = k.size(1), k.size(2)
     group = n_head // n_kv  # the query heads that share a key/value head are one group's rows
     q, k = q.reshape(B * n_kv, group, hs), k.reshape(B * n_kv, L, hs).transpose(1, 2)
-    if q.is_cuda and q.dtype != torch.float32:
+    if q.dtype == torch.float32:
+        scores = torch.bmm(q, k)
+    elif q.is_cuda:
         scores = torch.bmm(q, k, out_dtype=torch.float32)
-    else:
-        scores = torch.bmm(q, k).float()
+    else:  # no fp32-output bmm on the CPU
+        scores = torch.bmm(q.float(), k.float())
     scores = (scores.view(B, n_kv, group, L) * hs**-0.5).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B * n_kv, group, L)
     return torch.bmm(probs, v.reshape(B * n_kv, L, hs)).view(B, n_head, 1, hs)
@@ -108,7 +112,8 @@ def _call_block(block: nn.Module, x, cos, sin, mask, input_pos):
 
 
 def _call_block_one_row(block: nn.Module, x, cos, sin, mask, input_pos):
-    """The same call, compiled on its own with other settings (see FastDecoder._compiled_block)."""
+    """The same call under other compile settings (see FastDecoder._compiled_block). A function of its own because
+    torch.compile keeps compiled code per code object: one function under two settings would share one cache."""
     return block(x, cos, sin, mask, input_pos)
 
 
@@ -155,7 +160,8 @@ class FastDecoder:
         self._block = self._compiled_block() if compile else _call_block
         # decode_attention's fp32 scores from bf16 operands on CUDA need torch.bmm's out_dtype (torch 2.8+); without
         # it the step keeps the model's own attention (SDPA).
-        self.attention = decode_attention if self.device.type != "cuda" or hasattr(torch.ops.aten.bmm, "dtype") else None
+        has_out_dtype = hasattr(torch.ops.aten.bmm, "dtype")
+        self.attention = decode_attention if self.device.type != "cuda" or has_out_dtype else None
         # Inputs live at fixed addresses (graphs read them from there): per slot, its last token and its position.
         self.tokens = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
@@ -302,10 +308,14 @@ class FastDecoder:
         for name, at_least in (("recompile_limit", 64), ("accumulated_recompile_limit", 1024)):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), at_least))
-        # dynamic: one graph serves every row count > 1 and every key length.
+        # dynamic: one graph serves every row count > 1 and every key length (after one graph for the first length).
         rows = torch.compile(_call_block, dynamic=True)
         # One row's matrix products are matrix-vector products. Inductor writes those as its own reductions, fused with
         # the norms and activations around them and faster than cuBLAS's kernels, only when it tunes its kernels
         # (coordinate descent); with more rows, tuned or not, cuBLAS's are the faster (benchmarks/profile_decode.py).
         one_row = torch.compile(_call_block_one_row, dynamic=True, options=dict(ONE_ROW_COMPILE))
-        return lambda block, x, *args: (one_row if x.size(0) == 1 else rows)(block, x, *args)
+
+        def call_block(block, x, *args):
+            return (one_row if x.size(0) == 1 else rows)(block, x, *args)
+
+        return call_block
