@@ -42,7 +42,7 @@ from cli import one_line  # noqa: E402
 SPECS = [("H200", 4.8e12, 989e12), ("H100 NVL", 3.9e12, 835e12), ("H100 PCIe", 2.0e12, 756e12),
          ("H100", 3.35e12, 989e12), ("A100-SXM4-80GB", 2.039e12, 312e12), ("A100 80GB PCIe", 1.935e12, 312e12),
          ("A100", 1.555e12, 312e12), ("RTX 4090", 1.008e12, 165e12), ("L40S", 0.864e12, 362e12)]
-ROWS = ("bf16", "eager", "nf4", "nf4+lora", "hf")
+ROWS = ("bf16", "eager", "nf4", "nf4-fused", "nf4+lora", "nf4+lora-fused", "hf")
 
 
 def spec_of(name: str):
@@ -135,7 +135,7 @@ class Table:
 def main(
     model: str = "Mistral-7B-v0.1",
     n_layer: Optional[int] = None,
-    rows: str = ",".join(ROWS),
+    rows: str = "bf16,eager,nf4,nf4+lora,hf",
     streams: int = 30,
     prompt_tokens: int = 128,
     new_tokens: int = 128,
@@ -156,7 +156,8 @@ def main(
     Args:
         model: a registered config (python -c 'import model; print(model.known_names())').
         n_layer: fewer layers (quick checks; the bounds are about the full model).
-        rows: which of bf16, eager, nf4, nf4+lora, hf to run, comma-separated, in this order.
+        rows: which of bf16, eager, nf4, nf4-fused, nf4+lora, nf4+lora-fused, hf to run, comma-separated; they run
+            in this order (-fused: with the server's --fused_4bit kernel, not yet measured, so not a default row).
         streams: concurrent requests (HELM sends up to 30).
         prompt_tokens: generation prompt length.
         new_tokens: tokens per generation (random weights and no EOS: every request runs to the limit).
@@ -184,6 +185,7 @@ def main(
     unknown = sorted(set(wanted) - set(ROWS))
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    wanted = [r for r in ROWS if r in wanted]  # in ROWS' order: the +lora rows add the adapter to the 4-bit copy
     cuda = device.startswith("cuda")
     name = torch.cuda.get_device_name() if cuda else "CPU"
     bandwidth, peak_flops = spec_of(name) if cuda else (None, None)
@@ -210,14 +212,14 @@ def main(
         others = held_before - model_bytes(model_)  # what other rows' models hold
         return round((torch.cuda.max_memory_allocated() - others) / 2**30, 1)
 
-    def engine_rows(label: str, model_, decode: str, n_alone: int, score: bool) -> None:
+    def engine_rows(label: str, model_, decode: str, n_alone: int, score: bool, fused_4bit: bool = False) -> None:
         prec = quantize.removeprefix("bnb.") if "nf4" in label or "fp4" in label else precision
         held = torch.cuda.memory_allocated() if cuda else 0
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         engine = Engine(model_, tokenizer, max_seq_length=max_seq_length, max_batch_size=32, decode=decode,
-                        key_block=key_block)
+                        key_block=key_block, fused_4bit=fused_4bit)
         engine.warm_up(max_keys=prompt_tokens + new_tokens)
         engine.start()
         try:
@@ -298,7 +300,7 @@ def main(
         del hf
         release(cuda)
 
-    quantized = None
+    quantized, adapted = None, False
     for which in wanted:
         if time.perf_counter() - started > budget_s:
             table.add(system=which, error=f"skipped: the {budget_s:.0f} s budget had passed")
@@ -310,13 +312,15 @@ def main(
                 engine_rows("eager (reference step)", base, "eager", alone_eager, score=False)
             elif which == "hf":
                 hf_rows()
-            elif which in ("nf4", "nf4+lora"):
+            elif which.startswith("nf4"):
                 if quantized is None:
                     quantized = quantized_copy(base, quantize, device, dtype)
-                if which == "nf4+lora":
+                if "+lora" in which and not adapted:
                     add_random_adapter(quantized)
-                engine_rows(f"{which.replace('nf4', quantize.removeprefix('bnb.'))}",
-                            quantized, "compiled" if cuda else "static", alone_quantized, score=which == "nf4")
+                    adapted = True
+                engine_rows(f"{which.replace('nf4', quantize.removeprefix('bnb.'))}", quantized,
+                            "compiled" if cuda else "static", alone_quantized, score=which == "nf4",
+                            fused_4bit=which.endswith("-fused"))
         except Exception as e:  # one row's failure is that row's result
             traceback.print_exc()
             table.add(system=which, error=one_line(e)[:300])

@@ -171,13 +171,14 @@ class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_seq_length: Optional[int] = None,
                  max_batch_size: int = 32, max_batch_tokens: int = 16384, min_shared_prefix: int = 32,
                  dola_layers: Optional[Sequence[int]] = None, decode: Decode = "auto", interleave_tokens: int = 2048,
-                 key_block: int = 256) -> None:
+                 key_block: int = 256, fused_4bit: bool = False) -> None:
         """model: in eval mode on its device. max_seq_length: prompt + new tokens (default: the model's context).
         max_batch_size: decode slots and rows per scoring batch. max_batch_tokens: padded tokens per forward pass.
         min_shared_prefix: scoring rows sharing at least this many leading tokens compute them once.
         dola_layers: early layers to contrast with the final one when choosing tokens (DoLa); None = off.
         decode: how generation steps run (see Decode). interleave_tokens: the most tokens a scoring batch holds while
-        generations decode. key_block: the fast decode step reads keys in multiples of this many positions."""
+        generations decode. key_block: the fast decode step reads keys in multiples of this many positions.
+        fused_4bit: the fast decode step multiplies NF4 base layers through generate/nf4_matmul.py's kernel."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -202,6 +203,7 @@ class Engine:
         self.decode = decode
         self.interleave_tokens = interleave_tokens
         self.key_block = key_block
+        self.fused_4bit = fused_4bit
         self._fast: Optional[FastDecoder] = None
         self._captured: Dict[int, torch.Tensor] = {}
         for layer in self.dola_layers:
@@ -446,7 +448,8 @@ class Engine:
             if self.decode != "eager":
                 self._fast = FastDecoder(self.model, self._caches, self.max_seq_length, key_block=self.key_block,
                                          compile=self.decode == "compiled",
-                                         cuda_graphs=self.decode in ("graphs", "compiled"))
+                                         cuda_graphs=self.decode in ("graphs", "compiled"),
+                                         fused_4bit=self.fused_4bit)
         for block, cache in zip(self.model.blocks, self._caches):
             block.attn.kv_cache = cache
 

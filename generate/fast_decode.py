@@ -117,6 +117,25 @@ def _call_block_one_row(block: nn.Module, x, cos, sin, mask, input_pos):
     return block(x, cos, sin, mask, input_pos)
 
 
+def fused_4bit_layers(model: GPT, device: torch.device) -> list:
+    """generate/nf4_matmul.py's stand-ins for the model's NF4 layers, where Triton runs and the kernel agrees with
+    bitsandbytes on this device (one layer checked); otherwise none, with a warning."""
+    from generate import nf4_matmul
+
+    layers = nf4_matmul.fused_layers(model)
+    if not layers:
+        return []
+    if not nf4_matmul.available(device):
+        log.warning(f"--fused_4bit: Triton does not run on {device.type} here; the 4-bit products stay bitsandbytes'")
+        return []
+    dtype = model.wte.weight.dtype
+    error = nf4_matmul.self_check(layers[0][2], dtype)
+    if not error < (1e-4 if dtype == torch.float32 else 2e-2):
+        log.warning(f"--fused_4bit: the kernel is off from bitsandbytes by {error:.1e} on this device; not used")
+        return []
+    return layers
+
+
 @dataclass
 class StepOutput:
     """A launched step. The device tensors are the bucket's (a CUDA graph's outputs): valid until that bucket runs
@@ -142,12 +161,13 @@ def table_score(row: List[float], k: int) -> Tuple[float, Dict[int, float]]:
 
 class FastDecoder:
     def __init__(self, model: GPT, caches: List[nn.Module], max_keys: int, top_k: int = 20, key_block: int = 256,
-                 compile: bool = False, cuda_graphs: bool = False) -> None:
+                 compile: bool = False, cuda_graphs: bool = False, fused_4bit: bool = False) -> None:
         """model: in eval mode; caches: the engine's SlotCache per layer (k, v of (slots, n_kv, positions, head)).
         max_keys: the most positions a sequence reaches (below the caches' length, see Engine._install_caches).
         top_k: alternatives computed per row and step (requests asking for more take the engine's plain scoring).
         key_block: key positions are read in multiples of this. compile: torch.compile the blocks.
-        cuda_graphs: capture each bucket's step as a CUDA graph (CUDA only)."""
+        cuda_graphs: capture each bucket's step as a CUDA graph (CUDA only). fused_4bit: NF4 base layers multiply
+        through generate/nf4_matmul.py's kernel in the step (checked against bitsandbytes first, fused_4bit_layers)."""
         self.model, self.config = model, model.config
         self.caches = caches
         self.n_slots, self.max_keys = caches[0].k.size(0), max_keys
@@ -162,6 +182,7 @@ class FastDecoder:
         # it the step keeps the model's own attention (SDPA).
         has_out_dtype = hasattr(torch.ops.aten.bmm, "dtype")
         self.attention = decode_attention if self.device.type != "cuda" or has_out_dtype else None
+        self.fused = fused_4bit_layers(model, self.device) if fused_4bit else []
         # Inputs live at fixed addresses (graphs read them from there): per slot, its last token and its position.
         self.tokens = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(self.n_slots, dtype=torch.long, device=self.device)
@@ -274,12 +295,16 @@ class FastDecoder:
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         saved = [(block.attn.kv_cache, block.attn.__dict__.get("attend")) for block in model.blocks]
         try:
+            for parent, name, _, fused in self.fused:
+                setattr(parent, name, fused)
             for block, view in zip(model.blocks, self._bucket_views(L)):
                 block.attn.kv_cache = view
                 if self.attention is not None:
                     block.attn.attend = self.attention
                 x = self._block(block, x, cos, sin, mask, pos)
         finally:
+            for parent, name, layer, _ in self.fused:
+                setattr(parent, name, layer)
             for block, (cache, attend) in zip(model.blocks, saved):  # also the blocks a failed step did not reach
                 block.attn.kv_cache = cache
                 block.attn.__dict__.pop("attend", None)  # back to the class's method

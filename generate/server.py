@@ -400,7 +400,7 @@ def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantiz
                  precision: str = "auto", device: str = "auto", prompt_style: str = "auto",
                  max_seq_length: Optional[int] = 2048, max_batch_size: int = 32, max_batch_tokens: int = 16384,
                  dola_layers: Optional[str] = None, stop_at_blank_line: bool = False, decode: Decode = "auto",
-                 interleave_tokens: int = 2048) -> Service:
+                 interleave_tokens: int = 2048, fused_4bit: bool = False) -> Service:
     """Loads the model (merged, or base + LoRA adapter; bf16/fp32 or 4-bit) and wraps it in an engine."""
     from prompts import get_style, load_style
     from utils import load_model, resolve_checkpoint_dir
@@ -436,7 +436,7 @@ def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantiz
     layers = parse_dola_layers(dola_layers, model.config.n_layer)
     engine = Engine(model, tokenizer, max_seq_length=max_seq_length, max_batch_size=max_batch_size,
                     max_batch_tokens=max_batch_tokens, dola_layers=layers, decode=decode,
-                    interleave_tokens=interleave_tokens)
+                    interleave_tokens=interleave_tokens, fused_4bit=fused_4bit)
     return Service(engine, style, stop_at_blank_line, name=model.config.name or str(checkpoint_dir))
 
 
@@ -457,6 +457,7 @@ def main(
     stop_at_blank_line: bool = False,
     decode: Decode = "auto",
     interleave_tokens: PositiveInt = 2048,
+    fused_4bit: bool = False,
     warmup: bool = True,
 ) -> None:
     """Serve the challenge API (/process, /tokenize, /decode, /health).
@@ -485,6 +486,9 @@ def main(
             + torch.compile'd blocks; docs/serving.md).
         interleave_tokens: while generations decode, a scoring batch holds at most this many tokens, so that
             neither kind of request starves the other.
+        fused_4bit: with --quantize bnb.nf4(-dq), the fast decode step's 4-bit products run through
+            generate/nf4_matmul.py's Triton kernel instead of bitsandbytes' (checked against bitsandbytes at start;
+            its speed is not yet measured on a GPU, hence off by default).
         warmup: compile and capture the decode step and run two small requests before accepting traffic.
     """
     import uvicorn
@@ -492,7 +496,7 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     service = load_service(checkpoint_dir, adapter_dir, quantize, precision, device, prompt_style, max_seq_length,
                            max_batch_size, max_batch_tokens, dola_layers, stop_at_blank_line, decode,
-                           interleave_tokens)
+                           interleave_tokens, fused_4bit)
     uvicorn.run(build_app(service, warmup, int(max_body_mb * 2**20)), host=host, port=port, log_level="warning")
 
 

@@ -1,0 +1,170 @@
+"""The decode step's 4-bit matrix products as one Triton kernel that decodes NF4 inside its tiles (`--fused_4bit`).
+
+A decode step reads every weight once. bitsandbytes multiplies a 4-bit weight by one row through its gemv_4bit kernel
+and by more rows by dequantizing the whole weight to bf16 first (writing and reading a bf16 copy of every weight per
+step); the serving table measured both far from the bandwidth bound of the 4-bit bytes (docs/serving.md). Here each
+program holds a BN-column slice of W and one of `split_k` parts of K; per BK step it loads BN x BK/2 bytes, decodes
+them through the 16-entry code table times their block's scale (double-quantized scales decoded in the kernel too),
+and multiplies on the tensor cores (rows padded to 16). Splitting K gives a product with few rows enough programs to
+keep the memory system busy; the parts are summed after.
+
+The layout is bitsandbytes' (`Params4bit` data and `QuantState`): the flattened (out, in) weight two codes per byte,
+high nibble first, one scale per block of `blocksize` consecutive values. Checked against dequantize-then-matmul in
+Triton's CPU interpreter (tests/test_nf4_matmul.py) and, on a GPU, by `self_check` before use; timed against
+bitsandbytes by benchmarks/gpu_nf4_gemm.py.
+"""
+
+import functools
+import importlib.util
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+def available(device: torch.device) -> bool:
+    """Triton runs on CUDA GPUs, and on the CPU in its interpreter (TRITON_INTERPRET=1, set before triton's import)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def kernel():
+    """Defined on first call, so that a process started with TRITON_INTERPRET=1 runs it on the CPU."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def nf4_matmul_kernel(x, packed, absmax, code, absmax2, code2, offset, out, M, N, K, K_PART,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                          BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, IEEE: tl.constexpr):
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)  # output columns = rows of W
+        part = tl.program_id(1)
+        rows = tl.arange(0, BM)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(part * K_PART, tl.minimum((part + 1) * K_PART, K), BK):
+            ks = k0 + tl.arange(0, BK)
+            xs = tl.load(x + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+            half = k0 // 2 + tl.arange(0, BK // 2)  # byte c of a row holds W[n, 2c] (high nibble) and W[n, 2c + 1]
+            valid = (cols[:, None] < N) & (half[None, :] < K // 2)
+            byte = tl.load(packed + cols[:, None].to(tl.int64) * (K // 2) + half[None, :], mask=valid, other=0)
+            byte = byte.to(tl.int32)
+            block = (cols[:, None].to(tl.int64) * K + 2 * half[None, :]) // BLOCKSIZE
+            if NESTED:  # QLoRA's double quantization: 8-bit codes of the scales, one fp32 scale per BLOCKSIZE2 of them
+                scale = tl.load(code2 + tl.load(absmax + block, mask=valid, other=0).to(tl.int32))
+                scale = scale * tl.load(absmax2 + block // BLOCKSIZE2, mask=valid, other=0.0) + tl.load(offset)
+            else:
+                scale = tl.load(absmax + block, mask=valid, other=0.0)
+            hi = tl.load(code + (byte >> 4)) * scale
+            lo = tl.load(code + (byte & 15)) * scale
+            w = tl.interleave(hi, lo).to(xs.dtype)  # (BN, BK), k in order
+            if IEEE:
+                acc += tl.dot(xs, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(xs, tl.trans(w))
+        tl.store(out + part * M * N + rows[:, None] * N + cols[None, :], acc,
+                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    return nf4_matmul_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+               shape: Tuple[int, int], nested: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = None,
+               BN: int = 64, BK: int = 128, split_k: Optional[int] = None, num_warps: int = 4) -> torch.Tensor:
+    """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes,
+    `absmax` its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds
+    the double quantization), `code` its 16-value table. split_k: K parts (default: enough programs for the GPU)."""
+    import triton
+
+    N, K = shape
+    M = x.size(0)
+    blocksize = N * K // absmax.numel()
+    BM = max(16, triton.next_power_of_2(M))
+    if split_k is None:
+        split_k = max(1, min(K // BK, -(-2 * _processors(x.device) // triton.cdiv(N, BN))))
+    k_part = triton.cdiv(triton.cdiv(K, split_k), BK) * BK
+    parts = triton.cdiv(K, k_part)
+    out = torch.empty((parts, M, N), device=x.device, dtype=torch.float32)
+    absmax2, code2, offset, blocksize2 = nested if nested is not None else (absmax, code, code, 1)
+    kernel()[(triton.cdiv(N, BN), parts)](
+        x.contiguous(), packed.reshape(-1), absmax, code.float(), absmax2.float(), code2.float(), offset.float(),
+        out, M, N, K, k_part, BM=BM, BN=BN, BK=BK, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2,
+        NESTED=nested is not None, IEEE=x.dtype == torch.float32, num_warps=num_warps)
+    return (out[0] if parts == 1 else out.sum(0)).to(x.dtype)
+
+
+# An operator of its own, so that torch.compile treats the kernel launch as one opaque call with a known output shape.
+@torch.library.custom_op("oneday::nf4_matmul", mutates_args=())
+def nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                  absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
+                  n: int, k: int, blocksize2: int) -> torch.Tensor:
+    nested = (absmax2, code2, offset, blocksize2) if absmax2 is not None else None
+    return nf4_matmul(x, packed, absmax, code, (n, k), nested)
+
+
+@nf4_matmul_op.register_fake
+def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize2):
+    return x.new_empty((x.size(0), n))
+
+
+def nested_of(state) -> Optional[tuple]:
+    """nf4_matmul's `nested` for a bitsandbytes QuantState: None without double quantization."""
+    if not state.nested:
+        return None
+    state2 = state.state2
+    return state2.absmax.float(), state2.code.float(), state.offset.float().reshape(1), state2.blocksize
+
+
+class FusedNF4Linear(nn.Module):
+    """A bitsandbytes NF4 Linear4bit's forward through nf4_matmul_op, on the same bytes (nothing copied but the small
+    code tables, in fp32). The fast decode step puts it in the layer's place for the step (generate/fast_decode.py)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        state = layer.weight.quant_state
+        nested = nested_of(state)
+        absmax2, code2, offset, self.blocksize2 = nested if nested is not None else (None, None, None, 1)
+        self.register_buffer("packed", layer.weight.data, persistent=False)
+        self.register_buffer("absmax", state.absmax if nested is not None else state.absmax.float(), persistent=False)
+        self.register_buffer("code", state.code.float(), persistent=False)
+        self.register_buffer("absmax2", absmax2, persistent=False)
+        self.register_buffer("code2", code2, persistent=False)
+        self.register_buffer("offset", offset, persistent=False)
+        self.bias = layer.bias
+        self.out_features, self.in_features = layer.out_features, layer.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nf4_matmul_op(x.reshape(-1, x.size(-1)), self.packed, self.absmax, self.code, self.absmax2, self.code2,
+                          self.offset, self.out_features, self.in_features, self.blocksize2)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def is_nf4(layer: nn.Module) -> bool:
+    state = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return state is not None and getattr(state, "quant_type", None) == "nf4" and layer.weight.dim() == 2
+
+
+def self_check(layer: nn.Module, dtype: torch.dtype) -> float:
+    """Relative error of the fused product on random rows in `dtype` against the same rows times bitsandbytes'
+    dequantized weight in fp32: about 1e-6 in fp32, a few 1e-3 in bf16 (the rows' and decoded weights' rounding)."""
+    import bitsandbytes.functional as BF
+
+    x = torch.randn(3, layer.in_features, device=layer.weight.device).to(dtype)
+    w = BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    expected = x.float() @ w.t() + (0 if layer.bias is None else layer.bias.float())
+    got = FusedNF4Linear(layer)(x)
+    return ((got.float() - expected).norm() / expected.norm()).item()
+
+
+def fused_layers(model: nn.Module) -> List[Tuple[nn.Module, str, nn.Module, FusedNF4Linear]]:
+    """(parent, attribute, NF4 layer, its FusedNF4Linear) for every bitsandbytes NF4 layer of `model`."""
+    return [(parent, name, layer, FusedNF4Linear(layer))
+            for parent in model.modules() for name, layer in parent.named_children() if is_nf4(layer)]

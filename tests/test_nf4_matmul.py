@@ -1,0 +1,113 @@
+"""generate/nf4_matmul.py (NF4 decoded inside the tiles of the decode step's matrix products, --fused_4bit) in Triton's
+CPU interpreter, each check in a fresh process (the interpreter must be on before triton is imported):
+- the kernel equals x @ W^T with W dequantized by bitsandbytes, for plain and double-quantized scales, partial tiles in
+  every direction, one row and several, K split or not, fp32 and fp16;
+- the fast decode step with the kernel in place of bitsandbytes' NF4 layers, alone, under an unmerged LoRA adapter and
+  torch.compile'd, gives the plain step's answers, and puts bitsandbytes' layers back after each step; where the
+  kernel disagrees with bitsandbytes, the step does not use it."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def interpreted(check: str) -> None:
+    pytest.importorskip("triton")
+    pytest.importorskip("bitsandbytes")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    done = subprocess.run([sys.executable, "-c", f"import test_nf4_matmul; test_nf4_matmul.{check}()"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_kernel_equals_dequantize_then_matmul():
+    interpreted("check_kernel")
+
+
+def test_fast_step_with_the_kernel_gives_the_plain_answers():
+    interpreted("check_fast_step")
+
+
+def check_kernel():
+    import bitsandbytes.functional as BF
+
+    from generate.nf4_matmul import nested_of, nf4_matmul
+
+    gen = torch.Generator().manual_seed(0)
+    N, K = 80, 320  # neither a multiple of the column tile (64) nor of the K step (128)
+    for double_quant in (False, True):
+        w = torch.randn(N, K, generator=gen) * 0.02
+        packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+        dequantized = BF.dequantize_4bit(packed, state)
+        assert not torch.allclose(dequantized, w, atol=1e-4)  # 4-bit: the reference is the decoded weight
+        nested = nested_of(state)
+        absmax = state.absmax if nested is not None else state.absmax.float()
+        assert (nested is not None) == double_quant
+        for M in (1, 5, 20):
+            x = torch.randn(M, K, generator=gen)
+            expected = x @ dequantized.t()
+            for split_k in (1, 2, 3):
+                got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=64, BK=128, split_k=split_k)
+                assert got.shape == (M, N) and torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (M, split_k)
+            half = nf4_matmul(x.half(), packed, absmax, state.code, (N, K), nested, BN=32, BK=128)
+            assert torch.allclose(half.float(), expected, rtol=2e-2, atol=2e-3), (double_quant, M, "fp16")
+
+
+def check_fast_step():
+    import bitsandbytes as bnb
+
+    from generate import nf4_matmul
+    from lora import LoRAConfig, inject_lora, lora_modules
+    from test_fast_decode import assert_same, make_engine, requests, run
+    from tiny_checkpoint import make_tiny_checkpoint
+    from utils import load_model
+
+    # Widths that are multiples of the 64-value scale blocks, as in every real model: bitsandbytes' CPU code lays out a
+    # row that ends inside a block otherwise than its GPU code and this kernel do (see the end).
+    checkpoint = make_tiny_checkpoint(Path(tempfile.mkdtemp()), sliding_window=10, n_embd=64, intermediate_size=128)
+    calls = []
+    original = nf4_matmul.nf4_matmul
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    nf4_matmul.nf4_matmul = counted
+
+    def model(adapter: bool):
+        m = load_model(checkpoint, quantize="bnb.nf4-dq")
+        if adapter:
+            torch.manual_seed(0)
+            inject_lora(m, LoRAConfig(r=4, alpha=8, targets=("q", "v", "o", "down")))
+            with torch.no_grad():
+                for layer in lora_modules(m).values():
+                    layer.lora_B.normal_(0, 0.5)
+        return m.eval()
+
+    specs = requests(5, seed=4)
+    for adapter, decode in ((False, "static"), (True, "static"), (True, "compiled")):
+        alone = run(make_engine(checkpoint, "eager", model=model(adapter)), specs, together=False)
+        calls.clear()
+        engine = make_engine(checkpoint, decode, model=model(adapter), fused_4bit=True)
+        together = run(engine, specs, together=True)
+        assert engine._fast.fused and calls, (adapter, decode)  # the kernel ran the step's products
+        assert_same(together, alone, abs=1e-4)
+        layers = [m for m in engine.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(layers) == len(engine._fast.fused) and not any(
+            isinstance(m, nf4_matmul.FusedNF4Linear) for m in engine.model.modules())  # bitsandbytes' layers back
+
+    # The start-up check refuses the kernel where it disagrees with bitsandbytes (32-wide rows on the CPU).
+    narrow = make_tiny_checkpoint(Path(tempfile.mkdtemp()), n_embd=32, intermediate_size=64)
+    engine = make_engine(narrow, "static", model=load_model(narrow, quantize="bnb.nf4").eval(), fused_4bit=True)
+    with torch.inference_mode():
+        engine._install_caches()
+    assert engine._fast.fused == []
