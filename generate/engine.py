@@ -201,6 +201,8 @@ class Engine:
             log.info(json.dumps({"event": "decode", "mode": "eager", "why": "DoLa needs the plain step's hooks"}))
             decode = "eager"
         self.decode = decode
+        if fused_4bit and decode == "eager":
+            log.warning("--fused_4bit: only the fast decode step uses the 4-bit kernel, and this engine decodes eagerly")
         self.interleave_tokens = interleave_tokens
         self.key_block = key_block
         self.fused_4bit = fused_4bit

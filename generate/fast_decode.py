@@ -119,19 +119,20 @@ def _call_block_one_row(block: nn.Module, x, cos, sin, mask, input_pos):
 
 def fused_4bit_layers(model: GPT, device: torch.device) -> list:
     """generate/nf4_matmul.py's stand-ins for the model's NF4 layers, where Triton runs and the kernel agrees with
-    bitsandbytes on this device (one layer checked); otherwise none, with a warning."""
+    bitsandbytes on this device (nf4_matmul.self_check); otherwise none, with a warning saying why."""
     from generate import nf4_matmul
 
     layers = nf4_matmul.fused_layers(model)
-    if not layers:
-        return []
-    if not nf4_matmul.available(device):
-        log.warning(f"--fused_4bit: Triton does not run on {device.type} here; the 4-bit products stay bitsandbytes'")
-        return []
-    dtype = model.wte.weight.dtype
-    error = nf4_matmul.self_check(layers[0][2], dtype)
-    if not error < (1e-4 if dtype == torch.float32 else 2e-2):
-        log.warning(f"--fused_4bit: the kernel is off from bitsandbytes by {error:.1e} on this device; not used")
+    why = None if layers else "the model has no NF4 layers (--quantize bnb.nf4 or bnb.nf4-dq)"
+    if why is None and not nf4_matmul.available(device):
+        why = f"Triton does not run on {device.type} here"
+    if why is None:
+        try:
+            why = nf4_matmul.self_check([layer for _, _, layer, _ in layers], model.wte.weight.dtype)
+        except Exception as e:  # a kernel that does not compile or launch here: bitsandbytes keeps the products
+            why = f"the kernel failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if why is not None:
+        log.warning(f"--fused_4bit: {why}; the 4-bit products stay bitsandbytes'")
         return []
     return layers
 
@@ -246,13 +247,16 @@ class FastDecoder:
         try:
             return self._replay(shape) if self.cuda_graphs else self._forward(*shape)
         except Exception as e:
-            if not (self.compile or self.cuda_graphs):
+            if not (self.fused or self.compile or self.cuda_graphs):
                 raise
-            # Keep serving with one layer less: first without torch.compile, then without graphs (the same math).
-            dropped = "torch.compile" if self.compile else "CUDA graphs"
+            # Keep serving with one layer less: first without the 4-bit kernel, then without torch.compile, then
+            # without graphs (the same math each time).
+            dropped = "the 4-bit kernel" if self.fused else "torch.compile" if self.compile else "CUDA graphs"
             log.warning(f"decode: {type(e).__name__} in bucket {shape} ({str(e).splitlines()[0] if str(e) else ''}); "
                         f"decoding without {dropped} from now on")
-            if self.compile:
+            if self.fused:
+                self.fused = []
+            elif self.compile:
                 self.compile, self._block = False, _call_block
             else:
                 self.cuda_graphs = False
