@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def graph_ms(calls: list, iters: int) -> float:
     """Milliseconds per call, from replays of one CUDA graph of every callable in `calls` (each product of a decode step
     takes microseconds, less than launching it from Python; the server replays its step as a graph too)."""
-    import statistics
+    from benchmarks.profile_decode import replay_ms
 
     for fn in calls[:2]:  # compile, allocate
         fn()
@@ -34,15 +34,7 @@ def graph_ms(calls: list, iters: int) -> float:
     with torch.cuda.graph(graph):
         for fn in calls:
             fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(calls))
-    return statistics.median(times)
+    return replay_ms(graph, iters) / len(calls)
 
 
 def timed(calls: list, iters: int):

@@ -196,26 +196,29 @@ def test_dola_keeps_the_plain_step(checkpoint):
     assert make_engine(checkpoint, "static", dola_layers=[0]).decode_mode == "eager"
 
 
+def quantized_model(checkpoint, quantize: str, adapter: bool):
+    """The checkpoint over a 4-bit base, with an unmerged LoRA adapter whose B is random (so that it changes outputs)."""
+    model = load_model(checkpoint, quantize=quantize)
+    if adapter:
+        from lora import LoRAConfig, inject_lora, lora_modules
+
+        torch.manual_seed(0)
+        inject_lora(model, LoRAConfig(r=4, alpha=8, targets=("q", "v", "o", "down")))
+        with torch.no_grad():
+            for layer in lora_modules(model).values():
+                layer.lora_B.normal_(0, 0.5)
+    return model.eval()
+
+
 @pytest.mark.parametrize("adapter", [False, True])
 def test_4bit_base_with_and_without_adapter(checkpoint, adapter):
     """bitsandbytes' NF4 layers (on the CPU here) and LoRA kept unmerged over them, through the fast step."""
     pytest.importorskip("bitsandbytes")
-
-    def model():
-        m = load_model(checkpoint, quantize="bnb.nf4")
-        if adapter:
-            from lora import LoRAConfig, inject_lora, lora_modules
-
-            torch.manual_seed(0)
-            inject_lora(m, LoRAConfig(r=4, alpha=8, targets=("q", "v", "o", "down")))
-            with torch.no_grad():
-                for layer in lora_modules(m).values():
-                    layer.lora_B.normal_(0, 0.5)
-        return m.eval()
-
     specs = requests(6, seed=4)
-    alone = run(make_engine(checkpoint, "eager", model=model()), specs, together=False)
-    assert_same(run(make_engine(checkpoint, "static", model=model()), specs, together=True), alone, abs=1e-4)
+    alone = run(make_engine(checkpoint, "eager", model=quantized_model(checkpoint, "bnb.nf4", adapter)), specs,
+                together=False)
+    fast = make_engine(checkpoint, "static", model=quantized_model(checkpoint, "bnb.nf4", adapter))
+    assert_same(run(fast, specs, together=True), alone, abs=1e-4)
 
 
 def test_compiled_decode_equals_plain(checkpoint):

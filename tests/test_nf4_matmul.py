@@ -108,10 +108,8 @@ def check_fast_step():
     import bitsandbytes as bnb
 
     from generate import nf4_matmul
-    from lora import LoRAConfig, inject_lora, lora_modules
-    from test_fast_decode import assert_same, make_engine, requests, run
+    from test_fast_decode import assert_same, make_engine, quantized_model, requests, run
     from tiny_checkpoint import make_tiny_checkpoint
-    from utils import load_model
 
     # Widths that are multiples of the 64-value scale blocks, as in every real model: the kernel takes only such rows
     # (bitsandbytes' CPU code lays out a row that ends inside a block otherwise than its GPU code does).
@@ -126,14 +124,7 @@ def check_fast_step():
     nf4_matmul.nf4_matmul = counted
 
     def model(adapter: bool):
-        m = load_model(checkpoint, quantize="bnb.nf4-dq")
-        if adapter:
-            torch.manual_seed(0)
-            inject_lora(m, LoRAConfig(r=4, alpha=8, targets=("q", "v", "o", "down")))
-            with torch.no_grad():
-                for layer in lora_modules(m).values():
-                    layer.lora_B.normal_(0, 0.5)
-        return m.eval()
+        return quantized_model(checkpoint, "bnb.nf4-dq", adapter)
 
     specs = requests(5, seed=4)
     for adapter, decode in ((False, "static"), (True, "static"), (True, "compiled")):
