@@ -8,7 +8,8 @@ replays of a CUDA graph (as the server runs its step) over copies of the weight 
 Why: the serving table's NF4 rows reach 25% (1 stream) and 8% (30 streams) of the bandwidth bound of their 4-bit
 bytes (docs/serving.md). A decode step reads each weight once; in 4 bits that is a quarter of bf16's bytes, so a kernel
 that decodes in its tiles could beat bf16 rather than trail it. Per shape and row count: the kernel with its default
-tiles and K split, the best of a small sweep of tile sizes and K splits, its effective bandwidth (4-bit bytes and
+tiles and K split, the best of a sweep of tile sizes, K splits and the code table's place (loaded per value, or
+held in registers and read by tl.gather), its effective bandwidth (4-bit bytes and
 block scales read, output written) and its error against x @ W^T with W dequantized by bitsandbytes (double-quantized
 scales, as QLoRA's bnb.nf4-dq). Written on 2026-12-06 after the session's GPU time was spent: not yet run on a GPU.
 """
@@ -44,7 +45,8 @@ def timed(calls: list, iters: int):
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
-CONFIGS = [(BN, BK, split) for BN in (32, 64) for BK in (128, 256) for split in (1, 2, 4, 8)]
+CONFIGS = [(BN, BK, split, gather) for BN in (32, 64) for BK in (128, 256) for split in (1, 2, 4, 8)
+           for gather in (False, True)]
 
 
 def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) -> None:
@@ -89,19 +91,19 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
                 "dequantize + cuBLAS": timed([lambda q=q: x @ BF.dequantize_4bit(*q).t() for q in quantized], iters),
                 "fused nf4 (defaults)": timed(fused(), iters)}
             best = None
-            for BN, BK, split in CONFIGS:
-                ms = timed(fused(BN=BN, BK=BK, split_k=split), iters)
+            for BN, BK, split, gather in CONFIGS:
+                ms = timed(fused(BN=BN, BK=BK, split_k=split, gather=gather), iters)
                 if isinstance(ms, str):
-                    print(json.dumps({"shape": name, "rows": m, "config": [BN, BK, split], "error": ms}))
+                    print(json.dumps({"shape": name, "rows": m, "config": [BN, BK, split, gather], "error": ms}))
                     continue
                 if best is None or ms < best[0]:
-                    best = (ms, (BN, BK, split))
+                    best = (ms, (BN, BK, split, gather))
             y = fused()[0]()
             row = {"shape": name, "out_in": [n, k], "rows": m, "weight_copies": copies, **timings,
                    "fused_rel_error": round(((y.float() - reference).norm() / reference.norm()).item(), 6)}
             if best:
                 ms, config = best
-                row.update({"fused nf4 (best)": ms, "config_BN_BK_splitK": config,
+                row.update({"fused nf4 (best)": ms, "config_BN_BK_splitK_gather": config,
                             "fused_best_GBps": round((read + 2 * m * (n + k)) / ms / 1e6, 1)})
             print(json.dumps(row), flush=True)
 

@@ -39,11 +39,13 @@ def kernel():
     @triton.jit
     def nf4_matmul_kernel(x, packed, absmax, code, absmax2, code2, offset, out, M, N, K, K_PART,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                          BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, IEEE: tl.constexpr):
+                          BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr):
         cols = tl.program_id(0) * BN + tl.arange(0, BN)  # output columns = rows of W
         part = tl.program_id(1)
         rows = tl.arange(0, BM)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if GATHER:  # the 16-value table in registers, read by tl.gather, instead of a load per value
+            table = tl.broadcast_to(tl.load(code + tl.arange(0, 16))[None, :], (BN, 16))
         for k0 in range(part * K_PART, tl.minimum((part + 1) * K_PART, K), BK):
             ks = k0 + tl.arange(0, BK)
             xs = tl.load(x + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
@@ -62,8 +64,12 @@ def kernel():
             else:
                 scale = tl.load(absmax + block, mask=in_range, other=0.0)
             scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BN, BK // BLOCKSIZE, BLOCKSIZE // 2)), (BN, BK // 2))
-            hi = tl.load(code + (byte >> 4)) * scale
-            lo = tl.load(code + (byte & 15)) * scale
+            if GATHER:
+                hi = tl.gather(table, byte >> 4, axis=1) * scale
+                lo = tl.gather(table, byte & 15, axis=1) * scale
+            else:
+                hi = tl.load(code + (byte >> 4)) * scale
+                lo = tl.load(code + (byte & 15)) * scale
             w = tl.interleave(hi, lo).to(xs.dtype)  # (BN, BK), k in order
             if IEEE:
                 acc += tl.dot(xs, tl.trans(w), input_precision="ieee")
@@ -82,10 +88,12 @@ def _processors(device: torch.device) -> int:
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                shape: Tuple[int, int], nested: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = None,
-               BN: int = 64, BK: int = 128, split_k: Optional[int] = None, num_warps: int = 4) -> torch.Tensor:
+               BN: int = 64, BK: int = 128, split_k: Optional[int] = None, num_warps: int = 4,
+               gather: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes,
     `absmax` its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds
-    the double quantization), `code` its 16-value table. split_k: K parts (default: enough programs for the GPU)."""
+    the double quantization), `code` its 16-value table. split_k: K parts (default: enough programs for the GPU).
+    gather: read the code table from registers (benchmarks/gpu_nf4_gemm.py times both ways)."""
     import triton
 
     N, K = shape
@@ -103,7 +111,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     kernel()[(triton.cdiv(N, BN), parts)](
         x.contiguous(), packed.reshape(-1), absmax, code.float(), absmax2.float(), code2.float(), offset.float(),
         out, M, N, K, k_part, BM=BM, BN=BN, BK=BK, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2,
-        NESTED=nested is not None, IEEE=x.dtype == torch.float32, num_warps=num_warps)
+        NESTED=nested is not None, IEEE=x.dtype == torch.float32, GATHER=gather, num_warps=num_warps)
     return (out[0] if parts == 1 else out.sum(0)).to(x.dtype)
 
 
