@@ -1,7 +1,8 @@
-"""The two ceilings of this GPU that the speed figures are measured against: device memory bandwidth (a large
-device-to-device copy, bytes read plus written) and the matrix-product rate at a model's training shapes, bf16 through
-cuBLAS and float8 through torch._scaled_mm (as fast/fp8.py calls it, activations cast per row beforehand, so the cast
-is not timed). Random inputs, CUDA events, median of --iters after warm-up.
+"""The two ceilings of this GPU that the speed figures are measured against: device memory bandwidth (a 2 GiB copy,
+bytes read plus written, as benchmarks/serve_table.py measures it) and the matrix-product rate at a model's training
+shapes, bf16 through cuBLAS and float8 through torch._scaled_mm (as fast/fp8.py calls it, activations cast per row
+beforehand, so the cast is not timed). Random inputs; the products timed with CUDA events, median of --iters after
+warm-up.
 
     python benchmarks/gpu_ceilings.py --model Mistral-7B-v0.1 --tokens 4096
 
@@ -22,14 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_fp8_kernels import median_ms  # noqa: E402
+from benchmarks.serve_table import copy_bandwidth  # noqa: E402
 from fast import fp8  # noqa: E402
 from model import Config  # noqa: E402
-
-
-def copy_tbps(iters: int) -> float:
-    src = torch.empty(2**30, dtype=torch.uint16, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.nbytes / median_ms(lambda: dst.copy_(src), iters) / 1e9
 
 
 def product_ms(n: int, k: int, tokens: int, kinds, iters: int) -> dict:
@@ -59,7 +55,8 @@ def main(model: str = "Mistral-7B-v0.1", tokens: int = 4096, iters: int = 20, fp
     """
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_ceilings.py needs a CUDA GPU")
-    print(json.dumps({"gpu": torch.cuda.get_device_name(0), "copy_TBps": round(copy_tbps(iters), 3)}), flush=True)
+    print(json.dumps({"gpu": torch.cuda.get_device_name(0), "copy_TBps": round(copy_bandwidth("cuda") / 1e12, 3)}),
+          flush=True)
     c = Config.from_name(model)
     qkv = (c.n_head + 2 * c.n_query_groups) * c.head_size
     linears = {"qkv": (qkv, c.n_embd), "proj": (c.n_embd, c.n_head * c.head_size),

@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli import one_line  # noqa: E402
+
 
 def graph_ms(calls: list, iters: int) -> float:
     """Milliseconds per call, from replays of one CUDA graph of every callable in `calls` (each product of a decode step
@@ -42,7 +44,7 @@ def timed(calls: list, iters: int):
     try:
         return round(graph_ms(calls, iters), 4)
     except Exception as e:  # a path this GPU or library cannot capture or run: the others go on
-        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        return f"failed: {one_line(e)[:160]}"
 
 
 CONFIGS = [(BN, BK, split, gather) for BN in (32, 64) for BK in (128, 256) for split in (1, 2, 4, 8)
@@ -58,7 +60,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
     import bitsandbytes as bnb
     import bitsandbytes.functional as BF
 
-    from generate.nf4_matmul import nested_of, nf4_matmul
+    from generate.nf4_matmul import nf4_matmul, scales_of
     from model import Config
 
     if not torch.cuda.is_available():
@@ -73,16 +75,17 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
         copies = max(2, min(16, -(-(256 << 20) // (n * k // 2))))
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         quantized = [BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in weights]
-        args = [(packed, state.absmax if state.nested else state.absmax.float(), state.code, nested_of(state))
-                for packed, state in quantized]
+        args = [(packed, state.code, *scales_of(state)) for packed, state in quantized]
         reference_w = BF.dequantize_4bit(*quantized[0])
-        read = n * k // 2 + args[0][1].numel() * args[0][1].element_size()
+        scales = args[0][2]
+        read = n * k // 2 + scales.numel() * scales.element_size()
         for m in [int(r) for r in rows.split(",")]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             reference = x.float() @ reference_w.float().t()
 
             def fused(**tiles):
-                return [lambda a=a: nf4_matmul(x, a[0], a[1], a[2], (n, k), a[3], **tiles) for a in args]
+                return [lambda p=p, c=c, s=s, ns=ns: nf4_matmul(x, p, s, c, (n, k), ns, **tiles)
+                        for p, c, s, ns in args]
 
             timings = {
                 "bf16 weights (cuBLAS)": timed([lambda w=w: x @ w.t() for w in weights], iters),

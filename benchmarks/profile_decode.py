@@ -76,15 +76,14 @@ def attention_ms(model: str, shapes, reps: int = 50) -> None:
     model.attend (SDPA with the engine's boolean mask, which picks cuDNN's kernel on an H100) against the fast step's
     decode_attention compiled as the step compiles it, each with its error against fp32."""
     from generate.fast_decode import decode_attention
-    from model import CausalSelfAttention, Config
+    from model import Config
 
     c = Config.from_name(model)
     n_head, n_kv, hs = c.n_head, c.n_query_groups, c.head_size
     slots, positions = max(b for b, _ in shapes), 2049
     caches = [(torch.randn(slots, n_kv, positions, hs, device="cuda", dtype=torch.bfloat16),
                torch.randn(slots, n_kv, positions, hs, device="cuda", dtype=torch.bfloat16)) for _ in range(c.n_layer)]
-    kernels = {"sdpa": lambda *args: CausalSelfAttention.attend(None, *args),
-               "decode_attention": torch.compile(decode_attention, dynamic=True)}
+    kernels = {"sdpa": sdpa, "decode_attention": torch.compile(decode_attention, dynamic=True)}
     for rows, keys in shapes:
         pos = torch.randint(keys // 2, keys, (rows,), device="cuda")
         mask = (torch.arange(keys, device="cuda") <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from cli import one_line
 from model import GPT, causal_mask, rope
 
 log = logging.getLogger("server")
@@ -128,9 +129,9 @@ def fused_4bit_layers(model: GPT, device: torch.device) -> list:
         why = f"Triton does not run on {device.type} here"
     if why is None:
         try:
-            why = nf4_matmul.self_check([layer for _, _, layer, _ in layers], model.wte.weight.dtype)
+            why = nf4_matmul.self_check([(layer, fused) for _, _, layer, fused in layers], model.wte.weight.dtype)
         except Exception as e:  # a kernel that does not compile or launch here: bitsandbytes keeps the products
-            why = f"the kernel failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            why = f"the kernel failed: {one_line(e)}"
     if why is not None:
         log.warning(f"--fused_4bit: {why}; the 4-bit products stay bitsandbytes'")
         return []

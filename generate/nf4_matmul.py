@@ -129,12 +129,13 @@ def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize2):
     return x.new_empty((x.size(0), n))
 
 
-def nested_of(state) -> Optional[tuple]:
-    """nf4_matmul's `nested` for a bitsandbytes QuantState: None without double quantization."""
+def scales_of(state) -> Tuple[torch.Tensor, Optional[tuple]]:
+    """nf4_matmul's `absmax` and `nested` for a bitsandbytes QuantState: the fp32 block scales and None, or with
+    double quantization their 8-bit codes and (absmax2, code2, offset, blocksize2)."""
     if not state.nested:
-        return None
+        return state.absmax.float(), None
     state2 = state.state2
-    return state2.absmax.float(), state2.code.float(), state.offset.float().reshape(1), state2.blocksize
+    return state.absmax, (state2.absmax.float(), state2.code.float(), state.offset.float().reshape(1), state2.blocksize)
 
 
 class FusedNF4Linear(nn.Module):
@@ -144,10 +145,10 @@ class FusedNF4Linear(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         state = layer.weight.quant_state
-        nested = nested_of(state)
+        absmax, nested = scales_of(state)
         absmax2, code2, offset, self.blocksize2 = nested if nested is not None else (None, None, None, 1)
         self.register_buffer("packed", layer.weight.data, persistent=False)
-        self.register_buffer("absmax", state.absmax if nested is not None else state.absmax.float(), persistent=False)
+        self.register_buffer("absmax", absmax, persistent=False)
         self.register_buffer("code", state.code.float(), persistent=False)
         self.register_buffer("absmax2", absmax2, persistent=False)
         self.register_buffer("code2", code2, persistent=False)
@@ -169,16 +170,16 @@ def is_nf4(layer: nn.Module) -> bool:
             and layer.in_features % state.blocksize == 0)
 
 
-def self_check(layers: List[nn.Module], dtype: torch.dtype) -> Optional[str]:
-    """None if the kernel agrees with bitsandbytes on this device, else why not. One layer of each shape, at 1, 3 and
+def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dtype) -> Optional[str]:
+    """None if the kernel agrees with bitsandbytes on this device, else why not: (layer, its FusedNF4Linear) pairs,
+    one of each shape checked, at 1, 3 and
     17 rows in `dtype`, against the same rows times bitsandbytes' dequantized weight: both multiply the same rounded
     values with fp32 sums, so they differ only in the order of the sums (relative error about 1e-6). Triton's CPU
     interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails the check."""
     import bitsandbytes.functional as BF
 
-    for layer in {(m.out_features, m.in_features): m for m in layers}.values():
+    for layer, fused in {(m.out_features, m.in_features): (m, f) for m, f in layers}.values():
         w = BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-        fused = FusedNF4Linear(layer)
         for rows in (1, 3, 17):
             x = torch.randn(rows, layer.in_features, device=w.device).to(dtype)
             expected = x.float() @ w.t() + (0 if layer.bias is None else layer.bias.float())

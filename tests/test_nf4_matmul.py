@@ -82,7 +82,7 @@ def test_a_kernel_that_fails_leaves_the_products_to_bitsandbytes(monkeypatch, ca
 def check_kernel():
     import bitsandbytes.functional as BF
 
-    from generate.nf4_matmul import nested_of, nf4_matmul
+    from generate.nf4_matmul import nf4_matmul, scales_of
 
     gen = torch.Generator().manual_seed(0)
     N, K = 80, 320  # neither a multiple of the column tile (64) nor of the K step (128)
@@ -91,8 +91,7 @@ def check_kernel():
         packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
         dequantized = BF.dequantize_4bit(packed, state)
         assert not torch.allclose(dequantized, w, atol=1e-4)  # 4-bit: the reference is the decoded weight
-        nested = nested_of(state)
-        absmax = state.absmax if nested is not None else state.absmax.float()
+        absmax, nested = scales_of(state)
         assert (nested is not None) == double_quant
         for M in (1, 5, 20):
             x = torch.randn(M, K, generator=gen)
