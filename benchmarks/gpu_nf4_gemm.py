@@ -5,13 +5,14 @@ replays of a CUDA graph (as the server runs its step) over copies of the weight 
 
     python benchmarks/gpu_nf4_gemm.py --model Mistral-7B-v0.1 --rows 1,8,32
 
-Why: the serving table's NF4 rows reach 25% (1 stream) and 8% (30 streams) of the bandwidth bound of their 4-bit
+Why: the serving table's NF4 rows reached 25% (1 stream) and 8% (30 streams) of the bandwidth bound of their 4-bit
 bytes (docs/serving.md). A decode step reads each weight once; in 4 bits that is a quarter of bf16's bytes, so a kernel
-that decodes in its tiles could beat bf16 rather than trail it. Per shape and row count: the kernel with its default
-tiles and K split, the best of a sweep of tile sizes, K splits and the code table's place (loaded per value, or
-held in registers and read by tl.gather), its effective bandwidth (4-bit bytes and
-block scales read, output written) and its error against x @ W^T with W dequantized by bitsandbytes (double-quantized
-scales, as QLoRA's bnb.nf4-dq). Written on 2026-12-06 after the session's GPU time was spent: not yet run on a GPU.
+that decodes in its tiles could beat bf16 rather than trail it. Per shape and row count: the kernel with its defaults,
+the best of a sweep of tiles, K splits, warps and pipeline stages (and those tiles with the scales decoded to fp32
+beforehand), its effective bandwidth (4-bit bytes and block scales read, output written), and its error against
+x @ W^T with W dequantized by bitsandbytes (double-quantized scales, as QLoRA's bnb.nf4-dq) beside the error of
+rounding that product to bf16. Last, per row count, the sweep's fastest configurations for a whole block's products.
+Results: docs/speed/h100_2026-12-06_nf4_kernel.md.
 """
 
 import json
@@ -47,8 +48,11 @@ def timed(calls: list, iters: int):
         return f"failed: {one_line(e)[:160]}"
 
 
-CONFIGS = [(BN, BK, split, gather) for BN in (32, 64) for BK in (128, 256) for split in (1, 2, 4, 8)
-           for gather in (False, True)]
+# (BN, BK, split_k, num_warps, num_stages) around the defaults. The first sweeps (2026-12-06, H100) found the code
+# table in registers 4-6x faster than loaded per value, and more stages, warps or wider tiles no help: the kernel is
+# bound by decoding, not by loads in flight (docs/speed/h100_2026-12-06_nf4_kernel.md).
+CONFIGS = [(BN, BK, split, warps, stages) for BN in (32, 64, 128) for BK in (128, 256) for split in (2, 4, 8)
+           for warps in (4, 8) for stages in (2, 3)]
 
 
 def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) -> None:
@@ -69,6 +73,8 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
     shapes = {"qkv": ((c.n_head + 2 * c.n_query_groups) * c.head_size, c.n_embd),
               "proj": (c.n_embd, c.n_head * c.head_size), "fc": (c.intermediate_size, c.n_embd),
               "down": (c.n_embd, c.intermediate_size)}
+    counts = {"qkv": 1, "proj": 1, "fc": 2 if c.gated_mlp else 1, "down": 1}
+    step = {int(m): {} for m in rows.split(",")}  # rows -> config -> one block's products, ms
     for name, (n, k) in shapes.items():
         # Copies enough that the 4-bit ones (and the bf16 ones) do not fit the GPU's L2 cache together: each call of a
         # graph reads its weight from memory, as a decode step does.
@@ -77,6 +83,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
         quantized = [BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in weights]
         args = [(packed, state.code, *scales_of(state)) for packed, state in quantized]
         reference_w = BF.dequantize_4bit(*quantized[0])
+        flat = [BF.dequantize_blockwise(state.absmax, state.state2) + state.offset for _, state in quantized]
         scales = args[0][2]
         read = n * k // 2 + scales.numel() * scales.element_size()
         for m in [int(r) for r in rows.split(",")]:
@@ -93,22 +100,35 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
                                                    for q in quantized], iters),
                 "dequantize + cuBLAS": timed([lambda q=q: x @ BF.dequantize_4bit(*q).t() for q in quantized], iters),
                 "fused nf4 (defaults)": timed(fused(), iters)}
-            best = None
-            for BN, BK, split, gather in CONFIGS:
-                ms = timed(fused(BN=BN, BK=BK, split_k=split, gather=gather), iters)
+            swept = {}
+            for config in CONFIGS:
+                BN, BK, split, warps, stages = config
+                ms = timed(fused(BN=BN, BK=BK, split_k=split, num_warps=warps, num_stages=stages), iters)
                 if isinstance(ms, str):
-                    print(json.dumps({"shape": name, "rows": m, "config": [BN, BK, split, gather], "error": ms}))
+                    print(json.dumps({"shape": name, "rows": m, "config": config, "error": ms}))
                     continue
-                if best is None or ms < best[0]:
-                    best = (ms, (BN, BK, split, gather))
+                swept[config] = ms
+                step[m][config] = step[m].get(config, 0.0) + counts[name] * ms
             y = fused()[0]()
             row = {"shape": name, "out_in": [n, k], "rows": m, "weight_copies": copies, **timings,
-                   "fused_rel_error": round(((y.float() - reference).norm() / reference.norm()).item(), 6)}
-            if best:
-                ms, config = best
-                row.update({"fused nf4 (best)": ms, "config_BN_BK_splitK_gather": config,
-                            "fused_best_GBps": round((read + 2 * m * (n + k)) / ms / 1e6, 1)})
+                   "fused_rel_error": round(((y.float() - reference).norm() / reference.norm()).item(), 6),
+                   "bf16_output_rounding": round(((reference.bfloat16().float() - reference).norm()
+                                                  / reference.norm()).item(), 6)}
+            if swept:
+                top = sorted(swept, key=swept.get)[:3]
+                BN, BK, split, warps, stages = top[0]
+                tiles = dict(BN=BN, BK=BK, split_k=split, num_warps=warps, num_stages=stages)
+                row.update({"fused nf4 (best)": swept[top[0]], "fused_best_GBps": round(
+                    (read + 2 * m * (n + k)) / swept[top[0]] / 1e6, 1),
+                    "top3_BN_BK_split_warps_stages": [[*c, swept[c]] for c in top],
+                    # the same tiles with the scales decoded to fp32 beforehand (no double quantization in the loop)
+                    "fused nf4 (best, fp32 scales)": timed([lambda p=p, c=c, f=f: nf4_matmul(x, p, f, c, (n, k), None,
+                                                                                          **tiles)
+                                                           for (p, c, _, _), f in zip(args, flat)], iters)})
             print(json.dumps(row), flush=True)
+    for m, totals in step.items():
+        top = sorted(totals, key=totals.get)[:5]
+        print(json.dumps({"rows": m, "block_ms_best_configs": [[*c, round(totals[c], 4)] for c in top]}))
 
 
 if __name__ == "__main__":

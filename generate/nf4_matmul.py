@@ -6,7 +6,9 @@ step); the serving table measured both far from the bandwidth bound of the 4-bit
 program holds a BN-column slice of W and one of `split_k` parts of K; per BK step it loads BN x BK/2 bytes, decodes
 them through the 16-entry code table times their block's scale (double-quantized scales decoded in the kernel too),
 and multiplies on the tensor cores (rows padded to 16). Splitting K gives a product with few rows enough programs to
-keep the memory system busy; the parts are summed after.
+keep the memory system busy; the parts are summed after, by the caller's compiled code in the server's step. For
+16-32 rows that is about twice bitsandbytes' speed on an H100, yet bound by the decoding rather than by memory
+(docs/speed/h100_2026-12-06_nf4_kernel.md); one row stays with bitsandbytes' gemv_4bit, the faster there.
 
 The layout is bitsandbytes' (`Params4bit` data and `QuantState`): the flattened (out, in) weight two codes per byte,
 high nibble first, one scale per block of `blocksize` consecutive values. Checked against dequantize-then-matmul in
@@ -39,13 +41,13 @@ def kernel():
     @triton.jit
     def nf4_matmul_kernel(x, packed, absmax, code, absmax2, code2, offset, out, M, N, K, K_PART,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                          BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr):
+                          BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, IEEE: tl.constexpr):
         cols = tl.program_id(0) * BN + tl.arange(0, BN)  # output columns = rows of W
         part = tl.program_id(1)
         rows = tl.arange(0, BM)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        if GATHER:  # the 16-value table in registers, read by tl.gather, instead of a load per value
-            table = tl.broadcast_to(tl.load(code + tl.arange(0, 16))[None, :], (BN, 16))
+        # The 16 code values in registers, read by tl.gather: several times faster than a load per value.
+        table = tl.broadcast_to(tl.load(code + tl.arange(0, 16))[None, :], (BN, 16))
         for k0 in range(part * K_PART, tl.minimum((part + 1) * K_PART, K), BK):
             ks = k0 + tl.arange(0, BK)
             xs = tl.load(x + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
@@ -64,12 +66,8 @@ def kernel():
             else:
                 scale = tl.load(absmax + block, mask=in_range, other=0.0)
             scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BN, BK // BLOCKSIZE, BLOCKSIZE // 2)), (BN, BK // 2))
-            if GATHER:
-                hi = tl.gather(table, byte >> 4, axis=1) * scale
-                lo = tl.gather(table, byte & 15, axis=1) * scale
-            else:
-                hi = tl.load(code + (byte >> 4)) * scale
-                lo = tl.load(code + (byte & 15)) * scale
+            hi = tl.gather(table, byte >> 4, axis=1) * scale
+            lo = tl.gather(table, byte & 15, axis=1) * scale
             w = tl.interleave(hi, lo).to(xs.dtype)  # (BN, BK), k in order
             if IEEE:
                 acc += tl.dot(xs, tl.trans(w), input_precision="ieee")
@@ -81,19 +79,15 @@ def kernel():
     return nf4_matmul_kernel
 
 
-@functools.lru_cache(maxsize=None)
-def _processors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                shape: Tuple[int, int], nested: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = None,
-               BN: int = 64, BK: int = 128, split_k: Optional[int] = None, num_warps: int = 4,
-               gather: bool = False) -> torch.Tensor:
+               BN: int = 64, BK: int = 128, split_k: int = 4, num_warps: int = 4, num_stages: int = 3,
+               parts: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes,
     `absmax` its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds
-    the double quantization), `code` its 16-value table. split_k: K parts (default: enough programs for the GPU).
-    gather: read the code table from registers (benchmarks/gpu_nf4_gemm.py times both ways)."""
+    the double quantization), `code` its 16-value table. split_k: K parts, each summed by its own programs (the
+    defaults were the fastest for a Mistral-7B block at 1, 16 and 32 rows on an H100, benchmarks/gpu_nf4_gemm.py).
+    parts: return the fp32 (parts, M, N) sums unsummed, so that a compiled caller fuses the sum into what follows."""
     import triton
 
     N, K = shape
@@ -102,17 +96,19 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     if K % blocksize or BK % blocksize:
         raise ValueError(f"nf4_matmul: rows of {K} values and steps of {BK} must be whole blocks of {blocksize}")
     BM = max(16, triton.next_power_of_2(M))
-    if split_k is None:
-        split_k = max(1, min(K // BK, -(-2 * _processors(x.device) // triton.cdiv(N, BN))))
-    k_part = triton.cdiv(triton.cdiv(K, split_k), BK) * BK
-    parts = triton.cdiv(K, k_part)
-    out = torch.empty((parts, M, N), device=x.device, dtype=torch.float32)
+    k_part = _k_part(K, BK, split_k)
+    out = torch.empty((-(-K // k_part), M, N), device=x.device, dtype=torch.float32)
     absmax2, code2, offset, blocksize2 = nested if nested is not None else (absmax, code, code, 1)
-    kernel()[(triton.cdiv(N, BN), parts)](
+    kernel()[(-(-N // BN), out.size(0))](
         x.contiguous(), packed.reshape(-1), absmax, code.float(), absmax2.float(), code2.float(), offset.float(),
         out, M, N, K, k_part, BM=BM, BN=BN, BK=BK, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2,
-        NESTED=nested is not None, IEEE=x.dtype == torch.float32, GATHER=gather, num_warps=num_warps)
-    return (out[0] if parts == 1 else out.sum(0)).to(x.dtype)
+        NESTED=nested is not None, IEEE=x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+    return out if parts else out.sum(0).to(x.dtype)
+
+
+def _k_part(K: int, BK: int, split_k: int) -> int:
+    """K per part: whole steps of BK, at most split_k parts."""
+    return -(-K // max(1, min(split_k, K // BK)) // BK) * BK
 
 
 # An operator of its own, so that torch.compile treats the kernel launch as one opaque call with a known output shape.
@@ -121,12 +117,12 @@ def nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, c
                   absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
                   n: int, k: int, blocksize2: int) -> torch.Tensor:
     nested = (absmax2, code2, offset, blocksize2) if absmax2 is not None else None
-    return nf4_matmul(x, packed, absmax, code, (n, k), nested)
+    return nf4_matmul(x, packed, absmax, code, (n, k), nested, parts=True)
 
 
 @nf4_matmul_op.register_fake
 def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize2):
-    return x.new_empty((x.size(0), n))
+    return x.new_empty((-(-k // _k_part(k, 128, 4)), x.size(0), n), dtype=torch.float32)
 
 
 def scales_of(state) -> Tuple[torch.Tensor, Optional[tuple]]:
@@ -153,12 +149,18 @@ class FusedNF4Linear(nn.Module):
         self.register_buffer("absmax2", absmax2, persistent=False)
         self.register_buffer("code2", code2, persistent=False)
         self.register_buffer("offset", offset, persistent=False)
-        self.bias = layer.bias
+        self.bias, self.quant_state = layer.bias, state
         self.out_features, self.in_features = layer.out_features, layer.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nf4_matmul_op(x.reshape(-1, x.size(-1)), self.packed, self.absmax, self.code, self.absmax2, self.code2,
-                          self.offset, self.out_features, self.in_features, self.blocksize2)
+        import bitsandbytes as bnb
+
+        rows = x.reshape(-1, x.size(-1))
+        if rows.size(0) == 1:  # bitsandbytes' gemv_4bit is the faster for one row (benchmarks/gpu_nf4_gemm.py)
+            y = bnb.matmul_4bit(rows, self.packed.t(), quant_state=self.quant_state)
+        else:  # the K parts' sum is left to the caller's compiled code, which fuses it into what follows
+            y = nf4_matmul_op(rows, self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,
+                              self.out_features, self.in_features, self.blocksize2).sum(0).to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -172,10 +174,11 @@ def is_nf4(layer: nn.Module) -> bool:
 
 def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dtype) -> Optional[str]:
     """None if the kernel agrees with bitsandbytes on this device, else why not: (layer, its FusedNF4Linear) pairs,
-    one of each shape checked, at 1, 3 and
-    17 rows in `dtype`, against the same rows times bitsandbytes' dequantized weight: both multiply the same rounded
-    values with fp32 sums, so they differ only in the order of the sums (relative error about 1e-6). Triton's CPU
-    interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails the check."""
+    one of each shape checked, at 1, 3 and 17 rows in `dtype`, against the same rows times bitsandbytes' dequantized
+    weight in fp32. Both multiply the same rounded weights with fp32 sums; in 16 bits the output's rounding to `dtype`
+    is the difference (1.7e-3 in bf16 on an H100, benchmarks/gpu_nf4_gemm.py), so the limit is twice the dtype's
+    epsilon, where a misread nibble, scale or tile is off by about 1. Triton's CPU interpreter computes bf16 products
+    wrongly (2026-12, Triton 3.9): there a bf16 model fails the check."""
     import bitsandbytes.functional as BF
 
     for layer, fused in {(m.out_features, m.in_features): (m, f) for m, f in layers}.values():
@@ -184,7 +187,7 @@ def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dt
             x = torch.randn(rows, layer.in_features, device=w.device).to(dtype)
             expected = x.float() @ w.t() + (0 if layer.bias is None else layer.bias.float())
             error = ((fused(x).float() - expected).norm() / expected.norm()).item()
-            if not error < 1e-3:
+            if not error < (1e-3 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps):
                 return f"the kernel is off from bitsandbytes by {error:.1e} ({rows} rows, weight {tuple(w.shape)})"
     return None
 

@@ -1,7 +1,7 @@
 """generate/nf4_matmul.py (NF4 decoded inside the tiles of the decode step's matrix products, --fused_4bit) in Triton's
 CPU interpreter, each check in a fresh process (the interpreter must be on before triton is imported):
 - the kernel equals x @ W^T with W dequantized by bitsandbytes, for plain and double-quantized scales, partial tiles in
-  every direction, one row and several, K split or not, the code table loaded or gathered, fp32 and fp16;
+  every direction, one row and several, K split or not (summed here or by the caller), fp32 and fp16;
 - the fast decode step with the kernel in place of bitsandbytes' NF4 layers, alone, under an unmerged LoRA adapter and
   torch.compile'd, gives the plain step's answers, and puts bitsandbytes' layers back after each step;
 and in this process: a kernel that fails or disagrees with bitsandbytes, at start or mid-serving, is not used.
@@ -59,10 +59,10 @@ def test_a_kernel_that_fails_leaves_the_products_to_bitsandbytes(monkeypatch, ca
     monkeypatch.setattr(nf4_matmul, "nf4_matmul", fails)
     assert fast_decode.fused_4bit_layers(model, torch.device("cpu")) == []
     assert "the kernel failed: RuntimeError: no kernel image" in caplog.text
-    monkeypatch.setattr(nf4_matmul, "nf4_matmul", lambda x, packed, absmax, code, shape, *rest: x.new_zeros(
-        (x.size(0), shape[0])))  # runs, but wrong
+    monkeypatch.setattr(nf4_matmul, "nf4_matmul", lambda x, packed, absmax, code, shape, *rest, parts: x.new_zeros(
+        (1, x.size(0), shape[0])))  # runs, but wrong
     assert fast_decode.fused_4bit_layers(model, torch.device("cpu")) == []
-    assert "the kernel is off from bitsandbytes by 1.0e+00 (1 rows" in caplog.text
+    assert "the kernel is off from bitsandbytes by 1.0e+00 (3 rows" in caplog.text
 
     class Failing(nn.Module):
         def forward(self, x):
@@ -99,8 +99,8 @@ def check_kernel():
             for split_k in (1, 2, 3):
                 got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=64, BK=128, split_k=split_k)
                 assert got.shape == (M, N) and torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (M, split_k)
-            gathered = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=64, BK=128, gather=True)
-            assert torch.allclose(gathered, expected, rtol=1e-5, atol=1e-6), (M, "code table in registers")
+            sums = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=32, BK=64, split_k=3, parts=True)
+            assert sums.shape == (3, M, N) and torch.allclose(sums.sum(0), expected, rtol=1e-5, atol=1e-6), M
             half = nf4_matmul(x.half(), packed, absmax, state.code, (N, K), nested, BN=32, BK=128)
             assert torch.allclose(half.float(), expected, rtol=2e-2, atol=2e-3), (double_quant, M, "fp16")
 
