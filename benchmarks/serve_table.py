@@ -42,7 +42,7 @@ from cli import one_line  # noqa: E402
 SPECS = [("H200", 4.8e12, 989e12), ("H100 NVL", 3.9e12, 835e12), ("H100 PCIe", 2.0e12, 756e12),
          ("H100", 3.35e12, 989e12), ("A100-SXM4-80GB", 2.039e12, 312e12), ("A100 80GB PCIe", 1.935e12, 312e12),
          ("A100", 1.555e12, 312e12), ("RTX 4090", 1.008e12, 165e12), ("L40S", 0.864e12, 362e12)]
-ROWS = ("bf16", "eager", "nf4", "nf4-fused", "nf4+lora", "nf4+lora-fused", "hf")
+ROWS = ("bf16", "eager", "nf4", "nf4-bnb", "nf4+lora", "nf4+lora-bnb", "hf")
 
 
 def spec_of(name: str):
@@ -156,8 +156,9 @@ def main(
     Args:
         model: a registered config (python -c 'import model; print(model.known_names())').
         n_layer: fewer layers (quick checks; the bounds are about the full model).
-        rows: which of bf16, eager, nf4, nf4-fused, nf4+lora, nf4+lora-fused, hf to run, comma-separated; they run
-            in this order (-fused: with the server's --fused_4bit kernel, not yet measured, so not a default row).
+        rows: which of bf16, eager, nf4, nf4-bnb, nf4+lora, nf4+lora-bnb, hf to run, comma-separated; they run
+            in this order (nf4 rows decode as the server does, through its --fused_4bit kernel where it runs;
+            -bnb: with bitsandbytes' products, the server's --fused_4bit false).
         streams: concurrent requests (HELM sends up to 30).
         prompt_tokens: generation prompt length.
         new_tokens: tokens per generation (random weights and no EOS: every request runs to the limit).
@@ -320,7 +321,7 @@ def main(
                     adapted = True
                 engine_rows(f"{which.replace('nf4', quantize.removeprefix('bnb.'))}", quantized,
                             "compiled" if cuda else "static", alone_quantized, score=which == "nf4",
-                            fused_4bit=which.endswith("-fused"))
+                            fused_4bit=not which.endswith("-bnb"))
         except Exception as e:  # one row's failure is that row's result
             traceback.print_exc()
             table.add(system=which, error=one_line(e)[:300])

@@ -171,14 +171,15 @@ class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_seq_length: Optional[int] = None,
                  max_batch_size: int = 32, max_batch_tokens: int = 16384, min_shared_prefix: int = 32,
                  dola_layers: Optional[Sequence[int]] = None, decode: Decode = "auto", interleave_tokens: int = 2048,
-                 key_block: int = 256, fused_4bit: bool = False) -> None:
+                 key_block: int = 256, fused_4bit: bool = True) -> None:
         """model: in eval mode on its device. max_seq_length: prompt + new tokens (default: the model's context).
         max_batch_size: decode slots and rows per scoring batch. max_batch_tokens: padded tokens per forward pass.
         min_shared_prefix: scoring rows sharing at least this many leading tokens compute them once.
         dola_layers: early layers to contrast with the final one when choosing tokens (DoLa); None = off.
         decode: how generation steps run (see Decode). interleave_tokens: the most tokens a scoring batch holds while
         generations decode. key_block: the fast decode step reads keys in multiples of this many positions.
-        fused_4bit: the fast decode step multiplies NF4 base layers through generate/nf4_matmul.py's kernel."""
+        fused_4bit: the fast decode step multiplies NF4 base layers by several rows through generate/nf4_matmul.py's
+        kernel, where Triton runs and the kernel passes its start-up check (one row stays with bitsandbytes' gemv)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -201,8 +202,6 @@ class Engine:
             log.info(json.dumps({"event": "decode", "mode": "eager", "why": "DoLa needs the plain step's hooks"}))
             decode = "eager"
         self.decode = decode
-        if fused_4bit and decode == "eager":
-            log.warning("--fused_4bit: only the fast decode step uses the 4-bit kernel, and this engine decodes eagerly")
         self.interleave_tokens = interleave_tokens
         self.key_block = key_block
         self.fused_4bit = fused_4bit

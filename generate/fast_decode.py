@@ -120,18 +120,20 @@ def _call_block_one_row(block: nn.Module, x, cos, sin, mask, input_pos):
 
 def fused_4bit_layers(model: GPT, device: torch.device) -> list:
     """generate/nf4_matmul.py's stand-ins for the model's NF4 layers, where Triton runs and the kernel agrees with
-    bitsandbytes on this device (nf4_matmul.self_check); otherwise none, with a warning saying why."""
+    bitsandbytes on this device (nf4_matmul.self_check); otherwise none, with a warning saying why where the kernel
+    should have run."""
     from generate import nf4_matmul
 
     layers = nf4_matmul.fused_layers(model)
-    why = None if layers else "the model has no NF4 layers (--quantize bnb.nf4 or bnb.nf4-dq)"
-    if why is None and not nf4_matmul.available(device):
-        why = f"Triton does not run on {device.type} here"
-    if why is None:
-        try:
-            why = nf4_matmul.self_check([(layer, fused) for _, _, layer, fused in layers], model.wte.weight.dtype)
-        except Exception as e:  # a kernel that does not compile or launch here: bitsandbytes keeps the products
-            why = f"the kernel failed: {one_line(e)}"
+    if not layers:
+        return []
+    if not nf4_matmul.available(device):
+        log.info(f"--fused_4bit: Triton does not run on {device.type} here; the 4-bit products stay bitsandbytes'")
+        return []
+    try:
+        why = nf4_matmul.self_check([(layer, fused) for _, _, layer, fused in layers], model.wte.weight.dtype)
+    except Exception as e:  # a kernel that does not compile or launch here: bitsandbytes keeps the products
+        why = f"the kernel failed: {one_line(e)}"
     if why is not None:
         log.warning(f"--fused_4bit: {why}; the 4-bit products stay bitsandbytes'")
         return []

@@ -400,7 +400,7 @@ def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantiz
                  precision: str = "auto", device: str = "auto", prompt_style: str = "auto",
                  max_seq_length: Optional[int] = 2048, max_batch_size: int = 32, max_batch_tokens: int = 16384,
                  dola_layers: Optional[str] = None, stop_at_blank_line: bool = False, decode: Decode = "auto",
-                 interleave_tokens: int = 2048, fused_4bit: bool = False) -> Service:
+                 interleave_tokens: int = 2048, fused_4bit: bool = True) -> Service:
     """Loads the model (merged, or base + LoRA adapter; bf16/fp32 or 4-bit) and wraps it in an engine."""
     from prompts import get_style, load_style
     from utils import load_model, resolve_checkpoint_dir
@@ -457,7 +457,7 @@ def main(
     stop_at_blank_line: bool = False,
     decode: Decode = "auto",
     interleave_tokens: PositiveInt = 2048,
-    fused_4bit: bool = False,
+    fused_4bit: bool = True,
     warmup: bool = True,
 ) -> None:
     """Serve the challenge API (/process, /tokenize, /decode, /health).
@@ -486,9 +486,10 @@ def main(
             + torch.compile'd blocks; docs/serving.md).
         interleave_tokens: while generations decode, a scoring batch holds at most this many tokens, so that
             neither kind of request starves the other.
-        fused_4bit: with --quantize bnb.nf4(-dq), the fast decode step's 4-bit products run through
-            generate/nf4_matmul.py's Triton kernel instead of bitsandbytes' (checked against bitsandbytes at start;
-            its speed is not yet measured on a GPU, hence off by default).
+        fused_4bit: with --quantize bnb.nf4(-dq) on a GPU, the fast decode step multiplies the 4-bit weights by
+            several rows through generate/nf4_matmul.py's Triton kernel instead of bitsandbytes' dequantize-then-
+            multiply (checked against bitsandbytes at start; 1.9x the tokens/s for 30 streams on an H100, see
+            docs/serving.md). false: bitsandbytes' products throughout.
         warmup: compile and capture the decode step and run two small requests before accepting traffic.
     """
     import uvicorn
