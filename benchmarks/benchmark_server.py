@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from statistics import median
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -126,6 +127,7 @@ def main(
     new_tokens: int = 128,
     max_batch_size: int = 32,
     decode: str = "auto",
+    repeats: int = 3,
     out: str = "out/benchmark_server.md",
 ) -> list:
     """Measure requests/s (1-token scoring) and tokens/s (128-token generation), concurrent vs one at a time.
@@ -146,6 +148,8 @@ def main(
         new_tokens: tokens per generation (no stop: random models run to the limit).
         max_batch_size: in process: the engine's slots / rows per batch.
         decode: in process: the engine's decode step (auto, eager, static, graphs, compiled; see generate/engine.py).
+        repeats: runs of each measurement; the table gives the median and the range (how 30 concurrent requests fall
+            into batches depends on when each arrives, so single runs move).
         out: Markdown table destination.
     """
     import torch
@@ -196,18 +200,22 @@ def main(
         asyncio.run(timed(url, distinct[:2] + gen[:2], True))  # warm-up: kernels, caches, both code paths
         for kind, bodies in (("scoring, distinct prompts", distinct), ("scoring, shared 5-shot-like prefix", shared),
                              ("generation, %d new tokens" % new_tokens, gen)):
-            seq_s, seq_out = asyncio.run(timed(url, bodies[:n_seq], False))
-            con_s, con_out = asyncio.run(timed(url, bodies, True))
-            if kind.startswith("generation"):
-                unit = "tokens/s"
-                seq_rate = sum(len(o["tokens"]) for o in seq_out) / seq_s
-                con_rate = sum(len(o["tokens"]) for o in con_out) / con_s
-            else:
-                unit = "requests/s"
-                seq_rate, con_rate = len(seq_out) / seq_s, len(con_out) / con_s
-            same = all(a["text"] == b["text"] for a, b in zip(seq_out, con_out))  # greedy: batching changes nothing
+            unit = "tokens/s" if kind.startswith("generation") else "requests/s"
+            rates = {}
+            for concurrent in (False, True):
+                runs = [asyncio.run(timed(url, bodies if concurrent else bodies[:n_seq], concurrent))
+                        for _ in range(repeats)]
+                rates[concurrent] = sorted((sum(len(o["tokens"]) for o in out) if unit == "tokens/s" else len(out)) / t
+                                           for t, out in runs)
+                outputs = runs[0][1]
+                if not concurrent:
+                    seq_out = outputs
+            same = all(a["text"] == b["text"] for a, b in zip(seq_out, outputs))  # greedy: batching changes nothing
+            seq_rate, con_rate = median(rates[False]), median(rates[True])
             row = {"measurement": kind, "unit": unit, "one_at_a_time": round(seq_rate, 2),
                    f"{requests}_concurrent": round(con_rate, 2), "speedup": round(con_rate / seq_rate, 2),
+                   "one_at_a_time_range": [round(rates[False][0], 2), round(rates[False][-1], 2)],
+                   "concurrent_range": [round(rates[True][0], 2), round(rates[True][-1], 2)],
                    "same_outputs": same, "model": label, "device": device_name}
             if torch.cuda.is_available() and server is not None:
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -218,12 +226,14 @@ def main(
             server.should_exit = True
             thread.join(timeout=30)
     table = [f"Server throughput: {label} on {device_name}; {requests} concurrent requests vs one at a time "
-             f"({n_seq} timed), prompts {prompt_words} words (generation {generation_prompt_words}).", "",
+             f"({n_seq} timed), prompts {prompt_words} words (generation {generation_prompt_words}); the median of "
+             f"{repeats} runs each (range in brackets).", "",
              "| measurement | unit | one at a time | %d concurrent | speedup | same outputs |" % requests,
              "|---|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {r['measurement']} | {r['unit']} | {r['one_at_a_time']} | {r[f'{requests}_concurrent']} | "
-                     f"{r['speedup']}x | {r['same_outputs']} |")
+        (a, b), (c, d) = r["one_at_a_time_range"], r["concurrent_range"]
+        table.append(f"| {r['measurement']} | {r['unit']} | {r['one_at_a_time']} ({a}-{b}) | "
+                     f"{r[f'{requests}_concurrent']} ({c}-{d}) | {r['speedup']}x | {r['same_outputs']} |")
     text = "\n".join(table) + "\n"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text)

@@ -502,9 +502,14 @@ def test_benchmark_script_runs_on_a_random_model(tmp_path):
     from benchmarks.benchmark_server import main
 
     rows = main(random_model="SmolLM2-135M", n_layer=1, device="cpu", requests=3, prompt_words=24,
-                shared_prefix_words=16, generation_prompt_words=8, new_tokens=4, out=str(tmp_path / "bench.md"))
+                shared_prefix_words=16, generation_prompt_words=8, new_tokens=4, repeats=2,
+                out=str(tmp_path / "bench.md"))
     assert [r["unit"] for r in rows] == ["requests/s", "requests/s", "tokens/s"]
     assert all(r["same_outputs"] and r["one_at_a_time"] > 0 and r["3_concurrent"] > 0 for r in rows)
+    for r in rows:  # the median of two runs lies within their range
+        for rate, (low, high) in ((r["one_at_a_time"], r["one_at_a_time_range"]),
+                                  (r["3_concurrent"], r["concurrent_range"])):
+            assert 0 < low <= rate <= high
     assert "| generation, 4 new tokens | tokens/s |" in (tmp_path / "bench.md").read_text()
 
 
