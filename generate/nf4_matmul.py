@@ -182,10 +182,13 @@ def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dt
     import bitsandbytes.functional as BF
 
     for layer, fused in {(m.out_features, m.in_features): (m, f) for m, f in layers}.values():
-        w = BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        w = BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
         for rows in (1, 3, 17):
             x = torch.randn(rows, layer.in_features, device=w.device).to(dtype)
-            expected = x.float() @ w.t() + (0 if layer.bias is None else layer.bias.float())
+            # fp32 a slice of W at a time: a whole fp32 copy of the widest weight would raise the server's start-up
+            # peak by hundreds of MB, on a card that may have no more to spare
+            expected = torch.cat([x.float() @ part.float().t() for part in w.split(1024)], dim=-1)
+            expected = expected + (0 if layer.bias is None else layer.bias.float())
             error = ((fused(x).float() - expected).norm() / expected.norm()).item()
             if not error < (1e-3 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps):
                 return f"the kernel is off from bitsandbytes by {error:.1e} ({rows} rows, weight {tuple(w.shape)})"
