@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 from statistics import median
+
+from jsonargparse.typing import PositiveInt
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -127,7 +129,7 @@ def main(
     new_tokens: int = 128,
     max_batch_size: int = 32,
     decode: str = "auto",
-    repeats: int = 3,
+    repeats: PositiveInt = 3,
     out: str = "out/benchmark_server.md",
 ) -> list:
     """Measure requests/s (1-token scoring) and tokens/s (128-token generation), concurrent vs one at a time.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds DEST (default .wheels/serve_site, git-ignored): the serving packages the GPU machine lacks (fastapi with opentelemetry-api, uvicorn,
-# httpx, jsonargparse and their dependencies), unpacked for its Python 3.12, to put on PYTHONPATH there (19 MB).
+# Builds DEST (default .wheels/serve_site, git-ignored): the serving packages the GPU machine lacks (fastapi with
+# opentelemetry-api, uvicorn, httpx, jsonargparse and their dependencies), unpacked for its Python 3.12, to put on
+# PYTHONPATH there (19 MB).
 # Usage (from the project root, where pip reaches PyPI): bash benchmarks/make_serve_site.sh [DEST]; then on the GPU machine
 #   PYTHONPATH=$PWD/.wheels/serve_site python3 benchmarks/benchmark_server.py --random_model Mistral-7B-v0.1 --precision bf16
 set -euo pipefail

@@ -127,8 +127,9 @@ def fused_4bit_layers(model: GPT, device: torch.device) -> list:
     layers = nf4_matmul.fused_layers(model)
     if not layers:
         return []
-    if not nf4_matmul.available(device):
-        log.info(f"--fused_4bit: Triton does not run on {device.type} here; the 4-bit products stay bitsandbytes'")
+    if not nf4_matmul.available(device):  # expected on a CPU; on a GPU, Triton is missing
+        (log.warning if device.type == "cuda" else log.info)(
+            f"--fused_4bit: Triton does not run on {device.type} here; the 4-bit products stay bitsandbytes'")
         return []
     try:
         why = nf4_matmul.self_check([(layer, fused) for _, _, layer, fused in layers], model.wte.weight.dtype)

@@ -79,10 +79,14 @@ def kernel():
     return nf4_matmul_kernel
 
 
+# They set the shape of the operator's output (K parts), which its fake computes from them too.
+DEFAULT_BK, DEFAULT_SPLIT_K = 128, 4
+
+
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                shape: Tuple[int, int], nested: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = None,
-               BN: int = 64, BK: int = 128, split_k: int = 4, num_warps: int = 4, num_stages: int = 3,
-               parts: bool = False) -> torch.Tensor:
+               BN: int = 64, BK: int = DEFAULT_BK, split_k: int = DEFAULT_SPLIT_K, num_warps: int = 4,
+               num_stages: int = 3, parts: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes,
     `absmax` its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds
     the double quantization), `code` its 16-value table. split_k: K parts, each summed by its own programs (the
@@ -122,7 +126,8 @@ def nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, c
 
 @nf4_matmul_op.register_fake
 def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize2):
-    return x.new_empty((-(-k // _k_part(k, 128, 4)), x.size(0), n), dtype=torch.float32)
+    parts = -(-k // _k_part(k, DEFAULT_BK, DEFAULT_SPLIT_K))
+    return x.new_empty((parts, x.size(0), n), dtype=torch.float32)
 
 
 def scales_of(state) -> Tuple[torch.Tensor, Optional[tuple]]:
@@ -149,7 +154,7 @@ class FusedNF4Linear(nn.Module):
         self.register_buffer("absmax2", absmax2, persistent=False)
         self.register_buffer("code2", code2, persistent=False)
         self.register_buffer("offset", offset, persistent=False)
-        self.bias, self.quant_state = layer.bias, state
+        self.bias, self.quant_state, self.compute_dtype = layer.bias, state, layer.compute_dtype
         self.out_features, self.in_features = layer.out_features, layer.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +162,9 @@ class FusedNF4Linear(nn.Module):
 
         rows = x.reshape(-1, x.size(-1))
         if rows.size(0) == 1:  # bitsandbytes' gemv_4bit is the faster for one row (benchmarks/gpu_nf4_gemm.py)
-            y = bnb.matmul_4bit(rows, self.packed.t(), quant_state=self.quant_state)
+            # as Linear4bit.forward calls it: in the layer's compute dtype, the output back in the input's
+            y = bnb.matmul_4bit(rows.to(self.compute_dtype or rows.dtype), self.packed.t(),
+                                quant_state=self.quant_state).to(x.dtype)
         else:  # the K parts' sum is left to the caller's compiled code, which fuses it into what follows
             y = nf4_matmul_op(rows, self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,
                               self.out_features, self.in_features, self.blocksize2).sum(0).to(x.dtype)
@@ -174,23 +181,24 @@ def is_nf4(layer: nn.Module) -> bool:
 
 def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dtype) -> Optional[str]:
     """None if the kernel agrees with bitsandbytes on this device, else why not: (layer, its FusedNF4Linear) pairs,
-    one of each shape checked, at 1, 3 and 17 rows in `dtype`, against the same rows times bitsandbytes' dequantized
-    weight in fp32. Both multiply the same rounded weights with fp32 sums; in 16 bits the output's rounding to `dtype`
-    is the difference (1.7e-3 in bf16 on an H100, benchmarks/gpu_nf4_gemm.py), so the limit is twice the dtype's
-    epsilon, where a misread nibble, scale or tile is off by about 1. Triton's CPU interpreter computes bf16 products
+    one of each shape checked, at 3 and 17 rows in `dtype` (one row runs bitsandbytes' own gemv), against the same rows
+    times bitsandbytes' dequantized weight in fp32. Both multiply the same rounded weights with fp32 sums; in 16 bits
+    the output's rounding to `dtype` is the difference (1.7e-3 in bf16 on an H100, benchmarks/gpu_nf4_gemm.py), so the
+    limit is half the dtype's epsilon (3.9e-3 in bf16): a misread nibble or scale throughout is off by about 1, one
+    wrong tile of 64 columns in the widest weight (14336) by a few 1e-2. Triton's CPU interpreter computes bf16 products
     wrongly (2026-12, Triton 3.9): there a bf16 model fails the check."""
     import bitsandbytes.functional as BF
 
     for layer, fused in {(m.out_features, m.in_features): (m, f) for m, f in layers}.values():
         w = BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-        for rows in (1, 3, 17):
+        for rows in (3, 17):
             x = torch.randn(rows, layer.in_features, device=w.device).to(dtype)
             # fp32 a slice of W at a time: a whole fp32 copy of the widest weight would raise the server's start-up
             # peak by hundreds of MB, on a card that may have no more to spare
             expected = torch.cat([x.float() @ part.float().t() for part in w.split(1024)], dim=-1)
             expected = expected + (0 if layer.bias is None else layer.bias.float())
             error = ((fused(x).float() - expected).norm() / expected.norm()).item()
-            if not error < (1e-3 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps):
+            if not error < (1e-3 if dtype == torch.float32 else torch.finfo(dtype).eps / 2):
                 return f"the kernel is off from bitsandbytes by {error:.1e} ({rows} rows, weight {tuple(w.shape)})"
     return None
 
