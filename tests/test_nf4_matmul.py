@@ -40,6 +40,34 @@ def test_fast_step_with_the_kernel_gives_the_plain_answers():
     interpreted("check_fast_step")
 
 
+def test_start_up_check_passes_bf16_rounding_and_rejects_one_misread_tile(monkeypatch):
+    """nf4_matmul.self_check in bf16, with a stand-in kernel computing the exact product (the real one's output differs
+    from it only by the rounding to bf16, measured on an H100): that passes; the same with one 64-column tile of a
+    4096-wide weight 10% off (a misread scale there) fails. The first limit, 1e-3, rejected every bf16 model."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as BF
+
+    from generate import nf4_matmul
+    from tiny_checkpoint import make_tiny_checkpoint
+    from utils import load_model
+
+    checkpoint = make_tiny_checkpoint(Path(tempfile.mkdtemp()), n_embd=64, intermediate_size=4096)
+    model = load_model(checkpoint, quantize="bnb.nf4-dq").eval()
+    layer = next(m for m in model.modules() if nf4_matmul.is_nf4(m) and m.out_features == 4096)
+    weight = BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    scale = torch.ones(4096)
+
+    def exact(x, packed, absmax, code, shape, nested, parts):
+        return (x.float() @ weight.t() * scale)[None]  # one K part, fp32
+
+    monkeypatch.setattr(nf4_matmul, "nf4_matmul", exact)
+    pairs = [(layer, nf4_matmul.FusedNF4Linear(layer))]
+    with torch.no_grad():
+        assert nf4_matmul.self_check(pairs, torch.bfloat16) is None
+        scale[128:192] = 1.1
+        assert "the kernel is off from bitsandbytes by" in nf4_matmul.self_check(pairs, torch.bfloat16)
+
+
 def test_a_kernel_that_fails_leaves_the_products_to_bitsandbytes(monkeypatch, caplog):
     """At start (the check raises, or computes something else: bitsandbytes keeps every layer, with a warning) and
     mid-serving (a step that fails in the kernel runs again without it, before torch.compile or graphs are given up)."""
