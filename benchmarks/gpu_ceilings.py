@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_fp8_kernels import median_ms  # noqa: E402
+from benchmarks.gpu_fp8_kernels import block_linears, median_ms  # noqa: E402
 from benchmarks.serve_table import copy_bandwidth  # noqa: E402
 from fast import fp8  # noqa: E402
 from model import Config  # noqa: E402
@@ -58,12 +58,9 @@ def main(model: str = "Mistral-7B-v0.1", tokens: int = 4096, iters: int = 20, fp
     print(json.dumps({"gpu": torch.cuda.get_device_name(0), "copy_TBps": round(copy_bandwidth("cuda") / 1e12, 3)}),
           flush=True)
     c = Config.from_name(model)
-    qkv = (c.n_head + 2 * c.n_query_groups) * c.head_size
-    linears = {"qkv": (qkv, c.n_embd), "proj": (c.n_embd, c.n_head * c.head_size),
-               "fc": (c.intermediate_size, c.n_embd), "down": (c.n_embd, c.intermediate_size),
-               "head": (c.vocab_size, c.n_embd)}
-    counts = {"qkv": c.n_layer, "proj": c.n_layer, "fc": c.n_layer * (2 if c.gated_mlp else 1), "down": c.n_layer,
-              "head": 1}
+    block = block_linears(c)
+    linears = {**{name: shape for name, (shape, _) in block.items()}, "head": (c.vocab_size, c.n_embd)}
+    counts = {**{name: c.n_layer * count for name, (_, count) in block.items()}, "head": 1}
     kinds = ["bf16"] + (["fp8"] if fp8_too and fp8.device_problem(torch.device("cuda")) is None else [])
     step_ms = {kind: 0.0 for kind in kinds}
     step_flop = 0.0

@@ -9,6 +9,7 @@ line per kernel and shape with its time and effective bandwidth (bytes read + wr
 import json
 import sys
 from pathlib import Path
+from typing import Dict, Tuple
 
 import torch
 
@@ -16,6 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fast import fp8  # noqa: E402
 from model import Config  # noqa: E402
+
+
+def block_linears(config: Config) -> Dict[str, Tuple[Tuple[int, int], int]]:
+    """A block's linear layers: name -> ((out_features, in_features), how many of that shape a block has)."""
+    q = (config.n_head + 2 * config.n_query_groups) * config.head_size
+    return {"qkv": ((q, config.n_embd), 1), "proj": ((config.n_embd, config.n_head * config.head_size), 1),
+            "fc": ((config.intermediate_size, config.n_embd), 2 if config.gated_mlp else 1),
+            "down": ((config.n_embd, config.intermediate_size), 1)}
 
 
 def median_ms(fn, iters: int) -> float:
@@ -41,12 +50,10 @@ def main(model: str = "Mistral-7B-v0.1", tokens: int = 2048, iters: int = 20) ->
     import bitsandbytes.functional as BF
 
     config = Config.from_name(model)
-    d, q = config.n_embd, (config.n_head + 2 * config.n_query_groups) * config.head_size
-    shapes = {"qkv": (q, d), "proj": (d, config.n_head * config.head_size), "fc": (config.intermediate_size, d),
-              "down": (d, config.intermediate_size)}
+    linears = block_linears(config)
     triton_decode, triton_cast = fp8.triton_kernels()
     compiled_decode, compiled_cast = torch.compile(fp8.decode_4bit), torch.compile(fp8.cast_rows)
-    for name, (n, k) in shapes.items():
+    for name, ((n, k), _) in linears.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
         moved = n * k // 2 + n * k // 16  # packed bytes + fp32 scales read
@@ -59,7 +66,7 @@ def main(model: str = "Mistral-7B-v0.1", tokens: int = 2048, iters: int = 20) ->
             ms = median_ms(fn, iters)
             print(json.dumps({"kernel": label, "shape": name, "out_in": [n, k], "ms": round(ms, 4),
                               "gb_per_s": round(nbytes / ms / 1e6, 1)}), flush=True)
-    for width in sorted({d, config.intermediate_size, q}):
+    for width in sorted({config.n_embd, config.intermediate_size, linears["qkv"][0][0]}):
         x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
         for label, fn in (("triton", triton_cast), ("torch.compile", compiled_cast)):
             ms = median_ms(lambda fn=fn: fn(x), iters)

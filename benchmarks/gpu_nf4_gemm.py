@@ -55,6 +55,10 @@ CONFIGS = [(BN, BK, split, warps, stages) for BN in (32, 64, 128) for BK in (128
            for warps in (4, 8) for stages in (2, 3)]
 
 
+def tiles_of(config: tuple) -> dict:
+    return dict(zip(("BN", "BK", "split_k", "num_warps", "num_stages"), config))
+
+
 def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) -> None:
     """Args:
         model: a registered config: its block's linear shapes are timed.
@@ -64,18 +68,15 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
     import bitsandbytes as bnb
     import bitsandbytes.functional as BF
 
+    from benchmarks.gpu_fp8_kernels import block_linears
     from generate.nf4_matmul import nf4_matmul, scales_of
     from model import Config
 
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_nf4_gemm.py needs a CUDA GPU")
-    c = Config.from_name(model)
-    shapes = {"qkv": ((c.n_head + 2 * c.n_query_groups) * c.head_size, c.n_embd),
-              "proj": (c.n_embd, c.n_head * c.head_size), "fc": (c.intermediate_size, c.n_embd),
-              "down": (c.n_embd, c.intermediate_size)}
-    counts = {"qkv": 1, "proj": 1, "fc": 2 if c.gated_mlp else 1, "down": 1}
-    step = {int(m): {} for m in rows.split(",")}  # rows -> config -> one block's products, ms
-    for name, (n, k) in shapes.items():
+    row_counts = [int(r) for r in rows.split(",")]
+    step = {m: {} for m in row_counts}  # rows -> config -> one block's products, ms
+    for name, ((n, k), count) in block_linears(Config.from_name(model)).items():
         # Copies enough that the 4-bit ones (and the bf16 ones) do not fit the GPU's L2 cache together: each call of a
         # graph reads its weight from memory, as a decode step does.
         copies = max(2, min(16, -(-(256 << 20) // (n * k // 2))))
@@ -86,7 +87,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
         flat = [BF.dequantize_blockwise(state.absmax, state.state2) + state.offset for _, state in quantized]
         scales = args[0][2]
         read = n * k // 2 + scales.numel() * scales.element_size()
-        for m in [int(r) for r in rows.split(",")]:
+        for m in row_counts:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             reference = x.float() @ reference_w.float().t()
 
@@ -102,13 +103,12 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
                 "fused nf4 (defaults)": timed(fused(), iters)}
             swept = {}
             for config in CONFIGS:
-                BN, BK, split, warps, stages = config
-                ms = timed(fused(BN=BN, BK=BK, split_k=split, num_warps=warps, num_stages=stages), iters)
+                ms = timed(fused(**tiles_of(config)), iters)
                 if isinstance(ms, str):
                     print(json.dumps({"shape": name, "rows": m, "config": config, "error": ms}))
                     continue
                 swept[config] = ms
-                step[m][config] = step[m].get(config, 0.0) + counts[name] * ms
+                step[m][config] = step[m].get(config, 0.0) + count * ms
             y = fused()[0]()
             row = {"shape": name, "out_in": [n, k], "rows": m, "weight_copies": copies, **timings,
                    "fused_rel_error": round(((y.float() - reference).norm() / reference.norm()).item(), 6),
@@ -116,8 +116,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
                                                   / reference.norm()).item(), 6)}
             if swept:
                 top = sorted(swept, key=swept.get)[:3]
-                BN, BK, split, warps, stages = top[0]
-                tiles = dict(BN=BN, BK=BK, split_k=split, num_warps=warps, num_stages=stages)
+                tiles = tiles_of(top[0])
                 row.update({"fused nf4 (best)": swept[top[0]], "fused_best_GBps": round(
                     (read + 2 * m * (n + k)) / swept[top[0]] / 1e6, 1),
                     "top3_BN_BK_split_warps_stages": [[*c, swept[c]] for c in top],

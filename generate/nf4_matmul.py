@@ -100,8 +100,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     if K % blocksize or BK % blocksize:
         raise ValueError(f"nf4_matmul: rows of {K} values and steps of {BK} must be whole blocks of {blocksize}")
     BM = max(16, triton.next_power_of_2(M))
-    k_part = _k_part(K, BK, split_k)
-    out = torch.empty((-(-K // k_part), M, N), device=x.device, dtype=torch.float32)
+    k_part, n_parts = _k_parts(K, BK, split_k)
+    out = torch.empty((n_parts, M, N), device=x.device, dtype=torch.float32)
     absmax2, code2, offset, blocksize2 = nested if nested is not None else (absmax, code, code, 1)
     kernel()[(-(-N // BN), out.size(0))](
         x.contiguous(), packed.reshape(-1), absmax, code.float(), absmax2.float(), code2.float(), offset.float(),
@@ -110,9 +110,10 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     return out if parts else out.sum(0).to(x.dtype)
 
 
-def _k_part(K: int, BK: int, split_k: int) -> int:
-    """K per part: whole steps of BK, at most split_k parts."""
-    return -(-K // max(1, min(split_k, K // BK)) // BK) * BK
+def _k_parts(K: int, BK: int, split_k: int) -> Tuple[int, int]:
+    """K per part (whole steps of BK) and how many parts: at most split_k."""
+    k_part = -(-K // max(1, min(split_k, K // BK)) // BK) * BK
+    return k_part, -(-K // k_part)
 
 
 # An operator of its own, so that torch.compile treats the kernel launch as one opaque call with a known output shape.
@@ -126,8 +127,7 @@ def nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, c
 
 @nf4_matmul_op.register_fake
 def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize2):
-    parts = -(-k // _k_part(k, DEFAULT_BK, DEFAULT_SPLIT_K))
-    return x.new_empty((parts, x.size(0), n), dtype=torch.float32)
+    return x.new_empty((_k_parts(k, DEFAULT_BK, DEFAULT_SPLIT_K)[1], x.size(0), n), dtype=torch.float32)
 
 
 def scales_of(state) -> Tuple[torch.Tensor, Optional[tuple]]:
