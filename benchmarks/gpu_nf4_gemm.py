@@ -8,11 +8,11 @@ replays of a CUDA graph (as the server runs its step) over copies of the weight 
 Why: the serving table's NF4 rows reached 25% (1 stream) and 8% (30 streams) of the bandwidth bound of their 4-bit
 bytes (docs/serving.md). A decode step reads each weight once; in 4 bits that is a quarter of bf16's bytes, so a kernel
 that decodes in its tiles could beat bf16 rather than trail it. Per shape and row count: the kernel with its defaults,
-the best of a sweep of tiles, K splits, warps and pipeline stages (and those tiles with the scales decoded to fp32
-beforehand), its effective bandwidth (4-bit bytes and block scales read, output written), and its error against
-x @ W^T with W dequantized by bitsandbytes (double-quantized scales, as QLoRA's bnb.nf4-dq) beside the error of
-rounding that product to bf16. Last, per row count, the sweep's fastest configurations for a whole block's products.
-Results: docs/speed/h100_2026-12-06_nf4_kernel.md.
+the best of a sweep of tiles, K splits, warps, stages and lookups (byte permutes or a gather; and the best with the
+scales decoded to fp32 beforehand), its effective bandwidth (4-bit bytes and block scales read, output written), and
+its error against x @ W^T with W dequantized by bitsandbytes (double-quantized scales, as QLoRA's bnb.nf4-dq) beside
+the error of rounding that product to bf16. Last, per row count, the sweep's fastest configurations for a whole
+block's products. Results: docs/speed/h100_2026-12-06_nf4_kernel.md.
 """
 
 import json
@@ -48,15 +48,16 @@ def timed(calls: list, iters: int):
         return f"failed: {one_line(e)[:160]}"
 
 
-# (BN, BK, split_k, num_warps, num_stages) around the defaults. The first sweeps (2026-12-06, H100) found the code
-# table in registers 4-6x faster than loaded per value, and more stages, warps or wider tiles no help: the kernel is
-# bound by decoding, not by loads in flight (docs/speed/h100_2026-12-06_nf4_kernel.md).
-CONFIGS = [(BN, BK, split, warps, stages) for BN in (32, 64, 128) for BK in (128, 256) for split in (2, 4, 8)
-           for warps in (4, 8) for stages in (2, 3)]
+# (BN, split_k, num_warps, num_stages, lookup) around the defaults. The first sweeps (2026-12-06, H100) found the kernel
+# bound by its instructions, not by loads in flight (docs/speed/h100_2026-12-06_nf4_kernel.md); the kernel since then
+# decodes by byte permutes and scales the product's sums; "gather" is its table read by tl.gather instead.
+CONFIGS = [(BN, split, warps, 4, "ptx") for BN in (64, 128, 256) for split in (4, 8, 16) for warps in (4, 8)] + [
+    (128, 8, 4, stages, "ptx") for stages in (2, 3, 6)] + [(128, 8, 4, 4, "gather"), (64, 4, 4, 4, "gather")]
 
 
-def tiles_of(config: tuple) -> dict:
-    return dict(zip(("BN", "BK", "split_k", "num_warps", "num_stages"), config))
+def tiles_of(config: tuple, ptx: str) -> dict:
+    tiles = dict(zip(("BN", "split_k", "num_warps", "num_stages", "lookup"), config))
+    return {**tiles, "lookup": ptx if tiles["lookup"] == "ptx" else ""}
 
 
 def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) -> None:
@@ -69,7 +70,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
     import bitsandbytes.functional as BF
 
     from benchmarks.gpu_fp8_kernels import block_linears
-    from generate.nf4_matmul import nf4_matmul, scales_of
+    from generate.nf4_matmul import lookup_ptx, nf4_matmul, scales_of
     from model import Config
 
     if not torch.cuda.is_available():
@@ -84,6 +85,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
         quantized = [BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in weights]
         args = [(packed, state.code, *scales_of(state)) for packed, state in quantized]
         reference_w = BF.dequantize_4bit(*quantized[0])
+        ptx = lookup_ptx(quantized[0][1].code.tolist(), torch.bfloat16)
         flat = [BF.dequantize_blockwise(state.absmax, state.state2) + state.offset for _, state in quantized]
         scales = args[0][2]
         read = n * k // 2 + scales.numel() * scales.element_size()
@@ -100,26 +102,26 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
                 "bitsandbytes matmul_4bit": timed([lambda q=q: bnb.matmul_4bit(x, q[0].t(), quant_state=q[1])
                                                    for q in quantized], iters),
                 "dequantize + cuBLAS": timed([lambda q=q: x @ BF.dequantize_4bit(*q).t() for q in quantized], iters),
-                "fused nf4 (defaults)": timed(fused(), iters)}
+                "fused nf4 (defaults, as served)": timed(fused(lookup=ptx), iters)}
             swept = {}
             for config in CONFIGS:
-                ms = timed(fused(**tiles_of(config)), iters)
+                ms = timed(fused(**tiles_of(config, ptx)), iters)
                 if isinstance(ms, str):
                     print(json.dumps({"shape": name, "rows": m, "config": config, "error": ms}))
                     continue
                 swept[config] = ms
                 step[m][config] = step[m].get(config, 0.0) + count * ms
-            y = fused()[0]()
+            y = fused(lookup=ptx)[0]()
             row = {"shape": name, "out_in": [n, k], "rows": m, "weight_copies": copies, **timings,
                    "fused_rel_error": round(((y.float() - reference).norm() / reference.norm()).item(), 6),
                    "bf16_output_rounding": round(((reference.bfloat16().float() - reference).norm()
                                                   / reference.norm()).item(), 6)}
             if swept:
                 top = sorted(swept, key=swept.get)[:3]
-                tiles = tiles_of(top[0])
+                tiles = tiles_of(top[0], ptx)
                 row.update({"fused nf4 (best)": swept[top[0]], "fused_best_GBps": round(
                     (read + 2 * m * (n + k)) / swept[top[0]] / 1e6, 1),
-                    "top3_BN_BK_split_warps_stages": [[*c, swept[c]] for c in top],
+                    "top3_BN_split_warps_stages_lookup": [[*c, swept[c]] for c in top],
                     # the same tiles with the scales decoded to fp32 beforehand (no double quantization in the loop)
                     "fused nf4 (best, fp32 scales)": timed([lambda p=p, c=c, f=f: nf4_matmul(x, p, f, c, (n, k), None,
                                                                                           **tiles)

@@ -3,19 +3,25 @@
 A decode step reads every weight once. bitsandbytes multiplies a 4-bit weight by one row through its gemv_4bit kernel
 and by more rows by dequantizing the whole weight to bf16 first (writing and reading a bf16 copy of every weight per
 step); the serving table measured both far from the bandwidth bound of the 4-bit bytes (docs/serving.md). Here each
-program holds a BN-column slice of W and one of `split_k` parts of K; per BK step it loads BN x BK/2 bytes, decodes
-them through the 16-entry code table times their block's scale (double-quantized scales decoded in the kernel too),
-and multiplies on the tensor cores (rows padded to 16). Splitting K gives a product with few rows enough programs to
-keep the memory system busy; the parts are summed after, by the caller's compiled code in the server's step. For
-16-32 rows that is about twice bitsandbytes' speed on an H100, yet bound by the decoding rather than by memory
-(docs/speed/h100_2026-12-06_nf4_kernel.md); one row stays with bitsandbytes' gemv_4bit, the faster there.
+program holds a BN-column slice of W and one of `split_k` parts of K; per step it loads one block of scales' worth of
+bytes (BN x 32 for blocks of 64), turns them into the code table's values in x's dtype, multiplies them with the rows
+of x on the tensor cores (W's tile as the wide operand; rows padded to 16), and scales the product's sums by the
+block's scale (double-quantized scales decoded in the kernel too). Splitting K gives a product with few rows enough
+programs to keep the memory system busy; the parts are summed after, by the caller's compiled code in the server's
+step. One row stays with bitsandbytes' gemv_4bit.
+
+Such a product is bound by the instructions that decode the weights rather than by memory: a first design, which
+read the table with tl.gather and scaled every weight, ran at 15-23% of an H100's bandwidth
+(docs/speed/h100_2026-12-06_nf4_kernel.md). Now on a GPU the table is read by byte permutes (`lookup_program`) and
+the scale applied once per block and output: 7.5 instructions per weight value in the main loop, against 23
+(benchmarks/nf4_kernel_sass.py, compiled for sm_90 on a CPU). The table's values are rounded to x's dtype before the
+scale rather than after it, as bitsandbytes does: a difference of rounding, within the start-up check's limit.
 
 The layout is bitsandbytes' (`Params4bit` data and `QuantState`): the flattened (out, in) weight two codes per byte,
 high nibble first, one scale per block of `blocksize` consecutive values. Checked against dequantize-then-matmul in
-Triton's CPU interpreter (tests/test_nf4_matmul.py) and, on a GPU, by `self_check` before use; timed against
-bitsandbytes by benchmarks/gpu_nf4_gemm.py.
+Triton's CPU interpreter (tests/test_nf4_matmul.py; the byte permutes by simulating their instructions there) and, on
+a GPU, by `self_check` before use; timed against bitsandbytes by benchmarks/gpu_nf4_gemm.py.
 """
-
 import functools
 import importlib.util
 import os
@@ -32,6 +38,45 @@ def available(device: torch.device) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def lookup_program(words: List[int]) -> List[Tuple[str, ...]]:
+    """The 16-entry code table as byte permutes: PTX instructions (op, destination, sources) that turn one 32-bit
+    register of 4 weight bytes ($4) into one 32-bit register per byte ($0-$3): its high nibble's 16-bit table word in
+    the low half, its low nibble's in the high half (W[n, 2c], W[n, 2c + 1], in the order a product reads them).
+    `prmt` picks 4 bytes out of 8 by 4 selectors of 3 bits: a nibble's low 3 bits select among entries 0-7 and among
+    8-15 of one byte plane of the table (its words' low or high bytes, as immediates), its top bit picks between the
+    two. About 3 instructions per value, where a gather costs a shuffle and its bounds checks. Checked on the CPU by
+    simulating these instructions (tests/test_nf4_matmul.py), on a GPU by `self_check`."""
+    # $4's nibbles, low to high: l0 h0 l1 h1 | l2 h2 l3 h3 (byte j = h_j << 4 | l_j); group a is the low half
+    program = [("and.b32", "sa", "$4", "0x7777"), ("shr.b32", "sb", "$4", "16"), ("and.b32", "sb", "sb", "0x7777")]
+    for g, shift in (("a", "1"), ("b", "17")):  # per byte: 4 + position when the nibble's top bit is set, else position
+        program += [("shr.b32", f"h{g}", "$4", shift), ("and.b32", f"h{g}", f"h{g}", "0x4444"),
+                    ("or.b32", f"h{g}", f"h{g}", "0x3210")]
+    for p in range(2):
+        plane = [(w >> 8 * p) & 0xFF for w in words]
+        quarter = [f"{sum(plane[4 * r + e] << 8 * e for e in range(4)):#010x}" for r in range(4)]
+        program += [("mov.b32", f"t{r}", quarter[r]) for r in range(4)]
+        for g in "ab":  # g{p}: byte p of the group's 4 values, in its nibbles' order
+            program += [("prmt.b32", "lo", "t0", "t1", f"s{g}"), ("prmt.b32", "hi", "t2", "t3", f"s{g}"),
+                        ("prmt.b32", f"{g}{p}", "lo", "hi", f"h{g}")]
+    for g, first, second in (("a", "$0", "$1"), ("b", "$2", "$3")):  # per byte, its two words from the two planes
+        program += [("prmt.b32", first, f"{g}0", f"{g}1", "0x4051"), ("prmt.b32", second, f"{g}0", f"{g}1", "0x6273")]
+    return program
+
+
+def table_words(code: List[float], dtype: torch.dtype) -> List[int]:
+    """The code table in a 16-bit dtype, as the bits of each value."""
+    return torch.tensor(code, dtype=torch.float32).to(dtype).view(torch.int16).to(torch.int32).bitwise_and(
+        0xFFFF).tolist()
+
+
+def lookup_ptx(code: List[float], dtype: torch.dtype) -> str:
+    """lookup_program for the code table in `dtype` (bf16 or fp16), as the text of one inline-asm block."""
+    program = lookup_program(table_words(code, dtype))
+    names = sorted({r for _, *regs in program for r in regs if r[0].isalpha()})
+    return "\n".join(["{", f".reg .b32 {', '.join(names)};", *(f"{op} {', '.join(regs)};" for op, *regs in program),
+                      "}"])
+
+
 @functools.lru_cache(maxsize=None)
 def kernel():
     """Defined on first call, so that a process started with TRITON_INTERPRET=1 runs it on the CPU."""
@@ -40,79 +85,76 @@ def kernel():
 
     @triton.jit
     def nf4_matmul_kernel(x, packed, absmax, code, absmax2, code2, offset, out, M, N, K, K_PART,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                          BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, IEEE: tl.constexpr):
+                          BM: tl.constexpr, BN: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                          NESTED: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr):
         cols = tl.program_id(0) * BN + tl.arange(0, BN)  # output columns = rows of W
         part = tl.program_id(1)
         rows = tl.arange(0, BM)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        # The 16 code values in registers, read by tl.gather: several times faster than a load per value.
-        table = tl.broadcast_to(tl.load(code + tl.arange(0, 16))[None, :], (BN, 16))
-        for k0 in range(part * K_PART, tl.minimum((part + 1) * K_PART, K), BK):
-            ks = k0 + tl.arange(0, BK)
-            xs = tl.load(x + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-            half = k0 // 2 + tl.arange(0, BK // 2)  # byte c of a row holds W[n, 2c] (high nibble) and W[n, 2c + 1]
-            valid = (cols[:, None] < N) & (half[None, :] < K // 2)
-            byte = tl.load(packed + cols[:, None].to(tl.int64) * (K // 2) + half[None, :], mask=valid, other=0)
-            byte = byte.to(tl.int32)
-            # One scale per BLOCKSIZE values of a row (rows are whole blocks: K % BLOCKSIZE == 0), loaded once per tile
-            # as (BN, BK / BLOCKSIZE) and spread over the block's BLOCKSIZE / 2 bytes.
-            nth = tl.arange(0, BK // BLOCKSIZE)
-            block = (cols[:, None].to(tl.int64) * K + k0) // BLOCKSIZE + nth[None, :]
-            in_range = (cols[:, None] < N) & (k0 + nth[None, :] * BLOCKSIZE < K)
+        acc = tl.zeros((BN, BM), dtype=tl.float32)  # W's tile is the wide operand of the product (BN >= 64 rows)
+        table = tl.broadcast_to(tl.load(code + tl.arange(0, 16)).to(x.dtype.element_ty)[None, :], (BN, 16))
+        # One block of scales per step: rows are whole blocks (K % BLOCKSIZE == 0), so no step runs past K
+        for k0 in range(part * K_PART, tl.minimum((part + 1) * K_PART, K), BLOCKSIZE):
+            ks = k0 + tl.arange(0, BLOCKSIZE)
+            xs = tl.load(x + rows[:, None] * K + ks[None, :], mask=rows[:, None] < M, other=0.0)
+            half = k0 // 2 + tl.arange(0, BLOCKSIZE // 2)  # byte c of a row holds W[n, 2c] (high nibble), W[n, 2c + 1]
+            byte = tl.load(packed + cols[:, None].to(tl.int64) * (K // 2) + half[None, :], mask=cols[:, None] < N,
+                           other=0)
+            block = (cols.to(tl.int64) * K + k0) // BLOCKSIZE
             if NESTED:  # QLoRA's double quantization: 8-bit codes of the scales, one fp32 scale per BLOCKSIZE2 of them
-                scale = tl.load(code2 + tl.load(absmax + block, mask=in_range, other=0).to(tl.int32))
-                scale = scale * tl.load(absmax2 + block // BLOCKSIZE2, mask=in_range, other=0.0) + tl.load(offset)
+                scale = tl.load(code2 + tl.load(absmax + block, mask=cols < N, other=0).to(tl.int32))
+                scale = scale * tl.load(absmax2 + block // BLOCKSIZE2, mask=cols < N, other=0.0) + tl.load(offset)
             else:
-                scale = tl.load(absmax + block, mask=in_range, other=0.0)
-            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BN, BK // BLOCKSIZE, BLOCKSIZE // 2)), (BN, BK // 2))
-            hi = tl.gather(table, byte >> 4, axis=1) * scale
-            lo = tl.gather(table, byte & 15, axis=1) * scale
-            w = tl.interleave(hi, lo).to(xs.dtype)  # (BN, BK), k in order
-            if IEEE:
-                acc += tl.dot(xs, tl.trans(w), input_precision="ieee")
+                scale = tl.load(absmax + block, mask=cols < N, other=0.0)
+            if PTX is not None:  # the table as byte permutes (lookup_ptx), 4 bytes per call
+                pair = tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r", [byte], dtype=tl.int32, is_pure=True, pack=4)
+                hi = pair.to(tl.int16).to(xs.dtype, bitcast=True)
+                lo = (pair >> 16).to(tl.int16).to(xs.dtype, bitcast=True)
             else:
-                acc += tl.dot(xs, tl.trans(w))
-        tl.store(out + part * M * N + rows[:, None] * N + cols[None, :], acc,
-                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+                hi = tl.gather(table, byte.to(tl.int32) >> 4, axis=1)
+                lo = tl.gather(table, byte.to(tl.int32) & 15, axis=1)
+            w = tl.interleave(hi, lo)  # (BN, BLOCKSIZE), k in order: the code values, in x's dtype
+            # the block's scale applied to the product's sums: once per column and row instead of once per weight
+            acc += tl.dot(w, tl.trans(xs), input_precision=PRECISION) * scale[:, None]
+        tl.store(out + part * M * N + rows[None, :] * N + cols[:, None], acc,
+                 mask=(rows[None, :] < M) & (cols[:, None] < N))
 
     return nf4_matmul_kernel
 
 
-# They set the shape of the operator's output (K parts), which its fake computes from them too.
-DEFAULT_BK, DEFAULT_SPLIT_K = 128, 4
+DEFAULT_SPLIT_K = 8  # it sets the shape of the operator's output (K parts), which its fake computes from it too
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                shape: Tuple[int, int], nested: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = None,
-               BN: int = 64, BK: int = DEFAULT_BK, split_k: int = DEFAULT_SPLIT_K, num_warps: int = 4,
-               num_stages: int = 3, parts: bool = False) -> torch.Tensor:
+               BN: int = 128, split_k: int = DEFAULT_SPLIT_K, num_warps: int = 4, num_stages: int = 4,
+               lookup: str = "", parts: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes,
     `absmax` its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds
-    the double quantization), `code` its 16-value table. split_k: K parts, each summed by its own programs (the
-    defaults were the fastest for a Mistral-7B block at 1, 16 and 32 rows on an H100, benchmarks/gpu_nf4_gemm.py).
-    parts: return the fp32 (parts, M, N) sums unsummed, so that a compiled caller fuses the sum into what follows."""
+    the double quantization), `code` its 16-value table, used in x's dtype. split_k: K parts, each summed by its own
+    programs (benchmarks/gpu_nf4_gemm.py times the choices). lookup: decode the nibbles by lookup_ptx's text for
+    x's dtype (CUDA only; `code` must be the table it was made from), or by a gather if empty. parts: return the fp32
+    (parts, M, N) sums unsummed, so that a compiled caller fuses the sum into what follows."""
     import triton
 
     N, K = shape
     M = x.size(0)
     blocksize = N * K // absmax.numel()
-    if K % blocksize or BK % blocksize:
-        raise ValueError(f"nf4_matmul: rows of {K} values and steps of {BK} must be whole blocks of {blocksize}")
-    BM = max(16, triton.next_power_of_2(M))
-    k_part, n_parts = _k_parts(K, BK, split_k)
+    if K % blocksize:
+        raise ValueError(f"nf4_matmul: rows of {K} values must be whole blocks of {blocksize}")
+    k_part, n_parts = _k_parts(K, blocksize, split_k)
     out = torch.empty((n_parts, M, N), device=x.device, dtype=torch.float32)
     absmax2, code2, offset, blocksize2 = nested if nested is not None else (absmax, code, code, 1)
-    kernel()[(-(-N // BN), out.size(0))](
+    kernel()[(-(-N // BN), n_parts)](
         x.contiguous(), packed.reshape(-1), absmax, code.float(), absmax2.float(), code2.float(), offset.float(),
-        out, M, N, K, k_part, BM=BM, BN=BN, BK=BK, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2,
-        NESTED=nested is not None, IEEE=x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        out, M, N, K, k_part, BM=max(16, triton.next_power_of_2(M)), BN=BN, BLOCKSIZE=blocksize,
+        BLOCKSIZE2=blocksize2, NESTED=nested is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PTX=lookup or None, num_warps=num_warps, num_stages=num_stages)
     return out if parts else out.sum(0).to(x.dtype)
 
 
-def _k_parts(K: int, BK: int, split_k: int) -> Tuple[int, int]:
-    """K per part (whole steps of BK) and how many parts: at most split_k."""
-    k_part = -(-K // max(1, min(split_k, K // BK)) // BK) * BK
+def _k_parts(K: int, step: int, split_k: int) -> Tuple[int, int]:
+    """K per part (whole steps) and how many parts: at most split_k."""
+    k_part = -(-K // max(1, min(split_k, K // step)) // step) * step
     return k_part, -(-K // k_part)
 
 
@@ -120,14 +162,14 @@ def _k_parts(K: int, BK: int, split_k: int) -> Tuple[int, int]:
 @torch.library.custom_op("oneday::nf4_matmul", mutates_args=())
 def nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                   absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
-                  n: int, k: int, blocksize2: int) -> torch.Tensor:
+                  n: int, k: int, blocksize: int, blocksize2: int, lookup: str) -> torch.Tensor:
     nested = (absmax2, code2, offset, blocksize2) if absmax2 is not None else None
-    return nf4_matmul(x, packed, absmax, code, (n, k), nested, parts=True)
+    return nf4_matmul(x, packed, absmax, code, (n, k), nested, lookup=lookup, parts=True)
 
 
 @nf4_matmul_op.register_fake
-def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize2):
-    return x.new_empty((_k_parts(k, DEFAULT_BK, DEFAULT_SPLIT_K)[1], x.size(0), n), dtype=torch.float32)
+def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2, lookup):
+    return x.new_empty((_k_parts(k, blocksize, DEFAULT_SPLIT_K)[1], x.size(0), n), dtype=torch.float32)
 
 
 def scales_of(state) -> Tuple[torch.Tensor, Optional[tuple]]:
@@ -156,6 +198,10 @@ class FusedNF4Linear(nn.Module):
         self.register_buffer("offset", offset, persistent=False)
         self.bias, self.quant_state, self.compute_dtype = layer.bias, state, layer.compute_dtype
         self.out_features, self.in_features = layer.out_features, layer.in_features
+        # the table's byte permutes where they can run (the CPU interpreter runs no PTX); made once, here: reading the
+        # table back from the GPU at every call would stop a CUDA graph's capture
+        self.lookups = {dtype: lookup_ptx(state.code.tolist(), dtype) for dtype in (torch.bfloat16, torch.float16)
+                        } if self.packed.is_cuda else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
@@ -167,7 +213,8 @@ class FusedNF4Linear(nn.Module):
                                 quant_state=self.quant_state).to(x.dtype)
         else:  # the K parts' sum is left to the caller's compiled code, which fuses it into what follows
             y = nf4_matmul_op(rows, self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,
-                              self.out_features, self.in_features, self.blocksize2).sum(0).to(x.dtype)
+                              self.out_features, self.in_features, self.quant_state.blocksize, self.blocksize2,
+                              self.lookups.get(rows.dtype, "")).sum(0).to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -182,11 +229,12 @@ def is_nf4(layer: nn.Module) -> bool:
 def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dtype) -> Optional[str]:
     """None if the kernel agrees with bitsandbytes on this device, else why not: (layer, its FusedNF4Linear) pairs,
     one of each shape checked, at 3 and 17 rows in `dtype` (one row runs bitsandbytes' own gemv), against the same rows
-    times bitsandbytes' dequantized weight in fp32. Both multiply the same rounded weights with fp32 sums; in 16 bits
-    the output's rounding to `dtype` is the difference (1.7e-3 in bf16 on an H100, benchmarks/gpu_nf4_gemm.py), so the
-    limit is half the dtype's epsilon (3.9e-3 in bf16): a misread nibble or scale throughout is off by about 1, one
-    wrong tile of 64 columns in the widest weight (14336) by a few 1e-2. Triton's CPU interpreter computes bf16 products
-    wrongly (2026-12, Triton 3.9): there a bf16 model fails the check."""
+    times bitsandbytes' dequantized weight in fp32. Both sum in fp32; they differ by rounding: the output's to `dtype`
+    (1.7e-3 in bf16 on an H100 for the first design, benchmarks/gpu_nf4_gemm.py) and the weights' (bitsandbytes rounds
+    code x scale to `dtype`, the kernel the code before the scale: together 2.7e-3 for a 4096 x 4096 weight in bf16,
+    simulated on the CPU), so the limit is half the dtype's epsilon (3.9e-3 in bf16): a misread nibble or scale
+    throughout is off by about 1, one wrong tile of 64 columns in the widest weight (14336) by a few 1e-2. Triton's
+    CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails the check."""
     import bitsandbytes.functional as BF
 
     for layer, fused in {(m.out_features, m.in_features): (m, f) for m, f in layers}.values():

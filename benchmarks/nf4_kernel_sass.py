@@ -1,0 +1,103 @@
+"""How many GPU instructions generate/nf4_matmul.py's kernel spends per weight value, found without a GPU: the kernel is
+compiled ahead of time for a CUDA architecture by Triton's own compiler and ptxas (both in the triton wheel), and the
+instructions of its main loop counted in the disassembly.
+
+    python benchmarks/nf4_kernel_sass.py --arch 90 --configs 128x16x4,64x16x4
+    python benchmarks/nf4_kernel_sass.py --source old_nf4_matmul.py    # another version of the file, to compare
+
+Why: the decode step's 4-bit products were measured bound by the instructions that decode the weights, not by memory
+(docs/speed/h100_2026-12-06_nf4_kernel.md): at a Mistral-7B block's size an H100 issues about 930 billion warp
+instructions a second, so each instruction per weight value costs about 7 microseconds a block, against 37 for
+reading the block's 4-bit bytes at the copy bandwidth. Counting them is a check anyone can re-run on a CPU; the time
+itself is benchmarks/gpu_nf4_gemm.py's, on a GPU. One JSON line per configuration: loop instructions, per weight
+value, registers per thread, shared memory, and the most frequent instructions.
+"""
+
+import collections
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def load(source: Path):
+    spec = importlib.util.spec_from_file_location("nf4_source", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def loop_instructions(sass: str) -> list:
+    """The instructions of the longest backward branch's body: the kernel's main loop."""
+    code = [(int(m.group(1), 16), m.group(2)) for line in sass.splitlines()
+            if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line))]
+    index = {address: i for i, (address, _) in enumerate(code)}
+    loops = [(index[target], i) for i, (address, text) in enumerate(code) if "BRA" in text
+             for target in [int(t, 16) for t in re.findall(r"0x([0-9a-f]+)", text)[-1:]]
+             if target < address and target in index]
+    first, last = max(loops, key=lambda loop: loop[1] - loop[0])
+    return [text.split()[1] if text.startswith("@") else text.split()[0] for _, text in code[first:last + 1]]
+
+
+def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs: str = "128x16x4,64x16x4",
+         stages: int = 4) -> None:
+    """Args:
+        source: the nf4_matmul.py whose kernel() is compiled.
+        arch: CUDA compute capability times ten (80 A100, 89 L4 / RTX 4090, 90 H100).
+        configs: BNxBMxWARPS, comma-separated: columns of W per program, rows of x (16 is the fewest a product
+            takes), warps.
+        stages: software pipeline stages.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    nf4 = load(source)
+    kernel = nf4.kernel()
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    nf4_code = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0]  # bitsandbytes' NF4 table
+    pointers = {"x": "*bf16", "packed": "*u8", "absmax": "*u8", "code": "*fp32", "absmax2": "*fp32",
+                "code2": "*fp32", "offset": "*fp32", "out": "*fp32"}
+    signature = {**pointers, "M": "i32", "N": "i32", "K": "i32", "K_PART": "i32"}
+    for config in configs.split(","):
+        BN, BM, warps = (int(v) for v in config.split("x"))
+        # the constants each version of the kernel takes (older ones: a K step BK and an IEEE switch)
+        known = {"BM": BM, "BN": BN, "BK": 128, "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": True, "IEEE": False,
+                 "PRECISION": "tf32", "SWAP": True,
+                 "PTX": nf4.lookup_ptx(nf4_code, torch.bfloat16) if hasattr(nf4, "lookup_ptx") else None}
+        constants = {name: known[name] for name in kernel.arg_names if name in known}
+        # what a launch specializes: pointers and sizes divisible by 16 (N, K and the K part are, in every model)
+        divisible = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
+                     for n in [*pointers, "N", "K", "K_PART"]}
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature={**signature, **{n: "constexpr" for n in constants}}, constexprs=constants,
+                      attrs=divisible),
+            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+        cubin = Path(f"/tmp/nf4_kernel_sm{arch}.cubin")
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+        loop = loop_instructions(sass)
+        # values a thread decodes per loop step: the step's BN x (K step) weights over the program's threads
+        values = BN * constants.get("BK", 64) // (32 * warps)
+        print(json.dumps({"source": str(source), "arch": arch, "BN": BN, "BM": BM, "warps": warps, "stages": stages,
+                          "loop_instructions": len(loop), "per_value": round(len(loop) / values, 1),
+                          "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+                          "shared_bytes": compiled.metadata.shared,
+                          "most_frequent": collections.Counter(loop).most_common(8)}), flush=True)
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main)
