@@ -44,7 +44,8 @@ def lookup_program(words: List[int]) -> List[Tuple[str, ...]]:
     the low half, its low nibble's in the high half (W[n, 2c], W[n, 2c + 1], in the order a product reads them).
     `prmt` picks 4 bytes out of 8 by 4 selectors of 3 bits: a nibble's low 3 bits select among entries 0-7 and among
     8-15 of one byte plane of the table (its words' low or high bytes, as immediates), its top bit picks between the
-    two. About 3 instructions per value, where a gather costs a shuffle and its bounds checks. Checked on the CPU by
+    two. About 4 instructions per value (3 without the table's immediates), where a gather costs a shuffle and
+    its bounds checks. Checked on the CPU by
     simulating these instructions (tests/test_nf4_matmul.py), on a GPU by `self_check`."""
     # $4's nibbles, low to high: l0 h0 l1 h1 | l2 h2 l3 h3 (byte j = h_j << 4 | l_j); group a is the low half
     program = [("and.b32", "sa", "$4", "0x7777"), ("shr.b32", "sb", "$4", "16"), ("and.b32", "sb", "sb", "0x7777")]
@@ -163,6 +164,8 @@ def _k_parts(K: int, step: int, split_k: int) -> Tuple[int, int]:
 def nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                   absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
                   n: int, k: int, blocksize: int, blocksize2: int, lookup: str) -> torch.Tensor:
+    if blocksize != n * k // absmax.numel():  # the fake's output shape is computed from it
+        raise ValueError(f"nf4_matmul_op: blocksize {blocksize}, but {absmax.numel()} scales for {n} x {k}")
     nested = (absmax2, code2, offset, blocksize2) if absmax2 is not None else None
     return nf4_matmul(x, packed, absmax, code, (n, k), nested, lookup=lookup, parts=True)
 

@@ -80,6 +80,11 @@ def test_byte_permute_lookup_decodes_every_byte_in_every_position():
             registers = run_ptx(program, int.from_bytes(bytes(data), "little"))
             for j, byte in enumerate(data):
                 assert registers[f"${j}"] == words[byte >> 4] | words[byte & 15] << 16, (dtype, j, byte)
+            # as the kernel reads them: the low half is W[n, 2c], the high half W[n, 2c + 1]
+            pairs = torch.tensor([registers[f"${j}"] for j in range(4)], dtype=torch.int64)
+            halves = torch.stack([pairs & 0xFFFF, pairs >> 16], 1).reshape(-1).to(torch.int32).to(torch.int16)
+            nibbles = torch.tensor([[b >> 4, b & 15] for b in data]).reshape(-1)
+            assert halves.view(dtype).equal(torch.tensor(code).to(dtype)[nibbles]), (dtype, data)
 
 
 def test_start_up_check_passes_bf16_rounding_and_rejects_one_misread_tile(monkeypatch):
