@@ -86,7 +86,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
         quantized = [BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in weights]
         args = [(packed, state.code, *scales_of(state)) for packed, state in quantized]
         reference_w = BF.dequantize_4bit(*quantized[0])
-        ptx = lookup_ptx(quantized[0][1].code.tolist(), torch.bfloat16)
+        ptx = lookup_ptx(tuple(quantized[0][1].code.tolist()), torch.bfloat16)
         flat = [BF.dequantize_blockwise(state.absmax, state.state2) + state.offset for _, state in quantized]
         scales = args[0][2]
         read = n * k // 2 + scales.numel() * scales.element_size()

@@ -54,6 +54,7 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
             takes), warps.
         stages: software pipeline stages.
     """
+    import bitsandbytes.functional
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -61,10 +62,7 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
     nf4 = load(source)
     kernel = nf4.kernel()
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    nf4_code = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                0.7229568362236023, 1.0]  # bitsandbytes' NF4 table
+    nf4_code = tuple(bitsandbytes.functional.get_4bit_type("nf4", device="cpu").tolist())
     pointers = {"x": "*bf16", "packed": "*u8", "absmax": "*u8", "code": "*fp32", "absmax2": "*fp32",
                 "code2": "*fp32", "offset": "*fp32", "out": "*fp32"}
     signature = {**pointers, "M": "i32", "N": "i32", "K": "i32", "K_PART": "i32"}

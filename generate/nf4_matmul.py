@@ -70,8 +70,10 @@ def table_words(code: List[float], dtype: torch.dtype) -> List[int]:
         0xFFFF).tolist()
 
 
-def lookup_ptx(code: List[float], dtype: torch.dtype) -> str:
-    """lookup_program for the code table in `dtype` (bf16 or fp16), as the text of one inline-asm block."""
+@functools.lru_cache(maxsize=None)
+def lookup_ptx(code: Tuple[float, ...], dtype: torch.dtype) -> str:
+    """lookup_program for the code table in `dtype` (bf16 or fp16), as the text of one inline-asm block; made once
+    per table, which every NF4 layer of a model shares."""
     program = lookup_program(table_words(code, dtype))
     names = sorted({r for _, *regs in program for r in regs if r[0].isalpha()})
     return "\n".join(["{", f".reg .b32 {', '.join(names)};", *(f"{op} {', '.join(regs)};" for op, *regs in program),
@@ -203,7 +205,7 @@ class FusedNF4Linear(nn.Module):
         self.out_features, self.in_features = layer.out_features, layer.in_features
         # the table's byte permutes where they can run (the CPU interpreter runs no PTX); made once, here: reading the
         # table back from the GPU at every call would stop a CUDA graph's capture
-        self.lookups = {dtype: lookup_ptx(state.code.tolist(), dtype) for dtype in (torch.bfloat16, torch.float16)
+        self.lookups = {dtype: lookup_ptx(tuple(state.code.tolist()), dtype) for dtype in (torch.bfloat16, torch.float16)
                         } if self.packed.is_cuda else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
