@@ -11,6 +11,12 @@ instructions a second, so each instruction per weight value costs about 7 micros
 reading the block's 4-bit bytes at the copy bandwidth. Counting them is a check anyone can re-run on a CPU; the time
 itself is benchmarks/gpu_nf4_gemm.py's, on a GPU. One JSON line per configuration: loop instructions, per weight
 value, registers per thread, shared memory, and the most frequent instructions.
+
+    python benchmarks/nf4_kernel_sass.py --rounding true
+
+instead prints what the kernel's rounding does to the server's start-up check (nf4_matmul.self_check), also without a
+GPU: the kernel rounds the code table to the model's dtype and keeps the block's scale in fp32, bitsandbytes rounds
+code x scale; the check's measure for both roundings, against the output's rounding alone and the check's limit.
 """
 
 import collections
@@ -45,15 +51,45 @@ def loop_instructions(sass: str) -> list:
     return [text.split()[1] if text.startswith("@") else text.split()[0] for _, text in code[first:last + 1]]
 
 
+def rounding_error(size: int = 4096) -> None:
+    """self_check's measure (relative error against the rows times bitsandbytes' dequantized weight, in fp32) for a
+    random size x size NF4-dq weight, computed as the kernel computes: the code table in the dtype, the block's scale
+    and the sums in fp32, the output rounded to the dtype."""
+    import bitsandbytes.functional as BF
+
+    torch.manual_seed(0)
+    packed, state = BF.quantize_4bit(torch.randn(size, size) * 0.02, blocksize=64, quant_type="nf4",
+                                     compress_statistics=True)
+    nibbles = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).long().reshape(size, size)
+    scales = (BF.dequantize_blockwise(state.absmax, state.state2) + state.offset).repeat_interleave(64)
+    scales = scales.reshape(size, size)
+    for dtype in (torch.bfloat16, torch.float16):
+        bitsandbytes_w = (state.code[nibbles] * scales).to(dtype).float()  # its dequantize: code x scale, rounded
+        kernel_w = state.code.to(dtype).float()[nibbles] * scales
+        for rows in (3, 17):  # as self_check
+            x = torch.randn(rows, size).to(dtype).float()
+            expected = x @ bitsandbytes_w.t()
+
+            def error(y: torch.Tensor) -> float:
+                return round(((y.to(dtype).float() - expected).norm() / expected.norm()).item(), 6)
+
+            print(json.dumps({"dtype": str(dtype), "rows": rows, "weight": [size, size],
+                              "kernel_rounding": error(x @ kernel_w.t()), "output_rounding_alone": error(expected),
+                              "limit": torch.finfo(dtype).eps / 2}))
+
+
 def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs: str = "128x16x4,64x16x4",
-         stages: int = 4) -> None:
+         stages: int = 4, rounding: bool = False) -> None:
     """Args:
         source: the nf4_matmul.py whose kernel() is compiled.
         arch: CUDA compute capability times ten (80 A100, 89 L4 / RTX 4090, 90 H100).
         configs: BNxBMxWARPS, comma-separated: columns of W per program, rows of x (16 is the fewest a product
             takes), warps.
         stages: software pipeline stages.
+        rounding: instead of counting, print the start-up check's measure under the kernel's rounding.
     """
+    if rounding:
+        return rounding_error()
     import bitsandbytes.functional
     import triton
     from triton.backends.compiler import GPUTarget

@@ -237,9 +237,10 @@ def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dt
     times bitsandbytes' dequantized weight in fp32. Both sum in fp32; they differ by rounding: the output's to `dtype`
     (1.7e-3 in bf16 on an H100 for the first design, benchmarks/gpu_nf4_gemm.py) and the weights' (bitsandbytes rounds
     code x scale to `dtype`, the kernel the code before the scale: together 2.7e-3 for a 4096 x 4096 weight in bf16,
-    simulated on the CPU), so the limit is half the dtype's epsilon (3.9e-3 in bf16): a misread nibble or scale
-    throughout is off by about 1, one wrong tile of 64 columns in the widest weight (14336) by a few 1e-2. Triton's
-    CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails the check."""
+    benchmarks/nf4_kernel_sass.py --rounding true), so the limit is half the dtype's epsilon (3.9e-3 in bf16): a
+    misread nibble or scale throughout is off by about 1, one wrong tile of 64 columns in the widest weight (14336) by
+    a few 1e-2. Triton's CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails
+    the check."""
     import bitsandbytes.functional as BF
 
     for layer, fused in {(m.out_features, m.in_features): (m, f) for m, f in layers}.values():
