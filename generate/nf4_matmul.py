@@ -205,7 +205,8 @@ class FusedNF4Linear(nn.Module):
         self.out_features, self.in_features = layer.out_features, layer.in_features
         # the table's byte permutes where they can run (the CPU interpreter runs no PTX); made once, here: reading the
         # table back from the GPU at every call would stop a CUDA graph's capture
-        self.lookups = {dtype: lookup_ptx(tuple(state.code.tolist()), dtype) for dtype in (torch.bfloat16, torch.float16)
+        code = tuple(state.code.tolist())
+        self.lookups = {dtype: lookup_ptx(code, dtype) for dtype in (torch.bfloat16, torch.float16)
                         } if self.packed.is_cuda else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
