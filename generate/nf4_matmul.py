@@ -73,10 +73,12 @@ def table_words(code: List[float], dtype: torch.dtype) -> List[int]:
 @functools.lru_cache(maxsize=None)
 def lookup_ptx(code: Tuple[float, ...], dtype: torch.dtype) -> str:
     """lookup_program for the code table in `dtype` (bf16 or fp16), as the text of one inline-asm block; made once
-    per table, which every NF4 layer of a model shares."""
+    per table, which every NF4 layer of a model shares. One line: the compiled decode step passes it to the operator,
+    and inductor copies the operator's arguments into comments of the code it generates, where a line break ends the
+    comment and the rest does not import."""
     program = lookup_program(table_words(code, dtype))
     names = sorted({r for _, *regs in program for r in regs if r[0].isalpha()})
-    return "\n".join(["{", f".reg .b32 {', '.join(names)};", *(f"{op} {', '.join(regs)};" for op, *regs in program),
+    return " ".join(["{", f".reg .b32 {', '.join(names)};", *(f"{op} {', '.join(regs)};" for op, *regs in program),
                       "}"])
 
 

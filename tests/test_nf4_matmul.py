@@ -87,6 +87,30 @@ def test_byte_permute_lookup_decodes_every_byte_in_every_position():
             assert halves.view(dtype).equal(torch.tensor(code).to(dtype)[nibbles]), (dtype, data)
 
 
+def test_the_lookup_survives_inductor_copying_it_into_a_comment():
+    """The compiled decode step passes lookup_ptx's text to the operator, and inductor writes each fused kernel's
+    source nodes, arguments as str(), into comments of the Python it generates for a GPU: text with a line break
+    there made that file fail to import (H100, torch 2.11, 2026-12-06) and the server fell back to bitsandbytes.
+    Here the node is formatted as inductor formats it and must stay one valid comment."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as BF
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from generate.nf4_matmul import lookup_ptx, nf4_matmul_op
+
+    code = BF.get_4bit_type("nf4", device="cpu")
+    ptx = lookup_ptx(tuple(code.tolist()), torch.bfloat16)
+    packed, absmax = torch.zeros(64 * 64 // 2, 1, dtype=torch.uint8), torch.ones(64)
+
+    def step(x, packed, absmax, code):
+        return nf4_matmul_op(x, packed, absmax, code, None, None, None, 64, 64, 64, 1, ptx).sum(0)
+
+    graph = make_fx(step, tracing_mode="fake")(torch.zeros(2, 64, dtype=torch.bfloat16), packed, absmax, code).graph
+    nodes = [n for n in graph.nodes if n.target is torch.ops.oneday.nf4_matmul.default]
+    assert len(nodes) == 1 and ptx in nodes[0].args
+    compile("#   " + nodes[0].format_node(include_tensor_metadata=True), "<inductor's comment>", "exec")
+
+
 def test_start_up_check_passes_bf16_rounding_and_rejects_one_misread_tile(monkeypatch):
     """nf4_matmul.self_check in bf16, with a stand-in kernel computing what the real one does (the table rounded to
     bf16, times the block's scale, fp32 sums; the server's layer rounds the output to bf16): that passes; the same with
