@@ -14,8 +14,10 @@ Such a product is bound by the instructions that decode the weights rather than 
 read the table with tl.gather and scaled every weight, ran at 15-23% of an H100's bandwidth
 (docs/speed/h100_2026-12-06_nf4_kernel.md). Now on a GPU the table is read by byte permutes (`lookup_program`) and
 the scale applied once per block and output: 7.5 instructions per weight value in the main loop, against 23
-(benchmarks/nf4_kernel_sass.py, compiled for sm_90 on a CPU). The table's values are rounded to x's dtype before the
-scale rather than after it, as bitsandbytes does: a difference of rounding, within the start-up check's limit.
+(benchmarks/nf4_kernel_sass.py, compiled for sm_90 on a CPU); on an H100 a block's products at 32 rows then take as
+long as cuBLAS's on bf16 weights, half bitsandbytes' time, still about a fifth of the bandwidth. The table's values
+are rounded to x's dtype before the scale rather than after it, as bitsandbytes does: a difference of rounding, within
+the start-up check's limit.
 
 The layout is bitsandbytes' (`Params4bit` data and `QuantState`): the flattened (out, in) weight two codes per byte,
 high nibble first, one scale per block of `blocksize` consecutive values. Checked against dequantize-then-matmul in
@@ -238,12 +240,12 @@ def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dt
     """None if the kernel agrees with bitsandbytes on this device, else why not: (layer, its FusedNF4Linear) pairs,
     one of each shape checked, at 3 and 17 rows in `dtype` (one row runs bitsandbytes' own gemv), against the same rows
     times bitsandbytes' dequantized weight in fp32. Both sum in fp32; they differ by rounding: the output's to `dtype`
-    (1.7e-3 in bf16 on an H100 for the first design, benchmarks/gpu_nf4_gemm.py) and the weights' (bitsandbytes rounds
-    code x scale to `dtype`, the kernel the code before the scale: together 2.7e-3 for a 4096 x 4096 weight in bf16,
-    benchmarks/nf4_kernel_sass.py --rounding true), so the limit is half the dtype's epsilon (3.9e-3 in bf16): a
-    misread nibble or scale throughout is off by about 1, one wrong tile of 64 columns in the widest weight (14336) by
-    a few 1e-2. Triton's CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails
-    the check."""
+    (1.7e-3 in bf16) and the weights' (bitsandbytes rounds code x scale to `dtype`, the kernel the code before the
+    scale: together 2.7e-3 in bf16 on an H100 for every Mistral-7B shape, benchmarks/gpu_nf4_gemm.py, as simulated on
+    a CPU by benchmarks/nf4_kernel_sass.py --rounding true), so the limit is half the dtype's epsilon (3.9e-3 in
+    bf16): a misread nibble or scale throughout is off by about 1, one wrong tile of 64 columns in the widest weight
+    (14336) by a few 1e-2. Triton's CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16
+    model fails the check."""
     import bitsandbytes.functional as BF
 
     for layer, fused in {(m.out_features, m.in_features): (m, f) for m, f in layers}.values():

@@ -488,8 +488,8 @@ def main(
             neither kind of request starves the other.
         fused_4bit: with --quantize bnb.nf4(-dq) on a GPU, the fast decode step multiplies the 4-bit weights by
             several rows through generate/nf4_matmul.py's Triton kernel instead of bitsandbytes' dequantize-then-
-            multiply (checked against bitsandbytes at start; the kernel's first design gave 1.9x the tokens/s for 30
-            streams on an H100, see docs/serving.md). false: bitsandbytes' products throughout.
+            multiply (checked against bitsandbytes at start; 1.9x the tokens/s for 30 streams on an H100, see
+            docs/serving.md). false: bitsandbytes' products throughout.
         warmup: compile and capture the decode step and run two small requests before accepting traffic.
     """
     import uvicorn
