@@ -10,12 +10,15 @@ over the measured copy bandwidth, and the same matrix products (every block's an
 captured alone in one CUDA graph. Variants: shipped (the server's step), or + joined changes to it: sdpa (model.attend
 instead of decode_attention), nocdt (no coordinate-descent tuning for the one-row graph), wide (that tuning searching
 every direction at radius 2), eagerwrite (the cache write as eager kernels outside the compiled block, as before).
+`--quantize bnb.nf4-dq` profiles the 4-bit base instead (its products through --fused_4bit's kernel, as served; the
+floor's products through it too), `--lora true` with an unmerged random adapter over it.
 """
 
 import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -56,18 +59,18 @@ def replay_ms(graph, reps: int = 50) -> float:
     return statistics.median(times)
 
 
-def matmul_floor_ms(model, rows: int) -> float:
-    """The step's linear layers alone, on `rows` rows, captured in one graph."""
-    import torch.nn.functional as F
-
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+def matmul_floor_ms(model, rows: int, fused: list = ()) -> float:
+    """The step's linear layers alone, on `rows` rows, captured in one graph; a 4-bit layer through its entry of
+    `fused` (fast_decode.fused_4bit_layers) where it has one, as the step runs it."""
+    kernel = {id(layer): f for _, _, layer, f in fused}
+    linears = [kernel.get(id(m), m) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {m.in_features: torch.randn(rows, m.in_features, device="cuda", dtype=torch.bfloat16) for m in linears}
     for m in linears:
-        F.linear(inputs[m.in_features], m.weight)
+        m(inputs[m.in_features])
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for m in linears:
-            F.linear(inputs[m.in_features], m.weight)
+            m(inputs[m.in_features])
     return replay_ms(graph)
 
 
@@ -104,7 +107,8 @@ def attention_ms(model: str, shapes, reps: int = 50) -> None:
 
 def main(model: str = "Mistral-7B-v0.1", variants: str = "shipped,sdpa,sdpa+nocdt+eagerwrite",
          shapes: str = "1x256,32x256,1x2048,32x1024", attention_shapes: str = "1x256,32x256,1x2048,32x2048",
-         n_layer: int = 0, top: int = 12, profile_one_row: bool = False) -> None:
+         n_layer: int = 0, top: int = 12, profile_one_row: bool = False, quantize: Optional[str] = None,
+         lora: bool = False) -> None:
     """Args:
         model: a registered config.
         variants: comma-separated; each is shipped or joins with + what it changes: sdpa, nocdt, wide, eagerwrite
@@ -114,11 +118,13 @@ def main(model: str = "Mistral-7B-v0.1", variants: str = "shipped,sdpa,sdpa+nocd
         n_layer: fewer layers (0: the model's).
         top: kernels listed in the profile.
         profile_one_row: profile the one-row buckets of every variant, not only of the first.
+        quantize: a 4-bit mode (bnb.nf4-dq): profile the quantized base, through the 4-bit kernel as served.
+        lora: an unmerged random LoRA adapter over the (quantized) base, as serve_table's +lora rows.
     """
     import torch._dynamo
 
     from benchmarks.benchmark_server import build_random_model, random_checkpoint
-    from benchmarks.serve_table import copy_bandwidth, weight_bytes
+    from benchmarks.serve_table import add_random_adapter, copy_bandwidth, quantized_copy, weight_bytes
     from generate.engine import Engine
     from tokenizer import Tokenizer
 
@@ -131,7 +137,17 @@ def main(model: str = "Mistral-7B-v0.1", variants: str = "shipped,sdpa,sdpa+nocd
         return
     folder = random_checkpoint(model, Path(tempfile.mkdtemp()) / "random", n_layer or None)
     gpt = build_random_model(folder, "cuda", torch.bfloat16)
-    engine = Engine(gpt, Tokenizer(folder), max_seq_length=2048, decode="compiled")
+    if quantize:
+        gpt = quantized_copy(gpt, quantize, "cuda", torch.bfloat16)
+    if lora:
+        add_random_adapter(gpt)
+    engine = Engine(gpt, Tokenizer(folder), max_seq_length=2048, decode="compiled", fused_4bit=True)
+    with torch.inference_mode():
+        engine._install_caches()
+    fused = engine._fast.fused  # empty unless 4-bit (and the kernel passed its start-up check)
+    if quantize:
+        print(f"{quantize}: {len(fused)} layers through the 4-bit kernel" if fused else
+              f"{quantize}: the 4-bit kernel is off (see the warning above); bitsandbytes' products")
     bandwidth = copy_bandwidth("cuda")
     buckets = parse(shapes)
     weights = weight_bytes(gpt)
@@ -139,10 +155,10 @@ def main(model: str = "Mistral-7B-v0.1", variants: str = "shipped,sdpa,sdpa+nocd
     print(f"{model}: {weights / 1e9:.2f} GB of weights read per step; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for rows, keys in buckets:
         floor = (weights + rows * keys * kv_per_key) / bandwidth * 1e3
-        print(f"  {rows}x{keys}: bytes/bandwidth {floor:.2f} ms; matmuls alone {matmul_floor_ms(gpt, rows):.2f} ms")
+        print(f"  {rows}x{keys}: bytes/bandwidth {floor:.2f} ms; matmuls alone "
+              f"{matmul_floor_ms(gpt, rows, fused):.2f} ms")
 
     with torch.inference_mode():
-        engine._install_caches()
         decoder = engine._fast
         chosen = [v.strip() for v in variants.split(",") if v.strip()]
         try:
