@@ -176,7 +176,7 @@ def bench(model, batches: List[Dict[str, torch.Tensor]], ckpt: str, steps: int, 
             table = prof.key_averages(group_by_input_shape=True).table(
                 sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=70)
             print(table, file=sys.stderr, flush=True)
-    del optimizer, graphed
+    optimizer = graphed = None  # freed before the next configuration
     attention = {"BlockMask": "flex", "Tensor": "sdpa, dense mask", "NoneType": "sdpa, causal"}.get(masks[0], masks[0])
     return {"step_s_median": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
             "real_tokens_per_row": round(sum(counts) / sum(b["idx"].size(0) for b in batches), 1),
