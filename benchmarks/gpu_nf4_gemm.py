@@ -7,9 +7,10 @@ replays of a CUDA graph (as the server runs its step) over copies of the weight 
 
 Why: the serving table's NF4 rows reached 25% (1 stream) and 8% (30 streams) of the bandwidth bound of their 4-bit
 bytes (docs/serving.md). A decode step reads each weight once; in 4 bits that is a quarter of bf16's bytes, so a kernel
-that decodes in its tiles could beat bf16 rather than trail it. Per shape and row count: the kernel with its defaults,
-the best of a sweep of tiles, K splits, warps, stages and lookups (byte permutes or a gather; and the best with the
-scales decoded to fp32 beforehand), its effective bandwidth (4-bit bytes and block scales read, output written), and
+that decodes in its tiles could beat bf16 rather than trail it. Per shape and row count: the kernel with its defaults
+(with the sum of its K parts, and without it as the server's step leaves it to the next compiled kernel), the best
+of a sweep of tiles, K splits, warps, stages and lookups (byte permutes or a gather; and the best with the scales
+decoded to fp32 beforehand), its effective bandwidth (4-bit bytes and block scales read, output written), and
 its error against x @ W^T with W dequantized by bitsandbytes (double-quantized scales, as QLoRA's bnb.nf4-dq) beside
 the error of rounding that product to bf16. Last, per row count, the sweep's fastest configurations for a whole
 block's products. Results: docs/speed/h100_2026-12-06_nf4_kernel.md.
@@ -103,7 +104,10 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
                 "bitsandbytes matmul_4bit": timed([lambda q=q: bnb.matmul_4bit(x, q[0].t(), quant_state=q[1])
                                                    for q in quantized], iters),
                 "dequantize + cuBLAS": timed([lambda q=q: x @ BF.dequantize_4bit(*q).t() for q in quantized], iters),
-                "fused nf4 (defaults, as served)": timed(fused(lookup=ptx), iters)}
+                "fused nf4 (defaults, as served)": timed(fused(lookup=ptx), iters),
+                # the kernel without the sum of its fp32 K parts, which the server's compiled step fuses into what
+                # follows: the difference is what writing and summing the parts costs here (L2-resident or not)
+                "fused nf4 (defaults, K parts unsummed)": timed(fused(lookup=ptx, parts=True), iters)}
             swept = {}
             for config in CONFIGS:
                 ms = timed(fused(**tiles_of(config, ptx)), iters)
