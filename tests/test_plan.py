@@ -120,7 +120,8 @@ def measured_rows():
     Reports c, d and e's first call are left out: there some configurations ran after others of another shape and
     recompiled for dynamic shapes, with up to 4 GiB more (docs/training-speed.md, "The benchmark resets")."""
     files = [*(ROOT / "docs/speed").glob("speed_*.jsonl"), *(ROOT / "docs/speed/h100_2026-11-24_f").glob("*.jsonl"),
-             *(ROOT / "docs/speed/h100_2026-12-06_arch").glob("*.jsonl")]
+             *(ROOT / "docs/speed/h100_2026-12-06_arch").glob("*.jsonl"),
+             *(ROOT / "docs/speed").glob("h100_2026-12-06_*-[0-9][0-9][0-9][0-9].jsonl")]  # the stages of that day
     for path in files:
         for line in path.read_text().splitlines():
             row = json.loads(line) if line.startswith("{") else {}
