@@ -47,8 +47,8 @@ def lookup_program(words: List[int]) -> List[Tuple[str, ...]]:
     `prmt` picks 4 bytes out of 8 by 4 selectors of 3 bits: a nibble's low 3 bits select among entries 0-7 and among
     8-15 of one byte plane of the table (its words' low or high bytes, as immediates), its top bit picks between the
     two. About 4 instructions per value (3 without the table's immediates), where a gather costs a shuffle and
-    its bounds checks. Checked on the CPU by
-    simulating these instructions (tests/test_nf4_matmul.py), on a GPU by `self_check`."""
+    its bounds checks. Checked on the CPU by simulating these instructions (tests/test_nf4_matmul.py), on a GPU by
+    `self_check`."""
     # $4's nibbles, low to high: l0 h0 l1 h1 | l2 h2 l3 h3 (byte j = h_j << 4 | l_j); group a is the low half
     program = [("and.b32", "sa", "$4", "0x7777"), ("shr.b32", "sb", "$4", "16"), ("and.b32", "sb", "sb", "0x7777")]
     for g, shift in (("a", "1"), ("b", "17")):  # per byte: 4 + position when the nibble's top bit is set, else position
@@ -98,7 +98,8 @@ def kernel():
         part = tl.program_id(1)
         rows = tl.arange(0, BM)
         acc = tl.zeros((BN, BM), dtype=tl.float32)  # W's tile is the wide operand of the product (BN >= 64 rows)
-        table = tl.broadcast_to(tl.load(code + tl.arange(0, 16)).to(x.dtype.element_ty)[None, :], (BN, 16))
+        if PTX is None:  # the gather's table in registers (the byte permutes hold theirs as immediates)
+            table = tl.broadcast_to(tl.load(code + tl.arange(0, 16)).to(x.dtype.element_ty)[None, :], (BN, 16))
         # One block of scales per step: rows are whole blocks (K % BLOCKSIZE == 0), so no step runs past K
         for k0 in range(part * K_PART, tl.minimum((part + 1) * K_PART, K), BLOCKSIZE):
             ks = k0 + tl.arange(0, BLOCKSIZE)
