@@ -12,7 +12,8 @@ that decodes in its tiles could beat bf16 rather than trail it. Per shape and ro
 of a sweep of tiles, K splits, warps, stages and lookups (byte permutes or a gather; and the best with the scales
 decoded to fp32 beforehand), its effective bandwidth (4-bit bytes and block scales read, output written), and
 its error against x @ W^T with W dequantized by bitsandbytes (double-quantized scales, as QLoRA's bnb.nf4-dq) beside
-the error of rounding that product to bf16. Last, per row count, the sweep's fastest configurations for a whole
+the error of rounding that product to bf16; top3_configs: (BN, split_k, warps, stages, lookup), for one row
+gemv_kernel's (BN, BK, split_k, warps, stages). Last, per row count, the sweep's fastest configurations for a whole
 block's products. Results: docs/speed/h100_2026-12-06_nf4_kernel.md.
 """
 
@@ -57,9 +58,17 @@ CONFIGS = [(BN, split, warps, 4, "ptx") for BN in (64, 128, 256) for split in (4
     (128, 8, 4, 4, "gather"), (64, 4, 4, 4, "gather")]
 
 
-def tiles_of(config: tuple, ptx: str) -> dict:
+# One row of bf16 runs gemv_kernel: (BN, BK, split_k, num_warps, num_stages) around its defaults (32, 256, 8, 4, 4).
+# The first sweep (2026-12-06, H100) found 2 warps ahead of 4 and 8, K in 8 parts ahead of 4 and 16.
+GEMV_CONFIGS = [(BN, BK, 8, warps, stages) for BN in (16, 32, 64) for BK in (256, 512) for warps in (1, 2, 4)
+                for stages in (2, 3)] + [(32, 256, 16, 2, 3), (32, 256, 4, 2, 3), (128, 256, 8, 4, 3)]
+
+
+def tiles_of(config: tuple) -> dict:
+    if not isinstance(config[-1], str):  # gemv_kernel's
+        return {**dict(zip(("BN", "BK", "split_k", "num_warps", "num_stages"), config)), "lookup": True}
     tiles = dict(zip(("BN", "split_k", "num_warps", "num_stages", "lookup"), config))
-    return {**tiles, "lookup": ptx if tiles["lookup"] == "ptx" else ""}
+    return {**tiles, "lookup": tiles["lookup"] == "ptx"}
 
 
 def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) -> None:
@@ -72,7 +81,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
     import bitsandbytes.functional as BF
 
     from benchmarks.gpu_fp8_kernels import block_linears
-    from generate.nf4_matmul import lookup_ptx, nf4_matmul, scales_of
+    from generate.nf4_matmul import kernel_table, nf4_matmul, scales_of
     from model import Config
 
     if not torch.cuda.is_available():
@@ -87,7 +96,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
         quantized = [BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in weights]
         args = [(packed, state.code, *scales_of(state)) for packed, state in quantized]
         reference_w = BF.dequantize_4bit(*quantized[0])
-        ptx = lookup_ptx(tuple(quantized[0][1].code.tolist()), torch.bfloat16)
+        table = torch.tensor(kernel_table(tuple(quantized[0][1].code.tolist())), dtype=torch.int32, device="cuda")
         flat = [BF.dequantize_blockwise(state.absmax, state.state2) + state.offset for _, state in quantized]
         scales = args[0][2]
         read = n * k // 2 + scales.numel() * scales.element_size()
@@ -96,7 +105,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
             reference = x.float() @ reference_w.float().t()
 
             def fused(**tiles):
-                return [lambda p=p, c=c, s=s, ns=ns: nf4_matmul(x, p, s, c, (n, k), ns, **tiles)
+                return [lambda p=p, c=c, s=s, ns=ns: nf4_matmul(x, p, s, c, (n, k), ns, table=table, **tiles)
                         for p, c, s, ns in args]
 
             timings = {
@@ -104,32 +113,32 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
                 "bitsandbytes matmul_4bit": timed([lambda q=q: bnb.matmul_4bit(x, q[0].t(), quant_state=q[1])
                                                    for q in quantized], iters),
                 "dequantize + cuBLAS": timed([lambda q=q: x @ BF.dequantize_4bit(*q).t() for q in quantized], iters),
-                "fused nf4 (defaults, as served)": timed(fused(lookup=ptx), iters),
+                "fused nf4 (defaults, as served)": timed(fused(lookup=True), iters),
                 # the kernel without the sum of its fp32 K parts, which the server's compiled step fuses into what
                 # follows: the difference is what writing and summing the parts costs here (L2-resident or not)
-                "fused nf4 (defaults, K parts unsummed)": timed(fused(lookup=ptx, parts=True), iters)}
+                "fused nf4 (defaults, K parts unsummed)": timed(fused(lookup=True, parts=True), iters)}
             swept = {}
-            for config in CONFIGS:
-                ms = timed(fused(**tiles_of(config, ptx)), iters)
+            for config in GEMV_CONFIGS if m == 1 else CONFIGS:
+                ms = timed(fused(**tiles_of(config)), iters)
                 if isinstance(ms, str):
                     print(json.dumps({"shape": name, "rows": m, "config": config, "error": ms}))
                     continue
                 swept[config] = ms
                 step[m][config] = step[m].get(config, 0.0) + count * ms
-            y = fused(lookup=ptx)[0]()
+            y = fused(lookup=True)[0]()
             row = {"shape": name, "out_in": [n, k], "rows": m, "weight_copies": copies, **timings,
                    "fused_rel_error": round(((y.float() - reference).norm() / reference.norm()).item(), 6),
                    "bf16_output_rounding": round(((reference.bfloat16().float() - reference).norm()
                                                   / reference.norm()).item(), 6)}
             if swept:
                 top = sorted(swept, key=swept.get)[:3]
-                tiles = tiles_of(top[0], ptx)
+                tiles = tiles_of(top[0])
                 row.update({"fused nf4 (best)": swept[top[0]], "fused_best_GBps": round(
                     (read + 2 * m * (n + k)) / swept[top[0]] / 1e6, 1),
-                    "top3_BN_split_warps_stages_lookup": [[*c, swept[c]] for c in top],
+                    "top3_configs": [[*c, swept[c]] for c in top],
                     # the same tiles with the scales decoded to fp32 beforehand (no double quantization in the loop)
                     "fused nf4 (best, fp32 scales)": timed([lambda p=p, c=c, f=f: nf4_matmul(x, p, f, c, (n, k), None,
-                                                                                          **tiles)
+                                                                                          table=table, **tiles)
                                                            for (p, c, _, _), f in zip(args, flat)], iters)})
             print(json.dumps(row), flush=True)
     for m, totals in step.items():

@@ -78,8 +78,17 @@ def rounding_error(size: int = 4096) -> None:
                               "limit": torch.finfo(dtype).eps / 2}))
 
 
+def ptx(nf4, code: tuple, one_row: bool):
+    """The byte permutes' text, as each version of the file makes it (older ones: none, or one per table and dtype)."""
+    if not hasattr(nf4, "lookup_ptx"):
+        return None
+    if hasattr(nf4, "kernel_table"):
+        return nf4.lookup_ptx(fp32=one_row)
+    return nf4.lookup_ptx(code, torch.bfloat16)
+
+
 def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs: str = "128x16x4,64x16x4",
-         stages: int = 4, rounding: bool = False) -> None:
+         stages: int = 4, rounding: bool = False, one_row: bool = False) -> None:
     """Args:
         source: the nf4_matmul.py whose kernel() is compiled.
         arch: CUDA compute capability times ten (80 A100, 89 L4 / RTX 4090, 90 H100).
@@ -87,6 +96,8 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
             takes), warps.
         stages: software pipeline stages.
         rounding: instead of counting, print the start-up check's measure under the kernel's rounding.
+        one_row: count gemv_kernel (one row of bf16) instead; configs are then BNxBKxWARPS (BK: values of K per
+            step).
     """
     if rounding:
         return rounding_error()
@@ -96,18 +107,20 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
     from triton.compiler import ASTSource
 
     nf4 = load(source)
-    kernel = nf4.kernel()
+    kernel = nf4.gemv_kernel() if one_row else nf4.kernel()
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     nf4_code = tuple(bitsandbytes.functional.get_4bit_type("nf4", device="cpu").tolist())
-    pointers = {"x": "*bf16", "packed": "*u8", "absmax": "*u8", "code": "*fp32", "absmax2": "*fp32",
+    pointers = {"x": "*bf16", "packed": "*u8", "absmax": "*u8", "code": "*fp32", "table": "*i32",
+                "absmax2": "*fp32",
                 "code2": "*fp32", "offset": "*fp32", "out": "*fp32"}
-    signature = {**pointers, "M": "i32", "N": "i32", "K": "i32", "K_PART": "i32"}
+    pointers = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
+    signature = {**pointers, **{n: "i32" for n in ("M", "N", "K", "K_PART") if n in kernel.arg_names}}
     for config in configs.split(","):
-        BN, BM, warps = (int(v) for v in config.split("x"))
+        BN, BM, warps = (int(v) for v in config.split("x"))  # BM is BK for one_row
         # the constants each version of the kernel takes (older ones: a K step BK and an IEEE switch)
-        known = {"BM": BM, "BN": BN, "BK": 128, "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": True, "IEEE": False,
-                 "PRECISION": "tf32", "SWAP": True,
-                 "PTX": nf4.lookup_ptx(nf4_code, torch.bfloat16) if hasattr(nf4, "lookup_ptx") else None}
+        known = {"BM": BM, "BN": BN, "BK": BM if one_row else 128, "BLOCKSIZE": 64, "BLOCKSIZE2": 256,
+                 "NESTED": True, "IEEE": False, "PRECISION": "tf32", "SWAP": True,
+                 "PTX": ptx(nf4, nf4_code, one_row), "TABLE_AT": 24}
         constants = {name: known[name] for name in kernel.arg_names if name in known}
         # what a launch specializes: pointers and sizes divisible by 16 (N, K and the K part are, in every model)
         divisible = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
@@ -123,7 +136,7 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
                                check=True).stdout
         loop = loop_instructions(sass)
         # values a thread decodes per loop step: the step's BN x (K step) weights over the program's threads
-        values = BN * constants.get("BK", 64) // (32 * warps)
+        values = BN * (BM if one_row else constants.get("BK", 64)) // (32 * warps)
         print(json.dumps({"source": str(source), "arch": arch, "BN": BN, "BM": BM, "warps": warps, "stages": stages,
                           "loop_instructions": len(loop), "per_value": round(len(loop) / values, 1),
                           "registers": int(re.search(r"REG:(\d+)", usage).group(1)),

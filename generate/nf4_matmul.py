@@ -8,7 +8,8 @@ bytes (BN x 32 for blocks of 64), turns them into the code table's values in x's
 of x on the tensor cores (W's tile as the wide operand; rows padded to 16), and scales the product's sums by the
 block's scale (double-quantized scales decoded in the kernel too). Splitting K gives a product with few rows enough
 programs to keep the memory system busy; the parts are summed after, by the caller's compiled code in the server's
-step. One row stays with bitsandbytes' gemv_4bit.
+step. One row of bf16 (a lone stream's step) runs gemv_kernel instead, on the CUDA cores, where the tensor cores' tiles
+would be 15/16 padding; one row of another dtype stays with bitsandbytes' gemv_4bit.
 
 Such a product is bound by the instructions that decode the weights rather than by memory: a first design, which
 read the table with tl.gather and scaled every weight, ran at 15-23% of an H100's bandwidth
@@ -40,29 +41,40 @@ def available(device: torch.device) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def lookup_program(words: List[int]) -> List[Tuple[str, ...]]:
+def lookup_program(fp32: bool = False) -> List[Tuple[str, ...]]:
     """The 16-entry code table as byte permutes: PTX instructions (op, destination, sources) that turn one 32-bit
     register of 4 weight bytes ($4) into one 32-bit register per byte ($0-$3): its high nibble's 16-bit table word in
     the low half, its low nibble's in the high half (W[n, 2c], W[n, 2c + 1], in the order a product reads them).
     `prmt` picks 4 bytes out of 8 by 4 selectors of 3 bits: a nibble's low 3 bits select among entries 0-7 and among
-    8-15 of one byte plane of the table (its words' low or high bytes, as immediates), its top bit picks between the
-    two. About 4 instructions per value (3 without the table's immediates), where a gather costs a shuffle and
-    its bounds checks. Checked on the CPU by simulating these instructions (tests/test_nf4_matmul.py), on a GPU by
-    `self_check`."""
-    # $4's nibbles, low to high: l0 h0 l1 h1 | l2 h2 l3 h3 (byte j = h_j << 4 | l_j); group a is the low half
-    program = [("and.b32", "sa", "$4", "0x7777"), ("shr.b32", "sb", "$4", "16"), ("and.b32", "sb", "sb", "0x7777")]
+    8-15 of one byte plane of the table (its words' low or high bytes), its top bit picks between the two. About 3
+    instructions per value, where a gather costs a shuffle and its bounds checks. The table's 8 quarters (plane 0's 4
+    registers, then plane 1's: kernel_table) are operands after the bytes' register, 4 apart (pack=4 passes 4 registers
+    per 32-bit argument; the first is used): the compiler keeps them in registers across the kernel's loop, where as
+    immediates it re-made them at every use (7.5 instructions per value in the loop, against 6.5).
+    Checked on the CPU by simulating these instructions (tests/test_nf4_matmul.py), on a GPU by `self_check`.
+
+    fp32 (gemv_kernel's): two registers per byte instead, $0-$3 its high nibble's value and $4-$7 its low nibble's,
+    each an fp32 whose two halves both hold the word (one permute per value, no shift or mask after; fp32_words
+    chooses the words), the bytes in $8."""
+    source = "$8" if fp32 else "$4"
+    # the source's nibbles, low to high: l0 h0 l1 h1 | l2 h2 l3 h3 (byte j = h_j << 4 | l_j); group a is the low half
+    program = [("and.b32", "sa", source, "0x7777"), ("shr.b32", "sb", source, "16"), ("and.b32", "sb", "sb", "0x7777")]
     for g, shift in (("a", "1"), ("b", "17")):  # per byte: 4 + position when the nibble's top bit is set, else position
-        program += [("shr.b32", f"h{g}", "$4", shift), ("and.b32", f"h{g}", f"h{g}", "0x4444"),
+        program += [("shr.b32", f"h{g}", source, shift), ("and.b32", f"h{g}", f"h{g}", "0x4444"),
                     ("or.b32", f"h{g}", f"h{g}", "0x3210")]
     for p in range(2):
-        plane = [(w >> 8 * p) & 0xFF for w in words]
-        quarter = [f"{sum(plane[4 * r + e] << 8 * e for e in range(4)):#010x}" for r in range(4)]
-        program += [("mov.b32", f"t{r}", quarter[r]) for r in range(4)]
+        program += [("mov.b32", f"t{r}", f"${(9 if fp32 else 5) + 4 * (4 * p + r)}") for r in range(4)]
         for g in "ab":  # g{p}: byte p of the group's 4 values, in its nibbles' order
             program += [("prmt.b32", "lo", "t0", "t1", f"s{g}"), ("prmt.b32", "hi", "t2", "t3", f"s{g}"),
                         ("prmt.b32", f"{g}{p}", "lo", "hi", f"h{g}")]
-    for g, first, second in (("a", "$0", "$1"), ("b", "$2", "$3")):  # per byte, its two words from the two planes
-        program += [("prmt.b32", first, f"{g}0", f"{g}1", "0x4051"), ("prmt.b32", second, f"{g}0", f"{g}1", "0x6273")]
+    for g, byte in (("a", 0), ("b", 2)):  # per byte, its words from the two planes: value 2j + 1 is h_j, 2j is l_j
+        for j in (byte, byte + 1):
+            h, l = 2 * (j - byte) + 1, 2 * (j - byte)
+            if fp32:
+                program += [("prmt.b32", f"${j}", f"{g}0", f"{g}1", f"0x{4 + h}{h}{4 + h}{h}"),
+                            ("prmt.b32", f"${4 + j}", f"{g}0", f"{g}1", f"0x{4 + l}{l}{4 + l}{l}")]
+            else:
+                program += [("prmt.b32", f"${j}", f"{g}0", f"{g}1", f"0x{4 + l}{l}{4 + h}{h}")]
     return program
 
 
@@ -72,13 +84,42 @@ def table_words(code: List[float], dtype: torch.dtype) -> List[int]:
         0xFFFF).tolist()
 
 
+def fp32_words(code: List[float]) -> List[int]:
+    """Per code value the 16-bit word w whose fp32 (w << 16 | w) is nearest to it: what the fp32 lookup's registers
+    hold. Off by at most half a bf16 step, as bf16's own rounding; zero stays exact."""
+    def value(w: int) -> float:
+        return torch.tensor([w << 16 | w], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+
+    nearest = table_words(code, torch.bfloat16)
+    return [min(((w + d) & 0xFFFF for d in (-1, 0, 1)), key=lambda w: abs(value(w) - c)) if c else 0
+            for c, w in zip(code, nearest)]
+
+
+def kernel_table(code: Tuple[float, ...]) -> List[int]:
+    """The kernels' `table` argument, int32: the 16 fp32 values of fp32_words (gemv_kernel's gather), the 8 quarters
+    of those words (its byte permutes' operands), then the 8 quarters of the table in bf16 and in fp16 (the tensor-core
+    kernel's, at TABLE_AT[dtype])."""
+    def quarters(words: List[int]) -> List[int]:
+        return [sum(((words[4 * r + e] >> 8 * p) & 0xFF) << 8 * e for e in range(4))
+                for p in range(2) for r in range(4)]
+
+    words = fp32_words(list(code))
+    table = [w << 16 | w for w in words] + quarters(words) + [
+        q for dtype in (torch.bfloat16, torch.float16) for q in quarters(table_words(list(code), dtype))]
+    return [v - (1 << 32) if v >= 1 << 31 else v for v in table]
+
+
+TABLE_AT = {torch.bfloat16: 24, torch.float16: 32}
+
+
 @functools.lru_cache(maxsize=None)
-def lookup_ptx(code: Tuple[float, ...], dtype: torch.dtype) -> str:
-    """lookup_program for the code table in `dtype` (bf16 or fp16), as the text of one inline-asm block; made once
-    per table, which every NF4 layer of a model shares. One line: the compiled decode step passes it to the operator,
-    and inductor copies the operator's arguments into comments of the code it generates, where a line break ends the
-    comment and the rest does not import."""
-    program = lookup_program(table_words(code, dtype))
+def lookup_ptx(fp32: bool = False) -> str:
+    """lookup_program with the table as operands (from kernel_table), as the text of one inline-asm block; the same
+    for every table."""
+    return ptx_text(lookup_program(fp32))
+
+
+def ptx_text(program: List[Tuple[str, ...]]) -> str:
     names = sorted({r for _, *regs in program for r in regs if r[0].isalpha()})
     return " ".join(["{", f".reg .b32 {', '.join(names)};", *(f"{op} {', '.join(regs)};" for op, *regs in program),
                       "}"])
@@ -91,15 +132,17 @@ def kernel():
     import triton.language as tl
 
     @triton.jit
-    def nf4_matmul_kernel(x, packed, absmax, code, absmax2, code2, offset, out, M, N, K, K_PART,
+    def nf4_matmul_kernel(x, packed, absmax, code, table, absmax2, code2, offset, out, M, N, K, K_PART,
                           BM: tl.constexpr, BN: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-                          NESTED: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr):
+                          NESTED: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr, TABLE_AT: tl.constexpr):
         cols = tl.program_id(0) * BN + tl.arange(0, BN)  # output columns = rows of W
         part = tl.program_id(1)
         rows = tl.arange(0, BM)
         acc = tl.zeros((BN, BM), dtype=tl.float32)  # W's tile is the wide operand of the product (BN >= 64 rows)
-        if PTX is None:  # the gather's table in registers (the byte permutes hold theirs as immediates)
-            table = tl.broadcast_to(tl.load(code + tl.arange(0, 16)).to(x.dtype.element_ty)[None, :], (BN, 16))
+        if PTX is None:  # the gather's table in registers
+            values = tl.broadcast_to(tl.load(code + tl.arange(0, 16)).to(x.dtype.element_ty)[None, :], (BN, 16))
+        else:  # the table's quarters in x's dtype, loaded once: the byte permutes' operands
+            quarters = [tl.load(table + TABLE_AT + i) for i in (0, 1, 2, 3, 4, 5, 6, 7)]
         # One block of scales per step: rows are whole blocks (K % BLOCKSIZE == 0), so no step runs past K
         for k0 in range(part * K_PART, tl.minimum((part + 1) * K_PART, K), BLOCKSIZE):
             ks = k0 + tl.arange(0, BLOCKSIZE)
@@ -114,12 +157,14 @@ def kernel():
             else:
                 scale = tl.load(absmax + block, mask=cols < N, other=0.0)
             if PTX is not None:  # the table as byte permutes (lookup_ptx), 4 bytes per call
-                pair = tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r", [byte], dtype=tl.int32, is_pure=True, pack=4)
+                pair = tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r" + ",r" * 32,
+                                                 (byte, ) + [tl.full(byte.shape, q, tl.int32) for q in quarters],
+                                                 dtype=tl.int32, is_pure=True, pack=4)
                 hi = pair.to(tl.int16).to(xs.dtype, bitcast=True)
                 lo = (pair >> 16).to(tl.int16).to(xs.dtype, bitcast=True)
             else:
-                hi = tl.gather(table, byte.to(tl.int32) >> 4, axis=1)
-                lo = tl.gather(table, byte.to(tl.int32) & 15, axis=1)
+                hi = tl.gather(values, byte.to(tl.int32) >> 4, axis=1)
+                lo = tl.gather(values, byte.to(tl.int32) & 15, axis=1)
             w = tl.interleave(hi, lo)  # (BN, BLOCKSIZE), k in order: the code values, in x's dtype
             # the block's scale applied to the product's sums: once per column and row instead of once per weight
             acc += tl.dot(w, tl.trans(xs), input_precision=PRECISION) * scale[:, None]
@@ -129,19 +174,74 @@ def kernel():
     return nf4_matmul_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def gemv_kernel():
+    """One row of bf16 x: each program holds BN rows of W and one K part, decodes BK values of each per step by byte
+    permutes into fp32 (lookup_ptx(fp32=True); without PTX, a gather of the same fp32 values), and multiplies them with
+    x on the CUDA cores, the block's scale on each block's sum. The tensor cores' tiles would need 16 rows, 15 of them
+    padding here."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def nf4_gemv_kernel(x, packed, absmax, table, absmax2, code2, offset, out, N, K, K_PART, BN: tl.constexpr,
+                        BK: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                        PTX: tl.constexpr):
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        part = tl.program_id(1)
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        if PTX is None:
+            values = tl.broadcast_to(tl.load(table + tl.arange(0, 16))[None, :], (BN, 16))
+        else:  # the table's quarters, loaded once: the byte permutes' operands
+            quarters = [tl.load(table + i) for i in (16, 17, 18, 19, 20, 21, 22, 23)]
+        for k0 in range(part * K_PART, tl.minimum((part + 1) * K_PART, K), BK):  # K_PART and K are whole steps
+            half = k0 // 2 + tl.arange(0, BK // 2)
+            byte = tl.load(packed + cols[:, None].to(tl.int64) * (K // 2) + half[None, :], mask=cols[:, None] < N,
+                           other=0)
+            if PTX is not None:
+                even, odd = tl.inline_asm_elementwise(
+                    PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r" * 32,
+                    (byte, ) + [tl.full(byte.shape, q, tl.int32) for q in quarters],
+                    dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+            else:
+                even = tl.gather(values, byte.to(tl.int32) >> 4, axis=1)
+                odd = tl.gather(values, byte.to(tl.int32) & 15, axis=1)
+            # W[n, 2c] and W[n, 2c + 1] times x's even and odd values
+            prod = (even.to(tl.float32, bitcast=True) * tl.load(x + 2 * half).to(tl.float32)[None, :]
+                    + odd.to(tl.float32, bitcast=True) * tl.load(x + 2 * half + 1).to(tl.float32)[None, :])
+            sums = tl.sum(tl.reshape(prod, (BN, BK // BLOCKSIZE, BLOCKSIZE // 2)), axis=2)  # per block of scales
+            block = (cols[:, None].to(tl.int64) * K + k0) // BLOCKSIZE + tl.arange(0, BK // BLOCKSIZE)[None, :]
+            if NESTED:
+                scale = tl.load(code2 + tl.load(absmax + block, mask=cols[:, None] < N, other=0).to(tl.int32))
+                scale = scale * tl.load(absmax2 + block // BLOCKSIZE2, mask=cols[:, None] < N, other=0.0) + tl.load(
+                    offset)
+            else:
+                scale = tl.load(absmax + block, mask=cols[:, None] < N, other=0.0)
+            acc += tl.sum(sums * scale, axis=1)
+        tl.store(out + part * N + cols, acc, mask=cols < N)
+
+    return nf4_gemv_kernel
+
+
 DEFAULT_SPLIT_K = 8  # it sets the shape of the operator's output (K parts), which its fake computes from it too
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                shape: Tuple[int, int], nested: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = None,
-               BN: int = 128, split_k: int = DEFAULT_SPLIT_K, num_warps: int = 4, num_stages: int = 4,
-               lookup: str = "", parts: bool = False) -> torch.Tensor:
+               BN: Optional[int] = None, split_k: int = DEFAULT_SPLIT_K, num_warps: Optional[int] = None,
+               num_stages: Optional[int] = None,
+               lookup: bool = False, parts: bool = False, BK: Optional[int] = None,
+               table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes,
     `absmax` its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds
-    the double quantization), `code` its 16-value table, used in x's dtype. split_k: K parts, each summed by its own
-    programs (benchmarks/gpu_nf4_gemm.py times the choices). lookup: decode the nibbles by lookup_ptx's text for
-    x's dtype (CUDA only; `code` must be the table it was made from), or by a gather if empty. parts: return the fp32
-    (parts, M, N) sums unsummed, so that a compiled caller fuses the sum into what follows."""
+    the double quantization), `code` its 16-value table, used in x's dtype. One row of bf16 runs gemv_kernel, more
+    rows or another dtype the tensor cores' kernel. BN: columns of W per program, num_warps, num_stages (defaults 32,
+    2, 3 for one row, 128, 4, 4 for more); BK: values of K per step of the one-row kernel (default the most of 256,
+    128 or 64 that divide K); split_k: K parts, each summed by its own programs (benchmarks/gpu_nf4_gemm.py times the
+    choices). lookup: decode the nibbles by byte permutes (CUDA only: lookup_ptx(), for one row
+    lookup_ptx(fp32=True)), else by a gather. parts: return the fp32 (parts, M, N) sums unsummed, so that a compiled
+    caller fuses the sum into what follows. table: kernel_table(code) as an int32 tensor on x's device (made here if
+    None, which reads `code` back to the host: pass it when capturing a graph)."""
     import triton
 
     N, K = shape
@@ -149,15 +249,38 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     blocksize = N * K // absmax.numel()
     if K % blocksize:
         raise ValueError(f"nf4_matmul: rows of {K} values must be whole blocks of {blocksize}")
-    k_part, n_parts = _k_parts(K, blocksize, split_k)
+    one_row = _one_row(M, x.dtype)
+    step = (BK or _gemv_step(K, blocksize)) if one_row else blocksize
+    if K % step or step % blocksize:
+        raise ValueError(f"nf4_matmul: BK {step} must be whole blocks of {blocksize} and divide rows of {K} values")
+    k_part, n_parts = _k_parts(K, step, split_k)
     out = torch.empty((n_parts, M, N), device=x.device, dtype=torch.float32)
     absmax2, code2, offset, blocksize2 = nested if nested is not None else (absmax, code, code, 1)
-    kernel()[(-(-N // BN), n_parts)](
-        x.contiguous(), packed.reshape(-1), absmax, code.float(), absmax2.float(), code2.float(), offset.float(),
-        out, M, N, K, k_part, BM=max(16, triton.next_power_of_2(M)), BN=BN, BLOCKSIZE=blocksize,
-        BLOCKSIZE2=blocksize2, NESTED=nested is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        PTX=lookup or None, num_warps=num_warps, num_stages=num_stages)
+    if table is None:
+        table = torch.tensor(kernel_table(tuple(code.tolist())), dtype=torch.int32, device=x.device)
+    BN, num_warps, num_stages = [given or default for given, default in zip(
+        (BN, num_warps, num_stages), (32, 2, 3) if one_row else (128, 4, 4))]
+    common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, num_warps=num_warps,
+                  num_stages=num_stages, PTX=lookup_ptx(fp32=one_row) if lookup else None)
+    if one_row:
+        gemv_kernel()[(-(-N // BN), n_parts)](
+            x.contiguous(), packed.reshape(-1), absmax, table, absmax2.float(),
+            code2.float(), offset.float(), out, N, K, k_part, BN=BN, BK=step, **common)
+    else:
+        kernel()[(-(-N // BN), n_parts)](
+            x.contiguous(), packed.reshape(-1), absmax, code.float(), table, absmax2.float(), code2.float(),
+            offset.float(), out, M, N, K, k_part, BM=max(16, triton.next_power_of_2(M)), BN=BN,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", TABLE_AT=TABLE_AT.get(x.dtype, 0), **common)
     return out if parts else out.sum(0).to(x.dtype)
+
+
+def _one_row(rows: int, dtype: torch.dtype) -> bool:
+    """Whether gemv_kernel takes the product: its table is bf16's (fp16's would need a conversion per value)."""
+    return rows == 1 and dtype == torch.bfloat16
+
+
+def _gemv_step(K: int, blocksize: int) -> int:
+    return next((step for step in (256, 128, 64) if K % step == 0 and step % blocksize == 0), blocksize)
 
 
 def _k_parts(K: int, step: int, split_k: int) -> Tuple[int, int]:
@@ -170,16 +293,18 @@ def _k_parts(K: int, step: int, split_k: int) -> Tuple[int, int]:
 @torch.library.custom_op("oneday::nf4_matmul", mutates_args=())
 def nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                   absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
-                  n: int, k: int, blocksize: int, blocksize2: int, lookup: str) -> torch.Tensor:
+                  n: int, k: int, blocksize: int, blocksize2: int, lookup: bool,
+                  table: Optional[torch.Tensor] = None) -> torch.Tensor:
     if blocksize != n * k // absmax.numel():  # the fake's output shape is computed from it
         raise ValueError(f"nf4_matmul_op: blocksize {blocksize}, but {absmax.numel()} scales for {n} x {k}")
     nested = (absmax2, code2, offset, blocksize2) if absmax2 is not None else None
-    return nf4_matmul(x, packed, absmax, code, (n, k), nested, lookup=lookup, parts=True)
+    return nf4_matmul(x, packed, absmax, code, (n, k), nested, lookup=lookup, parts=True, table=table)
 
 
 @nf4_matmul_op.register_fake
-def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2, lookup):
-    return x.new_empty((_k_parts(k, blocksize, DEFAULT_SPLIT_K)[1], x.size(0), n), dtype=torch.float32)
+def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2, lookup, table=None):
+    step = _gemv_step(k, blocksize) if _one_row(x.size(0), x.dtype) else blocksize
+    return x.new_empty((_k_parts(k, step, DEFAULT_SPLIT_K)[1], x.size(0), n), dtype=torch.float32)
 
 
 def scales_of(state) -> Tuple[torch.Tensor, Optional[tuple]]:
@@ -208,24 +333,25 @@ class FusedNF4Linear(nn.Module):
         self.register_buffer("offset", offset, persistent=False)
         self.bias, self.quant_state, self.compute_dtype = layer.bias, state, layer.compute_dtype
         self.out_features, self.in_features = layer.out_features, layer.in_features
-        # the table's byte permutes where they can run (the CPU interpreter runs no PTX); made once, here: reading the
-        # table back from the GPU at every call would stop a CUDA graph's capture
-        code = tuple(state.code.tolist())
-        self.lookups = {dtype: lookup_ptx(code, dtype) for dtype in (torch.bfloat16, torch.float16)
-                        } if self.packed.is_cuda else {}
+        # byte permutes where they can run (the CPU interpreter runs no PTX); the table made once, here: reading the
+        # code back from the GPU at every call would stop a CUDA graph's capture
+        self.lookup = self.packed.is_cuda
+        self.register_buffer("table", torch.tensor(kernel_table(tuple(state.code.tolist())), dtype=torch.int32,
+                                                   device=self.packed.device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
 
         rows = x.reshape(-1, x.size(-1))
-        if rows.size(0) == 1:  # bitsandbytes' gemv_4bit is the faster for one row (benchmarks/gpu_nf4_gemm.py)
-            # as Linear4bit.forward calls it: in the layer's compute dtype, the output back in the input's
+        if rows.size(0) == 1 and not _one_row(1, rows.dtype):  # gemv_kernel's table is bf16's
+            # bitsandbytes' gemv_4bit, as Linear4bit.forward calls it: in the layer's compute dtype, the output back in
+            # the input's
             y = bnb.matmul_4bit(rows.to(self.compute_dtype or rows.dtype), self.packed.t(),
                                 quant_state=self.quant_state).to(x.dtype)
         else:  # the K parts' sum is left to the caller's compiled code, which fuses it into what follows
             y = nf4_matmul_op(rows, self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,
                               self.out_features, self.in_features, self.quant_state.blocksize, self.blocksize2,
-                              self.lookups.get(rows.dtype, "")).sum(0).to(x.dtype)
+                              self.lookup, self.table).sum(0).to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -239,7 +365,8 @@ def is_nf4(layer: nn.Module) -> bool:
 
 def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dtype) -> Optional[str]:
     """None if the kernel agrees with bitsandbytes on this device, else why not: (layer, its FusedNF4Linear) pairs,
-    one of each shape checked, at 3 and 17 rows in `dtype` (one row runs bitsandbytes' own gemv), against the same rows
+    one of each shape checked, at 1, 3 and 17 rows in `dtype` (one row: gemv_kernel in bf16, else bitsandbytes' own
+    gemv), against the same rows
     times bitsandbytes' dequantized weight in fp32. Both sum in fp32; they differ by rounding: the output's to `dtype`
     (1.7e-3 in bf16) and the weights' (bitsandbytes rounds code x scale to `dtype`, the kernel the code before the
     scale: together 2.7e-3 in bf16 on an H100 for every Mistral-7B shape, benchmarks/gpu_nf4_gemm.py, as simulated on
@@ -251,7 +378,7 @@ def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dt
 
     for layer, fused in {(m.out_features, m.in_features): (m, f) for m, f in layers}.values():
         w = BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-        for rows in (3, 17):
+        for rows in (1, 3, 17):
             x = torch.randn(rows, layer.in_features, device=w.device).to(dtype)
             # fp32 a slice of W at a time: a whole fp32 copy of the widest weight would raise the server's start-up
             # peak by hundreds of MB, on a card that may have no more to spare

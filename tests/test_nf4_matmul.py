@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -40,11 +41,12 @@ def test_fast_step_with_the_kernel_gives_the_plain_answers():
     interpreted("check_fast_step")
 
 
-def run_ptx(program, word: int) -> dict:
-    """The registers after `program` (lookup_program's PTX instructions) on an input register `word` ($4), by the PTX
-    manual's rules for and, or, shr, mov and prmt (each output byte picked out of the 8 bytes of its two sources by a
-    3-bit selector; a selector's fourth bit, sign replication, must never be set here)."""
-    registers = {"$4": word}
+def run_ptx(program, word: int, source: str = "$4", operands: Optional[dict] = None) -> dict:
+    """The registers after `program` (lookup_program's PTX instructions) on an input register `word` (`source`) and
+    other input `operands`, by the PTX manual's rules for and, or, shr, mov and prmt (each output byte picked out of the
+    8 bytes of its two sources by a 3-bit selector; a selector's fourth bit, sign replication, must never be set
+    here)."""
+    registers = {source: word, **(operands or {})}
 
     def value(operand: str) -> int:
         return registers[operand] if operand in registers else int(operand, 0)
@@ -68,16 +70,18 @@ def test_byte_permute_lookup_decodes_every_byte_in_every_position():
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as BF
 
-    from generate.nf4_matmul import lookup_program, table_words
+    from generate.nf4_matmul import TABLE_AT, kernel_table, lookup_program, table_words
 
     code = BF.get_4bit_type("nf4", device="cpu").tolist()
+    table = kernel_table(tuple(code))
     for dtype in (torch.bfloat16, torch.float16):
         words = table_words(code, dtype)
         assert torch.tensor(words, dtype=torch.int32).to(torch.int16).view(dtype).equal(torch.tensor(code).to(dtype))
-        program = lookup_program(words)
+        quarters = {f"${5 + 4 * i}": q & 0xFFFFFFFF for i, q in enumerate(table[TABLE_AT[dtype]:][:8])}
+        program = lookup_program()
         for first in range(256):
             data = [(first + 97 * j) % 256 for j in range(4)]  # every byte value once per position
-            registers = run_ptx(program, int.from_bytes(bytes(data), "little"))
+            registers = run_ptx(program, int.from_bytes(bytes(data), "little"), operands=quarters)
             for j, byte in enumerate(data):
                 assert registers[f"${j}"] == words[byte >> 4] | words[byte & 15] << 16, (dtype, j, byte)
             # as the kernel reads them: the low half is W[n, 2c], the high half W[n, 2c + 1]
@@ -87,28 +91,28 @@ def test_byte_permute_lookup_decodes_every_byte_in_every_position():
             assert halves.view(dtype).equal(torch.tensor(code).to(dtype)[nibbles]), (dtype, data)
 
 
-def test_the_lookup_survives_inductor_copying_it_into_a_comment():
-    """The compiled decode step passes lookup_ptx's text to the operator, and inductor writes each fused kernel's
-    source nodes, arguments as str(), into comments of the Python it generates for a GPU: text with a line break
-    there made that file fail to import (H100, torch 2.11, 2026-12-06) and the server fell back to bitsandbytes.
-    Here the node is formatted as inductor formats it and must stay one valid comment."""
+def test_fp32_lookup_decodes_every_byte_from_the_table_operands():
+    """gemv_kernel's variant (lookup_program(fp32=True)), simulated with kernel_table's quarters as its operands:
+    every byte value in every position gives its high nibble's fp32 in $0-$3 and its low nibble's in $4-$7, each
+    within half a bf16 step of the code value (bf16's own rounding; zero exact)."""
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as BF
-    from torch.fx.experimental.proxy_tensor import make_fx
 
-    from generate.nf4_matmul import lookup_ptx, nf4_matmul_op
+    from generate.nf4_matmul import kernel_table, lookup_program
 
-    code = BF.get_4bit_type("nf4", device="cpu")
-    ptx = lookup_ptx(tuple(code.tolist()), torch.bfloat16)
-    packed, absmax = torch.zeros(64 * 64 // 2, 1, dtype=torch.uint8), torch.ones(64)
-
-    def step(x, packed, absmax, code):
-        return nf4_matmul_op(x, packed, absmax, code, None, None, None, 64, 64, 64, 1, ptx).sum(0)
-
-    graph = make_fx(step, tracing_mode="fake")(torch.zeros(2, 64, dtype=torch.bfloat16), packed, absmax, code).graph
-    nodes = [n for n in graph.nodes if n.target is torch.ops.oneday.nf4_matmul.default]
-    assert len(nodes) == 1 and ptx in nodes[0].args
-    compile("#   " + nodes[0].format_node(include_tensor_metadata=True), "<inductor's comment>", "exec")
+    code = BF.get_4bit_type("nf4", device="cpu").tolist()
+    table = kernel_table(tuple(code))
+    values = torch.tensor(table[:16], dtype=torch.int32).view(torch.float32)
+    assert torch.allclose(values, torch.tensor(code), rtol=2 ** -8, atol=0) and values[code.index(0.0)] == 0
+    program = lookup_program(fp32=True)
+    for first in range(256):
+        data = [(first + 97 * j) % 256 for j in range(4)]
+        registers = run_ptx(program, int.from_bytes(bytes(data), "little"), source="$8",
+                            operands={f"${9 + 4 * i}": q & 0xFFFFFFFF for i, q in enumerate(table[16:24])})
+        got = torch.tensor([registers[f"${r}"] for r in range(8)], dtype=torch.int64).to(torch.int32).view(
+            torch.float32)
+        nibbles = torch.tensor([b >> 4 for b in data] + [b & 15 for b in data])
+        assert got.equal(values[nibbles]), data
 
 
 def test_start_up_check_passes_bf16_rounding_and_rejects_one_misread_tile(monkeypatch):
@@ -133,7 +137,7 @@ def test_start_up_check_passes_bf16_rounding_and_rejects_one_misread_tile(monkey
     assert not torch.equal(weight.bfloat16(), BF.dequantize_4bit(layer.weight.data, state))  # rounded otherwise
     scale = torch.ones(4096)
 
-    def kernel_like(x, packed, absmax, code, shape, nested, lookup, parts):
+    def kernel_like(x, packed, absmax, code, shape, nested, lookup, parts, table):
         return (x.float() @ weight.t() * scale)[None]  # one K part, fp32
 
     monkeypatch.setattr(nf4_matmul, "nf4_matmul", kernel_like)
@@ -186,7 +190,7 @@ def test_a_kernel_that_fails_leaves_the_products_to_bitsandbytes(monkeypatch, ca
 def check_kernel():
     import bitsandbytes.functional as BF
 
-    from generate.nf4_matmul import nf4_matmul, scales_of
+    from generate.nf4_matmul import kernel_table, nf4_matmul, scales_of
 
     gen = torch.Generator().manual_seed(0)
     N, K = 80, 320  # not a multiple of the column tile (64); 5 blocks of 64 scales, split in parts of 2 blocks or 1
@@ -207,6 +211,18 @@ def check_kernel():
             assert sums.shape == (5, M, N) and torch.allclose(sums.sum(0), expected, rtol=1e-5, atol=1e-6), M
             half = nf4_matmul(x.half(), packed, absmax, state.code, (N, K), nested, BN=32)
             assert torch.allclose(half.float(), expected, rtol=2e-2, atol=2e-3), (double_quant, M, "fp16")
+        # one row of bf16: gemv_kernel (no tensor-core products, so the interpreter computes it right), against the
+        # rows times the weight it decodes (kernel_table's fp32 values times the block's scale), in fp32
+        values = torch.tensor(kernel_table(tuple(state.code.tolist()))[:16], dtype=torch.int32).view(torch.float32)
+        nibbles = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).long().reshape(N, K)
+        scale = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant else state.absmax
+        gemv_w = values[nibbles] * scale.repeat_interleave(64).reshape(N, K)
+        x = torch.randn(1, K, generator=gen).bfloat16()
+        expected = x.float() @ gemv_w.t()
+        for BN, BK, split_k in ((64, None, 8), (16, 64, 1), (32, 64, 3)):  # K = 320: steps of 64 only
+            sums = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=BN, BK=BK, split_k=split_k, parts=True)
+            assert torch.allclose(sums.sum(0), expected, rtol=1e-5, atol=1e-6), (double_quant, BN, BK, split_k)
+        assert torch.allclose(gemv_w, dequantized, rtol=2 ** -8, atol=1e-7)  # bitsandbytes' weight, nearly
 
 
 def check_fast_step():
@@ -230,6 +246,17 @@ def check_fast_step():
 
     def model(adapter: bool):
         return quantized_model(checkpoint, "bnb.nf4-dq", adapter)
+
+    # a lone stream's step in bf16: the layer's one row through the operator and gemv_kernel, near bitsandbytes'
+    import bitsandbytes.functional as BF
+
+    layer = next(m for m in model(False).modules() if nf4_matmul.is_nf4(m))
+    x = torch.randn(1, 1, layer.in_features).bfloat16()
+    calls.clear()
+    y = nf4_matmul.FusedNF4Linear(layer)(x)
+    reference = x.float() @ BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().t()
+    assert calls and y.dtype == torch.bfloat16 and y.shape == reference.shape
+    assert ((y.float() - reference).norm() / reference.norm()).item() < torch.finfo(torch.bfloat16).eps / 2
 
     specs = requests(5, seed=4)
     for adapter, decode in ((False, "static"), (True, "static"), (True, "compiled")):
