@@ -150,6 +150,7 @@ def main(
     device: str = "cuda",
     budget_s: float = 420.0,
     out: str = "out/serve_table.md",
+    trace: bool = False,
 ) -> List[dict]:
     """Print the serving table (see the module docstring).
 
@@ -174,6 +175,9 @@ def main(
         budget_s: rows that would start after this many seconds are skipped (a GPU call of the project is limited
             to 10 minutes; transformers' rows, last, compile for a few minutes).
         out: Markdown table destination.
+        trace: after each row's timed runs, one more all-at-once run under torch.profiler: where its wall time went
+            (kernel time on the GPU, the engine's steps and prefills, the host functions that took longest), printed
+            as one JSON line.
     """
     import torch
 
@@ -237,6 +241,8 @@ def main(
                 results = run_requests(engine, prompts, new_tokens)
                 runs.append((time.perf_counter() - t, results))
             runs.sort(key=lambda r: r[0])
+            if trace:
+                trace_run(engine, prompts, new_tokens, label)
             together_s, together = runs[len(runs) // 2]
             weights = weight_bytes(model_)
             n1 = sum(len(r.new_ids) for r in alone_results)
@@ -337,6 +343,31 @@ def main(
     Path(out).write_text(text)
     print(text)
     return table.rows
+
+
+def trace_run(engine, prompts: List[List[int]], new_tokens: int, label: str) -> None:
+    """One all-at-once run under torch.profiler: its wall time against the kernel time it launched (a decode step
+    whose host work outlasts the GPU's leaves the GPU idle), per decode step, and the host functions that took
+    longest."""
+    import torch
+
+    before = dict(engine.stats)
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (
+        torch.cuda.is_available())
+    with torch.profiler.profile(activities=activities) as prof:
+        t = time.perf_counter()
+        run_requests(engine, prompts, new_tokens)
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    steps = {k: engine.stats[k] - before.get(k, 0) for k in engine.stats}
+    host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                  key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    print(json.dumps({"trace": label, "wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(kernel_us / 1e3, 1),
+                      "gpu_busy": round(kernel_us / 1e6 / wall, 3), **steps,
+                      "wall_ms_per_step": round(wall * 1e3 / max(1, steps.get("decode_steps", 0)), 2),
+                      "host_self_ms": [[e.key[:60], round(e.self_cpu_time_total / 1e3, 1), e.count] for e in host]}),
+          flush=True)
 
 
 def run_requests(engine, prompts: List[List[int]], new_tokens: int) -> list:

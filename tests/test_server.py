@@ -513,9 +513,9 @@ def test_benchmark_script_runs_on_a_random_model(tmp_path):
     assert "| generation, 4 new tokens | tokens/s |" in (tmp_path / "bench.md").read_text()
 
 
-def test_serve_table_runs_on_a_random_model(tmp_path):
+def test_serve_table_runs_on_a_random_model(tmp_path, capsys):
     """benchmarks/serve_table.py end to end on a CPU: every row, the 4-bit ones failing on purpose (an unknown mode),
-    which must cost only those rows."""
+    which must cost only those rows; --trace's line for a row that ran."""
     pytest.importorskip("transformers")
     from benchmarks.serve_table import main
 
@@ -533,9 +533,12 @@ def test_serve_table_runs_on_a_random_model(tmp_path):
     assert low <= by[("oneday fp32", 3)]["tokens_per_s"] <= high and by[("oneday fp32", 3)]["repeats"] == 5
     table = (tmp_path / "table.md").read_text()
     assert "| oneday fp32 scoring (prefill tokens/s) | fp32 | 3 |" in table and "(median of 5: " in table
-    broken = main(**common, rows="bf16,nf4", quantize="bnb.nf5", out=str(tmp_path / "broken.md"))
+    capsys.readouterr()
+    broken = main(**common, rows="bf16,nf4", quantize="bnb.nf5", out=str(tmp_path / "broken.md"), trace=True)
     assert [r["system"] for r in broken][-1] == "nf4" and "nf5" in broken[-1]["error"]
     assert len(broken) == 4  # the bf16 rows came out
+    traced = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"trace"')]
+    assert len(traced) == 1 and traced[0]["decode_steps"] >= 3 and traced[0]["wall_ms"] > 0  # 3 streams, 4 tokens
 
 
 @pytest.mark.slow
