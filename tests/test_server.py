@@ -3,6 +3,11 @@
 import asyncio
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -539,6 +544,31 @@ def test_serve_table_runs_on_a_random_model(tmp_path, capsys):
     assert len(broken) == 4  # the bf16 rows came out
     traced = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"trace"')]
     assert len(traced) == 1 and traced[0]["decode_steps"] >= 3 and traced[0]["wall_ms"] > 0  # 3 streams, 4 tokens
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_serve_ab_runs_the_folders_code_as_b(tmp_path):
+    """benchmarks/serve_ab.sh: A is the tree, B the tree with the folder's files over it. With an engine that cannot
+    be imported laid over, A's rows come out and B's run fails, said so; the side-by-side table has A's figures."""
+    overlay = ROOT / "ab_overlay_test"
+    (overlay / "generate").mkdir(parents=True)
+    try:
+        (overlay / "generate" / "engine.py").write_text("raise ImportError('the base under test')\n")
+        done = subprocess.run(
+            ["bash", "benchmarks/serve_ab.sh", overlay.name, "--model", "SmolLM2-135M", "--n_layer", "1",
+             "--device", "cpu", "--streams", "2", "--prompt_tokens", "6", "--new_tokens", "3", "--scoring_tokens",
+             "8", "--alone", "2", "--rows", "bf16", "--max_seq_length", "32", "--repeats", "1"],
+            cwd=ROOT, env={**os.environ, "OUT": str(tmp_path), "ROUNDS": "1", "PYTHON": sys.executable},
+            capture_output=True, text=True,
+            timeout=300)
+    finally:
+        shutil.rmtree(overlay)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "B, round 1: failed" in done.stdout and "the base under test" in (tmp_path / "serve_b_1.log").read_text()
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| oneday fp32 | 2 |"))
+    assert float(row.split("|")[3]) > 0 and row.split("|")[4].strip() == "" and "nan" in row
 
 
 @pytest.mark.slow

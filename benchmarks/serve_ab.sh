@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Serving figures of two versions of the code in one GPU call, taking turns (A B A B): the 30-stream NF4 figure moved
+# from 2,380 to 3,428 tokens/s between two H100s in one hour on unchanged code (docs/serving.md), so a change is judged
+# only against its base in the same call.
+#     git archive BASE generate | tar -x -C ab_base     # here, before the call: an untracked folder travels with it
+#     PYTHONPATH=.wheels/train_site:.wheels/serve_site:$PWD bash benchmarks/serve_ab.sh ab_base --rows nf4,nf4+lora
+# A is the working tree, B a copy of it with the folder's files laid over it; each round runs
+# benchmarks/serve_table.py with the given arguments on A, then on B (ROUNDS, default 2). Tables and logs go to $OUT
+# (default out/serve_ab) as serve_{a,b}_<round>.{md,log}; last, every row's tokens/s side by side, with B / A. PYTHON
+# picks the interpreter (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base=${1:?usage: serve_ab.sh FOLDER [serve_table.py arguments]}
+shift
+[ -d "$base" ] || { echo "serve_ab.sh: $base is not a folder of files to lay over the tree" >&2; exit 2; }
+out=${OUT:-out/serve_ab}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)  # B runs in its copy's folder
+b=$(mktemp -d)
+tar -c --exclude=./out --exclude="./$base" . | tar -x -C "$b"
+cp -r "$base"/. "$b"/
+for round in $(seq 1 "${ROUNDS:-2}"); do
+  "$python" benchmarks/serve_table.py "$@" --out "$out/serve_a_$round.md" >"$out/serve_a_$round.log" 2>&1 ||
+    echo "A, round $round: failed, see $out/serve_a_$round.log"
+  (cd "$b" && PYTHONPATH="${PYTHONPATH:+${PYTHONPATH//$PWD/$b}}" "$python" benchmarks/serve_table.py "$@" \
+    --out "$out/serve_b_$round.md") >"$out/serve_b_$round.log" 2>&1 ||
+    echo "B, round $round: failed, see $out/serve_b_$round.log"
+done
+"$python" - "$out" <<'EOF'
+import glob, re, statistics, sys
+rates = {}  # (system, streams) -> {"a": [...], "b": [...]}
+for path in sorted(glob.glob(f"{sys.argv[1]}/serve_[ab]_*.md")):
+    side = re.search(r"serve_([ab])_", path).group(1)
+    for line in open(path):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 3 and cells[0].startswith("oneday"):
+            rate = float(cells[3].split()[0].replace(",", ""))
+            rates.setdefault((cells[0], cells[2]), {"a": [], "b": []})[side].append(rate)
+print("| system | streams | A tokens/s | B tokens/s | B / A (medians) |\n|---|---|---|---|---|")
+for (system, streams), r in rates.items():
+    ratio = statistics.median(r["b"]) / statistics.median(r["a"]) if r["a"] and r["b"] else float("nan")
+    print(f"| {system} | {streams} | {', '.join(map(str, r['a']))} | {', '.join(map(str, r['b']))} | {ratio:.3f} |")
+EOF
