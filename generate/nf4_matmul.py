@@ -14,7 +14,7 @@ would be 15/16 padding; one row of another dtype stays with bitsandbytes' gemv_4
 Such a product is bound by the instructions that decode the weights rather than by memory: a first design, which
 read the table with tl.gather and scaled every weight, ran at 15-23% of an H100's bandwidth
 (docs/speed/h100_2026-12-06_nf4_kernel.md). Now on a GPU the table is read by byte permutes (`lookup_program`) and
-the scale applied once per block and output: 7.5 instructions per weight value in the main loop, against 23
+the scale applied once per block and output: 6.5 instructions per weight value in the main loop, against 23
 (benchmarks/nf4_kernel_sass.py, compiled for sm_90 on a CPU); on an H100 a block's products at 32 rows then take as
 long as cuBLAS's on bf16 weights, half bitsandbytes' time, still about a fifth of the bandwidth. The table's values
 are rounded to x's dtype before the scale rather than after it, as bitsandbytes does: a difference of rounding, within
