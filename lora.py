@@ -103,6 +103,8 @@ class LoRALinear(nn.Module):
         n_rows = sum(end - start for start, end in self.parts)
         self.lora_A = nn.Parameter(torch.empty(len(self.parts) * r, self.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(n_rows, r, device=device, dtype=torch.float32))
+        self.register_buffer("served_A", None, persistent=False)  # freeze(): A and the placed B in the served dtype
+        self.register_buffer("served_B", None, persistent=False)
         self.merged = False
         self.reset_lora_parameters()
 
@@ -118,8 +120,19 @@ class LoRALinear(nn.Module):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """scaling * B A dropout(x), shaped like the base output (zero on rows without an adapter)."""
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype)) * self.scaling  # (..., n_parts * r): small, scale here
-        return F.linear(h, self.placed_B(x.dtype))
+        if self.served_A is not None and self.served_A.dtype == x.dtype:
+            A, B = self.served_A, self.served_B
+        else:
+            A, B = self.lora_A.to(x.dtype), self.placed_B(x.dtype)
+        h = F.linear(self.dropout(x), A) * self.scaling  # (..., n_parts * r): small, scale here
+        return F.linear(h, B)
+
+    def freeze(self, dtype: torch.dtype) -> None:
+        """For serving: keep A and the placed B in `dtype`, which lora_delta then multiplies as they are, where it
+        converted the fp32 parameters (and placed B) at every call: a few small kernels per adapted layer and decode
+        step, the same bits out. A frozen layer no longer sees changes to its parameters: training never freezes."""
+        with torch.no_grad():
+            self.served_A, self.served_B = self.lora_A.detach().to(dtype), self.placed_B(dtype).detach()
 
     def placed_B(self, dtype: torch.dtype) -> torch.Tensor:
         """(out, n_parts * r): part i's B on its own rows and its own r columns, zeros elsewhere. One matmul then
@@ -240,6 +253,12 @@ def inject_lora(model: GPT, lora: LoRAConfig) -> GPT:
 
 def lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def freeze_lora(model: nn.Module, dtype: torch.dtype) -> None:
+    """LoRALinear.freeze for every adapter kept unmerged (the server's, over a quantized base)."""
+    for m in lora_modules(model).values():
+        m.freeze(dtype)
 
 
 def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -418,13 +418,14 @@ def add_random_adapter(model, r: int = 16) -> None:
     random B so that the adapter changes the outputs."""
     import torch
 
-    from lora import LoRAConfig, inject_lora, lora_modules
+    from lora import LoRAConfig, freeze_lora, inject_lora, lora_modules
 
     inject_lora(model, LoRAConfig(r=r, alpha=2 * r)).eval()
     gen = torch.Generator(model.wte.weight.device).manual_seed(1)
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.normal_(0, 0.01, generator=gen)
+    freeze_lora(model, model.wte.weight.dtype)  # as the server does
 
 
 def transformers_model(model, device):

@@ -414,12 +414,14 @@ def load_service(checkpoint_dir: str, adapter_dir: Optional[str] = None, quantiz
     model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize)
     style_dirs = [checkpoint_dir]
     if adapter_dir is not None:  # a LoRA adapter file from finetune/lora.py, or its folder
-        from lora import load_adapter, strip_lora
+        from lora import freeze_lora, load_adapter, strip_lora
 
         load_adapter(model, Path(adapter_dir))
         model.to(device)
         if quantize is None:  # merged into plain weights (no extra cost per token); over 4-bit ones it stays a branch
             strip_lora(model)
+        else:
+            freeze_lora(model, dtype)
         style_dirs.insert(0, Path(adapter_dir) if Path(adapter_dir).is_dir() else Path(adapter_dir).parent)
     model.eval()
     log.info(json.dumps({"event": "loaded", "checkpoint": str(checkpoint_dir), "adapter": adapter_dir,

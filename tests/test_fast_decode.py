@@ -197,16 +197,18 @@ def test_dola_keeps_the_plain_step(checkpoint):
 
 
 def quantized_model(checkpoint, quantize: str, adapter: bool):
-    """The checkpoint over a 4-bit base, with an unmerged LoRA adapter whose B is random (so that it changes outputs)."""
+    """The checkpoint over a 4-bit base, with an unmerged LoRA adapter whose B is random (so that it changes outputs),
+    frozen as the server freezes it."""
     model = load_model(checkpoint, quantize=quantize)
     if adapter:
-        from lora import LoRAConfig, inject_lora, lora_modules
+        from lora import LoRAConfig, freeze_lora, inject_lora, lora_modules
 
         torch.manual_seed(0)
         inject_lora(model, LoRAConfig(r=4, alpha=8, targets=("q", "v", "o", "down")))
         with torch.no_grad():
             for layer in lora_modules(model).values():
                 layer.lora_B.normal_(0, 0.5)
+        freeze_lora(model, model.wte.weight.dtype)  # as the server keeps an adapter over a 4-bit base
     return model.eval()
 
 

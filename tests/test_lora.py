@@ -285,3 +285,38 @@ def test_benchmark_builds_a_random_qlora_model_without_a_checkpoint():
     assert n == 32 and abs(loss.item() / n - torch.log(torch.tensor(97.0)).item()) < 0.5  # random model: ~log(vocab)
     bench.set_checkpointing(model, "0")
     assert "forward" not in model.blocks[0].__dict__
+
+
+@pytest.mark.parametrize("targets", [("q", "v"), ("q", "k", "v", "o", "up", "down")])
+def test_frozen_adapter_gives_the_same_bits_without_converting_at_every_call(targets):
+    """The server freezes adapters kept over a 4-bit base (lora.freeze_lora): A and the placed B are kept in the
+    activations' dtype, so a call multiplies them as they are. Its output equals the unfrozen layer's bit for bit, and
+    its traced call converts and places nothing, where the unfrozen one converts the fp32 parameters every time."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lora import freeze_lora
+
+    torch.manual_seed(0)
+    model = GPT(Config(**GQA)).to(torch.bfloat16)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, targets=targets))
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_()
+    assert all(m.lora_A.dtype == torch.float32 for m in lora_modules(model).values())  # as the server loads them
+    layers = lora_modules(model)
+    xs = {name: torch.randn(3, 5, m.in_features).bfloat16() for name, m in layers.items()}
+
+    def converts(layer, x) -> int:
+        graph = make_fx(layer)(x).graph
+        return sum(n.op == "call_function" and n.target.__name__.split(".")[0] in ("_to_copy", "zeros", "new_zeros")
+                   for n in graph.nodes)
+
+    before = {name: m(xs[name]) for name, m in layers.items()}
+    assert all(converts(m, xs[name]) >= 2 for name, m in layers.items())
+    freeze_lora(model, torch.bfloat16)
+    for name, m in layers.items():
+        assert torch.equal(m(xs[name]), before[name]), name
+        assert converts(m, xs[name]) == 0, name
+    with torch.no_grad():
+        ids = torch.randint(0, GQA["vocab_size"], (2, 7))
+        assert model(ids).dtype == torch.bfloat16

@@ -503,6 +503,39 @@ def test_serves_base_plus_lora_adapter(tmp_path):
     assert out["tokens"][0]["logprob"] == pytest.approx(float(expected.max()), abs=1e-4)
 
 
+def test_an_adapter_over_a_4bit_base_is_served_frozen(tmp_path, monkeypatch):
+    """Over a 4-bit base the adapter stays a branch; load_service freezes it (A and the placed B kept in the model's
+    dtype, no conversion per step) and it still changes the answer. The CPU stands in for the GPU here: bitsandbytes
+    has 4-bit CPU ops, and the device check is lifted."""
+    from generate import server
+    from lora import LoRAConfig, inject_lora, lora_modules, save_adapter
+    from utils import load_model
+
+    base = make_tiny_checkpoint(tmp_path / "base", n_embd=64, intermediate_size=128)
+    model = load_model(base)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, targets=("q", "v", "down"))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    (tmp_path / "adapter").mkdir()
+    save_adapter(model, tmp_path / "adapter" / "adapter.safetensors")
+    monkeypatch.setattr(server, "check_quantize_device", lambda quantize, device: None)
+    answers = {}
+    for adapter in (None, str(tmp_path / "adapter")):
+        svc = load_service(str(base), adapter_dir=adapter, quantize="bnb.nf4", device="cpu", max_seq_length=64)
+        layers = lora_modules(svc.engine.model).values()
+        assert all(m.served_A is not None and m.served_A.dtype == torch.float32 and not m.merged for m in layers)
+        # the fused qkv (q and v) and down, in each block
+        assert len(layers) == (0 if adapter is None else 2 * svc.engine.model.config.n_layer)
+        svc.engine.start()
+        try:
+            answers[adapter], _ = run(svc, {"prompt": "a b c d", "max_new_tokens": 3, **GREEDY})
+        finally:
+            svc.engine.stop()
+    assert answers[None].new_scores != answers[str(tmp_path / "adapter")].new_scores
+
+
 def test_benchmark_script_runs_on_a_random_model(tmp_path):
     from benchmarks.benchmark_server import main
 
