@@ -256,7 +256,8 @@ def lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
 
 
 def freeze_lora(model: nn.Module, dtype: torch.dtype) -> None:
-    """LoRALinear.freeze for every adapter kept unmerged (the server's, over a quantized base)."""
+    """LoRALinear.freeze for every adapter of `model` (the server freezes the one it keeps unmerged over a quantized
+    base)."""
     for m in lora_modules(model).values():
         m.freeze(dtype)
 

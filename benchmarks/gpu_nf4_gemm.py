@@ -58,7 +58,7 @@ CONFIGS = [(BN, split, warps, 4, "ptx") for BN in (64, 128, 256) for split in (4
     (128, 8, 4, 4, "gather"), (64, 4, 4, 4, "gather")]
 
 
-# One row of bf16 runs gemv_kernel: (BN, BK, split_k, num_warps, num_stages) around its defaults (32, 256, 8, 4, 4).
+# One row of bf16 runs gemv_kernel: (BN, BK, split_k, num_warps, num_stages) around its defaults (32, 256, 8, 2, 3).
 # The first sweep (2026-12-06, H100) found 2 warps ahead of 4 and 8, K in 8 parts ahead of 4 and 16.
 GEMV_CONFIGS = [(BN, BK, 8, warps, stages) for BN in (16, 32, 64) for BK in (256, 512) for warps in (1, 2, 4)
                 for stages in (2, 3)] + [(32, 256, 16, 2, 3), (32, 256, 4, 2, 3), (128, 256, 8, 4, 3)]

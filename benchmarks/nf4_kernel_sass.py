@@ -110,8 +110,7 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
     kernel = nf4.gemv_kernel() if one_row else nf4.kernel()
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     nf4_code = tuple(bitsandbytes.functional.get_4bit_type("nf4", device="cpu").tolist())
-    pointers = {"x": "*bf16", "packed": "*u8", "absmax": "*u8", "code": "*fp32", "table": "*i32",
-                "absmax2": "*fp32",
+    pointers = {"x": "*bf16", "packed": "*u8", "absmax": "*u8", "code": "*fp32", "table": "*i32", "absmax2": "*fp32",
                 "code2": "*fp32", "offset": "*fp32", "out": "*fp32"}
     pointers = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
     signature = {**pointers, **{n: "i32" for n in ("M", "N", "K", "K_PART") if n in kernel.arg_names}}

@@ -95,10 +95,11 @@ def fp32_words(code: List[float]) -> List[int]:
             for c, w in zip(code, nearest)]
 
 
-def kernel_table(code: Tuple[float, ...]) -> List[int]:
+@functools.lru_cache(maxsize=None)
+def kernel_table(code: Tuple[float, ...]) -> Tuple[int, ...]:
     """The kernels' `table` argument, int32: the 16 fp32 values of fp32_words (gemv_kernel's gather), the 8 quarters
     of those words (its byte permutes' operands), then the 8 quarters of the table in bf16 and in fp16 (the tensor-core
-    kernel's, at TABLE_AT[dtype])."""
+    kernel's, at TABLE_AT[dtype]). Made once per code table, which every NF4 layer of a model shares."""
     def quarters(words: List[int]) -> List[int]:
         return [sum(((words[4 * r + e] >> 8 * p) & 0xFF) << 8 * e for e in range(4))
                 for p in range(2) for r in range(4)]
@@ -106,7 +107,7 @@ def kernel_table(code: Tuple[float, ...]) -> List[int]:
     words = fp32_words(list(code))
     table = [w << 16 | w for w in words] + quarters(words) + [
         q for dtype in (torch.bfloat16, torch.float16) for q in quarters(table_words(list(code), dtype))]
-    return [v - (1 << 32) if v >= 1 << 31 else v for v in table]
+    return tuple(v - (1 << 32) if v >= 1 << 31 else v for v in table)
 
 
 TABLE_AT = {torch.bfloat16: 24, torch.float16: 32}
@@ -366,14 +367,13 @@ def is_nf4(layer: nn.Module) -> bool:
 def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dtype) -> Optional[str]:
     """None if the kernel agrees with bitsandbytes on this device, else why not: (layer, its FusedNF4Linear) pairs,
     one of each shape checked, at 1, 3 and 17 rows in `dtype` (one row: gemv_kernel in bf16, else bitsandbytes' own
-    gemv), against the same rows
-    times bitsandbytes' dequantized weight in fp32. Both sum in fp32; they differ by rounding: the output's to `dtype`
-    (1.7e-3 in bf16) and the weights' (bitsandbytes rounds code x scale to `dtype`, the kernel the code before the
-    scale: together 2.7e-3 in bf16 on an H100 for every Mistral-7B shape, benchmarks/gpu_nf4_gemm.py, as simulated on
-    a CPU by benchmarks/nf4_kernel_sass.py --rounding true), so the limit is half the dtype's epsilon (3.9e-3 in
-    bf16): a misread nibble or scale throughout is off by about 1, one wrong tile of 64 columns in the widest weight
-    (14336) by a few 1e-2. Triton's CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16
-    model fails the check."""
+    gemv), against the same rows times bitsandbytes' dequantized weight in fp32. Both sum in fp32; they differ by
+    rounding: the output's to `dtype` (1.7e-3 in bf16) and the weights' (bitsandbytes rounds code x scale to `dtype`,
+    the kernel the code before the scale: together 2.7e-3 in bf16 on an H100 for every Mistral-7B shape,
+    benchmarks/gpu_nf4_gemm.py, as simulated on a CPU by benchmarks/nf4_kernel_sass.py --rounding true), so the limit
+    is half the dtype's epsilon (3.9e-3 in bf16): a misread nibble or scale throughout is off by about 1, one wrong
+    tile of 64 columns in the widest weight (14336) by a few 1e-2. Triton's CPU interpreter computes bf16 products
+    wrongly (2026-12, Triton 3.9): there a bf16 model fails the check."""
     import bitsandbytes.functional as BF
 
     for layer, fused in {(m.out_features, m.in_features): (m, f) for m, f in layers}.values():
