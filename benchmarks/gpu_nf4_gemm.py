@@ -8,7 +8,7 @@ replays of a CUDA graph (as the server runs its step) over copies of the weight 
 Why: the serving table's NF4 rows reached 25% (1 stream) and 8% (30 streams) of the bandwidth bound of their 4-bit
 bytes (docs/serving.md). A decode step reads each weight once; in 4 bits that is a quarter of bf16's bytes, so a kernel
 that decodes in its tiles could beat bf16 rather than trail it. Per shape and row count: the kernel with its defaults
-(with the sum of its K parts, and without it as the server's step leaves it to the next compiled kernel), the best
+(its K parts summed in the kernel, as served), the best
 of a sweep of tiles, K splits, warps, stages and lookups (byte permutes or a gather; and the best with the scales
 decoded to fp32 beforehand), its effective bandwidth (4-bit bytes and block scales read, output written), and
 its error against x @ W^T with W dequantized by bitsandbytes (double-quantized scales, as QLoRA's bnb.nf4-dq) beside
@@ -97,6 +97,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
         args = [(packed, state.code, *scales_of(state)) for packed, state in quantized]
         reference_w = BF.dequantize_4bit(*quantized[0])
         table = torch.tensor(kernel_table(tuple(quantized[0][1].code.tolist())), dtype=torch.int32, device="cuda")
+        tickets = torch.zeros(-(-n // 16), dtype=torch.int32, device="cuda")  # left at zero by every call
         flat = [BF.dequantize_blockwise(state.absmax, state.state2) + state.offset for _, state in quantized]
         scales = args[0][2]
         read = n * k // 2 + scales.numel() * scales.element_size()
@@ -105,7 +106,8 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
             reference = x.float() @ reference_w.float().t()
 
             def fused(**tiles):
-                return [lambda p=p, c=c, s=s, ns=ns: nf4_matmul(x, p, s, c, (n, k), ns, table=table, **tiles)
+                return [lambda p=p, c=c, s=s, ns=ns: nf4_matmul(x, p, s, c, (n, k), ns, table=table,
+                                                                        tickets=tickets, **tiles)
                         for p, c, s, ns in args]
 
             timings = {
@@ -113,10 +115,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
                 "bitsandbytes matmul_4bit": timed([lambda q=q: bnb.matmul_4bit(x, q[0].t(), quant_state=q[1])
                                                    for q in quantized], iters),
                 "dequantize + cuBLAS": timed([lambda q=q: x @ BF.dequantize_4bit(*q).t() for q in quantized], iters),
-                "fused nf4 (defaults, as served)": timed(fused(lookup=True), iters),
-                # the kernel without the sum of its fp32 K parts, which the server's compiled step fuses into what
-                # follows: the difference is what writing and summing the parts costs here (L2-resident or not)
-                "fused nf4 (defaults, K parts unsummed)": timed(fused(lookup=True, parts=True), iters)}
+                "fused nf4 (defaults, as served)": timed(fused(lookup=True), iters)}
             swept = {}
             for config in GEMV_CONFIGS if m == 1 else CONFIGS:
                 ms = timed(fused(**tiles_of(config)), iters)
@@ -138,7 +137,8 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
                     "top3_configs": [[*c, swept[c]] for c in top],
                     # the same tiles with the scales decoded to fp32 beforehand (no double quantization in the loop)
                     "fused nf4 (best, fp32 scales)": timed([lambda p=p, c=c, f=f: nf4_matmul(x, p, f, c, (n, k), None,
-                                                                                          table=table, **tiles)
+                                                                                          table=table,
+                                                                                          tickets=tickets, **tiles)
                                                            for (p, c, _, _), f in zip(args, flat)], iters)})
             print(json.dumps(row), flush=True)
     for m, totals in step.items():

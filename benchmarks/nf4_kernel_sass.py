@@ -111,9 +111,9 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     nf4_code = tuple(bitsandbytes.functional.get_4bit_type("nf4", device="cpu").tolist())
     pointers = {"x": "*bf16", "packed": "*u8", "absmax": "*u8", "code": "*fp32", "table": "*i32", "absmax2": "*fp32",
-                "code2": "*fp32", "offset": "*fp32", "out": "*fp32"}
+                "code2": "*fp32", "offset": "*fp32", "out": "*fp32", "parts": "*fp32", "tickets": "*i32"}
     pointers = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
-    signature = {**pointers, **{n: "i32" for n in ("M", "N", "K", "K_PART") if n in kernel.arg_names}}
+    signature = {**pointers, **{n: "i32" for n in ("M", "N", "K", "K_PART", "N_PARTS") if n in kernel.arg_names}}
     for config in configs.split(","):
         BN, BM, warps = (int(v) for v in config.split("x"))  # BM is BK for one_row
         # the constants each version of the kernel takes (older ones: a K step BK and an IEEE switch)

@@ -7,8 +7,8 @@ program holds a BN-column slice of W and one of `split_k` parts of K; per step i
 bytes (BN x 32 for blocks of 64), turns them into the code table's values in x's dtype, multiplies them with the rows
 of x on the tensor cores (W's tile as the wide operand; rows padded to 16), and scales the product's sums by the
 block's scale (double-quantized scales decoded in the kernel too). Splitting K gives a product with few rows enough
-programs to keep the memory system busy; the parts are summed after, by the caller's compiled code in the server's
-step. One row of bf16 (a lone stream's step) runs gemv_kernel instead, on the CUDA cores, where the tensor cores' tiles
+programs to keep the memory system busy; the last program of a column tile to finish sums the parts (`store_sum`).
+One row of bf16 (a lone stream's step) runs gemv_kernel instead, on the CUDA cores, where the tensor cores' tiles
 would be 15/16 padding; one row of another dtype stays with bitsandbytes' gemv_4bit.
 
 Such a product is bound by the instructions that decode the weights rather than by memory: a first design, which
@@ -126,14 +126,50 @@ def ptx_text(program: List[Tuple[str, ...]]) -> str:
                       "}"])
 
 
+finish = None  # store_sum's function: the kernels call it by this global name (the interpreter sees no closures)
+
+
+@functools.lru_cache(maxsize=None)
+def store_sum():
+    """Both kernels' last step: a program's fp32 sums over its part of K, `acc`, at `offsets` of the (M, N) output.
+    With K in parts, each program writes its part to `parts` and takes a ticket for its column tile; the last of the
+    tile's programs to arrive adds the parts in their order and writes the output in its dtype, then resets the
+    ticket to 0 for the next call (a CUDA graph's replay included). Written and read at once, the parts stay in the L2
+    cache; summed by the caller they cost a step of 32 rows about a millisecond of fp32 traffic (8 parts of every
+    product's output, benchmarks/profile_decode.py --quantize bnb.nf4-dq)."""
+    import triton
+    import triton.language as tl
+
+    global finish
+
+    @triton.jit
+    def store_sum_fn(acc, out, parts, tickets, tile, offsets, mask, part, n_parts, size):
+        if n_parts == 1:
+            tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=mask)
+        else:
+            tl.store(parts + part * size + offsets, acc, mask=mask)
+            tl.debug_barrier()  # every thread's part written before the ticket releases it to the other programs
+            if tl.atomic_add(tickets + tile, 1, sem="acq_rel") == n_parts - 1:
+                total = tl.zeros_like(acc)
+                for p in range(n_parts):  # from the L2 cache: an SM's L1 may hold an earlier call's parts
+                    total += tl.load(parts + p * size + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out + offsets, total.to(out.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(tickets + tile, 0)
+
+    finish = store_sum_fn
+
+
 @functools.lru_cache(maxsize=None)
 def kernel():
     """Defined on first call, so that a process started with TRITON_INTERPRET=1 runs it on the CPU."""
     import triton
     import triton.language as tl
 
+    store_sum()
+
     @triton.jit
-    def nf4_matmul_kernel(x, packed, absmax, code, table, absmax2, code2, offset, out, M, N, K, K_PART,
+    def nf4_matmul_kernel(x, packed, absmax, code, table, absmax2, code2, offset, out, parts, tickets, M, N, K,
+                          K_PART, N_PARTS,
                           BM: tl.constexpr, BN: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                           NESTED: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr, TABLE_AT: tl.constexpr):
         cols = tl.program_id(0) * BN + tl.arange(0, BN)  # output columns = rows of W
@@ -169,8 +205,8 @@ def kernel():
             w = tl.interleave(hi, lo)  # (BN, BLOCKSIZE), k in order: the code values, in x's dtype
             # the block's scale applied to the product's sums: once per column and row instead of once per weight
             acc += tl.dot(w, tl.trans(xs), input_precision=PRECISION) * scale[:, None]
-        tl.store(out + part * M * N + rows[None, :] * N + cols[:, None], acc,
-                 mask=(rows[None, :] < M) & (cols[:, None] < N))
+        finish(acc, out, parts, tickets, tl.program_id(0), rows[None, :] * N + cols[:, None],
+               (rows[None, :] < M) & (cols[:, None] < N), part, N_PARTS, M * N)
 
     return nf4_matmul_kernel
 
@@ -184,8 +220,11 @@ def gemv_kernel():
     import triton
     import triton.language as tl
 
+    store_sum()
+
     @triton.jit
-    def nf4_gemv_kernel(x, packed, absmax, table, absmax2, code2, offset, out, N, K, K_PART, BN: tl.constexpr,
+    def nf4_gemv_kernel(x, packed, absmax, table, absmax2, code2, offset, out, parts, tickets, N, K, K_PART, N_PARTS,
+                        BN: tl.constexpr,
                         BK: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                         PTX: tl.constexpr):
         cols = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -219,30 +258,30 @@ def gemv_kernel():
             else:
                 scale = tl.load(absmax + block, mask=cols[:, None] < N, other=0.0)
             acc += tl.sum(sums * scale, axis=1)
-        tl.store(out + part * N + cols, acc, mask=cols < N)
+        finish(acc, out, parts, tickets, tl.program_id(0), cols, cols < N, part, N_PARTS, N)
 
     return nf4_gemv_kernel
 
 
-DEFAULT_SPLIT_K = 8  # it sets the shape of the operator's output (K parts), which its fake computes from it too
+DEFAULT_SPLIT_K = 8
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                shape: Tuple[int, int], nested: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = None,
                BN: Optional[int] = None, split_k: int = DEFAULT_SPLIT_K, num_warps: Optional[int] = None,
                num_stages: Optional[int] = None,
-               lookup: bool = False, parts: bool = False, BK: Optional[int] = None,
-               table: Optional[torch.Tensor] = None) -> torch.Tensor:
+               lookup: bool = False, BK: Optional[int] = None, table: Optional[torch.Tensor] = None,
+               tickets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes,
     `absmax` its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds
     the double quantization), `code` its 16-value table, used in x's dtype. One row of bf16 runs gemv_kernel, more
     rows or another dtype the tensor cores' kernel. BN: columns of W per program, num_warps, num_stages (defaults 32,
     2, 3 for one row, 128, 4, 4 for more); BK: values of K per step of the one-row kernel (default the most of 256,
     128 or 64 that divide K); split_k: K parts, each summed by its own programs (benchmarks/gpu_nf4_gemm.py times the
-    choices). lookup: decode the nibbles by byte permutes (CUDA only: lookup_ptx(), for one row
-    lookup_ptx(fp32=True)), else by a gather. parts: return the fp32 (parts, M, N) sums unsummed, so that a compiled
-    caller fuses the sum into what follows. table: kernel_table(code) as an int32 tensor on x's device (made here if
-    None, which reads `code` back to the host: pass it when capturing a graph)."""
+    choices; the kernel sums the parts, store_sum). lookup: decode the nibbles by byte permutes (CUDA only:
+    lookup_ptx(), for one row lookup_ptx(fp32=True)), else by a gather. table: kernel_table(code) as an int32 tensor
+    on x's device (made here if None, which reads `code` back to the host: pass it when capturing a graph). tickets:
+    int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero (made here if None)."""
     import triton
 
     N, K = shape
@@ -255,24 +294,27 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     if K % step or step % blocksize:
         raise ValueError(f"nf4_matmul: BK {step} must be whole blocks of {blocksize} and divide rows of {K} values")
     k_part, n_parts = _k_parts(K, step, split_k)
-    out = torch.empty((n_parts, M, N), device=x.device, dtype=torch.float32)
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    parts = torch.empty((n_parts, M, N), device=x.device, dtype=torch.float32)  # unused for one part
     absmax2, code2, offset, blocksize2 = nested if nested is not None else (absmax, code, code, 1)
     if table is None:
         table = torch.tensor(kernel_table(tuple(code.tolist())), dtype=torch.int32, device=x.device)
     BN, num_warps, num_stages = [given or default for given, default in zip(
         (BN, num_warps, num_stages), (32, 2, 3) if one_row else (128, 4, 4))]
+    if tickets is None:
+        tickets = torch.zeros(-(-N // BN), dtype=torch.int32, device=x.device)
     common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, num_warps=num_warps,
                   num_stages=num_stages, PTX=lookup_ptx(fp32=one_row) if lookup else None)
     if one_row:
         gemv_kernel()[(-(-N // BN), n_parts)](
             x.contiguous(), packed.reshape(-1), absmax, table, absmax2.float(),
-            code2.float(), offset.float(), out, N, K, k_part, BN=BN, BK=step, **common)
+            code2.float(), offset.float(), out, parts, tickets, N, K, k_part, n_parts, BN=BN, BK=step, **common)
     else:
         kernel()[(-(-N // BN), n_parts)](
             x.contiguous(), packed.reshape(-1), absmax, code.float(), table, absmax2.float(), code2.float(),
-            offset.float(), out, M, N, K, k_part, BM=max(16, triton.next_power_of_2(M)), BN=BN,
+            offset.float(), out, parts, tickets, M, N, K, k_part, n_parts, BM=max(16, triton.next_power_of_2(M)), BN=BN,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", TABLE_AT=TABLE_AT.get(x.dtype, 0), **common)
-    return out if parts else out.sum(0).to(x.dtype)
+    return out
 
 
 def _one_row(rows: int, dtype: torch.dtype) -> bool:
@@ -291,21 +333,19 @@ def _k_parts(K: int, step: int, split_k: int) -> Tuple[int, int]:
 
 
 # An operator of its own, so that torch.compile treats the kernel launch as one opaque call with a known output shape.
+# `tickets` is written during the call but left as it was (zeros), so the operator declares no mutation.
 @torch.library.custom_op("oneday::nf4_matmul", mutates_args=())
 def nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                   absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
-                  n: int, k: int, blocksize: int, blocksize2: int, lookup: bool,
-                  table: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if blocksize != n * k // absmax.numel():  # the fake's output shape is computed from it
-        raise ValueError(f"nf4_matmul_op: blocksize {blocksize}, but {absmax.numel()} scales for {n} x {k}")
+                  n: int, k: int, blocksize2: int, lookup: bool, table: torch.Tensor,
+                  tickets: torch.Tensor) -> torch.Tensor:
     nested = (absmax2, code2, offset, blocksize2) if absmax2 is not None else None
-    return nf4_matmul(x, packed, absmax, code, (n, k), nested, lookup=lookup, parts=True, table=table)
+    return nf4_matmul(x, packed, absmax, code, (n, k), nested, lookup=lookup, table=table, tickets=tickets)
 
 
 @nf4_matmul_op.register_fake
-def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize, blocksize2, lookup, table=None):
-    step = _gemv_step(k, blocksize) if _one_row(x.size(0), x.dtype) else blocksize
-    return x.new_empty((_k_parts(k, step, DEFAULT_SPLIT_K)[1], x.size(0), n), dtype=torch.float32)
+def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize2, lookup, table, tickets):
+    return x.new_empty((x.size(0), n))
 
 
 def scales_of(state) -> Tuple[torch.Tensor, Optional[tuple]]:
@@ -339,6 +379,8 @@ class FusedNF4Linear(nn.Module):
         self.lookup = self.packed.is_cuda
         self.register_buffer("table", torch.tensor(kernel_table(tuple(state.code.tolist())), dtype=torch.int32,
                                                    device=self.packed.device), persistent=False)
+        self.register_buffer("tickets", torch.zeros(-(-self.out_features // 16), dtype=torch.int32,
+                                                    device=self.packed.device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
@@ -349,10 +391,10 @@ class FusedNF4Linear(nn.Module):
             # the input's
             y = bnb.matmul_4bit(rows.to(self.compute_dtype or rows.dtype), self.packed.t(),
                                 quant_state=self.quant_state).to(x.dtype)
-        else:  # the K parts' sum is left to the caller's compiled code, which fuses it into what follows
+        else:
             y = nf4_matmul_op(rows, self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,
-                              self.out_features, self.in_features, self.quant_state.blocksize, self.blocksize2,
-                              self.lookup, self.table).sum(0).to(x.dtype)
+                              self.out_features, self.in_features, self.blocksize2, self.lookup, self.table,
+                              self.tickets)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
