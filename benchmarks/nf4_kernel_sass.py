@@ -88,7 +88,7 @@ def ptx(nf4, code: tuple, one_row: bool):
 
 
 def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs: str = "128x16x4,64x16x4",
-         stages: int = 4, rounding: bool = False, one_row: bool = False) -> None:
+         stages: int = 4, rounding: bool = False, one_row: bool = False, adapter_rank: int = 0) -> None:
     """Args:
         source: the nf4_matmul.py whose kernel() is compiled.
         arch: CUDA compute capability times ten (80 A100, 89 L4 / RTX 4090, 90 H100).
@@ -98,6 +98,7 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
         rounding: instead of counting, print the start-up check's measure under the kernel's rounding.
         one_row: count gemv_kernel (one row of bf16) instead; configs are then BNxBKxWARPS (BK: values of K per
             step).
+        adapter_rank: with an adapter's products in the kernel, of this many ranks (a power of 2, 16 or more).
     """
     if rounding:
         return rounding_error()
@@ -111,15 +112,17 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     nf4_code = tuple(bitsandbytes.functional.get_4bit_type("nf4", device="cpu").tolist())
     pointers = {"x": "*bf16", "packed": "*u8", "absmax": "*u8", "code": "*fp32", "table": "*i32", "absmax2": "*fp32",
-                "code2": "*fp32", "offset": "*fp32", "out": "*fp32", "parts": "*fp32", "tickets": "*i32"}
+                "code2": "*fp32", "offset": "*fp32", "lora_a": "*bf16", "lora_b": "*bf16", "out": "*fp32",
+                "parts": "*fp32", "tickets": "*i32"}
     pointers = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
-    signature = {**pointers, **{n: "i32" for n in ("M", "N", "K", "K_PART", "N_PARTS") if n in kernel.arg_names}}
+    signature = {**pointers, **{n: "i32" for n in ("M", "N", "K", "K_PART", "N_PARTS") if n in kernel.arg_names},
+                 **({"scaling": "fp32"} if "scaling" in kernel.arg_names else {})}
     for config in configs.split(","):
         BN, BM, warps = (int(v) for v in config.split("x"))  # BM is BK for one_row
         # the constants each version of the kernel takes (older ones: a K step BK and an IEEE switch)
         known = {"BM": BM, "BN": BN, "BK": BM if one_row else 128, "BLOCKSIZE": 64, "BLOCKSIZE2": 256,
                  "NESTED": True, "IEEE": False, "PRECISION": "tf32", "SWAP": True,
-                 "PTX": ptx(nf4, nf4_code, one_row), "TABLE_AT": 24}
+                 "PTX": ptx(nf4, nf4_code, one_row), "TABLE_AT": 24, "R": adapter_rank}
         constants = {name: known[name] for name in kernel.arg_names if name in known}
         # what a launch specializes: pointers and sizes divisible by 16 (N, K and the K part are, in every model)
         divisible = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]

@@ -61,8 +61,8 @@ def replay_ms(graph, reps: int = 50) -> float:
 
 def matmul_floor_ms(model, rows: int, fused: list = ()) -> float:
     """The step's linear layers alone, on `rows` rows, captured in one graph; a 4-bit layer through its entry of
-    `fused` (fast_decode.fused_4bit_layers) where it has one, as the step runs it."""
-    kernel = {id(layer): f for _, _, layer, f in fused}
+    `fused` (fast_decode.fused_4bit_layers) where it has one, as the step runs it (with its adapter, if any)."""
+    kernel = {id(getattr(layer, "base", layer)): f for _, _, layer, f in fused}  # an adapter's: its NF4 layer's
     linears = [kernel.get(id(m), m) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {m.in_features: torch.randn(rows, m.in_features, device="cuda", dtype=torch.bfloat16) for m in linears}
     for m in linears:

@@ -7,7 +7,9 @@
 # A is the working tree, B a copy of it with the folder's files laid over it; each round runs
 # benchmarks/serve_table.py with the given arguments on A, then on B (ROUNDS, default 2). Tables and logs go to $OUT
 # (default out/serve_ab) as serve_{a,b}_<round>.{md,log}; last, every row's tokens/s side by side, with B / A. PYTHON
-# picks the interpreter (default python3).
+# picks the interpreter (default python3). Each side compiles into caches of its own: torch.compile's cache keys a
+# graph by its code, not by the custom operators it calls, so B once ran A's compiled step against its own operator
+# (a signature mismatch; the step fell back to bitsandbytes' products) and measured that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?usage: serve_ab.sh FOLDER [serve_table.py arguments]}
@@ -20,13 +22,17 @@ out=$(cd "$out" && pwd)  # B runs in its copy's folder
 b=$(mktemp -d)
 tar -c --exclude=./out --exclude="./$base" . | tar -x -C "$b"
 cp -r "$base"/. "$b"/
+caches=$(mktemp -d)
 for round in $(seq 1 "${ROUNDS:-2}"); do
-  "$python" benchmarks/serve_table.py "$@" --out "$out/serve_a_$round.md" >"$out/serve_a_$round.log" 2>&1 ||
+  TORCHINDUCTOR_CACHE_DIR="$caches/a/inductor" TRITON_CACHE_DIR="$caches/a/triton" \
+    "$python" benchmarks/serve_table.py "$@" --out "$out/serve_a_$round.md" >"$out/serve_a_$round.log" 2>&1 ||
     echo "A, round $round: failed, see $out/serve_a_$round.log"
-  (cd "$b" && PYTHONPATH="${PYTHONPATH:+${PYTHONPATH//$PWD/$b}}" "$python" benchmarks/serve_table.py "$@" \
+  (cd "$b" && TORCHINDUCTOR_CACHE_DIR="$caches/b/inductor" TRITON_CACHE_DIR="$caches/b/triton" \
+    PYTHONPATH="${PYTHONPATH:+${PYTHONPATH//$PWD/$b}}" "$python" benchmarks/serve_table.py "$@" \
     --out "$out/serve_b_$round.md") >"$out/serve_b_$round.log" 2>&1 ||
     echo "B, round $round: failed, see $out/serve_b_$round.log"
 done
+grep -l "decoding without the 4-bit kernel\|--fused_4bit:" "$out"/serve_*.log | sed 's/^/fell back to bitsandbytes in: /' || true
 "$python" - "$out" <<'EOF'
 import glob, re, statistics, sys
 rates = {}  # (system, streams) -> {"a": [...], "b": [...]}

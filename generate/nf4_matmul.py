@@ -168,14 +168,18 @@ def kernel():
     store_sum()
 
     @triton.jit
-    def nf4_matmul_kernel(x, packed, absmax, code, table, absmax2, code2, offset, out, parts, tickets, M, N, K,
-                          K_PART, N_PARTS,
+    def nf4_matmul_kernel(x, packed, absmax, code, table, absmax2, code2, offset, lora_a, lora_b, scaling, out, parts,
+                          tickets, M, N, K, K_PART, N_PARTS,
                           BM: tl.constexpr, BN: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-                          NESTED: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr, TABLE_AT: tl.constexpr):
+                          NESTED: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr, TABLE_AT: tl.constexpr,
+                          R: tl.constexpr):
         cols = tl.program_id(0) * BN + tl.arange(0, BN)  # output columns = rows of W
         part = tl.program_id(1)
         rows = tl.arange(0, BM)
         acc = tl.zeros((BN, BM), dtype=tl.float32)  # W's tile is the wide operand of the product (BN >= 64 rows)
+        if R > 0:  # an adapter's A times this part of K of x, beside the weight's product on the same tiles of x
+            ranks = tl.arange(0, R)
+            xa = tl.zeros((R, BM), dtype=tl.float32)
         if PTX is None:  # the gather's table in registers
             values = tl.broadcast_to(tl.load(code + tl.arange(0, 16)).to(x.dtype.element_ty)[None, :], (BN, 16))
         else:  # the table's quarters in x's dtype, loaded once: the byte permutes' operands
@@ -205,6 +209,12 @@ def kernel():
             w = tl.interleave(hi, lo)  # (BN, BLOCKSIZE), k in order: the code values, in x's dtype
             # the block's scale applied to the product's sums: once per column and row instead of once per weight
             acc += tl.dot(w, tl.trans(xs), input_precision=PRECISION) * scale[:, None]
+            if R > 0:
+                xa += tl.dot(tl.load(lora_a + ranks[:, None] * K + ks[None, :]), tl.trans(xs),
+                             input_precision=PRECISION)
+        if R > 0:  # B's tile times this part's (scaling A x), rounded to x's dtype as the unfused adapter rounds it
+            b = tl.load(lora_b + cols[:, None] * R + ranks[None, :], mask=cols[:, None] < N, other=0.0)
+            acc += tl.dot(b, (xa * scaling).to(b.dtype), input_precision=PRECISION)
         finish(acc, out, parts, tickets, tl.program_id(0), rows[None, :] * N + cols[:, None],
                (rows[None, :] < M) & (cols[:, None] < N), part, N_PARTS, M * N)
 
@@ -271,7 +281,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                BN: Optional[int] = None, split_k: int = DEFAULT_SPLIT_K, num_warps: Optional[int] = None,
                num_stages: Optional[int] = None,
                lookup: bool = False, BK: Optional[int] = None, table: Optional[torch.Tensor] = None,
-               tickets: Optional[torch.Tensor] = None) -> torch.Tensor:
+               tickets: Optional[torch.Tensor] = None,
+               lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes,
     `absmax` its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds
     the double quantization), `code` its 16-value table, used in x's dtype. One row of bf16 runs gemv_kernel, more
@@ -281,7 +292,9 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     choices; the kernel sums the parts, store_sum). lookup: decode the nibbles by byte permutes (CUDA only:
     lookup_ptx(), for one row lookup_ptx(fp32=True)), else by a gather. table: kernel_table(code) as an int32 tensor
     on x's device (made here if None, which reads `code` back to the host: pass it when capturing a graph). tickets:
-    int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero (made here if None)."""
+    int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero (made here if None). lora: an
+    adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T + scaling * (x @ A^T) @ B^T: A (R, K) and B
+    (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for one row of bf16."""
     import triton
 
     N, K = shape
@@ -293,6 +306,12 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     step = (BK or _gemv_step(K, blocksize)) if one_row else blocksize
     if K % step or step % blocksize:
         raise ValueError(f"nf4_matmul: BK {step} must be whole blocks of {blocksize} and divide rows of {K} values")
+    R = 0 if lora is None else lora[0].size(0)
+    if lora is not None and (one_row or R < 16 or R & (R - 1) or lora[0].shape != (R, K) or lora[1].shape != (N, R)
+                             or {lora[0].dtype, lora[1].dtype} != {x.dtype}):
+        raise ValueError(f"nf4_matmul: an adapter needs several rows, A ({R}, {K}) and B ({N}, {R}) in {x.dtype} with "
+                         f"R a power of 2 of at least 16; got A {tuple(lora[0].shape)}, B {tuple(lora[1].shape)}, "
+                         f"{M} rows of {x.dtype}")
     k_part, n_parts = _k_parts(K, step, split_k)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     parts = torch.empty((n_parts, M, N), device=x.device, dtype=torch.float32)  # unused for one part
@@ -310,9 +329,11 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
             x.contiguous(), packed.reshape(-1), absmax, table, absmax2.float(),
             code2.float(), offset.float(), out, parts, tickets, N, K, k_part, n_parts, BN=BN, BK=step, **common)
     else:
+        lora_a, lora_b, scaling = lora if lora is not None else (x, x, 0.0)  # unread when R is 0
         kernel()[(-(-N // BN), n_parts)](
             x.contiguous(), packed.reshape(-1), absmax, code.float(), table, absmax2.float(), code2.float(),
-            offset.float(), out, parts, tickets, M, N, K, k_part, n_parts, BM=max(16, triton.next_power_of_2(M)), BN=BN,
+            offset.float(), lora_a.contiguous(), lora_b.contiguous(), float(scaling), out, parts, tickets, M, N, K,
+            k_part, n_parts, BM=max(16, triton.next_power_of_2(M)), BN=BN, R=R,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", TABLE_AT=TABLE_AT.get(x.dtype, 0), **common)
     return out
 
@@ -337,14 +358,17 @@ def _k_parts(K: int, step: int, split_k: int) -> Tuple[int, int]:
 @torch.library.custom_op("oneday::nf4_matmul", mutates_args=())
 def nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                   absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
-                  n: int, k: int, blocksize2: int, lookup: bool, table: torch.Tensor,
-                  tickets: torch.Tensor) -> torch.Tensor:
+                  n: int, k: int, blocksize2: int, lookup: bool, table: torch.Tensor, tickets: torch.Tensor,
+                  lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None,
+                  scaling: float = 0.0) -> torch.Tensor:
     nested = (absmax2, code2, offset, blocksize2) if absmax2 is not None else None
-    return nf4_matmul(x, packed, absmax, code, (n, k), nested, lookup=lookup, table=table, tickets=tickets)
+    lora = (lora_a, lora_b, scaling) if lora_a is not None else None
+    return nf4_matmul(x, packed, absmax, code, (n, k), nested, lookup=lookup, table=table, tickets=tickets, lora=lora)
 
 
 @nf4_matmul_op.register_fake
-def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize2, lookup, table, tickets):
+def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize2, lookup, table, tickets, lora_a=None,
+      lora_b=None, scaling=0.0):
     return x.new_empty((x.size(0), n))
 
 
@@ -357,12 +381,32 @@ def scales_of(state) -> Tuple[torch.Tensor, Optional[tuple]]:
     return state.absmax, (state2.absmax.float(), state2.code.float(), state.offset.float().reshape(1), state2.blocksize)
 
 
+def pad_adapter(A: torch.Tensor, B: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A (R, K) and B (N, R) with zero ranks added up to a power of 2 of at least 16, the tensor cores' smallest
+    product; the same tensors when R is one already."""
+    R = A.size(0)
+    padded = max(16, 1 << (R - 1).bit_length())
+    if padded == R:
+        return A, B
+    return torch.cat([A, A.new_zeros(padded - R, A.size(1))]), torch.cat([B, B.new_zeros(B.size(0), padded - R)], 1)
+
+
 class FusedNF4Linear(nn.Module):
     """A bitsandbytes NF4 Linear4bit's forward through nf4_matmul_op, on the same bytes (nothing copied but the small
-    code tables, in fp32). The fast decode step puts it in the layer's place for the step (generate/fast_decode.py)."""
+    code tables, in fp32). The fast decode step puts it in the layer's place for the step (generate/fast_decode.py).
 
-    def __init__(self, layer: nn.Module) -> None:
+    With `adapter`, a frozen LoRALinear (lora.freeze_lora) over `layer`, it stands in for the adapter's layer: several
+    rows in the frozen dtype take the adapter's products inside the kernel, where two small matrix products per layer
+    and step cost a 30-stream step about a fifth of its time (docs/serving.md); one row, or another dtype, adds the
+    adapter's delta as LoRALinear does."""
+
+    def __init__(self, layer: nn.Module, adapter: Optional[nn.Module] = None) -> None:
         super().__init__()
+        self.adapter = adapter
+        if adapter is not None:
+            lora_a, lora_b = pad_adapter(adapter.served_A, adapter.served_B)
+            self.register_buffer("lora_a", lora_a, persistent=False)
+            self.register_buffer("lora_b", lora_b, persistent=False)
         state = layer.weight.quant_state
         absmax, nested = scales_of(state)
         absmax2, code2, offset, self.blocksize2 = nested if nested is not None else (None, None, None, 1)
@@ -382,21 +426,27 @@ class FusedNF4Linear(nn.Module):
         self.register_buffer("tickets", torch.zeros(-(-self.out_features // 16), dtype=torch.int32,
                                                     device=self.packed.device), persistent=False)
 
+    def product(self, rows: torch.Tensor, lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None):
+        """rows @ W^T through the kernel, plus an adapter's (A, B, scaling) product (nf4_matmul's lora)."""
+        return nf4_matmul_op(rows, self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,
+                             self.out_features, self.in_features, self.blocksize2, self.lookup, self.table,
+                             self.tickets, *(lora or ()))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
 
         rows = x.reshape(-1, x.size(-1))
+        inside = self.adapter is not None and rows.size(0) > 1 and rows.dtype == self.lora_a.dtype
         if rows.size(0) == 1 and not _one_row(1, rows.dtype):  # gemv_kernel's table is bf16's
             # bitsandbytes' gemv_4bit, as Linear4bit.forward calls it: in the layer's compute dtype, the output back in
             # the input's
             y = bnb.matmul_4bit(rows.to(self.compute_dtype or rows.dtype), self.packed.t(),
                                 quant_state=self.quant_state).to(x.dtype)
         else:
-            y = nf4_matmul_op(rows, self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,
-                              self.out_features, self.in_features, self.blocksize2, self.lookup, self.table,
-                              self.tickets)
+            y = self.product(rows, (self.lora_a, self.lora_b, self.adapter.scaling) if inside else None)
         y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        y = y if self.bias is None else y + self.bias.to(y.dtype)
+        return y + self.adapter.lora_delta(x) if self.adapter is not None and not inside else y
 
 
 def is_nf4(layer: nn.Module) -> bool:
@@ -414,25 +464,48 @@ def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dt
     the kernel the code before the scale: together 2.7e-3 in bf16 on an H100 for every Mistral-7B shape,
     benchmarks/gpu_nf4_gemm.py, as simulated on a CPU by benchmarks/nf4_kernel_sass.py --rounding true), so the limit
     is half the dtype's epsilon (3.9e-3 in bf16): a misread nibble or scale throughout is off by about 1, one wrong
-    tile of 64 columns in the widest weight (14336) by a few 1e-2. Triton's CPU interpreter computes bf16 products
-    wrongly (2026-12, Triton 3.9): there a bf16 model fails the check."""
+    tile of 64 columns in the widest weight (14336) by a few 1e-2. A layer with an adapter adds its delta, in fp32, to
+    what is expected; as a trained adapter's delta may be too small to tell, the kernel's adapter products are checked
+    again with a random adapter of the same ranks whose delta is as large as the weight's product. Triton's CPU
+    interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails the check."""
     import bitsandbytes.functional as BF
 
-    for layer, fused in {(m.out_features, m.in_features): (m, f) for m, f in layers}.values():
-        w = BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    limit = 1e-3 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
+    shapes = {(m.out_features, m.in_features, f.adapter is not None and f.lora_a.size(0)): (m, f) for m, f in layers}
+    for layer, fused in shapes.values():
+        nf4 = layer.base if fused.adapter is not None else layer
+        w = BF.dequantize_4bit(nf4.weight.data, nf4.weight.quant_state)
         for rows in (1, 3, 17):
-            x = torch.randn(rows, layer.in_features, device=w.device).to(dtype)
+            x = torch.randn(rows, nf4.in_features, device=w.device).to(dtype)
             # fp32 a slice of W at a time: a whole fp32 copy of the widest weight would raise the server's start-up
             # peak by hundreds of MB, on a card that may have no more to spare
-            expected = torch.cat([x.float() @ part.float().t() for part in w.split(1024)], dim=-1)
-            expected = expected + (0 if layer.bias is None else layer.bias.float())
-            error = ((fused(x).float() - expected).norm() / expected.norm()).item()
-            if not error < (1e-3 if dtype == torch.float32 else torch.finfo(dtype).eps / 2):
-                return f"the kernel is off from bitsandbytes by {error:.1e} ({rows} rows, weight {tuple(w.shape)})"
+            product = torch.cat([x.float() @ part.float().t() for part in w.split(1024)], dim=-1)
+            expected = product + (0 if nf4.bias is None else nf4.bias.float())
+            if fused.adapter is not None:
+                expected = expected + fused.adapter.lora_delta(x.float())
+            got = [("", fused(x), expected)]
+            if fused.adapter is not None and rows > 1:
+                A, B = torch.randn_like(fused.lora_a), torch.randn_like(fused.lora_b)
+                delta = (x.float() @ A.float().t()) @ B.float().t()
+                scaling = (product.norm() / delta.norm()).item()
+                got.append((", a random adapter", fused.product(x, (A, B, scaling)), product + scaling * delta))
+            for what, y, reference in got:
+                error = ((y.float() - reference).norm() / reference.norm()).item()
+                if not error < limit:
+                    return (f"the kernel is off from bitsandbytes by {error:.1e} ({rows} rows, weight "
+                            f"{tuple(w.shape)}{what})")
     return None
 
 
 def fused_layers(model: nn.Module) -> List[Tuple[nn.Module, str, nn.Module, FusedNF4Linear]]:
-    """(parent, attribute, NF4 layer, its FusedNF4Linear) for every bitsandbytes NF4 layer of `model`."""
-    return [(parent, name, layer, FusedNF4Linear(layer))
-            for parent in model.modules() for name, layer in parent.named_children() if is_nf4(layer)]
+    """(parent, attribute, layer, its FusedNF4Linear) for every bitsandbytes NF4 layer of `model`; where the layer has
+    a frozen, unmerged adapter (a LoRALinear over it, lora.freeze_lora), the adapter's layer in its place."""
+    from lora import LoRALinear
+
+    def frozen(layer: nn.Module) -> bool:
+        return (isinstance(layer, LoRALinear) and layer.served_A is not None and not layer.merged
+                and is_nf4(layer.base))
+
+    return [(parent, name, layer, FusedNF4Linear(layer.base, layer) if frozen(layer) else FusedNF4Linear(layer))
+            for parent in model.modules() if not frozen(parent) for name, layer in parent.named_children()
+            if frozen(layer) or is_nf4(layer)]

@@ -2,8 +2,9 @@
 CPU interpreter, each check in a fresh process (the interpreter must be on before triton is imported):
 - the kernel equals x @ W^T with W dequantized by bitsandbytes, for plain and double-quantized scales, partial tiles in
   every direction, one row and several, K split or not (its parts summed by the kernel, its tickets left at zero), fp32,
-  fp16, and one row of bf16 (the one-row kernel);
-- the fast decode step with the kernel in place of bitsandbytes' NF4 layers, alone, under an unmerged LoRA adapter and
+  fp16, and one row of bf16 (the one-row kernel); with an adapter's products added in it (ranks padded to 16);
+- the fast decode step with the kernel in place of bitsandbytes' NF4 layers, alone, with an unmerged LoRA adapter (its
+  products in the kernel) and
   torch.compile'd, gives the plain step's answers, and puts bitsandbytes' layers back after each step;
 and in this process: a kernel that fails or disagrees with bitsandbytes, at start or mid-serving, is not used.
 Triton 3.9's interpreter computes bf16 products wrongly, so these run fp32 and fp16; on a GPU the start-up check
@@ -118,13 +119,15 @@ def test_fp32_lookup_decodes_every_byte_from_the_table_operands():
 
 def test_start_up_check_passes_bf16_rounding_and_rejects_one_misread_tile(monkeypatch):
     """nf4_matmul.self_check in bf16, with a stand-in kernel computing what the real one does (the table rounded to
-    bf16, times the block's scale, fp32 sums; the server's layer rounds the output to bf16): that passes; the same with
-    one 64-column tile of a 4096-wide weight 10% off (a misread scale there) fails. The first limit, 1e-3, rejected
-    every bf16 model."""
+    bf16, times the block's scale, fp32 sums; the server's layer rounds the output to bf16; an adapter's x A rounded
+    to bf16): that passes, with and without an adapter; the same with one 64-column tile of a 4096-wide weight 10% off
+    (a misread scale there) fails, and so does a kernel that drops the adapter's products, though the adapter's own
+    delta is too small to tell. The first limit, 1e-3, rejected every bf16 model."""
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as BF
 
     from generate import nf4_matmul
+    from lora import LoRALinear
     from tiny_checkpoint import make_tiny_checkpoint
     from utils import load_model
 
@@ -138,13 +141,25 @@ def test_start_up_check_passes_bf16_rounding_and_rejects_one_misread_tile(monkey
     assert not torch.equal(weight.bfloat16(), BF.dequantize_4bit(layer.weight.data, state))  # rounded otherwise
     scale = torch.ones(4096)
 
-    def kernel_like(x, packed, absmax, code, shape, nested, lookup, table, tickets):
-        return (x.float() @ weight.t() * scale).to(x.dtype)
+    honours_adapter = [True]
+
+    def kernel_like(x, packed, absmax, code, shape, nested, lookup, table, tickets, lora=None):
+        y = x.float() @ weight.t() * scale
+        if lora is not None and honours_adapter[0]:
+            A, B, scaling = lora
+            y = y + scaling * (x.float() @ A.float().t()).to(x.dtype).float() @ B.float().t()
+        return y.to(x.dtype)
 
     monkeypatch.setattr(nf4_matmul, "nf4_matmul", kernel_like)
-    pairs = [(layer, nf4_matmul.FusedNF4Linear(layer))]
+    adapter = LoRALinear(layer, r=4, alpha=8)
     with torch.no_grad():
+        adapter.lora_B.normal_(0, 0.001)  # a delta of about 1e-3 of the output: below the limit
+        adapter.freeze(torch.bfloat16)
+        pairs = [(layer, nf4_matmul.FusedNF4Linear(layer)), (adapter, nf4_matmul.FusedNF4Linear(layer, adapter))]
         assert nf4_matmul.self_check(pairs, torch.bfloat16) is None
+        honours_adapter[0] = False  # the adapter's products dropped in the kernel: the random adapter shows it
+        assert "(3 rows, weight (4096, 64), a random adapter)" in nf4_matmul.self_check(pairs, torch.bfloat16)
+        honours_adapter[0] = True
         scale[128:192] = 1.1
         assert "the kernel is off from bitsandbytes by" in nf4_matmul.self_check(pairs, torch.bfloat16)
 
@@ -191,7 +206,7 @@ def test_a_kernel_that_fails_leaves_the_products_to_bitsandbytes(monkeypatch, ca
 def check_kernel():
     import bitsandbytes.functional as BF
 
-    from generate.nf4_matmul import kernel_table, nf4_matmul, scales_of
+    from generate.nf4_matmul import kernel_table, nf4_matmul, pad_adapter, scales_of
 
     gen = torch.Generator().manual_seed(0)
     N, K = 80, 320  # not a multiple of the column tile (64); 5 blocks of 64 scales, split in parts of 2 blocks or 1
@@ -229,6 +244,18 @@ def check_kernel():
             assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), expected, rtol=2 ** -7, atol=1e-6), (
                 double_quant, BN, BK, split_k)
         assert torch.allclose(gemv_w, dequantized, rtol=2 ** -8, atol=1e-7)  # bitsandbytes' weight, nearly
+        # an adapter's products in the same programs: 8 ranks padded to 16 by zeros, any number of K parts
+        A, B = torch.randn(8, K, generator=gen) * 0.1, torch.randn(N, 8, generator=gen)
+        lora = (*pad_adapter(A, B), 0.5)
+        assert lora[0].shape == (16, K) and lora[1].shape == (N, 16) and pad_adapter(*lora[:2])[0] is lora[0]
+        for M in (1, 5, 20):
+            x = torch.randn(M, K, generator=gen)
+            expected = x @ dequantized.t() + 0.5 * (x @ A.t()) @ B.t()
+            for split_k in (1, 3):
+                got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=64, split_k=split_k, lora=lora)
+                assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (double_quant, M, split_k, "adapter")
+        with pytest.raises(ValueError, match="an adapter needs several rows"):  # gemv_kernel takes none
+            nf4_matmul(x[:1].bfloat16(), packed, absmax, state.code, (N, K), nested, lora=lora)
 
 
 def check_fast_step():
@@ -245,7 +272,7 @@ def check_fast_step():
     original = nf4_matmul.nf4_matmul
 
     def counted(*args, **kwargs):
-        calls.append(1)
+        calls.append(kwargs.get("lora") is not None)  # whether an adapter's products ran in the kernel
         return original(*args, **kwargs)
 
     nf4_matmul.nf4_matmul = counted
@@ -272,6 +299,7 @@ def check_fast_step():
         engine = make_engine(checkpoint, decode, model=model(adapter), fused_4bit=True)
         together = run(engine, specs, together=True)
         assert engine._fast.fused and calls, (adapter, decode)  # the kernel ran the step's products
+        assert any(calls) == adapter, (adapter, decode)  # and the adapter's, several rows at a time
         assert_same(together, alone, abs=1e-4)
         layers = [m for m in engine.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert len(layers) == len(engine._fast.fused) and not any(
