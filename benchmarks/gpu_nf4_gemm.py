@@ -15,6 +15,10 @@ its error against x @ W^T with W dequantized by bitsandbytes (double-quantized s
 the error of rounding that product to bf16; top3_configs: (BN, split_k, warps, stages, lookup), for one row
 gemv_kernel's (BN, BK, split_k, warps, stages). Last, per row count, the sweep's fastest configurations for a whole
 block's products. Results: docs/speed/h100_2026-12-06_nf4_kernel.md.
+
+`--adapter_rank 16` adds to every product of several rows a random adapter of that rank per part, as a served LoRA
+adapter on every linear layer has (q, k and v: three parts, so qkv's 48 ranks padded to 64), inside the kernel; the
+defaults are then timed with and without it, and the sweep is with it.
 """
 
 import json
@@ -71,17 +75,18 @@ def tiles_of(config: tuple) -> dict:
     return {**tiles, "lookup": tiles["lookup"] == "ptx"}
 
 
-def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) -> None:
+def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, adapter_rank: int = 0) -> None:
     """Args:
         model: a registered config: its block's linear shapes are timed.
         rows: decode rows (the bucket's batch), comma-separated.
         iters: timed repetitions (median).
+        adapter_rank: a random adapter of this rank per part in every product of several rows (0: none).
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as BF
 
     from benchmarks.gpu_fp8_kernels import block_linears
-    from generate.nf4_matmul import kernel_table, nf4_matmul, scales_of
+    from generate.nf4_matmul import kernel_table, nf4_matmul, pad_adapter, scales_of
     from model import Config
 
     if not torch.cuda.is_available():
@@ -101,13 +106,19 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
         flat = [BF.dequantize_blockwise(state.absmax, state.state2) + state.offset for _, state in quantized]
         scales = args[0][2]
         read = n * k // 2 + scales.numel() * scales.element_size()
+        ranks = adapter_rank * (3 if name == "qkv" else 1)
+        adapter = pad_adapter(torch.randn(ranks, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5,
+                              torch.randn(n, ranks, device="cuda", dtype=torch.bfloat16) * 0.02) if ranks else None
         for m in row_counts:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            lora = (*adapter, 0.5) if adapter is not None and m > 1 else None
             reference = x.float() @ reference_w.float().t()
+            if lora is not None:
+                reference = reference + 0.5 * (x.float() @ adapter[0].float().t()) @ adapter[1].float().t()
 
-            def fused(**tiles):
-                return [lambda p=p, c=c, s=s, ns=ns: nf4_matmul(x, p, s, c, (n, k), ns, table=table,
-                                                                        tickets=tickets, **tiles)
+            def fused(with_adapter: bool = True, **tiles):
+                return [lambda p=p, c=c, s=s, ns=ns: nf4_matmul(x, p, s, c, (n, k), ns, table=table, tickets=tickets,
+                                                                lora=lora if with_adapter else None, **tiles)
                         for p, c, s, ns in args]
 
             timings = {
@@ -116,6 +127,8 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
                                                    for q in quantized], iters),
                 "dequantize + cuBLAS": timed([lambda q=q: x @ BF.dequantize_4bit(*q).t() for q in quantized], iters),
                 "fused nf4 (defaults, as served)": timed(fused(lookup=True), iters)}
+            if lora is not None:
+                timings["fused nf4 (defaults, no adapter)"] = timed(fused(False, lookup=True), iters)
             swept = {}
             for config in GEMV_CONFIGS if m == 1 else CONFIGS:
                 ms = timed(fused(**tiles_of(config)), iters)
@@ -137,8 +150,8 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20) 
                     "top3_configs": [[*c, swept[c]] for c in top],
                     # the same tiles with the scales decoded to fp32 beforehand (no double quantization in the loop)
                     "fused nf4 (best, fp32 scales)": timed([lambda p=p, c=c, f=f: nf4_matmul(x, p, f, c, (n, k), None,
-                                                                                          table=table,
-                                                                                          tickets=tickets, **tiles)
+                                                                                          table=table, tickets=tickets,
+                                                                                          lora=lora, **tiles)
                                                            for (p, c, _, _), f in zip(args, flat)], iters)})
             print(json.dumps(row), flush=True)
     for m, totals in step.items():

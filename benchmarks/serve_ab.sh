@@ -32,7 +32,8 @@ for round in $(seq 1 "${ROUNDS:-2}"); do
     --out "$out/serve_b_$round.md") >"$out/serve_b_$round.log" 2>&1 ||
     echo "B, round $round: failed, see $out/serve_b_$round.log"
 done
-grep -l "decoding without the 4-bit kernel\|--fused_4bit:" "$out"/serve_*.log | sed 's/^/fell back to bitsandbytes in: /' || true
+grep -l "decoding without the 4-bit kernel\|--fused_4bit:" "$out"/serve_*.log |
+  sed 's/^/fell back to bitsandbytes in: /' || true
 "$python" - "$out" <<'EOF'
 import glob, re, statistics, sys
 rates = {}  # (system, streams) -> {"a": [...], "b": [...]}

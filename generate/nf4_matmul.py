@@ -287,9 +287,9 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     `absmax` its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds
     the double quantization), `code` its 16-value table, used in x's dtype. One row of bf16 runs gemv_kernel, more
     rows or another dtype the tensor cores' kernel. BN: columns of W per program, num_warps, num_stages (defaults 32,
-    2, 3 for one row, 128, 4, 4 for more); BK: values of K per step of the one-row kernel (default the most of 256,
-    128 or 64 that divide K); split_k: K parts, each summed by its own programs (benchmarks/gpu_nf4_gemm.py times the
-    choices; the kernel sums the parts, store_sum). lookup: decode the nibbles by byte permutes (CUDA only:
+    2, 3 for one row, 128, 4, 4 for more, 2 stages with an adapter of more than 16 ranks); BK: values of K per step
+    of the one-row kernel (default the most of 256, 128 or 64 that divide K); split_k: K parts, each summed by its
+    own programs (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts, store_sum). lookup: decode the nibbles by byte permutes (CUDA only:
     lookup_ptx(), for one row lookup_ptx(fp32=True)), else by a gather. table: kernel_table(code) as an int32 tensor
     on x's device (made here if None, which reads `code` back to the host: pass it when capturing a graph). tickets:
     int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero (made here if None). lora: an
@@ -318,8 +318,11 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     absmax2, code2, offset, blocksize2 = nested if nested is not None else (absmax, code, code, 1)
     if table is None:
         table = torch.tensor(kernel_table(tuple(code.tolist())), dtype=torch.int32, device=x.device)
+    # An adapter's A adds R x 128 bytes to each pipeline stage's shared memory: at R 64 (qkv with r 16 on q, k and v)
+    # four stages leave room for two programs per SM, which slowed the product far more than the adapter's own work
+    # (docs/serving.md, benchmarks/gpu_nf4_gemm.py --adapter_rank 16)
     BN, num_warps, num_stages = [given or default for given, default in zip(
-        (BN, num_warps, num_stages), (32, 2, 3) if one_row else (128, 4, 4))]
+        (BN, num_warps, num_stages), (32, 2, 3) if one_row else (128, 4, 4 if R <= 16 else 2))]
     if tickets is None:
         tickets = torch.zeros(-(-N // BN), dtype=torch.int32, device=x.device)
     common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, num_warps=num_warps,
