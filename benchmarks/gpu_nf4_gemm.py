@@ -57,9 +57,12 @@ def timed(calls: list, iters: int):
 # (BN, split_k, num_warps, num_stages, lookup) around the defaults. The first sweeps (2026-12-06, H100) found the kernel
 # bound by its instructions, not by loads in flight (docs/speed/h100_2026-12-06_nf4_kernel.md); the kernel since then
 # decodes by byte permutes and scales the product's sums; "gather" is its table read by tl.gather instead.
+# A sixth value caps the registers per thread (maxnreg): at 168 ptxas stops copying the table's quarters from uniform
+# registers before each use (16% fewer instructions per value at BN 128, counted by nf4_kernel_sass.py --maxnreg 168).
 CONFIGS = [(BN, split, warps, 4, "ptx") for BN in (64, 128, 256) for split in (4, 8, 16) for warps in (4, 8)] + [
     (BN, split, 4, stages, "ptx") for BN in (128, 256) for split in (8, 16) for stages in (1, 2)] + [
-    (128, 8, 4, 4, "gather"), (64, 4, 4, 4, "gather")]
+    (128, 8, 4, 4, "gather"), (64, 4, 4, 4, "gather")] + [
+    (BN, split, 4, stages, "ptx", 168) for BN in (64, 128) for split in (4, 8) for stages in (2, 4)]
 
 
 # One row of bf16 runs gemv_kernel: (BN, BK, split_k, num_warps, num_stages) around its defaults (32, 256, 8, 2, 3).
@@ -69,9 +72,9 @@ GEMV_CONFIGS = [(BN, BK, 8, warps, stages) for BN in (16, 32, 64) for BK in (256
 
 
 def tiles_of(config: tuple) -> dict:
-    if not isinstance(config[-1], str):  # gemv_kernel's
+    if len(config) == 5 and not isinstance(config[-1], str):  # gemv_kernel's
         return {**dict(zip(("BN", "BK", "split_k", "num_warps", "num_stages"), config)), "lookup": True}
-    tiles = dict(zip(("BN", "split_k", "num_warps", "num_stages", "lookup"), config))
+    tiles = dict(zip(("BN", "split_k", "num_warps", "num_stages", "lookup", "maxnreg"), config))
     return {**tiles, "lookup": tiles["lookup"] == "ptx"}
 
 
@@ -127,6 +130,8 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
                                                    for q in quantized], iters),
                 "dequantize + cuBLAS": timed([lambda q=q: x @ BF.dequantize_4bit(*q).t() for q in quantized], iters),
                 "fused nf4 (defaults, as served)": timed(fused(lookup=True), iters)}
+            if m > 1:
+                timings["fused nf4 (defaults, maxnreg 168)"] = timed(fused(lookup=True, maxnreg=168), iters)
             if lora is not None:
                 timings["fused nf4 (defaults, no adapter)"] = timed(fused(False, lookup=True), iters)
             swept = {}

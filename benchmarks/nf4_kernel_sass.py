@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -88,7 +89,8 @@ def ptx(nf4, code: tuple, one_row: bool):
 
 
 def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs: str = "128x16x4,64x16x4",
-         stages: int = 4, rounding: bool = False, one_row: bool = False, adapter_rank: int = 0) -> None:
+         stages: int = 4, rounding: bool = False, one_row: bool = False, adapter_rank: int = 0,
+         maxnreg: Optional[int] = None) -> None:
     """Args:
         source: the nf4_matmul.py whose kernel() is compiled.
         arch: CUDA compute capability times ten (80 A100, 89 L4 / RTX 4090, 90 H100).
@@ -99,6 +101,7 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
         one_row: count gemv_kernel (one row of bf16) instead; configs are then BNxBKxWARPS (BK: values of K per
             step).
         adapter_rank: with an adapter's products in the kernel, of this many ranks (a power of 2, 16 or more).
+        maxnreg: the most registers per thread ptxas may use (nf4_matmul's maxnreg; None: its own choice).
     """
     if rounding:
         return rounding_error()
@@ -130,7 +133,8 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
         compiled = triton.compile(
             ASTSource(fn=kernel, signature={**signature, **{n: "constexpr" for n in constants}}, constexprs=constants,
                       attrs=divisible),
-            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": warps, "num_stages": stages, **({} if maxnreg is None else {"maxnreg": maxnreg})})
         cubin = Path(f"/tmp/nf4_kernel_sm{arch}.cubin")
         cubin.write_bytes(compiled.asm["cubin"])
         sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout

@@ -282,19 +282,23 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                num_stages: Optional[int] = None,
                lookup: bool = False, BK: Optional[int] = None, table: Optional[torch.Tensor] = None,
                tickets: Optional[torch.Tensor] = None,
-               lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None) -> torch.Tensor:
-    """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes,
-    `absmax` its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds
-    the double quantization), `code` its 16-value table, used in x's dtype. One row of bf16 runs gemv_kernel, more
-    rows or another dtype the tensor cores' kernel. BN: columns of W per program, num_warps, num_stages (defaults 32,
-    2, 3 for one row, 128, 4, 4 for more, 2 stages with an adapter of more than 16 ranks); BK: values of K per step
-    of the one-row kernel (default the most of 256, 128 or 64 that divide K); split_k: K parts, each summed by its
-    own programs (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts, store_sum). lookup: decode the nibbles by byte permutes (CUDA only:
-    lookup_ptx(), for one row lookup_ptx(fp32=True)), else by a gather. table: kernel_table(code) as an int32 tensor
-    on x's device (made here if None, which reads `code` back to the host: pass it when capturing a graph). tickets:
-    int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero (made here if None). lora: an
-    adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T + scaling * (x @ A^T) @ B^T: A (R, K) and B
-    (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for one row of bf16."""
+               lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+               maxnreg: Optional[int] = None) -> torch.Tensor:
+    """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes, `absmax`
+    its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds the double
+    quantization), `code` its 16-value table, used in x's dtype. One row of bf16 runs gemv_kernel, more rows or another
+    dtype the tensor cores' kernel. BN: columns of W per program, num_warps, num_stages (defaults 32, 2, 3 for one row,
+    128, 4, 4 for more, 2 stages with an adapter of more than 16 ranks); BK: values of K per step of the one-row kernel
+    (default the most of 256, 128 or 64 that divide K); split_k: K parts, each summed by its own programs
+    (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts, store_sum). lookup: decode the nibbles by
+    byte permutes (CUDA only: lookup_ptx(), for one row lookup_ptx(fp32=True)), else by a gather. table:
+    kernel_table(code) as an int32 tensor on x's device (made here if None, which reads `code` back to the host: pass it
+    when capturing a graph). tickets: int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero
+    (made here if None). lora: an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T + scaling * (x @
+    A^T) @ B^T: A (R, K) and B (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for one row of
+    bf16. maxnreg: the most registers a thread may use (ptxas' own choice if None): at 168 ptxas keeps the table's
+    quarters in registers where by its own choice it copies them from uniform registers before each use
+    (benchmarks/nf4_kernel_sass.py --maxnreg)."""
     import triton
 
     N, K = shape
@@ -326,7 +330,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     if tickets is None:
         tickets = torch.zeros(-(-N // BN), dtype=torch.int32, device=x.device)
     common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, num_warps=num_warps,
-                  num_stages=num_stages, PTX=lookup_ptx(fp32=one_row) if lookup else None)
+                  num_stages=num_stages, PTX=lookup_ptx(fp32=one_row) if lookup else None,
+                  **({} if maxnreg is None else {"maxnreg": maxnreg}))
     if one_row:
         gemv_kernel()[(-(-N // BN), n_parts)](
             x.contiguous(), packed.reshape(-1), absmax, table, absmax2.float(),
