@@ -115,7 +115,7 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     nf4_code = tuple(bitsandbytes.functional.get_4bit_type("nf4", device="cpu").tolist())
     pointers = {"x": "*bf16", "packed": "*u8", "absmax": "*u8", "code": "*fp32", "table": "*i32", "absmax2": "*fp32",
-                "code2": "*fp32", "offset": "*fp32", "lora_a": "*bf16", "lora_b": "*bf16", "out": "*fp32",
+                "code2": "*fp32", "offset": "*fp32", "lora_a": "*bf16", "lora_b": "*bf16", "out": "*bf16",
                 "parts": "*fp32", "tickets": "*i32"}
     pointers = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
     signature = {**pointers, **{n: "i32" for n in ("M", "N", "K", "K_PART", "N_PARTS") if n in kernel.arg_names},

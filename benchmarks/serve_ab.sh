@@ -23,6 +23,7 @@ b=$(mktemp -d)
 tar -c --exclude=./out --exclude="./$base" . | tar -x -C "$b"
 cp -r "$base"/. "$b"/
 caches=$(mktemp -d)
+trap 'rm -rf "$b" "$caches"' EXIT
 for round in $(seq 1 "${ROUNDS:-2}"); do
   TORCHINDUCTOR_CACHE_DIR="$caches/a/inductor" TRITON_CACHE_DIR="$caches/a/triton" \
     "$python" benchmarks/serve_table.py "$@" --out "$out/serve_a_$round.md" >"$out/serve_a_$round.log" 2>&1 ||

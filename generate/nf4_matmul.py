@@ -135,8 +135,8 @@ def store_sum():
     With K in parts, each program writes its part to `parts` and takes a ticket for its column tile; the last of the
     tile's programs to arrive adds the parts in their order and writes the output in its dtype, then resets the
     ticket to 0 for the next call (a CUDA graph's replay included). Written and read at once, the parts stay in the L2
-    cache; summed by the caller they cost a step of 32 rows about a millisecond of fp32 traffic (8 parts of every
-    product's output, benchmarks/profile_decode.py --quantize bnb.nf4-dq)."""
+    cache, where a sum by the caller wrote and read every product's output in fp32 once per part through memory
+    (docs/serving.md)."""
     import triton
     import triton.language as tl
 
@@ -212,7 +212,7 @@ def kernel():
             if R > 0:
                 xa += tl.dot(tl.load(lora_a + ranks[:, None] * K + ks[None, :]), tl.trans(xs),
                              input_precision=PRECISION)
-        if R > 0:  # B's tile times this part's (scaling A x), rounded to x's dtype as the unfused adapter rounds it
+        if R > 0:  # B's tile times this part's scaling A x, rounded to x's dtype once (unfused: A x, then the scaling)
             b = tl.load(lora_b + cols[:, None] * R + ranks[None, :], mask=cols[:, None] < N, other=0.0)
             acc += tl.dot(b, (xa * scaling).to(b.dtype), input_precision=PRECISION)
         finish(acc, out, parts, tickets, tl.program_id(0), rows[None, :] * N + cols[:, None],
@@ -288,7 +288,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds the double
     quantization), `code` its 16-value table, used in x's dtype. One row of bf16 runs gemv_kernel, more rows or another
     dtype the tensor cores' kernel. BN: columns of W per program, num_warps, num_stages (defaults 32, 2, 3 for one row,
-    128, 4, 4 for more, 2 stages with an adapter of more than 16 ranks); BK: values of K per step of the one-row kernel
+    128, 4, 4 for more, 2 stages with an adapter of 64 ranks or more); BK: values of K per step of the one-row kernel
     (default the most of 256, 128 or 64 that divide K); split_k: K parts, each summed by its own programs
     (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts, store_sum). lookup: decode the nibbles by
     byte permutes (CUDA only: lookup_ptx(), for one row lookup_ptx(fp32=True)), else by a gather. table:
@@ -318,17 +318,19 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                          f"{M} rows of {x.dtype}")
     k_part, n_parts = _k_parts(K, step, split_k)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    parts = torch.empty((n_parts, M, N), device=x.device, dtype=torch.float32)  # unused for one part
+    parts = torch.empty((n_parts if n_parts > 1 else 0, M, N), device=x.device, dtype=torch.float32)
     absmax2, code2, offset, blocksize2 = nested if nested is not None else (absmax, code, code, 1)
     if table is None:
         table = torch.tensor(kernel_table(tuple(code.tolist())), dtype=torch.int32, device=x.device)
-    # An adapter's A adds R x 128 bytes to each pipeline stage's shared memory: at R 64 (qkv with r 16 on q, k and v)
-    # four stages leave room for two programs per SM, which slowed the product far more than the adapter's own work
-    # (docs/serving.md, benchmarks/gpu_nf4_gemm.py --adapter_rank 16)
+    # An adapter of 64 ranks (qkv with r 16 on q, k and v) makes each pipeline stage's tiles of A as large as W's: at
+    # four stages shared memory leaves room for two programs per SM, which slowed the product far more than the
+    # adapter's own work (docs/serving.md, benchmarks/gpu_nf4_gemm.py --adapter_rank 16); 32 ranks are unmeasured
     BN, num_warps, num_stages = [given or default for given, default in zip(
-        (BN, num_warps, num_stages), (32, 2, 3) if one_row else (128, 4, 4 if R <= 16 else 2))]
+        (BN, num_warps, num_stages), (32, 2, 3) if one_row else (128, 4, 4 if R < 64 else 2))]
     if tickets is None:
         tickets = torch.zeros(-(-N // BN), dtype=torch.int32, device=x.device)
+    if tickets.numel() < -(-N // BN):  # one per column tile: fewer would let programs count on another tile's ticket
+        raise ValueError(f"nf4_matmul: {tickets.numel()} tickets for {-(-N // BN)} tiles of {BN} columns")
     common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, num_warps=num_warps,
                   num_stages=num_stages, PTX=lookup_ptx(fp32=one_row) if lookup else None,
                   **({} if maxnreg is None else {"maxnreg": maxnreg}))
@@ -404,9 +406,9 @@ class FusedNF4Linear(nn.Module):
     code tables, in fp32). The fast decode step puts it in the layer's place for the step (generate/fast_decode.py).
 
     With `adapter`, a frozen LoRALinear (lora.freeze_lora) over `layer`, it stands in for the adapter's layer: several
-    rows in the frozen dtype take the adapter's products inside the kernel, where two small matrix products per layer
-    and step cost a 30-stream step about a fifth of its time (docs/serving.md); one row, or another dtype, adds the
-    adapter's delta as LoRALinear does."""
+    rows in the frozen dtype take the adapter's products inside the kernel, where two small matrix products of their
+    own per layer and step, each a launch and a pass over the output, cost a 30-stream step much of its time
+    (docs/serving.md); one row, or another dtype, adds the adapter's delta as LoRALinear does."""
 
     def __init__(self, layer: nn.Module, adapter: Optional[nn.Module] = None) -> None:
         super().__init__()
