@@ -296,7 +296,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     when capturing a graph). tickets: int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero
     (made here if None). lora: an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T + scaling * (x @
     A^T) @ B^T: A (R, K) and B (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for one row of
-    bf16. maxnreg: the most registers a thread may use (ptxas' own choice if None): at 168 ptxas keeps the table's
+    bf16. maxnreg: the most registers a thread may use (ptxas' own choice if None or 0): at 168 ptxas keeps the table's
     quarters in registers where by its own choice it copies them from uniform registers before each use
     (benchmarks/nf4_kernel_sass.py --maxnreg)."""
     import triton
@@ -333,7 +333,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         raise ValueError(f"nf4_matmul: {tickets.numel()} tickets for {-(-N // BN)} tiles of {BN} columns")
     common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, num_warps=num_warps,
                   num_stages=num_stages, PTX=lookup_ptx(fp32=one_row) if lookup else None,
-                  **({} if maxnreg is None else {"maxnreg": maxnreg}))
+                  **({"maxnreg": maxnreg} if maxnreg else {}))
     if one_row:
         gemv_kernel()[(-(-N // BN), n_parts)](
             x.contiguous(), packed.reshape(-1), absmax, table, absmax2.float(),
