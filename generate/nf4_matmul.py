@@ -7,7 +7,7 @@ program holds a BN-column slice of W and one of `split_k` parts of K; per step i
 bytes (BN x 32 for blocks of 64), turns them into the code table's values in x's dtype, multiplies them with the rows
 of x on the tensor cores (W's tile as the wide operand; rows padded to 16), and scales the product's sums by the
 block's scale (double-quantized scales decoded in the kernel too). Splitting K gives a product with few rows enough
-programs to keep the memory system busy; the last program of a column tile to finish sums the parts (`store_sum`).
+programs to keep the memory system busy; the last program of a column tile to finish sums the parts (`steps`).
 One row of bf16 (a lone stream's step) runs gemv_kernel instead, on the CUDA cores, where the tensor cores' tiles
 would be 15/16 padding; one row of another dtype stays with bitsandbytes' gemv_4bit.
 
@@ -126,21 +126,32 @@ def ptx_text(program: List[Tuple[str, ...]]) -> str:
                       "}"])
 
 
-finish = None  # store_sum's function: the kernels call it by this global name (the interpreter sees no closures)
+# steps()'s functions: the kernels call them by these global names (the interpreter sees no closures)
+block_scale = finish = None
 
 
 @functools.lru_cache(maxsize=None)
-def store_sum():
-    """Both kernels' last step: a program's fp32 sums over its part of K, `acc`, at `offsets` of the (M, N) output.
-    With K in parts, each program writes its part to `parts` and takes a ticket for its column tile; the last of the
-    tile's programs to arrive adds the parts in their order and writes the output in its dtype, then resets the
-    ticket to 0 for the next call (a CUDA graph's replay included). Written and read at once, the parts stay in the L2
-    cache, where a sum by the caller wrote and read every product's output in fp32 once per part through memory
-    (docs/serving.md)."""
+def steps():
+    """The steps both kernels share. block_scale: the scales of W's blocks at `block` (QLoRA's double quantization:
+    8-bit codes of the scales, one fp32 scale per BLOCKSIZE2 of them). finish: a program's fp32 sums over its part of
+    K, `acc`, at `offsets` of the (M, N) output. With K in parts, each program writes its part to `parts` and takes a
+    ticket for its column tile; the last of the tile's programs to arrive adds the parts in their order and writes the
+    output in its dtype, then resets the ticket to 0 for the next call (a CUDA graph's replay included). Written and
+    read at once, the parts stay in the L2 cache, where a sum by the caller wrote and read every product's output in
+    fp32 once per part through memory (docs/serving.md)."""
     import triton
     import triton.language as tl
 
-    global finish
+    global block_scale, finish
+
+    @triton.jit
+    def block_scale_fn(absmax, absmax2, code2, offset, block, mask, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr):
+        if NESTED:
+            scale = tl.load(code2 + tl.load(absmax + block, mask=mask, other=0).to(tl.int32))
+            scale = scale * tl.load(absmax2 + block // BLOCKSIZE2, mask=mask, other=0.0) + tl.load(offset)
+        else:
+            scale = tl.load(absmax + block, mask=mask, other=0.0)
+        return scale
 
     @triton.jit
     def store_sum_fn(acc, out, parts, tickets, tile, offsets, mask, part, n_parts, size):
@@ -156,7 +167,7 @@ def store_sum():
                 tl.store(out + offsets, total.to(out.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(tickets + tile, 0)
 
-    finish = store_sum_fn
+    block_scale, finish = block_scale_fn, store_sum_fn
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,7 +176,7 @@ def kernel():
     import triton
     import triton.language as tl
 
-    store_sum()
+    steps()
 
     @triton.jit
     def nf4_matmul_kernel(x, packed, absmax, code, table, absmax2, code2, offset, lora_a, lora_b, scaling, out, parts,
@@ -191,12 +202,8 @@ def kernel():
             half = k0 // 2 + tl.arange(0, BLOCKSIZE // 2)  # byte c of a row holds W[n, 2c] (high nibble), W[n, 2c + 1]
             byte = tl.load(packed + cols[:, None].to(tl.int64) * (K // 2) + half[None, :], mask=cols[:, None] < N,
                            other=0)
-            block = (cols.to(tl.int64) * K + k0) // BLOCKSIZE
-            if NESTED:  # QLoRA's double quantization: 8-bit codes of the scales, one fp32 scale per BLOCKSIZE2 of them
-                scale = tl.load(code2 + tl.load(absmax + block, mask=cols < N, other=0).to(tl.int32))
-                scale = scale * tl.load(absmax2 + block // BLOCKSIZE2, mask=cols < N, other=0.0) + tl.load(offset)
-            else:
-                scale = tl.load(absmax + block, mask=cols < N, other=0.0)
+            scale = block_scale(absmax, absmax2, code2, offset, (cols.to(tl.int64) * K + k0) // BLOCKSIZE, cols < N,
+                                NESTED, BLOCKSIZE2)
             if PTX is not None:  # the table as byte permutes (lookup_ptx), 4 bytes per call
                 pair = tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r" + ",r" * 32,
                                                  (byte, ) + [tl.full(byte.shape, q, tl.int32) for q in quarters],
@@ -230,7 +237,7 @@ def gemv_kernel():
     import triton
     import triton.language as tl
 
-    store_sum()
+    steps()
 
     @triton.jit
     def nf4_gemv_kernel(x, packed, absmax, table, absmax2, code2, offset, out, parts, tickets, N, K, K_PART, N_PARTS,
@@ -261,12 +268,7 @@ def gemv_kernel():
                     + odd.to(tl.float32, bitcast=True) * tl.load(x + 2 * half + 1).to(tl.float32)[None, :])
             sums = tl.sum(tl.reshape(prod, (BN, BK // BLOCKSIZE, BLOCKSIZE // 2)), axis=2)  # per block of scales
             block = (cols[:, None].to(tl.int64) * K + k0) // BLOCKSIZE + tl.arange(0, BK // BLOCKSIZE)[None, :]
-            if NESTED:
-                scale = tl.load(code2 + tl.load(absmax + block, mask=cols[:, None] < N, other=0).to(tl.int32))
-                scale = scale * tl.load(absmax2 + block // BLOCKSIZE2, mask=cols[:, None] < N, other=0.0) + tl.load(
-                    offset)
-            else:
-                scale = tl.load(absmax + block, mask=cols[:, None] < N, other=0.0)
+            scale = block_scale(absmax, absmax2, code2, offset, block, cols[:, None] < N, NESTED, BLOCKSIZE2)
             acc += tl.sum(sums * scale, axis=1)
         finish(acc, out, parts, tickets, tl.program_id(0), cols, cols < N, part, N_PARTS, N)
 
@@ -290,7 +292,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     dtype the tensor cores' kernel. BN: columns of W per program, num_warps, num_stages (defaults 32, 2, 3 for one row,
     128, 4, 4 for more, 2 stages with an adapter of 64 ranks or more); BK: values of K per step of the one-row kernel
     (default the most of 256, 128 or 64 that divide K); split_k: K parts, each summed by its own programs
-    (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts, store_sum). lookup: decode the nibbles by
+    (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts, steps). lookup: decode the nibbles by
     byte permutes (CUDA only: lookup_ptx(), for one row lookup_ptx(fp32=True)), else by a gather. table:
     kernel_table(code) as an int32 tensor on x's device (made here if None, which reads `code` back to the host: pass it
     when capturing a graph). tickets: int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero
