@@ -244,6 +244,18 @@ def check_kernel():
             assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), expected, rtol=2 ** -7, atol=1e-6), (
                 double_quant, BN, BK, split_k)
         assert torch.allclose(gemv_w, dequantized, rtol=2 ** -8, atol=1e-7)  # bitsandbytes' weight, nearly
+        # several blocks of scales per step (BK 256 and 128, as on real models): a wider weight, 768 values a row;
+        # against bitsandbytes' weight, within the output's bf16 step (the interpreter truncates) and its rounding
+        wide, wide_state = BF.quantize_4bit(torch.randn(40, 768, generator=gen) * 0.02, blocksize=64,
+                                            quant_type="nf4", compress_statistics=double_quant)
+        wide_absmax, wide_nested = scales_of(wide_state)
+        x = torch.randn(1, 768, generator=gen).bfloat16()
+        expected = x.float() @ BF.dequantize_4bit(wide, wide_state).t()
+        for BK, split_k in ((256, 1), (128, 2)):
+            got = nf4_matmul(x, wide, wide_absmax, wide_state.code, (40, 768), wide_nested, BN=16, BK=BK,
+                             split_k=split_k)
+            error = ((got.float() - expected).norm() / expected.norm()).item()
+            assert error < torch.finfo(torch.bfloat16).eps, (double_quant, BK, split_k, error)
         # an adapter's products in the same programs: 8 ranks padded to 16 by zeros, any number of K parts
         A, B = torch.randn(8, K, generator=gen) * 0.1, torch.randn(N, 8, generator=gen)
         lora = (*pad_adapter(A, B), 0.5)
