@@ -298,8 +298,9 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     when capturing a graph). tickets: int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero
     (made here if None). lora: an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T + scaling * (x @
     A^T) @ B^T: A (R, K) and B (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for one row of
-    bf16. maxnreg: the most registers a thread may use (0: ptxas' own choice; None: MAXNREG where it was counted,
-    _capped)."""
+    bf16. maxnreg: the most registers a thread may use (ptxas' own choice if None or 0): at 168 ptxas keeps the table's
+    quarters in registers where by its own choice it copies them from uniform registers before each use
+    (benchmarks/nf4_kernel_sass.py --maxnreg)."""
     import triton
 
     N, K = shape
@@ -332,8 +333,6 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         tickets = torch.zeros(-(-N // BN), dtype=torch.int32, device=x.device)
     if tickets.numel() < -(-N // BN):  # one per column tile: fewer would let programs count on another tile's ticket
         raise ValueError(f"nf4_matmul: {tickets.numel()} tickets for {-(-N // BN)} tiles of {BN} columns")
-    if maxnreg is None:
-        maxnreg = MAXNREG if _capped(x, one_row, BN, num_warps, M, R) else 0
     common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, num_warps=num_warps,
                   num_stages=num_stages, PTX=lookup_ptx(fp32=one_row) if lookup else None,
                   **({"maxnreg": maxnreg} if maxnreg else {}))
@@ -349,18 +348,6 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
             k_part, n_parts, BM=max(16, triton.next_power_of_2(M)), BN=BN, R=R,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", TABLE_AT=TABLE_AT.get(x.dtype, 0), **common)
     return out
-
-
-# Registers per thread for the tensor cores' kernel where it was counted: on sm_90 at the defaults (BN 128, 4 warps,
-# up to 32 rows, no adapter) ptxas by its own choice copies the table's quarters out of uniform registers before each
-# use, and at this cap keeps them in registers (benchmarks/nf4_kernel_sass.py --maxnreg 168). Elsewhere (wider
-# tiles, 64 rows, an adapter of 64 ranks) the same cap spills, so there ptxas chooses.
-MAXNREG = 168
-
-
-def _capped(x: torch.Tensor, one_row: bool, BN: int, num_warps: int, M: int, R: int) -> bool:
-    return (not one_row and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0) and BN == 128
-            and num_warps == 4 and M <= 32 and R == 0)
 
 
 def _one_row(rows: int, dtype: torch.dtype) -> bool:
