@@ -134,7 +134,8 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
             ASTSource(fn=kernel, signature={**signature, **{n: "constexpr" for n in constants}}, constexprs=constants,
                       attrs=divisible),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": warps, "num_stages": stages, **({} if maxnreg is None else {"maxnreg": maxnreg})})
+            options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True,
+                     **({} if maxnreg is None else {"maxnreg": maxnreg})})
         cubin = Path(f"/tmp/nf4_kernel_sm{arch}.cubin")
         cubin.write_bytes(compiled.asm["cubin"])
         sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout

@@ -333,8 +333,9 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         tickets = torch.zeros(-(-N // BN), dtype=torch.int32, device=x.device)
     if tickets.numel() < -(-N // BN):  # one per column tile: fewer would let programs count on another tile's ticket
         raise ValueError(f"nf4_matmul: {tickets.numel()} tickets for {-(-N // BN)} tiles of {BN} columns")
+    # fused multiply-adds asked for, not left to Triton's default, which 3.10 turns off (the counts assume them)
     common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, num_warps=num_warps,
-                  num_stages=num_stages, PTX=lookup_ptx(fp32=one_row) if lookup else None,
+                  num_stages=num_stages, PTX=lookup_ptx(fp32=one_row) if lookup else None, enable_fp_fusion=True,
                   **({"maxnreg": maxnreg} if maxnreg else {}))
     if one_row:
         gemv_kernel()[(-(-N // BN), n_parts)](
