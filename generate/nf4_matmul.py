@@ -329,21 +329,22 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     # adapter's own work (docs/serving.md, benchmarks/gpu_nf4_gemm.py --adapter_rank 16); 32 ranks are unmeasured
     BN, num_warps, num_stages = [given or default for given, default in zip(
         (BN, num_warps, num_stages), (32, 2, 3) if one_row else (128, 4, 4 if R < 64 else 2))]
+    tiles = triton.cdiv(N, BN)
     if tickets is None:
-        tickets = torch.zeros(-(-N // BN), dtype=torch.int32, device=x.device)
-    if tickets.numel() < -(-N // BN):  # one per column tile: fewer would let programs count on another tile's ticket
-        raise ValueError(f"nf4_matmul: {tickets.numel()} tickets for {-(-N // BN)} tiles of {BN} columns")
+        tickets = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+    if tickets.numel() < tiles:  # one per column tile: fewer would let programs count on another tile's ticket
+        raise ValueError(f"nf4_matmul: {tickets.numel()} tickets for {tiles} tiles of {BN} columns")
     # fused multiply-adds asked for, not left to Triton's default, which 3.10 turns off (the counts assume them)
     common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, num_warps=num_warps,
                   num_stages=num_stages, PTX=lookup_ptx(fp32=one_row) if lookup else None, enable_fp_fusion=True,
                   **({"maxnreg": maxnreg} if maxnreg else {}))
     if one_row:
-        gemv_kernel()[(-(-N // BN), n_parts)](
+        gemv_kernel()[(tiles, n_parts)](
             x.contiguous(), packed.reshape(-1), absmax, table, absmax2.float(),
             code2.float(), offset.float(), out, parts, tickets, N, K, k_part, n_parts, BN=BN, BK=step, **common)
     else:
         lora_a, lora_b, scaling = lora if lora is not None else (x, x, 0.0)  # unread when R is 0
-        kernel()[(-(-N // BN), n_parts)](
+        kernel()[(tiles, n_parts)](
             x.contiguous(), packed.reshape(-1), absmax, code.float(), table, absmax2.float(), code2.float(),
             offset.float(), lora_a.contiguous(), lora_b.contiguous(), float(scaling), out, parts, tickets, M, N, K,
             k_part, n_parts, BM=max(16, triton.next_power_of_2(M)), BN=BN, R=R,
