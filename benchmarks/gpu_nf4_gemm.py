@@ -78,12 +78,14 @@ def tiles_of(config: tuple) -> dict:
     return {**tiles, "lookup": tiles["lookup"] == "ptx"}
 
 
-def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, adapter_rank: int = 0) -> None:
+def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, adapter_rank: int = 0,
+         sweep: bool = True) -> None:
     """Args:
         model: a registered config: its block's linear shapes are timed.
         rows: decode rows (the bucket's batch), comma-separated.
         iters: timed repetitions (median).
         adapter_rank: a random adapter of this rank per part in every product of several rows (0: none).
+        sweep: also time the configurations around the defaults (CONFIGS, GEMV_CONFIGS); else the defaults alone.
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as BF
@@ -135,7 +137,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
             if lora is not None:
                 timings["fused nf4 (defaults, no adapter)"] = timed(fused(False, lookup=True), iters)
             swept = {}
-            for config in GEMV_CONFIGS if m == 1 else CONFIGS:
+            for config in (GEMV_CONFIGS if m == 1 else CONFIGS) if sweep else ():
                 ms = timed(fused(**tiles_of(config)), iters)
                 if isinstance(ms, str):
                     print(json.dumps({"shape": name, "rows": m, "config": config, "error": ms}))
