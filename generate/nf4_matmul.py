@@ -17,8 +17,8 @@ read the table with tl.gather and scaled every weight, ran at 15-23% of an H100'
 table read by byte permutes in the tensor-core kernel (`lookup_program`: 6.5 instructions per weight value in its main
 loop, against 23; benchmarks/nf4_kernel_sass.py, compiled for sm_90 on a CPU) and by warp shuffles in the one-row
 kernel (`shuffle_program`: 4.0). On an H100 a block's products at 32 rows then take as long as cuBLAS's on bf16
-weights, half bitsandbytes' time, still about a fifth of the bandwidth. Shuffles in the tensor-core kernel too counted
-fewer instructions (5.2) but ran 2-10% slower there, while they made the one-row kernel 16% faster (docs/serving.md).
+weights, half bitsandbytes' time, still about a fifth of the bandwidth. Shuffles cut the one-row kernel's time by
+15%; in the tensor-core kernel they counted fewer instructions too (5.2) but took 3-10% more time (docs/serving.md).
 The tensor-core kernel rounds the table's values to x's dtype before the scale rather than after it, as bitsandbytes
 does, and the one-row kernel keeps them in fp32: differences of rounding, within the start-up check's limit.
 

@@ -141,7 +141,8 @@ def test_shuffle_lookup_decodes_every_byte_in_every_position():
         registers = run_ptx(program, {"$8": int.from_bytes(bytes(data), "little"), **address}, lane=first % 32,
                             memory=memory, shuffled=shuffled)
         nibbles = torch.tensor([[b >> 4, b & 15] for b in data]).reshape(-1)
-        got = torch.tensor([registers[f"${r}"] for r in range(8)], dtype=torch.int64).to(torch.int32).view(torch.float32)
+        got = torch.tensor([registers[f"${r}"] for r in range(8)], dtype=torch.int64).to(torch.int32)
+        got = got.view(torch.float32)
         assert got.equal(torch.tensor(code)[nibbles]), data
 
 
