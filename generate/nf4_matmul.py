@@ -8,8 +8,8 @@ bytes (BN x 32 for blocks of 64), turns them into the code table's values in x's
 of x on the tensor cores (W's tile as the wide operand; rows padded to 16), and scales the product's sums by the
 block's scale (double-quantized scales decoded in the kernel too). Splitting K gives a product with few rows enough
 programs to keep the memory system busy; the last program of a column tile to finish sums the parts (`steps`).
-One row of bf16 (a lone stream's step) runs gemv_kernel instead, on the CUDA cores, where the tensor cores' tiles
-would be 15/16 padding; one row of another dtype stays with bitsandbytes' gemv_4bit.
+One row of bf16 or fp16 (a lone stream's step) runs gemv_kernel instead, on the CUDA cores, where the tensor cores'
+tiles would be 15/16 padding; one row of fp32 stays with bitsandbytes' gemv_4bit.
 
 Such a product is bound by the instructions that decode the weights rather than by memory: a first design, which
 read the table with tl.gather and scaled every weight, ran at 15-23% of an H100's bandwidth
@@ -241,11 +241,11 @@ def kernel():
 
 @functools.lru_cache(maxsize=None)
 def gemv_kernel():
-    """One row of bf16 x: each program holds BN rows of W and one K part, and per step decodes BK values of each row,
-    8 from each 32-bit word of W's bytes, by warp shuffles from the fp32 table (lookup_ptx(one_row=True); without PTX,
-    loads of the same values), multiplying them with x on the CUDA cores. Each thread keeps a sum per word position,
-    scaled by its block's scale, and adds them up once, after the loop. The tensor cores' tiles would need 16 rows, 15
-    of them padding here."""
+    """One row of bf16 or fp16 x: each program holds BN rows of W and one K part, and per step decodes BK values of each
+    row, 8 from each 32-bit word of W's bytes, by warp shuffles from the fp32 table (lookup_ptx(one_row=True); without
+    PTX, loads of the same values), multiplying them with x on the CUDA cores. Each thread keeps a sum per word
+    position, scaled by its block's scale, and adds them up once, after the loop. The tensor cores' tiles would need 16
+    rows, 15 of them padding here."""
     import triton
     import triton.language as tl
 
@@ -301,8 +301,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                maxnreg: Optional[int] = None) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes, `absmax`
     its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds the double
-    quantization), `code` its 16-value table, used in x's dtype. One row of bf16 runs gemv_kernel, more rows or another
-    dtype the tensor cores' kernel. BN: columns of W per program, num_warps, num_stages (defaults 32, 2, 3 for one row,
+    quantization), `code` its 16-value table, used in x's dtype. One row of bf16 or fp16 runs gemv_kernel, more rows or
+    fp32 the tensor cores' kernel. BN: columns of W per program, num_warps, num_stages (defaults 32, 2, 3 for one row,
     128, 4, 4 for more, 2 stages with an adapter of 64 ranks or more); BK: values of K per step of the one-row kernel
     (default the most of 256, 128 or 64 that divide K); split_k: K parts, each summed by its own programs
     (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts, steps). lookup: decode the nibbles by
@@ -370,8 +370,9 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
 
 
 def _one_row(rows: int, dtype: torch.dtype) -> bool:
-    """Whether gemv_kernel takes the product: its table is bf16's (fp16's would need a conversion per value)."""
-    return rows == 1 and dtype == torch.bfloat16
+    """Whether gemv_kernel takes the product: its table is fp32 and it reads x in fp32, so any 16-bit x; it was timed
+    in bf16 only (docs/serving.md), where the server's fp32 rows are a CPU's."""
+    return rows == 1 and dtype in (torch.bfloat16, torch.float16)
 
 
 def _gemv_step(K: int, blocksize: int) -> int:
@@ -468,7 +469,7 @@ class FusedNF4Linear(nn.Module):
 
         rows = x.reshape(-1, x.size(-1))
         inside = self.adapter is not None and rows.size(0) > 1 and rows.dtype == self.lora_a.dtype
-        if rows.size(0) == 1 and not _one_row(1, rows.dtype):  # gemv_kernel's table is bf16's
+        if rows.size(0) == 1 and not _one_row(1, rows.dtype):  # fp32: gemv_kernel is for 16-bit rows
             # bitsandbytes' gemv_4bit, as Linear4bit.forward calls it: in the layer's compute dtype, the output back in
             # the input's
             y = bnb.matmul_4bit(rows.to(self.compute_dtype or rows.dtype), self.packed.t(),
@@ -488,18 +489,18 @@ def is_nf4(layer: nn.Module) -> bool:
 
 
 def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dtype) -> Optional[str]:
-    """None if the kernel agrees with bitsandbytes on this device, else why not: (layer, its FusedNF4Linear) pairs,
-    one of each shape checked, at 1, 3 and 17 rows in `dtype` (one row: gemv_kernel in bf16, else bitsandbytes' own
+    """None if the kernel agrees with bitsandbytes on this device, else why not: (layer, its FusedNF4Linear) pairs, one
+    of each shape checked, at 1, 3 and 17 rows in `dtype` (one row: gemv_kernel in bf16 and fp16, else bitsandbytes' own
     gemv), against the same rows times bitsandbytes' dequantized weight in fp32. Both sum in fp32; they differ by
     rounding: the output's to `dtype` (1.7e-3 in bf16) and the weights' (bitsandbytes rounds code x scale to `dtype`,
-    the tensor-core kernel the code before the scale, the one-row kernel neither: together 2.7e-3 in bf16 on an H100
-    for every Mistral-7B shape, benchmarks/gpu_nf4_gemm.py, as simulated on a CPU by benchmarks/nf4_kernel_sass.py
-    --rounding true), so the limit is half the dtype's epsilon (3.9e-3 in bf16): a misread nibble or scale throughout
-    is off by about 1, one wrong tile of 64 columns in the widest weight (14336) by a few 1e-2. A layer with an
-    adapter adds its delta, in fp32, to what is expected; as a trained adapter's delta may be too small to tell, the
-    kernel's adapter products are checked again with a random adapter of the same ranks whose delta is as large as the
-    weight's product. Triton's CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16
-    model fails the check."""
+    the tensor-core kernel the code before the scale, the one-row kernel neither: together 2.7e-3 in bf16 on an H100 for
+    every Mistral-7B shape, benchmarks/gpu_nf4_gemm.py, as simulated on a CPU by benchmarks/nf4_kernel_sass.py
+    --rounding true), so the limit is half the dtype's epsilon (3.9e-3 in bf16): a misread nibble or scale throughout is
+    off by about 1, one wrong tile of 64 columns in the widest weight (14336) by a few 1e-2. A layer with an adapter
+    adds its delta, in fp32, to what is expected; as a trained adapter's delta may be too small to tell, the kernel's
+    adapter products are checked again with a random adapter of the same ranks whose delta is as large as the weight's
+    product. Triton's CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails the
+    check."""
     import bitsandbytes.functional as BF
 
     limit = 1e-3 if dtype == torch.float32 else torch.finfo(dtype).eps / 2

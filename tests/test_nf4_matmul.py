@@ -295,12 +295,16 @@ def check_kernel():
             for split_k in (1, 3):
                 got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=64, split_k=split_k, lora=lora)
                 assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (double_quant, M, split_k, "adapter")
+            if M == 1:  # one 16-bit row is gemv_kernel's, which takes no adapter (below)
+                continue
             # in fp16: A, B and x A x scaling rounded to it (the interpreter's fp16 products are right)
             half = nf4_matmul(x.half(), packed, absmax, state.code, (N, K), nested, BN=32, split_k=3,
                               lora=(lora[0].half(), lora[1].half(), 0.5))
             assert torch.allclose(half.float(), expected, rtol=2e-2, atol=5e-3), (double_quant, M, "fp16 adapter")
-        with pytest.raises(ValueError, match="an adapter needs several rows"):  # gemv_kernel takes none
-            nf4_matmul(x[:1].bfloat16(), packed, absmax, state.code, (N, K), nested, lora=lora)
+        for dtype in (torch.bfloat16, torch.float16):  # gemv_kernel takes one row of either, and no adapter
+            with pytest.raises(ValueError, match="an adapter needs several rows"):
+                nf4_matmul(x[:1].to(dtype), packed, absmax, state.code, (N, K), nested,
+                           lora=(lora[0].to(dtype), lora[1].to(dtype), 0.5))
         with pytest.raises(ValueError, match="1 tickets for 3 tiles of 32 columns"):  # one per column tile
             nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=32, tickets=torch.zeros(1, dtype=torch.int32))
 
