@@ -15,8 +15,8 @@ value, registers per thread, shared memory, and the most frequent instructions.
     python benchmarks/nf4_kernel_sass.py --rounding true
 
 instead prints what the kernel's rounding does to the server's start-up check (nf4_matmul.self_check), also without a
-GPU: the kernel rounds the code table to the model's dtype and keeps the block's scale in fp32, bitsandbytes rounds
-code x scale; the check's measure for both roundings, against the output's rounding alone and the check's limit.
+GPU: the tensor-core kernel rounds the code table to the model's dtype and keeps the block's scale in fp32 (the one-row
+kernel keeps both in fp32), bitsandbytes rounds code x scale; the check's measure for both roundings, against the output's rounding alone and the check's limit.
 """
 
 import collections

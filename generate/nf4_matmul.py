@@ -98,7 +98,8 @@ def table_words(code: List[float], dtype: torch.dtype) -> List[int]:
         0xFFFF).tolist()
 
 
-TABLE_AT = {torch.bfloat16: 16, torch.float16: 24}
+# where each 16-bit dtype's 8 quarters start in kernel_table, after the 16 fp32 values
+TABLE_AT = {dtype: 16 + 8 * i for i, dtype in enumerate((torch.bfloat16, torch.float16))}
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,7 +114,6 @@ def kernel_table(code: Tuple[float, ...]) -> Tuple[int, ...]:
     table = torch.tensor(code, dtype=torch.float32).view(torch.int32).tolist() + [
         q for dtype in TABLE_AT for q in quarters(table_words(list(code), dtype))]
     return tuple(v - (1 << 32) if v >= 1 << 31 else v for v in table)
-
 
 
 @functools.lru_cache(maxsize=None)
@@ -301,20 +301,20 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                maxnreg: Optional[int] = None) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes, `absmax`
     its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds the double
-    quantization), `code` its 16-value table, used in x's dtype. One row of bf16 or fp16 runs gemv_kernel, more rows or
-    fp32 the tensor cores' kernel. BN: columns of W per program, num_warps, num_stages (defaults 32, 2, 3 for one row,
-    128, 4, 4 for more, 2 stages with an adapter of 64 ranks or more); BK: values of K per step of the one-row kernel
-    (default the most of 256, 128 or 64 that divide K); split_k: K parts, each summed by its own programs
-    (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts, steps). lookup: decode the nibbles by
-    byte permutes, for one row by warp shuffles (CUDA only: lookup_ptx), else by a gather (one row: loads of the
-    table). table:
-    kernel_table(code) as an int32 tensor on x's device (made here if None, which reads `code` back to the host: pass it
-    when capturing a graph). tickets: int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero
-    (made here if None). lora: an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T + scaling * (x @
-    A^T) @ B^T: A (R, K) and B (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for one row of
-    bf16. maxnreg: the most registers a thread may use (ptxas' own choice if None or 0): at 168 ptxas keeps the table's
-    quarters in registers where by its own choice it copies them from uniform registers before each use
-    (benchmarks/nf4_kernel_sass.py --maxnreg)."""
+    quantization), `code` its 16-value table (in x's dtype in the tensor cores' kernel, in fp32 in the one-row kernel).
+    One row of bf16 or fp16 runs gemv_kernel, more rows or fp32 the tensor cores' kernel. BN: columns of W per program,
+    num_warps, num_stages (defaults 32, 2, 3 for one row, 128, 4, 4 for more, 2 stages with an adapter of 64 ranks or
+    more); BK: values of K per step of the one-row kernel (default the most of 256, 128 or 64 that divide K); split_k: K
+    parts, each summed by its own programs (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts,
+    steps). lookup: decode the nibbles by byte permutes, for one row by warp shuffles (CUDA only: lookup_ptx; 16-bit x
+    only, fp32 rows take the gather), else by a gather (one row: loads of the table). table: kernel_table(code) as an
+    int32 tensor on x's device (made here if None, which reads `code` back to the host: pass it when capturing a graph).
+    tickets: int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero (made here if None). lora:
+    an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T + scaling * (x @ A^T) @ B^T: A (R, K) and B
+    (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for one row of bf16 or fp16. maxnreg: the most
+    registers a thread may use (ptxas' own choice if None or 0): at 168 ptxas keeps the table's quarters in registers
+    where by its own choice it copies them from uniform registers before each use (benchmarks/nf4_kernel_sass.py
+    --maxnreg)."""
     import triton
 
     N, K = shape
@@ -350,7 +350,9 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         tickets = torch.zeros(tiles, dtype=torch.int32, device=x.device)
     if tickets.numel() < tiles:  # one per column tile: fewer would let programs count on another tile's ticket
         raise ValueError(f"nf4_matmul: {tickets.numel()} tickets for {tiles} tiles of {BN} columns")
-    lookup = lookup and (one_row or x.dtype in TABLE_AT)  # the byte permutes' table is in 16-bit words
+    # the byte permutes' words are 16-bit: fp32 rows read the table by gather (before, they failed to compile and the
+    # start-up check left their products to bitsandbytes)
+    lookup = lookup and x.dtype in TABLE_AT
     # fused multiply-adds asked for, not left to Triton's default, which 3.10 turns off (the counts assume them)
     common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, num_warps=num_warps,
                   num_stages=num_stages, PTX=lookup_ptx(one_row) if lookup else None, enable_fp_fusion=True,

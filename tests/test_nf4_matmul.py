@@ -2,14 +2,18 @@
 CPU interpreter, each check in a fresh process (the interpreter must be on before triton is imported):
 - the kernel equals x @ W^T with W dequantized by bitsandbytes, for plain and double-quantized scales, partial tiles in
   every direction, one row and several, K split or not (its parts summed by the kernel, its tickets left at zero), fp32,
-  fp16, and one row of bf16 (the one-row kernel); with an adapter's products added in it (ranks padded to 16);
+  fp16, and one row of bf16 and fp16 (the one-row kernel); with an adapter's products added in it (ranks padded to 16);
+- with their PTX lookups (byte permutes, warp shuffles) emulated lane by lane in place of the inline assembly the
+  interpreter cannot run, both kernels give the same products, and the lookups ran;
 - the fast decode step with the kernel in place of bitsandbytes' NF4 layers, alone, with an unmerged LoRA adapter (its
-  products in the kernel) and
-  torch.compile'd, gives the plain step's answers, and puts bitsandbytes' layers back after each step;
-and in this process: a kernel that fails or disagrees with bitsandbytes, at start or mid-serving, is not used.
+  products in the kernel) and torch.compile'd, gives the plain step's answers, and puts bitsandbytes' layers back
+  after each step;
+and in this process: the PTX, simulated alone, decodes every byte in every position; both kernels assemble for sm_90
+with it (ptxas, on the CPU); a kernel that fails or disagrees with bitsandbytes, at start or mid-serving, is not used.
 Triton 3.9's interpreter computes bf16 products wrongly, so these run fp32 and fp16; on a GPU the start-up check
 (nf4_matmul.self_check) covers bf16."""
 
+import json
 import os
 import subprocess
 import sys
@@ -45,6 +49,28 @@ def test_kernels_with_their_ptx_lookups_equal_dequantize_then_matmul():
 
 def test_fast_step_with_the_kernel_gives_the_plain_answers():
     interpreted("check_fast_step")
+
+
+@pytest.mark.parametrize("one_row", [True, False])
+def test_kernels_and_their_ptx_assemble_for_sm90(one_row):
+    """Each kernel compiled ahead of time for an H100 (sm_90) on this CPU by Triton and the wheel's ptxas
+    (benchmarks/nf4_kernel_sass.py): its inline PTX assembles as ptx_text writes it (register widths included), and
+    its main loop holds the lookup's instructions: a shuffle per value in the one-row kernel (BN 32 x BK 256 over 64
+    threads: 128 a thread), byte permutes in the tensor-core kernel."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("bitsandbytes")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton wheel has no ptxas")
+    args = ["--one_row", "true", "--configs", "32x256x2"] if one_row else ["--configs", "128x16x4"]
+    done = subprocess.run([sys.executable, "benchmarks/nf4_kernel_sass.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    frequent = dict(counts["most_frequent"])
+    if one_row:
+        assert frequent.get("SHFL.IDX") == 128, frequent
+    else:
+        assert frequent.get("PRMT", 0) >= 64 and "SHFL.IDX" not in frequent, frequent
 
 
 def run_ptx(program, registers: dict, lane: int = 0, memory: Optional[dict] = None,
@@ -309,6 +335,9 @@ def check_kernel():
             nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=32, tickets=torch.zeros(1, dtype=torch.int32))
 
 
+EMULATED = {"one row": 0, "tensor cores": 0}  # emulate_lookups' calls, by kernel
+
+
 def emulate_lookups() -> None:
     """Triton's interpreter runs no inline PTX: from here on it runs the kernels' lookups (lookup_ptx) by run_ptx, as a
     warp would, 32 elements at a time as 32 lanes (the one-row kernel's lanes load their table entries from the address
@@ -337,6 +366,7 @@ def emulate_lookups() -> None:
     def create_inline_asm(builder, text, constraints, values, types, is_pure, pack):
         one_row = text == lookup_ptx(one_row=True)
         assert one_row or text == lookup_ptx(one_row=False), "only the kernels' lookups are emulated"
+        EMULATED["one row" if one_row else "tensor cores"] += 1
         assert is_pure and pack == (1 if one_row else 4) and constraints == (
             "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r" if one_row else "=r,=r,=r,=r,r" + ",r" * 32), (constraints, pack)
         shape = values[0].data.shape
@@ -384,9 +414,11 @@ def check_lookups():
         x = torch.randn(5, K, generator=gen).half()
         expected = x.float() @ dequantized.t()
         for split_k in (1, 3):  # the tensor-core kernel in fp16 (the interpreter's fp16 products are right)
+            before = dict(EMULATED)
             got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=32, split_k=split_k, lookup=True,
                              table=table)
             assert torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-3), (double_quant, split_k, "fp16")
+            assert EMULATED["tensor cores"] > before["tensor cores"], "the byte permutes ran"  # not a gather
         values = table[:16].view(torch.float32)
         nibbles = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).long().reshape(N, K)
         scale = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant else state.absmax
@@ -394,9 +426,11 @@ def check_lookups():
         expected = x.float() @ (values[nibbles] * scale.repeat_interleave(64).reshape(N, K)).t()
         for BN, BK, split_k in ((32, 256, 1), (16, 128, 2), (64, 64, 3)):
             for lookup in (True, False):
+                before = dict(EMULATED)
                 got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=BN, BK=BK, split_k=split_k,
                                  lookup=lookup, table=table)
                 assert torch.allclose(got.float(), expected, rtol=2 ** -7, atol=1e-6), (double_quant, BN, BK, lookup)
+                assert (EMULATED["one row"] > before["one row"]) == lookup, "the shuffles ran when asked, only then"
     shifted = torch.cat([torch.zeros(1, dtype=torch.uint8), packed.reshape(-1)])[1:]  # a byte past a word
     with pytest.raises(ValueError, match="address divisible by 4"):
         nf4_matmul(x, shifted, absmax, state.code, (N, K), nested, table=table)
