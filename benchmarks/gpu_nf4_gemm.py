@@ -9,7 +9,8 @@ Why: the serving table's NF4 rows reached 25% (1 stream) and 8% (30 streams) of 
 bytes (docs/serving.md). A decode step reads each weight once; in 4 bits that is a quarter of bf16's bytes, so a kernel
 that decodes in its tiles could beat bf16 rather than trail it. Per shape and row count: the kernel with its defaults
 (its K parts summed in the kernel, as served), the best
-of a sweep of tiles, K splits, warps, stages and lookups (byte permutes or a gather; and the best with the scales
+of a sweep of tiles, K splits, warps, stages and lookups (PTX: byte permutes, for one row warp shuffles; or a gather,
+for one row loads of the table; and the best with the scales
 decoded to fp32 beforehand), its effective bandwidth (4-bit bytes and block scales read, output written), and
 its error against x @ W^T with W dequantized by bitsandbytes (double-quantized scales, as QLoRA's bnb.nf4-dq) beside
 the error of rounding that product to bf16; top3_configs: (BN, split_k, warps, stages, lookup), for one row
@@ -56,7 +57,8 @@ def timed(calls: list, iters: int):
 
 # (BN, split_k, num_warps, num_stages, lookup) around the defaults. The first sweeps (2026-12-06, H100) found the kernel
 # bound by its instructions, not by loads in flight (docs/speed/h100_2026-12-06_nf4_kernel.md); the kernel since then
-# decodes by byte permutes and scales the product's sums; "gather" is its table read by tl.gather instead.
+# decodes by byte permutes (one row: warp shuffles) and scales the product's sums; "gather" is its table read by
+# tl.gather instead (one row: by loads).
 # A sixth value caps the registers per thread (maxnreg): at 168 ptxas stops copying the table's quarters from uniform
 # registers before each use (16% fewer instructions per value at BN 128, counted by nf4_kernel_sass.py --maxnreg 168).
 CONFIGS = [(BN, split, warps, 4, "ptx") for BN in (64, 128, 256) for split in (4, 8, 16) for warps in (4, 8)] + [
@@ -78,12 +80,14 @@ def tiles_of(config: tuple) -> dict:
     return {**tiles, "lookup": tiles["lookup"] == "ptx"}
 
 
-def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, adapter_rank: int = 0) -> None:
+def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, adapter_rank: int = 0,
+         sweep: bool = True) -> None:
     """Args:
         model: a registered config: its block's linear shapes are timed.
         rows: decode rows (the bucket's batch), comma-separated.
         iters: timed repetitions (median).
         adapter_rank: a random adapter of this rank per part in every product of several rows (0: none).
+        sweep: also time the configurations around the defaults (CONFIGS, GEMV_CONFIGS); else the defaults alone.
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as BF
@@ -135,7 +139,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
             if lora is not None:
                 timings["fused nf4 (defaults, no adapter)"] = timed(fused(False, lookup=True), iters)
             swept = {}
-            for config in GEMV_CONFIGS if m == 1 else CONFIGS:
+            for config in (GEMV_CONFIGS if m == 1 else CONFIGS) if sweep else ():
                 ms = timed(fused(**tiles_of(config)), iters)
                 if isinstance(ms, str):
                     print(json.dumps({"shape": name, "rows": m, "config": config, "error": ms}))

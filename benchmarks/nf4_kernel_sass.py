@@ -15,12 +15,13 @@ value, registers per thread, shared memory, and the most frequent instructions.
     python benchmarks/nf4_kernel_sass.py --rounding true
 
 instead prints what the kernel's rounding does to the server's start-up check (nf4_matmul.self_check), also without a
-GPU: the kernel rounds the code table to the model's dtype and keeps the block's scale in fp32, bitsandbytes rounds
-code x scale; the check's measure for both roundings, against the output's rounding alone and the check's limit.
+GPU: the tensor-core kernel rounds the code table to the model's dtype and keeps the block's scale in fp32 (the one-row
+kernel keeps both in fp32), bitsandbytes rounds code x scale; the check's measure for both roundings, against the output's rounding alone and the check's limit.
 """
 
 import collections
 import importlib.util
+import inspect
 import json
 import re
 import subprocess
@@ -80,12 +81,15 @@ def rounding_error(size: int = 4096) -> None:
 
 
 def ptx(nf4, code: tuple, one_row: bool):
-    """The byte permutes' text, as each version of the file makes it (older ones: none, or one per table and dtype)."""
+    """The lookup's PTX text, as each version of the file makes it (older ones: none, one per table and dtype, or
+    byte permutes into fp32 for one row)."""
     if not hasattr(nf4, "lookup_ptx"):
         return None
-    if hasattr(nf4, "kernel_table"):
+    if not hasattr(nf4, "kernel_table"):
+        return nf4.lookup_ptx(code, torch.bfloat16)
+    if "fp32" in inspect.signature(nf4.lookup_ptx).parameters:
         return nf4.lookup_ptx(fp32=one_row)
-    return nf4.lookup_ptx(code, torch.bfloat16)
+    return nf4.lookup_ptx(one_row)
 
 
 def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs: str = "128x16x4,64x16x4",
@@ -125,7 +129,8 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
         # the constants each version of the kernel takes (older ones: a K step BK and an IEEE switch)
         known = {"BM": BM, "BN": BN, "BK": BM if one_row else 128, "BLOCKSIZE": 64, "BLOCKSIZE2": 256,
                  "NESTED": True, "IEEE": False, "PRECISION": "tf32", "SWAP": True,
-                 "PTX": ptx(nf4, nf4_code, one_row), "TABLE_AT": 24, "R": adapter_rank}
+                 "PTX": ptx(nf4, nf4_code, one_row), "TABLE_AT": getattr(nf4, "TABLE_AT", {torch.bfloat16: 24})[
+                     torch.bfloat16], "R": adapter_rank}
         constants = {name: known[name] for name in kernel.arg_names if name in known}
         # what a launch specializes: pointers and sizes divisible by 16 (N, K and the K part are, in every model)
         divisible = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]

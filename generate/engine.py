@@ -179,7 +179,7 @@ class Engine:
         decode: how generation steps run (see Decode). interleave_tokens: the most tokens a scoring batch holds while
         generations decode. key_block: the fast decode step reads keys in multiples of this many positions.
         fused_4bit: the fast decode step multiplies NF4 base layers by several rows through generate/nf4_matmul.py's
-        kernel, where Triton runs and the kernel passes its start-up check (one row of bf16 too, on the CUDA cores)."""
+        kernel, where Triton runs and the kernel passes its start-up check (one 16-bit row too, on the CUDA cores)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config

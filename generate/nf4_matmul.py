@@ -8,21 +8,23 @@ bytes (BN x 32 for blocks of 64), turns them into the code table's values in x's
 of x on the tensor cores (W's tile as the wide operand; rows padded to 16), and scales the product's sums by the
 block's scale (double-quantized scales decoded in the kernel too). Splitting K gives a product with few rows enough
 programs to keep the memory system busy; the last program of a column tile to finish sums the parts (`steps`).
-One row of bf16 (a lone stream's step) runs gemv_kernel instead, on the CUDA cores, where the tensor cores' tiles
-would be 15/16 padding; one row of another dtype stays with bitsandbytes' gemv_4bit.
+One row of bf16 or fp16 (a lone stream's step) runs gemv_kernel instead, on the CUDA cores, where the tensor cores'
+tiles would be 15/16 padding; one row of fp32 stays with bitsandbytes' gemv_4bit.
 
 Such a product is bound by the instructions that decode the weights rather than by memory: a first design, which
 read the table with tl.gather and scaled every weight, ran at 15-23% of an H100's bandwidth
-(docs/speed/h100_2026-12-06_nf4_kernel.md). Now on a GPU the table is read by byte permutes (`lookup_program`) and
-the scale applied once per block and output: 6.5 instructions per weight value in the main loop, against 23
-(benchmarks/nf4_kernel_sass.py, compiled for sm_90 on a CPU); on an H100 a block's products at 32 rows then take as
-long as cuBLAS's on bf16 weights, half bitsandbytes' time, still about a fifth of the bandwidth. The table's values
-are rounded to x's dtype before the scale rather than after it, as bitsandbytes does: a difference of rounding, within
-the start-up check's limit.
+(docs/speed/h100_2026-12-06_nf4_kernel.md). Now on a GPU the scale is applied once per block and output, and the
+table read by byte permutes in the tensor-core kernel (`lookup_program`: 6.5 instructions per weight value in its main
+loop, against 23; benchmarks/nf4_kernel_sass.py, compiled for sm_90 on a CPU) and by warp shuffles in the one-row
+kernel (`shuffle_program`: 4.0). On an H100 a block's products at 32 rows then take as long as cuBLAS's on bf16
+weights, half bitsandbytes' time, still about a fifth of the bandwidth. Shuffles cut the one-row kernel's time by
+15%; in the tensor-core kernel they counted fewer instructions too (5.2) but took 3-10% more time (docs/serving.md).
+The tensor-core kernel rounds the table's values to x's dtype before the scale rather than after it, as bitsandbytes
+does, and the one-row kernel keeps them in fp32: differences of rounding, within the start-up check's limit.
 
 The layout is bitsandbytes' (`Params4bit` data and `QuantState`): the flattened (out, in) weight two codes per byte,
 high nibble first, one scale per block of `blocksize` consecutive values. Checked against dequantize-then-matmul in
-Triton's CPU interpreter (tests/test_nf4_matmul.py; the byte permutes by simulating their instructions there) and, on
+Triton's CPU interpreter (tests/test_nf4_matmul.py; the PTX lookups by simulating their instructions there) and, on
 a GPU, by `self_check` before use; timed against bitsandbytes by benchmarks/gpu_nf4_gemm.py.
 """
 import functools
@@ -41,40 +43,52 @@ def available(device: torch.device) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def lookup_program(fp32: bool = False) -> List[Tuple[str, ...]]:
-    """The 16-entry code table as byte permutes: PTX instructions (op, destination, sources) that turn one 32-bit
-    register of 4 weight bytes ($4) into one 32-bit register per byte ($0-$3): its high nibble's 16-bit table word in
-    the low half, its low nibble's in the high half (W[n, 2c], W[n, 2c + 1], in the order a product reads them).
-    `prmt` picks 4 bytes out of 8 by 4 selectors of 3 bits: a nibble's low 3 bits select among entries 0-7 and among
-    8-15 of one byte plane of the table (its words' low or high bytes), its top bit picks between the two. About 3
-    instructions per value, where a gather costs a shuffle and its bounds checks. The table's 8 quarters (plane 0's 4
-    registers, then plane 1's: kernel_table) are operands after the bytes' register, 4 apart (pack=4 passes 4 registers
-    per 32-bit argument; the first is used): the compiler keeps them in registers across the kernel's loop, where as
-    immediates it re-made them at every use (7.5 instructions per value in the loop, against 6.5).
-    Checked on the CPU by simulating these instructions (tests/test_nf4_matmul.py), on a GPU by `self_check`.
-
-    fp32 (gemv_kernel's): two registers per byte instead, $0-$3 its high nibble's value and $4-$7 its low nibble's,
-    each an fp32 whose two halves both hold the word (one permute per value, no shift or mask after; fp32_words
-    chooses the words), the bytes in $8."""
-    source = "$8" if fp32 else "$4"
+def lookup_program() -> List[Tuple[str, ...]]:
+    """The 16-entry code table as byte permutes (the tensor-core kernel's): PTX instructions (op, destination, sources)
+    that turn one 32-bit register of 4 weight bytes ($4) into one 32-bit register per byte ($0-$3): its high nibble's
+    16-bit table word in the low half, its low nibble's in the high half (W[n, 2c], W[n, 2c + 1], in the order a
+    product reads them). `prmt` picks 4 bytes out of 8 by 4 selectors of 3 bits: a nibble's low 3 bits select among
+    entries 0-7 and among 8-15 of one byte plane of the table (its words' low or high bytes), its top bit picks between
+    the two. About 3 instructions per value, where a gather costs a shuffle and its bounds checks. The table's 8
+    quarters (plane 0's 4 registers, then plane 1's: kernel_table) are operands after the bytes' register, 4 apart
+    (pack=4 passes 4 registers per 32-bit argument; the first is used): the compiler keeps them in registers across the
+    kernel's loop, where as immediates it re-made them at every use (7.5 instructions per value in the loop, against
+    6.5). Checked on the CPU by simulating these instructions (tests/test_nf4_matmul.py), on a GPU by `self_check`."""
     # the source's nibbles, low to high: l0 h0 l1 h1 | l2 h2 l3 h3 (byte j = h_j << 4 | l_j); group a is the low half
-    program = [("and.b32", "sa", source, "0x7777"), ("shr.b32", "sb", source, "16"), ("and.b32", "sb", "sb", "0x7777")]
+    program = [("and.b32", "sa", "$4", "0x7777"), ("shr.b32", "sb", "$4", "16"), ("and.b32", "sb", "sb", "0x7777")]
     for g, shift in (("a", "1"), ("b", "17")):  # per byte: 4 + position when the nibble's top bit is set, else position
-        program += [("shr.b32", f"h{g}", source, shift), ("and.b32", f"h{g}", f"h{g}", "0x4444"),
+        program += [("shr.b32", f"h{g}", "$4", shift), ("and.b32", f"h{g}", f"h{g}", "0x4444"),
                     ("or.b32", f"h{g}", f"h{g}", "0x3210")]
     for p in range(2):
-        program += [("mov.b32", f"t{r}", f"${(9 if fp32 else 5) + 4 * (4 * p + r)}") for r in range(4)]
+        program += [("mov.b32", f"t{r}", f"${5 + 4 * (4 * p + r)}") for r in range(4)]
         for g in "ab":  # g{p}: byte p of the group's 4 values, in its nibbles' order
             program += [("prmt.b32", "lo", "t0", "t1", f"s{g}"), ("prmt.b32", "hi", "t2", "t3", f"s{g}"),
                         ("prmt.b32", f"{g}{p}", "lo", "hi", f"h{g}")]
     for g, byte in (("a", 0), ("b", 2)):  # per byte, its words from the two planes: value 2j + 1 is h_j, 2j is l_j
         for j in (byte, byte + 1):
             h, l = 2 * (j - byte) + 1, 2 * (j - byte)
-            if fp32:
-                program += [("prmt.b32", f"${j}", f"{g}0", f"{g}1", f"0x{4 + h}{h}{4 + h}{h}"),
-                            ("prmt.b32", f"${4 + j}", f"{g}0", f"{g}1", f"0x{4 + l}{l}{4 + l}{l}")]
-            else:
-                program += [("prmt.b32", f"${j}", f"{g}0", f"{g}1", f"0x{4 + l}{l}{4 + h}{h}")]
+            program += [("prmt.b32", f"${j}", f"{g}0", f"{g}1", f"0x{4 + l}{l}{4 + h}{h}")]
+    return program
+
+
+def shuffle_program() -> List[Tuple[str, ...]]:
+    """The 16-entry code table read by warp shuffles (gemv_kernel's): PTX instructions (op, destination, sources) that
+    turn one 32-bit register of 4 weight bytes ($8) into their 8 values in fp32 ($0-$7), in K's order (byte j = h << 4
+    | l holds W[n, 2j] in h, W[n, 2j + 1] in l). Lane i of the warp loads the table's entry i mod 16 from the address
+    given as two 32-bit halves ($9, $10); each value is then a shuffle from the lane its nibble names:
+    `shfl.sync.idx` reads the lane from the low 5 bits of its index, so the register shifted to put the nibble lowest
+    will do, whatever bit lies above it. A shift and a shuffle per value, where byte permutes into fp32 took 6.3
+    instructions per value in the kernel's loop and these 4.0; the entry is loaded inside the PTX because a lane's
+    value made outside it can be moved to another thread's register by a change of the tensor's layout. Every lane of
+    the warp must run each shuffle: the kernel calls it outside any branch that differs between lanes. Checked on the
+    CPU by simulating these instructions (tests/test_nf4_matmul.py), on a GPU by `self_check`."""
+    program = [("mov.u32", "i", "%laneid"), ("and.b32", "i", "i", "15"), ("mul.wide.u32", "a", "i", "4"),
+               ("mov.b64", "t", "{$9, $10}"), ("add.s64", "a", "a", "t"), ("ld.global.nc.b32", "e", "[a]")]
+    for j in range(4):
+        for r, shift in ((2 * j, 8 * j + 4), (2 * j + 1, 8 * j)):
+            if shift:
+                program.append(("shr.b32", "s", "$8", str(shift)))
+            program.append(("shfl.sync.idx.b32", f"${r}", "e", "s" if shift else "$8", "31", "-1"))
     return program
 
 
@@ -84,50 +98,41 @@ def table_words(code: List[float], dtype: torch.dtype) -> List[int]:
         0xFFFF).tolist()
 
 
-def fp32_words(code: List[float]) -> List[int]:
-    """Per code value the 16-bit word w whose fp32 (w << 16 | w) is nearest to it: what the fp32 lookup's registers
-    hold. Off by at most half a bf16 step, as bf16's own rounding; zero stays exact."""
-    def value(w: int) -> float:
-        return torch.tensor([w << 16 | w], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
-
-    nearest = table_words(code, torch.bfloat16)
-    return [min(((w + d) & 0xFFFF for d in (-1, 0, 1)), key=lambda w: abs(value(w) - c)) if c else 0
-            for c, w in zip(code, nearest)]
+# where each 16-bit dtype's 8 quarters start in kernel_table, after the 16 fp32 values
+TABLE_AT = {dtype: 16 + 8 * i for i, dtype in enumerate((torch.bfloat16, torch.float16))}
 
 
 @functools.lru_cache(maxsize=None)
 def kernel_table(code: Tuple[float, ...]) -> Tuple[int, ...]:
-    """The kernels' `table` argument, int32: the 16 fp32 values of fp32_words (gemv_kernel's gather), the 8 quarters
-    of those words (its byte permutes' operands), then the 8 quarters of the table in bf16 and in fp16 (the tensor-core
-    kernel's, at TABLE_AT[dtype]). Made once per code table, which every NF4 layer of a model shares."""
+    """The kernels' `table` argument, int32: the 16 values in fp32 (gemv_kernel's), then the 8 quarters of the table
+    in bf16 and in fp16 (the tensor-core kernel's byte permutes' operands, at TABLE_AT[dtype]). Made once per code
+    table, which every NF4 layer of a model shares."""
     def quarters(words: List[int]) -> List[int]:
         return [sum(((words[4 * r + e] >> 8 * p) & 0xFF) << 8 * e for e in range(4))
                 for p in range(2) for r in range(4)]
 
-    words = fp32_words(list(code))
-    table = [w << 16 | w for w in words] + quarters(words) + [
-        q for dtype in (torch.bfloat16, torch.float16) for q in quarters(table_words(list(code), dtype))]
+    table = torch.tensor(code, dtype=torch.float32).view(torch.int32).tolist() + [
+        q for dtype in TABLE_AT for q in quarters(table_words(list(code), dtype))]
     return tuple(v - (1 << 32) if v >= 1 << 31 else v for v in table)
 
 
-TABLE_AT = {torch.bfloat16: 24, torch.float16: 32}
-
-
 @functools.lru_cache(maxsize=None)
-def lookup_ptx(fp32: bool = False) -> str:
-    """lookup_program with the table as operands (from kernel_table), as the text of one inline-asm block; the same
-    for every table."""
-    return ptx_text(lookup_program(fp32))
+def lookup_ptx(one_row: bool = False) -> str:
+    """The text of one inline-asm block, the same for every table: shuffle_program for the one-row kernel, else
+    lookup_program."""
+    return ptx_text(shuffle_program() if one_row else lookup_program())
 
 
 def ptx_text(program: List[Tuple[str, ...]]) -> str:
     names = sorted({r for _, *regs in program for r in regs if r[0].isalpha()})
-    return " ".join(["{", f".reg .b32 {', '.join(names)};", *(f"{op} {', '.join(regs)};" for op, *regs in program),
-                      "}"])
+    wide = sorted({regs[0] for op, *regs in program if op.endswith("64") or ".wide." in op})  # 64-bit results
+    return " ".join(["{", f".reg .b32 {', '.join(n for n in names if n not in wide)};",
+                     *([f".reg .b64 {', '.join(wide)};"] if wide else []),
+                     *(f"{op} {', '.join(regs)};" for op, *regs in program), "}"])
 
 
 # steps()'s functions: the kernels call them by these global names (the interpreter sees no closures)
-block_scale = finish = None
+address = block_scale = finish = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,11 +143,17 @@ def steps():
     ticket for its column tile; the last of the tile's programs to arrive adds the parts in their order and writes the
     output in its dtype, then resets the ticket to 0 for the next call (a CUDA graph's replay included). Written and
     read at once, the parts stay in the L2 cache, where a sum by the caller wrote and read every product's output in
-    fp32 once per part through memory (docs/serving.md)."""
+    fp32 once per part through memory (docs/serving.md). address: a pointer as the two 32-bit halves shuffle_program
+    takes."""
     import triton
     import triton.language as tl
 
-    global block_scale, finish
+    global address, block_scale, finish
+
+    @triton.jit
+    def address_fn(pointer):
+        where = pointer.to(tl.int64, bitcast=True)
+        return where.to(tl.int32), (where >> 32).to(tl.int32)
 
     @triton.jit
     def block_scale_fn(absmax, absmax2, code2, offset, block, mask, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr):
@@ -167,7 +178,7 @@ def steps():
                 tl.store(out + offsets, total.to(out.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(tickets + tile, 0)
 
-    block_scale, finish = block_scale_fn, store_sum_fn
+    address, block_scale, finish = address_fn, block_scale_fn, store_sum_fn
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,7 +217,7 @@ def kernel():
                                 NESTED, BLOCKSIZE2)
             if PTX is not None:  # the table as byte permutes (lookup_ptx), 4 bytes per call
                 pair = tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r" + ",r" * 32,
-                                                 (byte, ) + [tl.full(byte.shape, q, tl.int32) for q in quarters],
+                                                 [byte] + [tl.full(byte.shape, q, tl.int32) for q in quarters],
                                                  dtype=tl.int32, is_pure=True, pack=4)
                 hi = pair.to(tl.int16).to(xs.dtype, bitcast=True)
                 lo = (pair >> 16).to(tl.int16).to(xs.dtype, bitcast=True)
@@ -230,10 +241,11 @@ def kernel():
 
 @functools.lru_cache(maxsize=None)
 def gemv_kernel():
-    """One row of bf16 x: each program holds BN rows of W and one K part, decodes BK values of each per step by byte
-    permutes into fp32 (lookup_ptx(fp32=True); without PTX, a gather of the same fp32 values), and multiplies them with
-    x on the CUDA cores, the block's scale on each block's sum. The tensor cores' tiles would need 16 rows, 15 of them
-    padding here."""
+    """One row of bf16 or fp16 x: each program holds BN rows of W and one K part, and per step decodes BK values of each
+    row, 8 from each 32-bit word of W's bytes, by warp shuffles from the fp32 table (lookup_ptx(one_row=True); without
+    PTX, loads of the same values), multiplying them with x on the CUDA cores. Each thread keeps a sum per word
+    position, scaled by its block's scale, and adds them up once, after the loop. The tensor cores' tiles would need 16
+    rows, 15 of them padding here."""
     import triton
     import triton.language as tl
 
@@ -246,31 +258,32 @@ def gemv_kernel():
                         PTX: tl.constexpr):
         cols = tl.program_id(0) * BN + tl.arange(0, BN)
         part = tl.program_id(1)
-        acc = tl.zeros((BN,), dtype=tl.float32)
-        if PTX is None:
-            values = tl.broadcast_to(tl.load(table + tl.arange(0, 16))[None, :], (BN, 16))
-        else:  # the table's quarters, loaded once: the byte permutes' operands
-            quarters = [tl.load(table + i) for i in (16, 17, 18, 19, 20, 21, 22, 23)]
+        words = packed.to(tl.pointer_type(tl.int32))  # rows of K // 8 words: K is whole blocks of 64
+        acc = tl.zeros((BN, BK // 8), dtype=tl.float32)
+        low, high = address(table)  # the fp32 values: where the shuffles' lanes load their entries
         for k0 in range(part * K_PART, tl.minimum((part + 1) * K_PART, K), BK):  # K_PART and K are whole steps
-            half = k0 // 2 + tl.arange(0, BK // 2)
-            byte = tl.load(packed + cols[:, None].to(tl.int64) * (K // 2) + half[None, :], mask=cols[:, None] < N,
-                           other=0)
-            if PTX is not None:
-                even, odd = tl.inline_asm_elementwise(
-                    PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r" * 32,
-                    (byte, ) + [tl.full(byte.shape, q, tl.int32) for q in quarters],
-                    dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+            w = k0 // 8 + tl.arange(0, BK // 8)
+            word = tl.load(words + cols[:, None].to(tl.int64) * (K // 8) + w[None, :], mask=cols[:, None] < N, other=0)
+            # W[n, 8w + i] times x[8w + i]: value i is byte i // 2's high nibble (even i) or its low one
+            if PTX is not None:  # not under a per-lane branch: the shuffles need the whole warp
+                values = tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+                                                   [word, tl.full(word.shape, low, tl.int32),
+                                                    tl.full(word.shape, high, tl.int32)],
+                                                   dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+                prod = values[0] * tl.load(x + 8 * w).to(tl.float32)[None, :]
+                for i in tl.static_range(1, 8):
+                    prod += values[i] * tl.load(x + 8 * w + i).to(tl.float32)[None, :]
             else:
-                even = tl.gather(values, byte.to(tl.int32) >> 4, axis=1)
-                odd = tl.gather(values, byte.to(tl.int32) & 15, axis=1)
-            # W[n, 2c] and W[n, 2c + 1] times x's even and odd values
-            prod = (even.to(tl.float32, bitcast=True) * tl.load(x + 2 * half).to(tl.float32)[None, :]
-                    + odd.to(tl.float32, bitcast=True) * tl.load(x + 2 * half + 1).to(tl.float32)[None, :])
-            sums = tl.sum(tl.reshape(prod, (BN, BK // BLOCKSIZE, BLOCKSIZE // 2)), axis=2)  # per block of scales
+                prod = tl.zeros((BN, BK // 8), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    nibble = (word >> (8 * (i // 2) + 4 - 4 * (i % 2))) & 15
+                    prod += (tl.load(table + nibble).to(tl.float32, bitcast=True)
+                             * tl.load(x + 8 * w + i).to(tl.float32)[None, :])
             block = (cols[:, None].to(tl.int64) * K + k0) // BLOCKSIZE + tl.arange(0, BK // BLOCKSIZE)[None, :]
             scale = block_scale(absmax, absmax2, code2, offset, block, cols[:, None] < N, NESTED, BLOCKSIZE2)
-            acc += tl.sum(sums * scale, axis=1)
-        finish(acc, out, parts, tickets, tl.program_id(0), cols, cols < N, part, N_PARTS, N)
+            acc += prod * tl.reshape(tl.broadcast_to(scale[:, :, None], (BN, BK // BLOCKSIZE, BLOCKSIZE // 8)),
+                                     (BN, BK // 8))
+        finish(tl.sum(acc, axis=1), out, parts, tickets, tl.program_id(0), cols, cols < N, part, N_PARTS, N)
 
     return nf4_gemv_kernel
 
@@ -288,19 +301,20 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                maxnreg: Optional[int] = None) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes, `absmax`
     its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds the double
-    quantization), `code` its 16-value table, used in x's dtype. One row of bf16 runs gemv_kernel, more rows or another
-    dtype the tensor cores' kernel. BN: columns of W per program, num_warps, num_stages (defaults 32, 2, 3 for one row,
-    128, 4, 4 for more, 2 stages with an adapter of 64 ranks or more); BK: values of K per step of the one-row kernel
-    (default the most of 256, 128 or 64 that divide K); split_k: K parts, each summed by its own programs
-    (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts, steps). lookup: decode the nibbles by
-    byte permutes (CUDA only: lookup_ptx(), for one row lookup_ptx(fp32=True)), else by a gather. table:
-    kernel_table(code) as an int32 tensor on x's device (made here if None, which reads `code` back to the host: pass it
-    when capturing a graph). tickets: int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero
-    (made here if None). lora: an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T + scaling * (x @
-    A^T) @ B^T: A (R, K) and B (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for one row of
-    bf16. maxnreg: the most registers a thread may use (ptxas' own choice if None or 0): at 168 ptxas keeps the table's
-    quarters in registers where by its own choice it copies them from uniform registers before each use
-    (benchmarks/nf4_kernel_sass.py --maxnreg)."""
+    quantization), `code` its 16-value table (in x's dtype in the tensor cores' kernel, in fp32 in the one-row kernel).
+    One row of bf16 or fp16 runs gemv_kernel, more rows or fp32 the tensor cores' kernel. BN: columns of W per program,
+    num_warps, num_stages (defaults 32, 2, 3 for one row, 128, 4, 4 for more, 2 stages with an adapter of 64 ranks or
+    more); BK: values of K per step of the one-row kernel (default the most of 256, 128 or 64 that divide K); split_k: K
+    parts, each summed by its own programs (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts,
+    steps). lookup: decode the nibbles by byte permutes, for one row by warp shuffles (CUDA only: lookup_ptx; 16-bit x
+    only, fp32 rows take the gather), else by a gather (one row: loads of the table). table: kernel_table(code) as an
+    int32 tensor on x's device (made here if None, which reads `code` back to the host: pass it when capturing a graph).
+    tickets: int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero (made here if None). lora:
+    an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T + scaling * (x @ A^T) @ B^T: A (R, K) and B
+    (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for one row of bf16 or fp16. maxnreg: the most
+    registers a thread may use (ptxas' own choice if None or 0): at 168 ptxas keeps the table's quarters in registers
+    where by its own choice it copies them from uniform registers before each use (benchmarks/nf4_kernel_sass.py
+    --maxnreg)."""
     import triton
 
     N, K = shape
@@ -318,6 +332,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         raise ValueError(f"nf4_matmul: an adapter needs several rows, A ({R}, {K}) and B ({N}, {R}) in {x.dtype} with "
                          f"R a power of 2 of at least 16; got A {tuple(lora[0].shape)}, B {tuple(lora[1].shape)}, "
                          f"{M} rows of {x.dtype}")
+    if one_row and packed.data_ptr() % 4:  # gemv_kernel reads the bytes as 32-bit words
+        raise ValueError("nf4_matmul: one row needs the packed weight at an address divisible by 4; pass a copy")
     k_part, n_parts = _k_parts(K, step, split_k)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     parts = torch.empty((n_parts if n_parts > 1 else 0, M, N), device=x.device, dtype=torch.float32)
@@ -334,9 +350,12 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         tickets = torch.zeros(tiles, dtype=torch.int32, device=x.device)
     if tickets.numel() < tiles:  # one per column tile: fewer would let programs count on another tile's ticket
         raise ValueError(f"nf4_matmul: {tickets.numel()} tickets for {tiles} tiles of {BN} columns")
+    # the byte permutes' words are 16-bit: fp32 rows read the table by gather (before, they failed to compile and the
+    # start-up check left their products to bitsandbytes)
+    lookup = lookup and x.dtype in TABLE_AT
     # fused multiply-adds asked for, not left to Triton's default, which 3.10 turns off (the counts assume them)
     common = dict(BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested is not None, num_warps=num_warps,
-                  num_stages=num_stages, PTX=lookup_ptx(fp32=one_row) if lookup else None, enable_fp_fusion=True,
+                  num_stages=num_stages, PTX=lookup_ptx(one_row) if lookup else None, enable_fp_fusion=True,
                   **({"maxnreg": maxnreg} if maxnreg else {}))
     if one_row:
         gemv_kernel()[(tiles, n_parts)](
@@ -353,8 +372,9 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
 
 
 def _one_row(rows: int, dtype: torch.dtype) -> bool:
-    """Whether gemv_kernel takes the product: its table is bf16's (fp16's would need a conversion per value)."""
-    return rows == 1 and dtype == torch.bfloat16
+    """Whether gemv_kernel takes the product: its table is fp32 and it reads x in fp32, so any 16-bit x; it was timed
+    in bf16 only (docs/serving.md), where the server's fp32 rows are a CPU's."""
+    return rows == 1 and dtype in (torch.bfloat16, torch.float16)
 
 
 def _gemv_step(K: int, blocksize: int) -> int:
@@ -432,7 +452,7 @@ class FusedNF4Linear(nn.Module):
         self.register_buffer("offset", offset, persistent=False)
         self.bias, self.quant_state, self.compute_dtype = layer.bias, state, layer.compute_dtype
         self.out_features, self.in_features = layer.out_features, layer.in_features
-        # byte permutes where they can run (the CPU interpreter runs no PTX); the table made once, here: reading the
+        # the PTX lookups where they can run (the CPU interpreter runs no PTX); the table made once, here: reading the
         # code back from the GPU at every call would stop a CUDA graph's capture
         self.lookup = self.packed.is_cuda
         self.register_buffer("table", torch.tensor(kernel_table(tuple(state.code.tolist())), dtype=torch.int32,
@@ -451,7 +471,7 @@ class FusedNF4Linear(nn.Module):
 
         rows = x.reshape(-1, x.size(-1))
         inside = self.adapter is not None and rows.size(0) > 1 and rows.dtype == self.lora_a.dtype
-        if rows.size(0) == 1 and not _one_row(1, rows.dtype):  # gemv_kernel's table is bf16's
+        if rows.size(0) == 1 and not _one_row(1, rows.dtype):  # fp32: gemv_kernel is for 16-bit rows
             # bitsandbytes' gemv_4bit, as Linear4bit.forward calls it: in the layer's compute dtype, the output back in
             # the input's
             y = bnb.matmul_4bit(rows.to(self.compute_dtype or rows.dtype), self.packed.t(),
@@ -471,17 +491,18 @@ def is_nf4(layer: nn.Module) -> bool:
 
 
 def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dtype) -> Optional[str]:
-    """None if the kernel agrees with bitsandbytes on this device, else why not: (layer, its FusedNF4Linear) pairs,
-    one of each shape checked, at 1, 3 and 17 rows in `dtype` (one row: gemv_kernel in bf16, else bitsandbytes' own
+    """None if the kernel agrees with bitsandbytes on this device, else why not: (layer, its FusedNF4Linear) pairs, one
+    of each shape checked, at 1, 3 and 17 rows in `dtype` (one row: gemv_kernel in bf16 and fp16, else bitsandbytes' own
     gemv), against the same rows times bitsandbytes' dequantized weight in fp32. Both sum in fp32; they differ by
     rounding: the output's to `dtype` (1.7e-3 in bf16) and the weights' (bitsandbytes rounds code x scale to `dtype`,
-    the kernel the code before the scale: together 2.7e-3 in bf16 on an H100 for every Mistral-7B shape,
-    benchmarks/gpu_nf4_gemm.py, as simulated on a CPU by benchmarks/nf4_kernel_sass.py --rounding true), so the limit
-    is half the dtype's epsilon (3.9e-3 in bf16): a misread nibble or scale throughout is off by about 1, one wrong
-    tile of 64 columns in the widest weight (14336) by a few 1e-2. A layer with an adapter adds its delta, in fp32, to
-    what is expected; as a trained adapter's delta may be too small to tell, the kernel's adapter products are checked
-    again with a random adapter of the same ranks whose delta is as large as the weight's product. Triton's CPU
-    interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails the check."""
+    the tensor-core kernel the code before the scale, the one-row kernel neither: together 2.7e-3 in bf16 on an H100 for
+    every Mistral-7B shape, benchmarks/gpu_nf4_gemm.py, as simulated on a CPU by benchmarks/nf4_kernel_sass.py
+    --rounding true), so the limit is half the dtype's epsilon (3.9e-3 in bf16): a misread nibble or scale throughout is
+    off by about 1, one wrong tile of 64 columns in the widest weight (14336) by a few 1e-2. A layer with an adapter
+    adds its delta, in fp32, to what is expected; as a trained adapter's delta may be too small to tell, the kernel's
+    adapter products are checked again with a random adapter of the same ranks whose delta is as large as the weight's
+    product. Triton's CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails the
+    check."""
     import bitsandbytes.functional as BF
 
     limit = 1e-3 if dtype == torch.float32 else torch.finfo(dtype).eps / 2

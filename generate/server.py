@@ -489,7 +489,7 @@ def main(
         interleave_tokens: while generations decode, a scoring batch holds at most this many tokens, so that
             neither kind of request starves the other.
         fused_4bit: with --quantize bnb.nf4(-dq) on a GPU, the fast decode step multiplies the 4-bit weights
-            through generate/nf4_matmul.py's Triton kernels (several rows on the tensor cores, one row of bf16 on the
+            through generate/nf4_matmul.py's Triton kernels (several rows on the tensor cores, one 16-bit row on the
             CUDA cores) instead of bitsandbytes' products (checked against bitsandbytes at start; see
             docs/serving.md for the figures). false: bitsandbytes' products throughout.
         warmup: compile and capture the decode step and run two small requests before accepting traffic.

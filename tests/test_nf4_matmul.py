@@ -2,20 +2,24 @@
 CPU interpreter, each check in a fresh process (the interpreter must be on before triton is imported):
 - the kernel equals x @ W^T with W dequantized by bitsandbytes, for plain and double-quantized scales, partial tiles in
   every direction, one row and several, K split or not (its parts summed by the kernel, its tickets left at zero), fp32,
-  fp16, and one row of bf16 (the one-row kernel); with an adapter's products added in it (ranks padded to 16);
+  fp16, and one row of bf16 and fp16 (the one-row kernel); with an adapter's products added in it (ranks padded to 16);
+- with their PTX lookups (byte permutes, warp shuffles) emulated lane by lane in place of the inline assembly the
+  interpreter cannot run, both kernels give the same products, and the lookups ran;
 - the fast decode step with the kernel in place of bitsandbytes' NF4 layers, alone, with an unmerged LoRA adapter (its
-  products in the kernel) and
-  torch.compile'd, gives the plain step's answers, and puts bitsandbytes' layers back after each step;
-and in this process: a kernel that fails or disagrees with bitsandbytes, at start or mid-serving, is not used.
+  products in the kernel) and torch.compile'd, gives the plain step's answers, and puts bitsandbytes' layers back
+  after each step;
+and in this process: the PTX, simulated alone, decodes every byte in every position; both kernels assemble for sm_90
+with it (ptxas, on the CPU); a kernel that fails or disagrees with bitsandbytes, at start or mid-serving, is not used.
 Triton 3.9's interpreter computes bf16 products wrongly, so these run fp32 and fp16; on a GPU the start-up check
 (nf4_matmul.self_check) covers bf16."""
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import pytest
 import torch
@@ -39,36 +43,81 @@ def test_kernel_equals_dequantize_then_matmul():
     interpreted("check_kernel")
 
 
+def test_kernels_with_their_ptx_lookups_equal_dequantize_then_matmul():
+    interpreted("check_lookups")
+
+
 def test_fast_step_with_the_kernel_gives_the_plain_answers():
     interpreted("check_fast_step")
 
 
-def run_ptx(program, word: int, source: str = "$4", operands: Optional[dict] = None) -> dict:
-    """The registers after `program` (lookup_program's PTX instructions) on an input register `word` (`source`) and
-    other input `operands`, by the PTX manual's rules for and, or, shr, mov and prmt (each output byte picked out of the
-    8 bytes of its two sources by a 3-bit selector; a selector's fourth bit, sign replication, must never be set
-    here)."""
-    registers = {source: word, **(operands or {})}
+@pytest.mark.parametrize("one_row", [True, False])
+def test_kernels_and_their_ptx_assemble_for_sm90(one_row):
+    """Each kernel compiled ahead of time for an H100 (sm_90) on this CPU by Triton and the wheel's ptxas
+    (benchmarks/nf4_kernel_sass.py): its inline PTX assembles as ptx_text writes it (register widths included), and
+    its main loop holds the lookup's instructions: a shuffle per value in the one-row kernel (BN 32 x BK 256 over 64
+    threads: 128 a thread), byte permutes in the tensor-core kernel."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("bitsandbytes")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton wheel has no ptxas")
+    args = ["--one_row", "true", "--configs", "32x256x2"] if one_row else ["--configs", "128x16x4"]
+    done = subprocess.run([sys.executable, "benchmarks/nf4_kernel_sass.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    frequent = dict(counts["most_frequent"])
+    if one_row:
+        assert frequent.get("SHFL.IDX") == 128, frequent
+    else:
+        assert frequent.get("PRMT", 0) >= 64 and "SHFL.IDX" not in frequent, frequent
+
+
+def run_ptx(program, registers: dict, lane: int = 0, memory: Optional[dict] = None,
+            shuffled: Optional[List[int]] = None) -> dict:
+    """The registers of one lane after `program` (lookup_program's or shuffle_program's PTX instructions), starting
+    from `registers`, by the PTX manual's rules for mov (%laneid, a 64-bit register from two 32-bit halves), and, or,
+    shr, mul.wide, add.s64, prmt (each output byte picked out of the 8 bytes of its two sources by a 3-bit selector; a
+    selector's fourth bit, sign replication, must never be set here), ld (from `memory`, 32-bit words by byte address)
+    and shfl.sync.idx (the source register's value in the lane that the index's low 5 bits name, every lane taking
+    part: `shuffled`, the 32 lanes' values of that register)."""
+    registers = dict(registers)
 
     def value(operand: str) -> int:
         return registers[operand] if operand in registers else int(operand, 0)
 
     for op, destination, *sources in program:
+        if op == "shfl.sync.idx.b32":
+            index, *rest = [value(s) for s in sources[1:]]
+            assert rest == [31, -1], "clamp 31 and every lane's mask: the whole warp is one segment"
+            registers[destination] = shuffled[index & 31]
+            continue
+        if op == "mov.u32" and sources == ["%laneid"]:
+            registers[destination] = lane
+            continue
+        if op == "mov.b64":
+            low, high = sources[0].strip("{}").split(", ")
+            registers[destination] = value(low) | value(high) << 32
+            continue
+        if op == "ld.global.nc.b32":
+            registers[destination] = memory[registers[sources[0].strip("[]")]]
+            continue
         a, *rest = [value(s) for s in sources]
         if op == "prmt.b32":
             both, selectors = a | rest[0] << 32, rest[1]
             assert not selectors & 0x8888, "sign replication"
             a = sum(((both >> 8 * (selectors >> 4 * i & 7)) & 0xFF) << 8 * i for i in range(4))
         elif op != "mov.b32":
-            a = {"and.b32": a & rest[0], "or.b32": a | rest[0], "shr.b32": a >> rest[0]}[op]
-        registers[destination] = a & 0xFFFFFFFF
+            a = {"and.b32": a & rest[0], "or.b32": a | rest[0], "shr.b32": a >> rest[0], "mul.wide.u32": a * rest[0],
+                 "add.s64": a + rest[0]}[op]
+        registers[destination] = a & (0xFFFFFFFFFFFFFFFF if op in ("mul.wide.u32", "add.s64") else 0xFFFFFFFF)
     return registers
 
 
 def test_byte_permute_lookup_decodes_every_byte_in_every_position():
-    """The PTX the GPU runs instead of a gather (lookup_program), simulated: for every byte value at each of the 4
-    positions of the input register, both nibbles' table values, in bf16 and in fp16, land in the byte's output
-    register, high nibble first."""
+    """The tensor-core kernel's PTX (lookup_program), simulated: for every byte value at each of the 4 positions of the
+    input register, both nibbles' table values, in bf16 and in fp16, land in the byte's output register, high nibble
+    first."""
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as BF
 
@@ -83,7 +132,7 @@ def test_byte_permute_lookup_decodes_every_byte_in_every_position():
         program = lookup_program()
         for first in range(256):
             data = [(first + 97 * j) % 256 for j in range(4)]  # every byte value once per position
-            registers = run_ptx(program, int.from_bytes(bytes(data), "little"), operands=quarters)
+            registers = run_ptx(program, {"$4": int.from_bytes(bytes(data), "little"), **quarters})
             for j, byte in enumerate(data):
                 assert registers[f"${j}"] == words[byte >> 4] | words[byte & 15] << 16, (dtype, j, byte)
             # as the kernel reads them: the low half is W[n, 2c], the high half W[n, 2c + 1]
@@ -93,28 +142,34 @@ def test_byte_permute_lookup_decodes_every_byte_in_every_position():
             assert halves.view(dtype).equal(torch.tensor(code).to(dtype)[nibbles]), (dtype, data)
 
 
-def test_fp32_lookup_decodes_every_byte_from_the_table_operands():
-    """gemv_kernel's variant (lookup_program(fp32=True)), simulated with kernel_table's quarters as its operands:
-    every byte value in every position gives its high nibble's fp32 in $0-$3 and its low nibble's in $4-$7, each
-    within half a bf16 step of the code value (bf16's own rounding; zero exact)."""
+def test_shuffle_lookup_decodes_every_byte_in_every_position():
+    """The one-row kernel's PTX (shuffle_program), simulated for a whole warp with kernel_table at an address above
+    4 GB: each lane loads its entry (lane mod 16) through the address's two halves, then for every byte value at each
+    of the 4 positions of the input register both nibbles' fp32 code values come out in K's order, byte j's high
+    nibble first."""
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as BF
 
-    from generate.nf4_matmul import kernel_table, lookup_program
+    from generate.nf4_matmul import kernel_table, shuffle_program
 
     code = BF.get_4bit_type("nf4", device="cpu").tolist()
     table = kernel_table(tuple(code))
-    values = torch.tensor(table[:16], dtype=torch.int32).view(torch.float32)
-    assert torch.allclose(values, torch.tensor(code), rtol=2 ** -8, atol=0) and values[code.index(0.0)] == 0
-    program = lookup_program(fp32=True)
+    program = shuffle_program()
+    base = 0x7F12_3456_7000
+    memory = {base + 4 * i: v & 0xFFFFFFFF for i, v in enumerate(table)}
+    loads = [i for i, (op, *_) in enumerate(program) if op.startswith("ld.")]
+    assert len(loads) == 1, "one load of the lane's entry, before any shuffle"
+    address = {"$9": base & 0xFFFFFFFF, "$10": base >> 32}
+    entry = program[loads[0]][1]
+    shuffled = [run_ptx(program[:loads[0] + 1], address, lane=lane, memory=memory)[entry] for lane in range(32)]
     for first in range(256):
-        data = [(first + 97 * j) % 256 for j in range(4)]
-        registers = run_ptx(program, int.from_bytes(bytes(data), "little"), source="$8",
-                            operands={f"${9 + 4 * i}": q & 0xFFFFFFFF for i, q in enumerate(table[16:24])})
-        got = torch.tensor([registers[f"${r}"] for r in range(8)], dtype=torch.int64).to(torch.int32).view(
-            torch.float32)
-        nibbles = torch.tensor([b >> 4 for b in data] + [b & 15 for b in data])
-        assert got.equal(values[nibbles]), data
+        data = [(first + 97 * j) % 256 for j in range(4)]  # every byte value once per position
+        registers = run_ptx(program, {"$8": int.from_bytes(bytes(data), "little"), **address}, lane=first % 32,
+                            memory=memory, shuffled=shuffled)
+        nibbles = torch.tensor([[b >> 4, b & 15] for b in data]).reshape(-1)
+        got = torch.tensor([registers[f"${r}"] for r in range(8)], dtype=torch.int64).to(torch.int32)
+        got = got.view(torch.float32)
+        assert got.equal(torch.tensor(code)[nibbles]), data
 
 
 def test_start_up_check_passes_bf16_rounding_and_rejects_one_misread_tile(monkeypatch):
@@ -266,14 +321,119 @@ def check_kernel():
             for split_k in (1, 3):
                 got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=64, split_k=split_k, lora=lora)
                 assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (double_quant, M, split_k, "adapter")
+            if M == 1:  # one 16-bit row is gemv_kernel's, which takes no adapter (below)
+                continue
             # in fp16: A, B and x A x scaling rounded to it (the interpreter's fp16 products are right)
             half = nf4_matmul(x.half(), packed, absmax, state.code, (N, K), nested, BN=32, split_k=3,
                               lora=(lora[0].half(), lora[1].half(), 0.5))
             assert torch.allclose(half.float(), expected, rtol=2e-2, atol=5e-3), (double_quant, M, "fp16 adapter")
-        with pytest.raises(ValueError, match="an adapter needs several rows"):  # gemv_kernel takes none
-            nf4_matmul(x[:1].bfloat16(), packed, absmax, state.code, (N, K), nested, lora=lora)
+        for dtype in (torch.bfloat16, torch.float16):  # gemv_kernel takes one row of either, and no adapter
+            with pytest.raises(ValueError, match="an adapter needs several rows"):
+                nf4_matmul(x[:1].to(dtype), packed, absmax, state.code, (N, K), nested,
+                           lora=(lora[0].to(dtype), lora[1].to(dtype), 0.5))
         with pytest.raises(ValueError, match="1 tickets for 3 tiles of 32 columns"):  # one per column tile
             nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=32, tickets=torch.zeros(1, dtype=torch.int32))
+
+
+EMULATED = {"one row": 0, "tensor cores": 0}  # emulate_lookups' calls, by kernel
+
+
+def emulate_lookups() -> None:
+    """Triton's interpreter runs no inline PTX: from here on it runs the kernels' lookups (lookup_ptx) by run_ptx, as a
+    warp would, 32 elements at a time as 32 lanes (the one-row kernel's lanes load their table entries from the address
+    it passes: the interpreter's pointers are this process's addresses), the tensor-core kernel's with the table's
+    quarters it passes as operands. So the kernels' side of the PTX (operands, their order, which output is which
+    value) is checked here too, not only on a GPU."""
+    import ctypes
+
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    from generate.nf4_matmul import lookup_program, lookup_ptx, shuffle_program
+
+    class Memory:
+        def __getitem__(self, address: int) -> int:
+            return ctypes.c_uint32.from_address(address).value
+
+    class Call:
+        def __init__(self, results):
+            self.results = results
+
+        def get_result(self, i: int):
+            return self.results[i]
+
+    def create_inline_asm(builder, text, constraints, values, types, is_pure, pack):
+        one_row = text == lookup_ptx(one_row=True)
+        assert one_row or text == lookup_ptx(one_row=False), "only the kernels' lookups are emulated"
+        EMULATED["one row" if one_row else "tensor cores"] += 1
+        assert is_pure and pack == (1 if one_row else 4) and constraints == (
+            "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r" if one_row else "=r,=r,=r,=r,r" + ",r" * 32), (constraints, pack)
+        shape = values[0].data.shape
+        data, *operands = (np.broadcast_to(v.data, shape).reshape(-1).astype(np.int64) & 0xFFFFFFFF for v in values)
+        assert all((o == o[0]).all() for o in operands), "one table for the whole call"
+        if one_row:
+            program, source, outputs = shuffle_program(), "$8", 8
+            given = {"$9": int(operands[0][0]), "$10": int(operands[1][0])}
+            load = next(i for i, (op, *_) in enumerate(program) if op.startswith("ld.")) + 1
+            shuffled = [run_ptx(program[:load], given, lane, Memory())[program[load - 1][1]] for lane in range(32)]
+            words = data
+        else:  # 4 elements' bytes to a register, the quarters in the first register of each operand's 4
+            program, source, outputs, shuffled = lookup_program(), "$4", 4, None
+            given = {f"${5 + 4 * i}": int(o[0]) for i, o in enumerate(operands)}
+            data = np.concatenate([data, np.zeros(-len(data) % 4, np.int64)]).reshape(-1, 4)
+            words = data @ np.array([1, 1 << 8, 1 << 16, 1 << 24], dtype=np.int64)
+        out = np.zeros((len(words), outputs), dtype=np.uint32)
+        for i, word in enumerate(words):
+            registers = run_ptx(program, {source: int(word), **given}, i % 32, Memory(), shuffled)
+            out[i] = [registers[f"${r}"] for r in range(outputs)]
+        if one_row:
+            return Call([interpreter.TensorHandle(out[:, r].copy().view(np.float32).reshape(shape), tl.float32)
+                         for r in range(outputs)])
+        # register j of a group is its byte j's
+        return Call([interpreter.TensorHandle(out.reshape(-1)[:np.prod(shape)].view(np.int32).reshape(shape),
+                                              tl.int32)])
+
+    interpreter.InterpreterBuilder.create_inline_asm = create_inline_asm
+
+
+def check_lookups():
+    import bitsandbytes.functional as BF
+
+    from generate.nf4_matmul import kernel_table, nf4_matmul, scales_of
+
+    emulate_lookups()
+    gen = torch.Generator().manual_seed(1)
+    N, K = 72, 768  # several blocks of scales per step of the one-row kernel (BK 256 or 128), a partial column tile
+    for double_quant in (False, True):
+        packed, state = BF.quantize_4bit(torch.randn(N, K, generator=gen) * 0.02, blocksize=64, quant_type="nf4",
+                                         compress_statistics=double_quant)
+        absmax, nested = scales_of(state)
+        table = torch.tensor(kernel_table(tuple(state.code.tolist())), dtype=torch.int32)
+        dequantized = BF.dequantize_4bit(packed, state)
+        x = torch.randn(5, K, generator=gen).half()
+        expected = x.float() @ dequantized.t()
+        for split_k in (1, 3):  # the tensor-core kernel in fp16 (the interpreter's fp16 products are right)
+            before = dict(EMULATED)
+            got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=32, split_k=split_k, lookup=True,
+                             table=table)
+            assert torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-3), (double_quant, split_k, "fp16")
+            assert EMULATED["tensor cores"] > before["tensor cores"], "the byte permutes ran"  # not a gather
+        values = table[:16].view(torch.float32)
+        nibbles = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).long().reshape(N, K)
+        scale = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant else state.absmax
+        x = torch.randn(1, K, generator=gen).bfloat16()
+        expected = x.float() @ (values[nibbles] * scale.repeat_interleave(64).reshape(N, K)).t()
+        for BN, BK, split_k in ((32, 256, 1), (16, 128, 2), (64, 64, 3)):
+            for lookup in (True, False):
+                before = dict(EMULATED)
+                got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=BN, BK=BK, split_k=split_k,
+                                 lookup=lookup, table=table)
+                assert torch.allclose(got.float(), expected, rtol=2 ** -7, atol=1e-6), (double_quant, BN, BK, lookup)
+                assert (EMULATED["one row"] > before["one row"]) == lookup, "the shuffles ran when asked, only then"
+    shifted = torch.cat([torch.zeros(1, dtype=torch.uint8), packed.reshape(-1)])[1:]  # a byte past a word
+    with pytest.raises(ValueError, match="address divisible by 4"):
+        nf4_matmul(x, shifted, absmax, state.code, (N, K), nested, table=table)
 
 
 def check_fast_step():

@@ -20,6 +20,8 @@ fastapi = pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
+
 PROMPT = "The capital of France is"
 GREEDY = {"temperature": 1e-7}
 
@@ -578,8 +580,6 @@ def test_serve_table_runs_on_a_random_model(tmp_path, capsys):
     traced = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"trace"')]
     assert len(traced) == 1 and traced[0]["decode_steps"] >= 3 and traced[0]["wall_ms"] > 0  # 3 streams, 4 tokens
 
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_serve_ab_runs_the_folders_code_as_b(tmp_path):
