@@ -16,7 +16,8 @@ value, registers per thread, shared memory, and the most frequent instructions.
 
 instead prints what the kernel's rounding does to the server's start-up check (nf4_matmul.self_check), also without a
 GPU: the tensor-core kernel rounds the code table to the model's dtype and keeps the block's scale in fp32 (the one-row
-kernel keeps both in fp32), bitsandbytes rounds code x scale; the check's measure for both roundings, against the output's rounding alone and the check's limit.
+kernel keeps both in fp32), bitsandbytes rounds code x scale; the check's measure for both roundings, against the
+output's rounding alone and the check's limit.
 """
 
 import collections
@@ -26,6 +27,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -141,11 +143,13 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True,
                      **({} if maxnreg is None else {"maxnreg": maxnreg})})
-        cubin = Path(f"/tmp/nf4_kernel_sm{arch}.cubin")
-        cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True, text=True,
-                               check=True).stdout
+        with tempfile.TemporaryDirectory() as folder:  # a file of its own: the tests run this script too
+            cubin = Path(folder) / f"nf4_kernel_sm{arch}.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True,
+                                  check=True).stdout
+            usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True,
+                                   text=True, check=True).stdout
         loop = loop_instructions(sass)
         # values a thread decodes per loop step: the step's BN x (K step) weights over the program's threads
         values = BN * (BM if one_row else constants.get("BK", 64)) // (32 * warps)

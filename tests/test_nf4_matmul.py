@@ -285,19 +285,20 @@ def check_kernel():
                 assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6) and not tickets.any(), M
             half = nf4_matmul(x.half(), packed, absmax, state.code, (N, K), nested, BN=32)
             assert torch.allclose(half.float(), expected, rtol=2e-2, atol=2e-3), (double_quant, M, "fp16")
-        # one row of bf16: gemv_kernel (no tensor-core products, so the interpreter computes it right), against the
-        # rows times the weight it decodes (kernel_table's fp32 values times the block's scale), in fp32
+        # one row of bf16 or fp16: gemv_kernel (no tensor-core products, so the interpreter computes it right),
+        # against the rows times the weight it decodes (kernel_table's fp32 values times the block's scale), in fp32
         values = torch.tensor(kernel_table(tuple(state.code.tolist()))[:16], dtype=torch.int32).view(torch.float32)
         nibbles = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).long().reshape(N, K)
         scale = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant else state.absmax
         gemv_w = values[nibbles] * scale.repeat_interleave(64).reshape(N, K)
-        x = torch.randn(1, K, generator=gen).bfloat16()
-        expected = x.float() @ gemv_w.t()
-        for BN, BK, split_k in ((64, None, 8), (16, 64, 1), (32, 64, 3)):  # K = 320: steps of 64 only
-            got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=BN, BK=BK, split_k=split_k)
-            # the output in bf16: within its step of the fp32 sums (the interpreter's conversion truncates)
-            assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), expected, rtol=2 ** -7, atol=1e-6), (
-                double_quant, BN, BK, split_k)
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(1, K, generator=gen).to(dtype)
+            expected = x.float() @ gemv_w.t()
+            for BN, BK, split_k in ((64, None, 8), (16, 64, 1), (32, 64, 3)):  # K = 320: steps of 64 only
+                got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=BN, BK=BK, split_k=split_k)
+                # the output in x's dtype: within its step of the fp32 sums (the interpreter's conversion truncates)
+                assert got.dtype == dtype and torch.allclose(got.float(), expected, rtol=torch.finfo(dtype).eps,
+                                                             atol=1e-6), (double_quant, dtype, BN, BK, split_k)
         assert torch.allclose(gemv_w, dequantized, rtol=2 ** -8, atol=1e-7)  # bitsandbytes' weight, nearly
         # several blocks of scales per step (BK 256 and 128, as on real models): a wider weight, 768 values a row;
         # against bitsandbytes' weight, within the output's bf16 step (the interpreter truncates) and its rounding
