@@ -372,8 +372,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
 
 
 def _one_row(rows: int, dtype: torch.dtype) -> bool:
-    """Whether gemv_kernel takes the product: its table is fp32 and it reads x in fp32, so any 16-bit x; it was timed
-    in bf16 only (docs/serving.md), where the server's fp32 rows are a CPU's."""
+    """Whether gemv_kernel takes the product: its table is fp32 and it reads x in fp32, so any 16-bit x will do (timed
+    in bf16 only, docs/serving.md). One fp32 row stays with bitsandbytes' gemv."""
     return rows == 1 and dtype in (torch.bfloat16, torch.float16)
 
 

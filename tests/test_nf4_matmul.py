@@ -114,6 +114,13 @@ def run_ptx(program, registers: dict, lane: int = 0, memory: Optional[dict] = No
     return registers
 
 
+def warp_entries(program, registers: dict, memory) -> List[int]:
+    """What each of the 32 lanes holds after running `program` up to its first load (the lane's table entry): the
+    values its shuffles then read (run_ptx's `shuffled`)."""
+    load = next(i for i, (op, *_) in enumerate(program) if op.startswith("ld."))
+    return [run_ptx(program[:load + 1], registers, lane, memory)[program[load][1]] for lane in range(32)]
+
+
 def test_byte_permute_lookup_decodes_every_byte_in_every_position():
     """The tensor-core kernel's PTX (lookup_program), simulated: for every byte value at each of the 4 positions of the
     input register, both nibbles' table values, in bf16 and in fp16, land in the byte's output register, high nibble
@@ -160,8 +167,7 @@ def test_shuffle_lookup_decodes_every_byte_in_every_position():
     loads = [i for i, (op, *_) in enumerate(program) if op.startswith("ld.")]
     assert len(loads) == 1, "one load of the lane's entry, before any shuffle"
     address = {"$9": base & 0xFFFFFFFF, "$10": base >> 32}
-    entry = program[loads[0]][1]
-    shuffled = [run_ptx(program[:loads[0] + 1], address, lane=lane, memory=memory)[entry] for lane in range(32)]
+    shuffled = warp_entries(program, address, memory)
     for first in range(256):
         data = [(first + 97 * j) % 256 for j in range(4)]  # every byte value once per position
         registers = run_ptx(program, {"$8": int.from_bytes(bytes(data), "little"), **address}, lane=first % 32,
@@ -376,8 +382,7 @@ def emulate_lookups() -> None:
         if one_row:
             program, source, outputs = shuffle_program(), "$8", 8
             given = {"$9": int(operands[0][0]), "$10": int(operands[1][0])}
-            load = next(i for i, (op, *_) in enumerate(program) if op.startswith("ld.")) + 1
-            shuffled = [run_ptx(program[:load], given, lane, Memory())[program[load - 1][1]] for lane in range(32)]
+            shuffled = warp_entries(program, given, Memory())
             words = data
         else:  # 4 elements' bytes to a register, the quarters in the first register of each operand's 4
             program, source, outputs, shuffled = lookup_program(), "$4", 4, None
