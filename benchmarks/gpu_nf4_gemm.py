@@ -14,7 +14,7 @@ for one row loads of the table; and the best with the scales
 decoded to fp32 beforehand), its effective bandwidth (4-bit bytes and block scales read, output written), and
 its error against x @ W^T with W dequantized by bitsandbytes (double-quantized scales, as QLoRA's bnb.nf4-dq) beside
 the error of rounding that product to bf16; top3_configs: (BN, split_k, warps, stages, lookup), for one row
-gemv_kernel's (BN, BK, split_k, warps, stages). Last, per row count, the sweep's fastest configurations for a whole
+gemv_kernel's (BN, BK, split_k, warps, stages), either with the register cap after it where one is set. Last, per row count, the sweep's fastest configurations for a whole
 block's products. Results: docs/speed/h100_2026-12-06_nf4_kernel.md.
 
 `--adapter_rank 16` adds to every product of several rows a random adapter of that rank per part, as a served LoRA
@@ -68,14 +68,18 @@ CONFIGS = [(BN, split, warps, 4, "ptx") for BN in (64, 128, 256) for split in (4
 
 
 # One row of bf16 runs gemv_kernel: (BN, BK, split_k, num_warps, num_stages) around its defaults (32, 256, 8, 2, 3).
-# The first sweep (2026-12-06, H100) found 2 warps ahead of 4 and 8, K in 8 parts ahead of 4 and 16.
+# The first sweep (2026-12-06, H100) found 2 warps ahead of 4 and 8, K in 8 parts ahead of 4 and 16. A sixth value caps
+# the registers per thread (maxnreg): Nsight Compute found the kernel waiting on latency at 25% occupancy, which its 128
+# registers allow (docs/serving.md); 80 would allow 37.5% and 64 50%, at 4 and 22 spilled loads or stores in the loop
+# (counted on a CPU by nf4_kernel_sass.py --one_row true --maxnreg N).
 GEMV_CONFIGS = [(BN, BK, 8, warps, stages) for BN in (16, 32, 64) for BK in (256, 512) for warps in (1, 2, 4)
-                for stages in (2, 3)] + [(32, 256, 16, 2, 3), (32, 256, 4, 2, 3), (128, 256, 8, 4, 3)]
+                for stages in (2, 3)] + [(32, 256, 16, 2, 3), (32, 256, 4, 2, 3), (128, 256, 8, 4, 3)] + [
+    (32, 256, 8, 2, 3, registers) for registers in (64, 80, 96)]
 
 
 def tiles_of(config: tuple) -> dict:
-    if len(config) == 5 and not isinstance(config[-1], str):  # gemv_kernel's
-        return {**dict(zip(("BN", "BK", "split_k", "num_warps", "num_stages"), config)), "lookup": True}
+    if not isinstance(config[4], str):  # gemv_kernel's
+        return {**dict(zip(("BN", "BK", "split_k", "num_warps", "num_stages", "maxnreg"), config)), "lookup": True}
     tiles = dict(zip(("BN", "split_k", "num_warps", "num_stages", "lookup", "maxnreg"), config))
     return {**tiles, "lookup": tiles["lookup"] == "ptx"}
 
