@@ -14,8 +14,9 @@ for one row loads of the table; and the best with the scales
 decoded to fp32 beforehand), its effective bandwidth (4-bit bytes and block scales read, output written), and
 its error against x @ W^T with W dequantized by bitsandbytes (double-quantized scales, as QLoRA's bnb.nf4-dq) beside
 the error of rounding that product to bf16; top3_configs: (BN, split_k, warps, stages, lookup), for one row
-gemv_kernel's (BN, BK, split_k, warps, stages), either with the register cap after it where one is set. Last, per row count, the sweep's fastest configurations for a whole
-block's products. Results: docs/speed/h100_2026-12-06_nf4_kernel.md.
+gemv_kernel's (BN, BK, split_k, warps, stages); in both, a sixth value where set is the register cap (maxnreg).
+Last, per row count, the sweep's fastest configurations for a whole block's products. Results:
+docs/speed/h100_2026-12-06_nf4_kernel.md.
 
 `--adapter_rank 16` adds to every product of several rows a random adapter of that rank per part, as a served LoRA
 adapter on every linear layer has (q, k and v: three parts, so qkv's 48 ranks padded to 64), inside the kernel; the

@@ -1,12 +1,22 @@
-"""generate/nf4_matmul.py's kernels launched once each, for Nsight Compute to read their hardware counters.
+r"""generate/nf4_matmul.py's kernels launched once each, for Nsight Compute to read their hardware counters.
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
-        --section WarpStateStats --section SchedulerStats python3 benchmarks/nf4_kernel_ncu.py
+        --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \
+        --section InstructionStats --section ComputeWorkloadAnalysis python3 benchmarks/nf4_kernel_ncu.py
+    M='regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active,sm__cycles_elapsed.avg.per_second'
+    M="$M,regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active"
+    M="$M,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+    M="$M,dram__throughput.avg.pct_of_peak_sustained_elapsed"
+    ncu --clock-control none --profile-from-start off --page raw --metrics "$M" python3 benchmarks/nf4_kernel_ncu.py \
+        --cases fc:1,fc:32
 
-Timing says how long a product takes (benchmarks/gpu_nf4_gemm.py); the counters say why: the share of memory bandwidth
-and of issue slots used, the warps resident per scheduler, and what the warps waited on. Each (shape, rows, adapter) of
-`cases` runs twice unprofiled (compile, warm caches), then once between cudaProfilerStart and Stop, so that with
---profile-from-start off ncu sees exactly one launch per case, in the order printed.
+The first gives time, bandwidth, issue slots, registers, occupancy and the stalls' summary; the second every pipe's
+share of its rate and every stall reason per instruction. Timing says how long a product takes
+(benchmarks/gpu_nf4_gemm.py); the counters say why. Each (shape, rows, adapter) of
+`cases` runs twice unprofiled (compiling the kernel), then once between cudaProfilerStart and Stop, so that with
+--profile-from-start off ncu sees one launch of the kernel per case, in the order printed (ncu empties the caches
+before each, by default). The raw files of docs/speed/h100_2026-12-06_nf4_kernel/16_* were taken before each case had
+its tickets made in advance, so they also hold a small fill kernel per case.
 """
 
 import sys
@@ -34,19 +44,23 @@ def main(model: str = "Mistral-7B-v0.1", cases: str = "fc:1,fc:32,qkv:32:16,fc:3
     calls = []
     for case in cases.split(","):
         name, rows, *rank = case.split(":")
+        if name not in shapes:
+            raise SystemExit(f"--cases: {case!r} names no linear shape of {model}; use one of {', '.join(shapes)}")
         (n, k), rows, rank = shapes[name], int(rows), int(rank[0]) if rank else 0
         packed, state = BF.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, blocksize=64,
                                          quant_type="nf4", compress_statistics=True)
         absmax, nested = scales_of(state)
         table = torch.tensor(kernel_table(tuple(state.code.tolist())), dtype=torch.int32, device="cuda")
+        tickets = torch.zeros(-(-n // 16), dtype=torch.int32, device="cuda")  # not made inside the profiled range
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         ranks = rank * (3 if name == "qkv" else 1)
         lora = (*pad_adapter(torch.randn(ranks, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5,
                              torch.randn(n, ranks, device="cuda", dtype=torch.bfloat16) * 0.02), 0.5) if ranks else None
-        calls.append((case, lambda x=x, p=packed, a=absmax, c=state.code, s=(n, k), ns=nested, t=table, lo=lora:
-                      nf4_matmul(x, p, a, c, s, ns, lookup=True, table=t, lora=lo)))
+        calls.append((case, lambda x=x, p=packed, a=absmax, c=state.code, s=(n, k), ns=nested, t=table, ti=tickets,
+                      lo=lora: nf4_matmul(x, p, a, c, s, ns, lookup=True, table=t, tickets=ti, lora=lo)))
     for _, call in calls:
-        call(), call()
+        call()
+        call()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
     for case, call in calls:
