@@ -56,8 +56,9 @@ def timed(calls: list, iters: int):
         return f"failed: {one_line(e)[:160]}"
 
 
-# (BN, split_k, num_warps, num_stages, lookup) around the defaults. The first sweeps (2026-12-06, H100) found the kernel
-# bound by its instructions, not by loads in flight (docs/speed/h100_2026-12-06_nf4_kernel.md); the kernel since then
+# (BN, split_k, num_warps, num_stages, lookup) around the defaults. The first sweeps (2026-12-06, H100) found the first
+# design bound by its instructions, not by loads in flight (docs/speed/h100_2026-12-06_nf4_kernel.md; today's kernels
+# wait on latency instead, per Nsight Compute's counters in docs/serving.md); the kernel since then
 # decodes by byte permutes (one row: warp shuffles) and scales the product's sums; "gather" is its table read by
 # tl.gather instead (one row: by loads).
 # A sixth value caps the registers per thread (maxnreg): at 168 ptxas stops copying the table's quarters from uniform

@@ -11,18 +11,18 @@ programs to keep the memory system busy; the last program of a column tile to fi
 One row of bf16 or fp16 (a lone stream's step) runs gemv_kernel instead, on the CUDA cores, where the tensor cores'
 tiles would be 15/16 padding; one row of fp32 stays with bitsandbytes' gemv_4bit.
 
-A first design, which read the table with tl.gather and scaled every weight, was bound by the instructions that
-decode the weights and ran at 15-23% of an H100's bandwidth (docs/speed/h100_2026-12-06_nf4_kernel.md). Now on a GPU
-the scale is applied once per block and output, and the table read by byte permutes in the tensor-core kernel
-(`lookup_program`: 6.5 instructions per weight value in its main loop, against 23; benchmarks/nf4_kernel_sass.py,
-compiled for sm_90 on a CPU) and by warp shuffles in the one-row kernel (`shuffle_program`: 4.0). On an H100 a
-block's products at 32 rows then take as long as cuBLAS's on bf16 weights, half bitsandbytes' time, still about a
-fifth of the bandwidth. Shuffles cut the one-row kernel's time by 15%; in the tensor-core kernel they counted fewer
-instructions too (5.2) but took 3-10% more time. Hardware counters say why fewer instructions stopped paying
-(benchmarks/nf4_kernel_ncu.py): neither kernel is bound by issue or by one pipe any more (issue slots 33-37% busy, no
-pipe above half its rate); their warps wait on loads, barriers and fixed latencies, and too few are resident to hide
-it (registers and shared memory allow 19-25% occupancy, 16-22% achieved). Occupancy and loads in flight are what to change next, not
-the instruction count (docs/serving.md).
+A first design, which read the table with tl.gather and scaled every weight, was bound by the instructions that decode
+the weights and ran at 15-23% of an H100's bandwidth (docs/speed/h100_2026-12-06_nf4_kernel.md). Now on a GPU the scale
+is applied once per block and output, and the table read by byte permutes in the tensor-core kernel (`lookup_program`:
+6.5 instructions per weight value in its main loop, against 23; benchmarks/nf4_kernel_sass.py, compiled for sm_90 on a
+CPU) and by warp shuffles in the one-row kernel (`shuffle_program`: 4.0). On an H100 a block's products at 32 rows then
+take as long as cuBLAS's on bf16 weights, half bitsandbytes' time, still about a fifth of the bandwidth. Shuffles cut
+the one-row kernel's time by 15%; in the tensor-core kernel they counted fewer instructions too (5.2) but took 3-10%
+more time. Hardware counters say why fewer instructions stopped paying (benchmarks/nf4_kernel_ncu.py): neither kernel is
+bound by issue or by one pipe any more (issue slots 33-37% busy, no pipe above half its rate); their warps wait on
+loads, barriers and fixed latencies, and too few are resident to hide it (registers and shared memory allow 19-25%
+occupancy, 16-22% achieved). Occupancy and loads in flight are what to change next, not the instruction count
+(docs/serving.md).
 The tensor-core kernel rounds the table's values to x's dtype before the scale rather than after it, as bitsandbytes
 does, and the one-row kernel keeps them in fp32: differences of rounding, within the start-up check's limit.
 

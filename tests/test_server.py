@@ -581,7 +581,6 @@ def test_serve_table_runs_on_a_random_model(tmp_path, capsys):
     assert len(traced) == 1 and traced[0]["decode_steps"] >= 3 and traced[0]["wall_ms"] > 0  # 3 streams, 4 tokens
 
 
-
 def test_serve_ab_runs_the_folders_code_as_b(tmp_path):
     """benchmarks/serve_ab.sh: A is the tree, B the tree with the folder's files over it. With an engine that cannot
     be imported laid over, A's rows come out and B's run fails, said so; the side-by-side table has A's figures."""
