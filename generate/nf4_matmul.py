@@ -297,7 +297,7 @@ DEFAULT_SPLIT_K = 8
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                shape: Tuple[int, int], nested: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = None,
-               BN: Optional[int] = None, split_k: int = DEFAULT_SPLIT_K, num_warps: Optional[int] = None,
+               BN: Optional[int] = None, split_k: Optional[int] = None, num_warps: Optional[int] = None,
                num_stages: Optional[int] = None,
                lookup: bool = False, BK: Optional[int] = None, table: Optional[torch.Tensor] = None,
                tickets: Optional[torch.Tensor] = None,
@@ -309,8 +309,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     One row of bf16 or fp16 runs gemv_kernel, more rows or fp32 the tensor cores' kernel. BN: columns of W per program,
     num_warps, num_stages (defaults 32, 2, 3 for one row, 128, 4, 4 for more, 2 stages with an adapter of 64 ranks or
     more); BK: values of K per step of the one-row kernel (default the most of 256, 128 or 64 that divide K); split_k: K
-    parts, each summed by its own programs (benchmarks/gpu_nf4_gemm.py times the choices; the kernel sums the parts,
-    steps). lookup: decode the nibbles by byte permutes, for one row by warp shuffles (CUDA only: lookup_ptx; 16-bit x
+    parts, each summed by its own programs (default 8, for one row _one_row_parts; benchmarks/gpu_nf4_gemm.py times the
+    choices; the kernel sums the parts, steps). lookup: decode the nibbles by byte permutes, for one row by warp shuffles (CUDA only: lookup_ptx; 16-bit x
     only, fp32 rows take the gather), else by a gather (one row: loads of the table). table: kernel_table(code) as an
     int32 tensor on x's device (made here if None, which reads `code` back to the host: pass it when capturing a graph).
     tickets: int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero (made here if None). lora:
@@ -338,18 +338,19 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                          f"{M} rows of {x.dtype}")
     if one_row and packed.data_ptr() % 4:  # gemv_kernel reads the bytes as 32-bit words
         raise ValueError("nf4_matmul: one row needs the packed weight at an address divisible by 4; pass a copy")
-    k_part, n_parts = _k_parts(K, step, split_k)
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    parts = torch.empty((n_parts if n_parts > 1 else 0, M, N), device=x.device, dtype=torch.float32)
-    absmax2, code2, offset, blocksize2 = nested if nested is not None else (absmax, code, code, 1)
-    if table is None:
-        table = torch.tensor(kernel_table(tuple(code.tolist())), dtype=torch.int32, device=x.device)
     # An adapter of 64 ranks (qkv with r 16 on q, k and v) makes each pipeline stage's tiles of A as large as W's: at
     # four stages shared memory leaves room for two programs per SM, which slowed the product far more than the
     # adapter's own work (docs/serving.md, benchmarks/gpu_nf4_gemm.py --adapter_rank 16); 32 ranks are unmeasured
     BN, num_warps, num_stages = [given or default for given, default in zip(
         (BN, num_warps, num_stages), (32, 2, 3) if one_row else (128, 4, 4 if R < 64 else 2))]
     tiles = triton.cdiv(N, BN)
+    split_k = split_k or (_one_row_parts(tiles, x.device) if one_row else DEFAULT_SPLIT_K)
+    k_part, n_parts = _k_parts(K, step, split_k)
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    parts = torch.empty((n_parts if n_parts > 1 else 0, M, N), device=x.device, dtype=torch.float32)
+    absmax2, code2, offset, blocksize2 = nested if nested is not None else (absmax, code, code, 1)
+    if table is None:
+        table = torch.tensor(kernel_table(tuple(code.tolist())), dtype=torch.int32, device=x.device)
     if tickets is None:
         tickets = torch.zeros(tiles, dtype=torch.int32, device=x.device)
     if tickets.numel() < tiles:  # one per column tile: fewer would let programs count on another tile's ticket
@@ -383,6 +384,22 @@ def _one_row(rows: int, dtype: torch.dtype) -> bool:
 
 def _gemv_step(K: int, blocksize: int) -> int:
     return next((step for step in (256, 128, 64) if K % step == 0 and step % blocksize == 0), blocksize)
+
+
+def _one_row_parts(tiles: int, device: torch.device) -> int:
+    """K parts for one row: 4 where that still gives every SM 5 programs, else 8. Fewer parts make longer programs,
+    each with the same work before and after its loop, and fewer parts to sum; too few programs leave SMs idle. On an
+    H100 (132 SMs; docs/serving.md) 4 parts took 6-12% less time than 8 for Mistral-7B's qkv and fc (192 and 448 tiles
+    of 32 columns), and more for proj and down (128 tiles)."""
+    if device.type != "cuda":
+        return DEFAULT_SPLIT_K
+    return 4 if tiles * 4 >= 5 * _sm_count(device.index) else DEFAULT_SPLIT_K
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
 
 
 def _k_parts(K: int, step: int, split_k: int) -> Tuple[int, int]:

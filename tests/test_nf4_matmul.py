@@ -264,6 +264,19 @@ def test_a_kernel_that_fails_leaves_the_products_to_bitsandbytes(monkeypatch, ca
     assert not any(isinstance(m, Failing) for m in model.modules())
 
 
+def test_one_row_takes_fewer_k_parts_only_where_every_sm_keeps_five_programs(monkeypatch):
+    """One row's default K parts (nf4_matmul._one_row_parts): 4 for Mistral-7B's qkv and fc on an H100's 132 SMs (192
+    and 448 tiles of 32 columns), 8 for proj and down (128 tiles) and on a GPU of twice the SMs, 8 off CUDA."""
+    from generate import nf4_matmul
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(nf4_matmul, "_sm_count", lambda index: 132)
+    assert [nf4_matmul._one_row_parts(tiles, gpu) for tiles in (192, 448, 128, 165, 164)] == [4, 4, 8, 4, 8]
+    monkeypatch.setattr(nf4_matmul, "_sm_count", lambda index: 264)
+    assert nf4_matmul._one_row_parts(192, gpu) == 8
+    assert nf4_matmul._one_row_parts(448, torch.device("cpu")) == nf4_matmul.DEFAULT_SPLIT_K == 8
+
+
 def check_kernel():
     import bitsandbytes.functional as BF
 
