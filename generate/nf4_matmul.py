@@ -21,8 +21,9 @@ the one-row kernel's time by 15%; in the tensor-core kernel they counted fewer i
 more time. Hardware counters say why fewer instructions stopped paying (benchmarks/nf4_kernel_ncu.py): neither kernel is
 bound by issue or by one pipe any more (issue slots 33-37% busy, no pipe above half its rate); their warps wait on
 loads, barriers and fixed latencies, and too few are resident to hide it (registers and shared memory allow 19-25%
-occupancy, 16-22% achieved). Occupancy and loads in flight are what to change next, not the instruction count
-(docs/serving.md).
+occupancy, 16-22% achieved). Register caps that raise the one-row kernel's occupancy by spilling did not pay; fewer,
+longer programs did for the widest weights (K in 4 parts, _one_row_parts). Loads in flight and the per-program work
+around the loop are what to change next, not the instruction count (docs/serving.md).
 The tensor-core kernel rounds the table's values to x's dtype before the scale rather than after it, as bitsandbytes
 does, and the one-row kernel keeps them in fp32: differences of rounding, within the start-up check's limit.
 
