@@ -61,22 +61,22 @@ def timed(calls: list, iters: int):
 # wait on latency instead, per Nsight Compute's counters in docs/serving.md); the kernel since then
 # decodes by byte permutes (one row: warp shuffles) and scales the product's sums; "gather" is its table read by
 # tl.gather instead (one row: by loads).
-# A sixth value caps the registers per thread (maxnreg): at 168 ptxas stops copying the table's quarters from uniform
-# registers before each use (16% fewer instructions per value at BN 128, counted by nf4_kernel_sass.py --maxnreg 168).
+# A sixth value caps the registers per thread (maxnreg). A cap of 168 (fewer instructions, the same occupancy) served no
+# faster (docs/serving.md); 128 lets 4 programs of 4 warps share an SM where the kernel's 137 registers let 3, Nsight
+# Compute found it waiting on latency at that occupancy, and ptxas spills 13 loads or stores in the loop for it
+# (nf4_kernel_sass.py --maxnreg 128, on a CPU): untimed.
 CONFIGS = [(BN, split, warps, 4, "ptx") for BN in (64, 128, 256) for split in (4, 8, 16) for warps in (4, 8)] + [
     (BN, split, 4, stages, "ptx") for BN in (128, 256) for split in (8, 16) for stages in (1, 2)] + [
     (128, 8, 4, 4, "gather"), (64, 4, 4, 4, "gather")] + [
-    (BN, split, 4, stages, "ptx", 168) for BN in (64, 128) for split in (4, 8) for stages in (2, 4)]
+    (BN, split, 4, stages, "ptx", 128) for BN in (64, 128) for split in (4, 8) for stages in (2, 4)]
 
 
-# One row of bf16 runs gemv_kernel: (BN, BK, split_k, num_warps, num_stages) around its defaults (32, 256, 8, 2, 3).
-# The first sweep (2026-12-06, H100) found 2 warps ahead of 4 and 8, K in 8 parts ahead of 4 and 16. A sixth value caps
-# the registers per thread (maxnreg): Nsight Compute found the kernel waiting on latency at 25% occupancy, which its 128
-# registers allow (docs/serving.md); 80 would allow 37.5% and 64 50%, at 4 and 22 spilled loads or stores in the loop
-# (counted on a CPU by nf4_kernel_sass.py --one_row true --maxnreg N).
+# One row of bf16 runs gemv_kernel: (BN, BK, split_k, num_warps, num_stages) around its defaults (32, 256, K parts by
+# nf4_matmul._one_row_parts, 2, 3). The first sweep (2026-12-06, H100) found 2 warps ahead of 4 and 8; the one of
+# 2026-12-07 K in 4 parts ahead of 8 for qkv and fc and behind it for proj and down, and register caps of 64-96 (more
+# warps resident, some values spilled) never among the fastest (docs/speed/h100_2026-12-06_nf4_kernel.md, section 17).
 GEMV_CONFIGS = [(BN, BK, 8, warps, stages) for BN in (16, 32, 64) for BK in (256, 512) for warps in (1, 2, 4)
-                for stages in (2, 3)] + [(32, 256, 16, 2, 3), (32, 256, 4, 2, 3), (128, 256, 8, 4, 3)] + [
-    (32, 256, 8, 2, 3, registers) for registers in (64, 80, 96)]
+                for stages in (2, 3)] + [(32, 256, split, 2, 3) for split in (2, 4, 16)] + [(128, 256, 8, 4, 3)]
 
 
 def tiles_of(config: tuple) -> dict:
@@ -140,8 +140,6 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
                                                    for q in quantized], iters),
                 "dequantize + cuBLAS": timed([lambda q=q: x @ BF.dequantize_4bit(*q).t() for q in quantized], iters),
                 "fused nf4 (defaults, as served)": timed(fused(lookup=True), iters)}
-            if m > 1:
-                timings["fused nf4 (defaults, maxnreg 168)"] = timed(fused(lookup=True, maxnreg=168), iters)
             if lora is not None:
                 timings["fused nf4 (defaults, no adapter)"] = timed(fused(False, lookup=True), iters)
             swept = {}
