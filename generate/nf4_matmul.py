@@ -311,12 +311,13 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     num_warps, num_stages (defaults 32, 2, 3 for one row, 128, 4, 4 for more, 2 stages with an adapter of 64 ranks or
     more); BK: values of K per step of the one-row kernel (default the most of 256, 128 or 64 that divide K); split_k: K
     parts, each summed by its own programs (default 8, for one row _one_row_parts; benchmarks/gpu_nf4_gemm.py times the
-    choices; the kernel sums the parts, steps). lookup: decode the nibbles by byte permutes, for one row by warp shuffles (CUDA only: lookup_ptx; 16-bit x
-    only, fp32 rows take the gather), else by a gather (one row: loads of the table). table: kernel_table(code) as an
-    int32 tensor on x's device (made here if None, which reads `code` back to the host: pass it when capturing a graph).
-    tickets: int32 zeros, one per tile of BN columns or more, that the kernel leaves at zero (made here if None). lora:
-    an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T + scaling * (x @ A^T) @ B^T: A (R, K) and B
-    (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for one row of bf16 or fp16. maxnreg: the most
+    choices; the kernel sums the parts, steps). lookup: decode the nibbles by byte permutes, for one row by warp
+    shuffles (CUDA only: lookup_ptx; 16-bit x only, fp32 rows take the gather), else by a gather (one row: loads of the
+    table). table: kernel_table(code) as an int32 tensor on x's device (made here if None, which reads `code` back to
+    the host: pass it when capturing a graph). tickets: int32 zeros, one per tile of BN columns or more, that the kernel
+    leaves at zero (made here if None). lora: an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T +
+    scaling * (x @ A^T) @ B^T: A (R, K) and B (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for
+    one row of bf16 or fp16. maxnreg: the most
     registers a thread may use (ptxas' own choice if None or 0): at 168 ptxas keeps the table's quarters in registers
     where by its own choice it copies them from uniform registers before each use (benchmarks/nf4_kernel_sass.py
     --maxnreg)."""
