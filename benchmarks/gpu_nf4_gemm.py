@@ -14,7 +14,8 @@ for one row loads of the table; and the best with the scales
 decoded to fp32 beforehand), its effective bandwidth (4-bit bytes and block scales read, output written), and
 its error against x @ W^T with W dequantized by bitsandbytes (double-quantized scales, as QLoRA's bnb.nf4-dq) beside
 the error of rounding that product to bf16; top3_configs: (BN, split_k, warps, stages, lookup), for one row
-gemv_kernel's (BN, BK, split_k, warps, stages); in both, a sixth value where set is the register cap (maxnreg).
+gemv_kernel's (BN, BK, split_k, warps, stages); for the tensor cores a sixth value where set is the register cap
+(maxnreg).
 Last, per row count, the sweep's fastest configurations for a whole block's products. Results:
 docs/speed/h100_2026-12-06_nf4_kernel.md.
 
@@ -62,9 +63,10 @@ def timed(calls: list, iters: int):
 # decodes by byte permutes (one row: warp shuffles) and scales the product's sums; "gather" is its table read by
 # tl.gather instead (one row: by loads).
 # A sixth value caps the registers per thread (maxnreg). A cap of 168 (fewer instructions, the same occupancy) served no
-# faster (docs/serving.md); 128 lets 4 programs of 4 warps share an SM where the kernel's 137 registers let 3, Nsight
-# Compute found it waiting on latency at that occupancy, and ptxas spills 13 loads or stores in the loop for it
-# (nf4_kernel_sass.py --maxnreg 128, on a CPU): untimed.
+# faster (docs/serving.md). 128 is expected to let a fourth program of 4 warps onto an SM at 32 rows, where the
+# kernel's 137 registers allow 3 (Nsight Compute found it waiting on latency at that occupancy), if the driver then
+# gives shared memory a larger share (4 x 45 KB; the counters show shared memory also allowing 3 at the carveout it
+# chose); ptxas spills 13 loads or stores in the loop for it (nf4_kernel_sass.py --maxnreg 128, on a CPU). Untimed.
 CONFIGS = [(BN, split, warps, 4, "ptx") for BN in (64, 128, 256) for split in (4, 8, 16) for warps in (4, 8)] + [
     (BN, split, 4, stages, "ptx") for BN in (128, 256) for split in (8, 16) for stages in (1, 2)] + [
     (128, 8, 4, 4, "gather"), (64, 4, 4, 4, "gather")] + [
@@ -72,11 +74,12 @@ CONFIGS = [(BN, split, warps, 4, "ptx") for BN in (64, 128, 256) for split in (4
 
 
 # One row of bf16 runs gemv_kernel: (BN, BK, split_k, num_warps, num_stages) around its defaults (32, 256, K parts by
-# nf4_matmul._one_row_parts, 2, 3). The first sweep (2026-12-06, H100) found 2 warps ahead of 4 and 8; the one of
-# 2026-12-07 K in 4 parts ahead of 8 for qkv and fc and behind it for proj and down, and register caps of 64-96 (more
-# warps resident, some values spilled) never among the fastest (docs/speed/h100_2026-12-06_nf4_kernel.md, section 17).
-GEMV_CONFIGS = [(BN, BK, 8, warps, stages) for BN in (16, 32, 64) for BK in (256, 512) for warps in (1, 2, 4)
-                for stages in (2, 3)] + [(32, 256, split, 2, 3) for split in (2, 4, 16)] + [(128, 256, 8, 4, 3)]
+# nf4_matmul._one_row_parts, 2, 3); split_k None is that default. The first sweep (2026-12-06, H100) found 2 warps
+# ahead of 4 and 8; the one of 2026-12-07 K in 4 parts ahead of 8 for qkv and fc and behind it for proj and down, and
+# register caps of 64-96 (at 8 parts) never among the three fastest of any shape
+# (docs/speed/h100_2026-12-06_nf4_kernel.md, section 17).
+GEMV_CONFIGS = [(BN, BK, None, warps, stages) for BN in (16, 32, 64) for BK in (256, 512) for warps in (1, 2, 4)
+                for stages in (2, 3)] + [(32, 256, split, 2, 3) for split in (2, 4, 8, 16)] + [(128, 256, 8, 4, 3)]
 
 
 def tiles_of(config: tuple) -> dict:

@@ -21,8 +21,9 @@ the one-row kernel's time by 15%; in the tensor-core kernel they counted fewer i
 more time. Hardware counters say why fewer instructions stopped paying (benchmarks/nf4_kernel_ncu.py): neither kernel is
 bound by issue or by one pipe any more (issue slots 33-37% busy, no pipe above half its rate); their warps wait on
 loads, barriers and fixed latencies, and too few are resident to hide it (registers and shared memory allow 19-25%
-occupancy, 16-22% achieved). Register caps that raise the one-row kernel's occupancy by spilling did not pay; fewer,
-longer programs did for the widest weights (K in 4 parts, _one_row_parts). Loads in flight and the per-program work
+occupancy, 16-22% achieved). Register caps of 64-96 for the one-row kernel were never among its fastest
+configurations (at K in 8 parts; why is not measured); fewer, longer programs were, for the widest weights (K in 4
+parts, _one_row_parts). Loads in flight and the per-program work
 around the loop are what to change next, not the instruction count (docs/serving.md).
 The tensor-core kernel rounds the table's values to x's dtype before the scale rather than after it, as bitsandbytes
 does, and the one-row kernel keeps them in fp32: differences of rounding, within the start-up check's limit.
@@ -317,10 +318,9 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     the host: pass it when capturing a graph). tickets: int32 zeros, one per tile of BN columns or more, that the kernel
     leaves at zero (made here if None). lora: an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T +
     scaling * (x @ A^T) @ B^T: A (R, K) and B (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for
-    one row of bf16 or fp16. maxnreg: the most
-    registers a thread may use (ptxas' own choice if None or 0): at 168 ptxas keeps the table's quarters in registers
-    where by its own choice it copies them from uniform registers before each use (benchmarks/nf4_kernel_sass.py
-    --maxnreg)."""
+    one row of bf16 or fp16. maxnreg: the most registers a thread may use (ptxas' own choice if None or 0): at 168
+    ptxas keeps the table's quarters in registers where by its own choice it copies them from uniform registers before
+    each use (benchmarks/nf4_kernel_sass.py --maxnreg)."""
     import triton
 
     N, K = shape
@@ -346,7 +346,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     BN, num_warps, num_stages = [given or default for given, default in zip(
         (BN, num_warps, num_stages), (32, 2, 3) if one_row else (128, 4, 4 if R < 64 else 2))]
     tiles = triton.cdiv(N, BN)
-    split_k = split_k or (_one_row_parts(tiles, x.device) if one_row else DEFAULT_SPLIT_K)
+    if split_k is None:
+        split_k = _one_row_parts(tiles, x.device) if one_row else DEFAULT_SPLIT_K
     k_part, n_parts = _k_parts(K, step, split_k)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     parts = torch.empty((n_parts if n_parts > 1 else 0, M, N), device=x.device, dtype=torch.float32)
@@ -389,19 +390,20 @@ def _gemv_step(K: int, blocksize: int) -> int:
 
 
 def _one_row_parts(tiles: int, device: torch.device) -> int:
-    """K parts for one row: 4 where that still gives every SM 5 programs, else 8. Fewer parts make longer programs,
-    each with the same work before and after its loop, and fewer parts to sum; too few programs leave SMs idle. On an
-    H100 (132 SMs; docs/serving.md) 4 parts took 6-12% less time than 8 for Mistral-7B's qkv and fc (192 and 448 tiles
-    of 32 columns), and more for proj and down (128 tiles)."""
+    """K parts for one row: 4 where that still gives every SM 5 programs, else 8. On an H100 (132 SMs; docs/serving.md)
+    4 parts took 6-12% less time than 8 for Mistral-7B's qkv and fc (192 and 448 tiles of 32 columns, 5.8 and 13.6
+    programs an SM), and more for proj and down (128 tiles, 3.9 programs an SM); the threshold of 5 lies between, and
+    the reason is inferred: fewer parts make longer programs, each with the same work before and after its loop, and
+    fewer parts to sum, while too few programs leave SMs idle. Other GPUs and shapes are unmeasured."""
     if device.type != "cuda":
         return DEFAULT_SPLIT_K
-    return 4 if tiles * 4 >= 5 * _sm_count(device.index) else DEFAULT_SPLIT_K
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return 4 if tiles * 4 >= 5 * _sm_count(index) else DEFAULT_SPLIT_K
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: Optional[int]) -> int:
-    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
-                                            ).multi_processor_count
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _k_parts(K: int, step: int, split_k: int) -> Tuple[int, int]:

@@ -266,7 +266,8 @@ def test_a_kernel_that_fails_leaves_the_products_to_bitsandbytes(monkeypatch, ca
 
 def test_one_row_takes_fewer_k_parts_only_where_every_sm_keeps_five_programs(monkeypatch):
     """One row's default K parts (nf4_matmul._one_row_parts): 4 for Mistral-7B's qkv and fc on an H100's 132 SMs (192
-    and 448 tiles of 32 columns), 8 for proj and down (128 tiles) and on a GPU of twice the SMs, 8 off CUDA."""
+    and 448 tiles of 32 columns), 8 for proj and down (128 tiles) and on a GPU of twice the SMs, 8 off CUDA; and
+    nf4_matmul takes it for one row of bf16 alone."""
     from generate import nf4_matmul
 
     gpu = torch.device("cuda", 0)
@@ -275,6 +276,28 @@ def test_one_row_takes_fewer_k_parts_only_where_every_sm_keeps_five_programs(mon
     monkeypatch.setattr(nf4_matmul, "_sm_count", lambda index: 264)
     assert nf4_matmul._one_row_parts(192, gpu) == 8
     assert nf4_matmul._one_row_parts(448, torch.device("cpu")) == nf4_matmul.DEFAULT_SPLIT_K == 8
+
+    # and nf4_matmul asks it for one row of bf16 only: more rows take 8, a split given is kept
+    pytest.importorskip("triton")
+
+    class Stop(Exception):
+        pass
+
+    asked = []
+
+    def k_parts(K, step, split_k):
+        asked.append(split_k)
+        raise Stop  # before any kernel launches
+
+    monkeypatch.setattr(nf4_matmul, "_one_row_parts", lambda tiles, device: 3)
+    monkeypatch.setattr(nf4_matmul, "_k_parts", k_parts)
+    N, K = 64, 128
+    weight = (torch.zeros(N * K // 2, dtype=torch.uint8), torch.ones(N * K // 64), torch.zeros(16), (N, K))
+    one_row = torch.randn(1, K).bfloat16()
+    for x, split_k in ((one_row, None), (torch.randn(5, K), None), (one_row, 2)):
+        with pytest.raises(Stop):
+            nf4_matmul.nf4_matmul(x, *weight, split_k=split_k)
+    assert asked == [3, 8, 2]
 
 
 def check_kernel():
