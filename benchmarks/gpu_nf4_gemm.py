@@ -82,6 +82,16 @@ GEMV_CONFIGS = [(BN, BK, None, warps, stages) for BN in (16, 32, 64) for BK in (
                 for stages in (2, 3)] + [(32, 256, split, 2, 3) for split in (2, 4, 8, 16)] + [(128, 256, 8, 4, 3)]
 
 
+def random_adapter(name: str, n: int, k: int, rank: int):
+    """A random adapter of `rank` per part over an (n, k) weight, as a served LoRA adapter on every linear layer has
+    (qkv: q, k and v, three parts), padded by pad_adapter: (A, B) in bf16 on the GPU, or None for rank 0."""
+    from generate.nf4_matmul import pad_adapter
+
+    ranks = rank * (3 if name == "qkv" else 1)
+    return pad_adapter(torch.randn(ranks, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5,
+                       torch.randn(n, ranks, device="cuda", dtype=torch.bfloat16) * 0.02) if ranks else None
+
+
 def tiles_of(config: tuple) -> dict:
     if not isinstance(config[4], str):  # gemv_kernel's
         return {**dict(zip(("BN", "BK", "split_k", "num_warps", "num_stages", "maxnreg"), config)), "lookup": True}
@@ -102,7 +112,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
     import bitsandbytes.functional as BF
 
     from benchmarks.gpu_fp8_kernels import block_linears
-    from generate.nf4_matmul import kernel_table, nf4_matmul, pad_adapter, scales_of
+    from generate.nf4_matmul import kernel_table, nf4_matmul, scales_of
     from model import Config
 
     if not torch.cuda.is_available():
@@ -122,9 +132,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
         flat = [BF.dequantize_blockwise(state.absmax, state.state2) + state.offset for _, state in quantized]
         scales = args[0][2]
         read = n * k // 2 + scales.numel() * scales.element_size()
-        ranks = adapter_rank * (3 if name == "qkv" else 1)
-        adapter = pad_adapter(torch.randn(ranks, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5,
-                              torch.randn(n, ranks, device="cuda", dtype=torch.bfloat16) * 0.02) if ranks else None
+        adapter = random_adapter(name, n, k, adapter_rank)
         for m in row_counts:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             lora = (*adapter, 0.5) if adapter is not None and m > 1 else None

@@ -35,7 +35,8 @@ def main(model: str = "Mistral-7B-v0.1", cases: str = "fc:1,fc:32,qkv:32:16,fc:3
     import bitsandbytes.functional as BF
 
     from benchmarks.gpu_fp8_kernels import block_linears
-    from generate.nf4_matmul import kernel_table, nf4_matmul, pad_adapter, scales_of
+    from benchmarks.gpu_nf4_gemm import random_adapter
+    from generate.nf4_matmul import kernel_table, nf4_matmul, scales_of
     from model import Config
 
     if not torch.cuda.is_available():
@@ -53,9 +54,8 @@ def main(model: str = "Mistral-7B-v0.1", cases: str = "fc:1,fc:32,qkv:32:16,fc:3
         table = torch.tensor(kernel_table(tuple(state.code.tolist())), dtype=torch.int32, device="cuda")
         tickets = torch.zeros(-(-n // 16), dtype=torch.int32, device="cuda")  # not made inside the profiled range
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-        ranks = rank * (3 if name == "qkv" else 1)
-        lora = (*pad_adapter(torch.randn(ranks, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5,
-                             torch.randn(n, ranks, device="cuda", dtype=torch.bfloat16) * 0.02), 0.5) if ranks else None
+        adapter = random_adapter(name, n, k, rank)
+        lora = (*adapter, 0.5) if adapter is not None else None
         calls.append((case, lambda x=x, p=packed, a=absmax, c=state.code, s=(n, k), ns=nested, t=table, ti=tickets,
                       lo=lora: nf4_matmul(x, p, a, c, s, ns, lookup=True, table=t, tickets=ti, lora=lo)))
     for _, call in calls:

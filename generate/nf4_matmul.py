@@ -23,8 +23,8 @@ bound by issue or by one pipe any more (issue slots 33-37% busy, no pipe above h
 loads, barriers and fixed latencies, and too few are resident to hide it (registers and shared memory allow 19-25%
 occupancy, 16-22% achieved). Register caps of 64-96 for the one-row kernel were never among its fastest
 configurations (at K in 8 parts; why is not measured); fewer, longer programs were, for the widest weights (K in 4
-parts, _one_row_parts). Loads in flight and the per-program work
-around the loop are what to change next, not the instruction count (docs/serving.md).
+parts, _one_row_parts). Loads in flight and the per-program work around the loop are what to change next, not the
+instruction count (docs/serving.md).
 The tensor-core kernel rounds the table's values to x's dtype before the scale rather than after it, as bitsandbytes
 does, and the one-row kernel keeps them in fp32: differences of rounding, within the start-up check's limit.
 
