@@ -20,8 +20,10 @@ Last, per row count, the sweep's fastest configurations for a whole block's prod
 docs/speed/h100_2026-12-06_nf4_kernel.md.
 
 `--adapter_rank 16` adds to every product of several rows a random adapter of that rank per part, as a served LoRA
-adapter on every linear layer has (q, k and v: three parts, so qkv's 48 ranks padded to 64), inside the kernel; the
-defaults are then timed with and without it, and the sweep is with it.
+adapter on every linear layer has (q, k and v: three parts), in the server's layout (adapter_segments: where the parts
+start on whole 128-column tiles, as Mistral's and Llama's do, each part's 16 ranks a segment of its own; else 48 ranks
+padded to 64), inside the kernel; the defaults are then timed with and without it, and the sweep is with it (a BN
+whose tiles would cross a part's start, 256 on parts off 256-column edges, prints an error line and is left out).
 """
 
 import json
@@ -82,14 +84,19 @@ GEMV_CONFIGS = [(BN, BK, None, warps, stages) for BN in (16, 32, 64) for BK in (
                 for stages in (2, 3)] + [(32, 256, split, 2, 3) for split in (2, 4, 8, 16)] + [(128, 256, 8, 4, 3)]
 
 
-def random_adapter(name: str, n: int, k: int, rank: int):
-    """A random adapter of `rank` per part over an (n, k) weight, as a served LoRA adapter on every linear layer has
-    (qkv: q, k and v, three parts), padded by pad_adapter: (A, B) in bf16 on the GPU, or None for rank 0."""
-    from generate.nf4_matmul import pad_adapter
+def random_adapter(name: str, n: int, k: int, rank: int, config):
+    """A random adapter of `rank` per part over an (n, k) weight of `config`'s blocks, as a served LoRA adapter on every
+    linear layer has (qkv: q, k and v, three parts), in the layout the server gives the kernel (adapter_segments): (A,
+    B, lora_starts) in bf16 on the GPU, or None for rank 0."""
+    from generate.nf4_matmul import adapter_segments
+    from lora import place_B, qkv_parts
 
-    ranks = rank * (3 if name == "qkv" else 1)
-    return pad_adapter(torch.randn(ranks, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5,
-                       torch.randn(n, ranks, device="cuda", dtype=torch.bfloat16) * 0.02) if ranks else None
+    if not rank:
+        return None
+    parts = qkv_parts(config, "qkv") if name == "qkv" else [(0, n)]
+    B = torch.randn(sum(end - start for start, end in parts), rank, device="cuda", dtype=torch.bfloat16) * 0.02
+    return adapter_segments(torch.randn(len(parts) * rank, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5,
+                            place_B(B, parts, rank, n), parts, rank)
 
 
 def tiles_of(config: tuple) -> dict:
@@ -112,14 +119,15 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
     import bitsandbytes.functional as BF
 
     from benchmarks.gpu_fp8_kernels import block_linears
-    from generate.nf4_matmul import kernel_table, nf4_matmul, scales_of
+    from generate.nf4_matmul import kernel_table, nf4_matmul, scales_of, segments_delta
     from model import Config
 
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_nf4_gemm.py needs a CUDA GPU")
     row_counts = [int(r) for r in rows.split(",")]
     step = {m: {} for m in row_counts}  # rows -> config -> one block's products, ms
-    for name, ((n, k), count) in block_linears(Config.from_name(model)).items():
+    blocks = Config.from_name(model)  # not `config`: the sweep's loop below names its tiles so
+    for name, ((n, k), count) in block_linears(blocks).items():
         # Copies enough that the 4-bit ones (and the bf16 ones) do not fit the GPU's L2 cache together: each call of a
         # graph reads its weight from memory, as a decode step does.
         copies = max(2, min(16, -(-(256 << 20) // (n * k // 2))))
@@ -132,17 +140,19 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
         flat = [BF.dequantize_blockwise(state.absmax, state.state2) + state.offset for _, state in quantized]
         scales = args[0][2]
         read = n * k // 2 + scales.numel() * scales.element_size()
-        adapter = random_adapter(name, n, k, adapter_rank)
+        adapter = random_adapter(name, n, k, adapter_rank, blocks)
         for m in row_counts:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            lora = (*adapter, 0.5) if adapter is not None and m > 1 else None
+            lora = (*adapter[:2], 0.5) if adapter is not None and m > 1 else None
+            starts = adapter[2] if lora is not None else None
             reference = x.float() @ reference_w.float().t()
             if lora is not None:
-                reference = reference + 0.5 * (x.float() @ adapter[0].float().t()) @ adapter[1].float().t()
+                reference = reference + 0.5 * segments_delta(x.float(), adapter[0].float(), adapter[1].float(), starts)
 
             def fused(with_adapter: bool = True, **tiles):
                 return [lambda p=p, c=c, s=s, ns=ns: nf4_matmul(x, p, s, c, (n, k), ns, table=table, tickets=tickets,
-                                                                lora=lora if with_adapter else None, **tiles)
+                                                                lora=lora if with_adapter else None,
+                                                                lora_starts=starts if with_adapter else None, **tiles)
                         for p, c, s, ns in args]
 
             timings = {
@@ -175,7 +185,8 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
                     # the same tiles with the scales decoded to fp32 beforehand (no double quantization in the loop)
                     "fused nf4 (best, fp32 scales)": timed([lambda p=p, c=c, f=f: nf4_matmul(x, p, f, c, (n, k), None,
                                                                                           table=table, tickets=tickets,
-                                                                                          lora=lora, **tiles)
+                                                                                          lora=lora, lora_starts=starts,
+                                                                                          **tiles)
                                                            for (p, c, _, _), f in zip(args, flat)], iters)})
             print(json.dumps(row), flush=True)
     for m, totals in step.items():

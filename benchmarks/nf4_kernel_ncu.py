@@ -41,7 +41,8 @@ def main(model: str = "Mistral-7B-v0.1", cases: str = "fc:1,fc:32,qkv:32:16,fc:3
 
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/nf4_kernel_ncu.py needs a CUDA GPU")
-    shapes = {name: shape for name, (shape, _) in block_linears(Config.from_name(model)).items()}
+    blocks = Config.from_name(model)
+    shapes = {name: shape for name, (shape, _) in block_linears(blocks).items()}
     calls = []
     for case in cases.split(","):
         name, rows, *rank = case.split(":")
@@ -54,10 +55,11 @@ def main(model: str = "Mistral-7B-v0.1", cases: str = "fc:1,fc:32,qkv:32:16,fc:3
         table = torch.tensor(kernel_table(tuple(state.code.tolist())), dtype=torch.int32, device="cuda")
         tickets = torch.zeros(-(-n // 16), dtype=torch.int32, device="cuda")  # not made inside the profiled range
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-        adapter = random_adapter(name, n, k, rank)
-        lora = (*adapter, 0.5) if adapter is not None else None
+        adapter = random_adapter(name, n, k, rank, blocks)
+        lora, starts = ((*adapter[:2], 0.5), adapter[2]) if adapter is not None else (None, None)
         calls.append((case, lambda x=x, p=packed, a=absmax, c=state.code, s=(n, k), ns=nested, t=table, ti=tickets,
-                      lo=lora: nf4_matmul(x, p, a, c, s, ns, lookup=True, table=t, tickets=ti, lora=lo)))
+                      lo=lora, st=starts: nf4_matmul(x, p, a, c, s, ns, lookup=True, table=t, tickets=ti, lora=lo,
+                                                     lora_starts=st)))
     for _, call in calls:
         call()
         call()

@@ -124,7 +124,8 @@ def main(source: Path = Path("generate/nf4_matmul.py"), arch: int = 90, configs:
                 "code2": "*fp32", "offset": "*fp32", "lora_a": "*bf16", "lora_b": "*bf16", "out": "*bf16",
                 "parts": "*fp32", "tickets": "*i32"}
     pointers = {name: kind for name, kind in pointers.items() if name in kernel.arg_names}
-    signature = {**pointers, **{n: "i32" for n in ("M", "N", "K", "K_PART", "N_PARTS") if n in kernel.arg_names},
+    signature = {**pointers, **{n: "i32" for n in ("seg1", "seg2", "M", "N", "K", "K_PART", "N_PARTS")
+                                if n in kernel.arg_names},
                  **({"scaling": "fp32"} if "scaling" in kernel.arg_names else {})}
     for config in configs.split(","):
         BN, BM, warps = (int(v) for v in config.split("x"))  # BM is BK for one_row

@@ -36,7 +36,7 @@ a GPU, by `self_check` before use; timed against bitsandbytes by benchmarks/gpu_
 import functools
 import importlib.util
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -196,8 +196,8 @@ def kernel():
     steps()
 
     @triton.jit
-    def nf4_matmul_kernel(x, packed, absmax, code, table, absmax2, code2, offset, lora_a, lora_b, scaling, out, parts,
-                          tickets, M, N, K, K_PART, N_PARTS,
+    def nf4_matmul_kernel(x, packed, absmax, code, table, absmax2, code2, offset, lora_a, lora_b, scaling, seg1, seg2,
+                          out, parts, tickets, M, N, K, K_PART, N_PARTS,
                           BM: tl.constexpr, BN: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                           NESTED: tl.constexpr, PRECISION: tl.constexpr, PTX: tl.constexpr, TABLE_AT: tl.constexpr,
                           R: tl.constexpr):
@@ -207,6 +207,9 @@ def kernel():
         acc = tl.zeros((BN, BM), dtype=tl.float32)  # W's tile is the wide operand of the product (BN >= 64 rows)
         if R > 0:  # an adapter's A times this part of K of x, beside the weight's product on the same tiles of x
             ranks = tl.arange(0, R)
+            # the tile's segment of columns (adapter_segments; seg1 = seg2 = N without): its own R rows of A
+            segment = (tl.program_id(0) * BN >= seg1).to(tl.int32) + (tl.program_id(0) * BN >= seg2).to(tl.int32)
+            a_rows = segment * R + ranks
             xa = tl.zeros((R, BM), dtype=tl.float32)
         if PTX is None:  # the gather's table in registers
             values = tl.broadcast_to(tl.load(code + tl.arange(0, 16)).to(x.dtype.element_ty)[None, :], (BN, 16))
@@ -234,7 +237,7 @@ def kernel():
             # the block's scale applied to the product's sums: once per column and row instead of once per weight
             acc += tl.dot(w, tl.trans(xs), input_precision=PRECISION) * scale[:, None]
             if R > 0:
-                xa += tl.dot(tl.load(lora_a + ranks[:, None] * K + ks[None, :]), tl.trans(xs),
+                xa += tl.dot(tl.load(lora_a + a_rows[:, None] * K + ks[None, :]), tl.trans(xs),
                              input_precision=PRECISION)
         if R > 0:  # B's tile times this part's scaling A x, rounded to x's dtype once (unfused: A x, then the scaling)
             b = tl.load(lora_b + cols[:, None] * R + ranks[None, :], mask=cols[:, None] < N, other=0.0)
@@ -304,7 +307,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                lookup: bool = False, BK: Optional[int] = None, table: Optional[torch.Tensor] = None,
                tickets: Optional[torch.Tensor] = None,
                lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
-               maxnreg: Optional[int] = None) -> torch.Tensor:
+               lora_starts: Optional[Sequence[int]] = None, maxnreg: Optional[int] = None) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a bitsandbytes 4-bit W of `shape` (N, K): `packed` its bytes, `absmax`
     its block scales (fp32, or their 8-bit codes when `nested` = (absmax2, code2, offset, blocksize2) holds the double
     quantization), `code` its 16-value table (in x's dtype in the tensor cores' kernel, in fp32 in the one-row kernel).
@@ -318,7 +321,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     the host: pass it when capturing a graph). tickets: int32 zeros, one per tile of BN columns or more, that the kernel
     leaves at zero (made here if None). lora: an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T +
     scaling * (x @ A^T) @ B^T: A (R, K) and B (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for
-    one row of bf16 or fp16. maxnreg: the most registers a thread may use (ptxas' own choice if None or 0): at 168
+    one row of bf16 or fp16. lora_starts: where the adapter's 2nd and 3rd segments of columns start (adapter_segments:
+    then A is (segments x R, K) and each column uses its own segment's R rows); multiples of BN. maxnreg: the most registers a thread may use (ptxas' own choice if None or 0): at 168
     ptxas keeps the table's quarters in registers where by its own choice it copies them from uniform registers before
     each use (benchmarks/nf4_kernel_sass.py --maxnreg)."""
     import triton
@@ -332,19 +336,24 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     step = (BK or _gemv_step(K, blocksize)) if one_row else blocksize
     if K % step or step % blocksize:
         raise ValueError(f"nf4_matmul: BK {step} must be whole blocks of {blocksize} and divide rows of {K} values")
-    R = 0 if lora is None else lora[0].size(0)
-    if lora is not None and (one_row or R < 16 or R & (R - 1) or lora[0].shape != (R, K) or lora[1].shape != (N, R)
-                             or {lora[0].dtype, lora[1].dtype} != {x.dtype}):
-        raise ValueError(f"nf4_matmul: an adapter needs several rows, A ({R}, {K}) and B ({N}, {R}) in {x.dtype} with "
-                         f"R a power of 2 of at least 16; got A {tuple(lora[0].shape)}, B {tuple(lora[1].shape)}, "
-                         f"{M} rows of {x.dtype}")
+    R = 0 if lora is None else lora[1].size(-1)
+    starts = list(lora_starts or [])
+    if lora is not None and (one_row or R < 16 or R & (R - 1) or lora[0].shape != ((len(starts) + 1) * R, K)
+                             or lora[1].shape != (N, R) or {lora[0].dtype, lora[1].dtype} != {x.dtype}):
+        raise ValueError(f"nf4_matmul: an adapter needs several rows, A ({len(starts) + 1} x {R}, {K}) and B ({N}, {R}) "
+                         f"in {x.dtype} with R a power of 2 of at least 16; got A {tuple(lora[0].shape)}, B "
+                         f"{tuple(lora[1].shape)}, {M} rows of {x.dtype}")
     if one_row and packed.data_ptr() % 4:  # gemv_kernel reads the bytes as 32-bit words
         raise ValueError("nf4_matmul: one row needs the packed weight at an address divisible by 4; pass a copy")
     # An adapter of 64 ranks (qkv with r 16 on q, k and v) makes each pipeline stage's tiles of A as large as W's: at
     # four stages shared memory leaves room for two programs per SM, which slowed the product far more than the
-    # adapter's own work (docs/serving.md, benchmarks/gpu_nf4_gemm.py --adapter_rank 16); 32 ranks are unmeasured
+    # adapter's own work (docs/serving.md, benchmarks/gpu_nf4_gemm.py --adapter_rank 16); 32 ranks are unmeasured.
+    # adapter_segments gives Mistral's and Llama's qkv 16 ranks a tile instead (R is per segment)
     BN, num_warps, num_stages = [given or default for given, default in zip(
         (BN, num_warps, num_stages), (32, 2, 3) if one_row else (128, 4, 4 if R < 64 else 2))]
+    if len(starts) > 2 or starts != sorted(set(starts)) or any(not 0 < s < N or s % BN for s in starts):
+        raise ValueError(f"nf4_matmul: lora_starts {starts} must be at most 2 increasing columns inside {N}, "
+                         f"multiples of BN {BN} (a tile's columns in one segment)")
     tiles = triton.cdiv(N, BN)
     if split_k is None:
         split_k = _one_row_parts(tiles, x.device) if one_row else DEFAULT_SPLIT_K
@@ -373,7 +382,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         lora_a, lora_b, scaling = lora if lora is not None else (x, x, 0.0)  # unread when R is 0
         kernel()[(tiles, n_parts)](
             x.contiguous(), packed.reshape(-1), absmax, code.float(), table, absmax2.float(), code2.float(),
-            offset.float(), lora_a.contiguous(), lora_b.contiguous(), float(scaling), out, parts, tickets, M, N, K,
+            offset.float(), lora_a.contiguous(), lora_b.contiguous(), float(scaling), *(starts + [N, N])[:2], out,
+            parts, tickets, M, N, K,
             k_part, n_parts, BM=max(16, triton.next_power_of_2(M)), BN=BN, R=R,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", TABLE_AT=TABLE_AT.get(x.dtype, 0), **common)
     return out
@@ -419,15 +429,16 @@ def nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, c
                   absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
                   n: int, k: int, blocksize2: int, lookup: bool, table: torch.Tensor, tickets: torch.Tensor,
                   lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None,
-                  scaling: float = 0.0) -> torch.Tensor:
+                  scaling: float = 0.0, lora_starts: Optional[List[int]] = None) -> torch.Tensor:
     nested = (absmax2, code2, offset, blocksize2) if absmax2 is not None else None
     lora = (lora_a, lora_b, scaling) if lora_a is not None else None
-    return nf4_matmul(x, packed, absmax, code, (n, k), nested, lookup=lookup, table=table, tickets=tickets, lora=lora)
+    return nf4_matmul(x, packed, absmax, code, (n, k), nested, lookup=lookup, table=table, tickets=tickets, lora=lora,
+                      lora_starts=lora_starts)
 
 
 @nf4_matmul_op.register_fake
 def _(x, packed, absmax, code, absmax2, code2, offset, n, k, blocksize2, lookup, table, tickets, lora_a=None,
-      lora_b=None, scaling=0.0):
+      lora_b=None, scaling=0.0, lora_starts=None):
     return x.new_empty((x.size(0), n))
 
 
@@ -450,6 +461,33 @@ def pad_adapter(A: torch.Tensor, B: torch.Tensor) -> Tuple[torch.Tensor, torch.T
     return torch.cat([A, A.new_zeros(padded - R, A.size(1))]), torch.cat([B, B.new_zeros(B.size(0), padded - R)], 1)
 
 
+def adapter_segments(A: torch.Tensor, B: torch.Tensor, parts: Sequence[Tuple[int, int]], r: int, align: int = 128
+                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[List[int]]]:
+    """A frozen adapter's A (n_parts x r, K) and placed B (N, n_parts x r; block-diagonal over its parts, lora.place_B)
+    as the tensor cores' kernel takes them: (A, B, lora_starts). Each column uses only its own part's r ranks, so where
+    the 2nd and 3rd parts start at multiples of `align` (whole tiles of the kernel's columns), part i gets a segment of
+    its own: A's rows i x R to (i + 1) x R, and B (N, R) holds each column's own ranks, R being r padded to a power of
+    2 of at least 16. A tile then reads R rows of A instead of every part's: for q, k and v at r 16, 16 instead of 48
+    padded to 64, whose tiles filled shared memory at four pipeline stages (docs/serving.md). Elsewhere (one part,
+    or parts off the tiles, as SmolLM2's 576 q rows): pad_adapter's layout, and no starts."""
+    starts = [start for start, _ in parts[1:]]
+    if not 1 < len(parts) <= 3 or any(start % align for start in starts):
+        return (*pad_adapter(A, B), None)
+    R = max(16, 1 << (r - 1).bit_length())
+    segments, compact = A.new_zeros(len(parts) * R, A.size(1)), B.new_zeros(B.size(0), R)
+    for i, (start, end) in enumerate(parts):
+        segments[i * R:i * R + r] = A[i * r:(i + 1) * r]
+        compact[start:end, :r] = B[start:end, i * r:(i + 1) * r]
+    return segments, compact, starts
+
+
+def segments_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, starts: Optional[Sequence[int]]) -> torch.Tensor:
+    """(x A^T) B^T in adapter_segments' layout, plainly: each segment's columns from its own rows of A."""
+    edges, R = [0, *(starts or []), B.size(0)], B.size(1)
+    return torch.cat([(x @ A[i * R:(i + 1) * R].t()) @ B[start:end].t()
+                      for i, (start, end) in enumerate(zip(edges, edges[1:]))], dim=-1)
+
+
 class FusedNF4Linear(nn.Module):
     """A bitsandbytes NF4 Linear4bit's forward through nf4_matmul_op, on the same bytes (nothing copied but the small
     code tables, in fp32). The fast decode step puts it in the layer's place for the step (generate/fast_decode.py).
@@ -463,7 +501,8 @@ class FusedNF4Linear(nn.Module):
         super().__init__()
         self.adapter = adapter
         if adapter is not None:
-            lora_a, lora_b = pad_adapter(adapter.served_A, adapter.served_B)
+            lora_a, lora_b, self.lora_starts = adapter_segments(adapter.served_A, adapter.served_B, adapter.parts,
+                                                                adapter.r)
             self.register_buffer("lora_a", lora_a, persistent=False)
             self.register_buffer("lora_b", lora_b, persistent=False)
         state = layer.weight.quant_state
@@ -485,8 +524,9 @@ class FusedNF4Linear(nn.Module):
         self.register_buffer("tickets", torch.zeros(-(-self.out_features // 16), dtype=torch.int32,
                                                     device=self.packed.device), persistent=False)
 
-    def product(self, rows: torch.Tensor, lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None):
-        """rows @ W^T through the kernel, plus an adapter's (A, B, scaling) product (nf4_matmul's lora)."""
+    def product(self, rows: torch.Tensor, lora: Optional[Tuple[torch.Tensor, torch.Tensor, float, list]] = None):
+        """rows @ W^T through the kernel, plus an adapter's (A, B, scaling, starts) product (nf4_matmul's lora and
+        lora_starts)."""
         return nf4_matmul_op(rows, self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,
                              self.out_features, self.in_features, self.blocksize2, self.lookup, self.table,
                              self.tickets, *(lora or ()))
@@ -502,7 +542,8 @@ class FusedNF4Linear(nn.Module):
             y = bnb.matmul_4bit(rows.to(self.compute_dtype or rows.dtype), self.packed.t(),
                                 quant_state=self.quant_state).to(x.dtype)
         else:
-            y = self.product(rows, (self.lora_a, self.lora_b, self.adapter.scaling) if inside else None)
+            y = self.product(rows, (self.lora_a, self.lora_b, self.adapter.scaling, self.lora_starts) if inside
+                             else None)
         y = y.view(*x.shape[:-1], self.out_features)
         y = y if self.bias is None else y + self.bias.to(y.dtype)
         return y + self.adapter.lora_delta(x) if self.adapter is not None and not inside else y
@@ -525,13 +566,14 @@ def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dt
     --rounding true), so the limit is half the dtype's epsilon (3.9e-3 in bf16): a misread nibble or scale throughout is
     off by about 1, one wrong tile of 64 columns in the widest weight (14336) by a few 1e-2. A layer with an adapter
     adds its delta, in fp32, to what is expected; as a trained adapter's delta may be too small to tell, the kernel's
-    adapter products are checked again with a random adapter of the same ranks whose delta is as large as the weight's
-    product. Triton's CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails the
+    adapter products are checked again with a random adapter of the same ranks and layout (adapter_segments) whose
+    delta is as large as the weight's product. Triton's CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails the
     check."""
     import bitsandbytes.functional as BF
 
     limit = 1e-3 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
-    shapes = {(m.out_features, m.in_features, f.adapter is not None and f.lora_a.size(0)): (m, f) for m, f in layers}
+    shapes = {(m.out_features, m.in_features, f.adapter is not None and (f.lora_a.size(0), str(f.lora_starts))): (m, f)
+              for m, f in layers}
     for layer, fused in shapes.values():
         nf4 = layer.base if fused.adapter is not None else layer
         w = BF.dequantize_4bit(nf4.weight.data, nf4.weight.quant_state)
@@ -546,9 +588,10 @@ def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dt
             got = [("", fused(x), expected)]
             if fused.adapter is not None and rows > 1:
                 A, B = torch.randn_like(fused.lora_a), torch.randn_like(fused.lora_b)
-                delta = (x.float() @ A.float().t()) @ B.float().t()
+                delta = segments_delta(x.float(), A.float(), B.float(), fused.lora_starts)
                 scaling = (product.norm() / delta.norm()).item()
-                got.append((", a random adapter", fused.product(x, (A, B, scaling)), product + scaling * delta))
+                got.append((", a random adapter", fused.product(x, (A, B, scaling, fused.lora_starts)),
+                            product + scaling * delta))
             for what, y, reference in got:
                 error = ((y.float() - reference).norm() / reference.norm()).item()
                 if not error < limit:

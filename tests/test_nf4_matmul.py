@@ -51,6 +51,10 @@ def test_fast_step_with_the_kernel_gives_the_plain_answers():
     interpreted("check_fast_step")
 
 
+def test_adapter_segments_give_each_tile_its_own_parts_ranks():
+    interpreted("check_adapter_segments")
+
+
 @pytest.mark.parametrize("one_row", [True, False])
 def test_kernels_and_their_ptx_assemble_for_sm90(one_row):
     """Each kernel compiled ahead of time for an H100 (sm_90) on this CPU by Triton and the wheel's ptxas
@@ -204,7 +208,8 @@ def test_start_up_check_passes_bf16_rounding_and_rejects_one_misread_tile(monkey
 
     honours_adapter = [True]
 
-    def kernel_like(x, packed, absmax, code, shape, nested, lookup, table, tickets, lora=None):
+    def kernel_like(x, packed, absmax, code, shape, nested, lookup, table, tickets, lora=None, lora_starts=None):
+        assert lora_starts is None  # one part, all rows: adapter_segments keeps pad_adapter's layout
         y = x.float() @ weight.t() * scale
         if lora is not None and honours_adapter[0]:
             A, B, scaling = lora
@@ -476,6 +481,59 @@ def check_lookups():
     shifted = torch.cat([torch.zeros(1, dtype=torch.uint8), packed.reshape(-1)])[1:]  # a byte past a word
     with pytest.raises(ValueError, match="address divisible by 4"):
         nf4_matmul(x, shifted, absmax, state.code, (N, K), nested, table=table)
+
+
+def check_adapter_segments():
+    """qkv's adapter (q, k and v, r each) laid out by adapter_segments, each column tile reading its own part's ranks
+    of A, against the plain stacked adapter (lora.place_B's block-diagonal B): in the kernel, any K split, parts on or
+    off the tiles, some rows without an adapter; then a layer's FusedNF4Linear against its LoRALinear, eager and
+    compiled."""
+    import bitsandbytes.functional as BF
+
+    from generate.nf4_matmul import FusedNF4Linear, adapter_segments, nf4_matmul, scales_of, segments_delta
+    from lora import LoRALinear, place_B
+    from quantize import quantized_layer, quantized_weight
+
+    gen = torch.Generator().manual_seed(2)
+    N, K, r = 256, 128, 8
+    w = torch.randn(N, K, generator=gen) * 0.02
+    packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    absmax, nested = scales_of(state)
+    product = lambda x: x @ BF.dequantize_4bit(packed, state).t()  # noqa: E731
+    x = torch.randn(5, K, generator=gen)
+    for parts, align, starts in (([(0, 128), (128, 192), (192, 256)], 64, [128, 192]),  # q, k, v on 64-column tiles
+                                 ([(0, 128), (192, 256)], 64, [192]),  # q and v: k's rows have no adapter
+                                 ([(0, 128), (128, 192), (192, 256)], 128, None),  # k starts off the tiles: padded
+                                 ([[0, 128], [128, 256]], 128, [128])):  # parts as lists, 128-column tiles
+        A = torch.randn(len(parts) * r, K, generator=gen) * 0.1
+        B = place_B(torch.randn(sum(end - start for start, end in parts), r, generator=gen), parts, r, N)
+        expected = product(x) + 0.5 * (x @ A.t()) @ B.t()
+        seg_a, seg_b, got_starts = adapter_segments(A, B, parts, r, align)
+        assert got_starts == starts, (parts, align)
+        # 16 ranks a segment (8 padded), or every part's 24 padded to 32
+        assert (seg_a.size(0), seg_b.size(1)) == (((len(starts) + 1) * 16, 16) if starts else (32, 32))
+        assert torch.allclose(segments_delta(x, seg_a, seg_b, got_starts), (x @ A.t()) @ B.t(), atol=1e-5)
+        for split_k in (1, 3):
+            got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=align, split_k=split_k,
+                             lora=(seg_a, seg_b, 0.5), lora_starts=got_starts)
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (parts, align, split_k)
+    with pytest.raises(ValueError, match=r"lora_starts \[64\] must be .* multiples of BN 128"):  # a tile across parts
+        nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=128, lora=(seg_a[:32], seg_b, 0.5),
+                   lora_starts=[64])
+
+    # a qkv layer with three 128-row parts, as the server holds it: the kernel's product equals the adapter's layer
+    layer = quantized_layer(nn.Linear(K, 384, bias=False), "bnb.nf4-dq", torch.float32)
+    layer.weight = quantized_weight(layer, torch.randn(384, K, generator=gen) * 0.02, "cpu")
+    adapter = LoRALinear(layer, r=r, alpha=2 * r, parts=[(0, 128), (128, 256), (256, 384)])
+    with torch.no_grad():
+        adapter.lora_B.normal_(0, 0.5, generator=gen)
+        adapter.freeze(torch.float32)
+    fused = FusedNF4Linear(layer, adapter)
+    assert fused.lora_starts == [128, 256] and fused.lora_a.shape == (48, K)
+    x = torch.randn(2, 3, K, generator=gen)
+    expected = adapter(x)
+    for forward in (fused, torch.compile(fused, fullgraph=True)):
+        assert torch.allclose(forward(x), expected, rtol=1e-4, atol=1e-4)
 
 
 def check_fast_step():
