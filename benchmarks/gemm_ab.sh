@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The 4-bit kernel's products in two versions of the code in one GPU call, taking turns (A B A B), as serve_ab.sh
-# does for the server: figures moved between H100s by up to a tenth on unchanged code, so a change is judged only
-# against its base in the same call. The device machine has no git history: make the folder here, before the call.
+# The 4-bit kernel's products in two versions of the code in one GPU call, taking turns (A B, then B A), as
+# serve_ab.sh does for the server: figures moved between H100s by up to a tenth on unchanged code, so a change is
+# judged only against its base in the same call. The device machine has no git history: make the folder here, before
+# the call.
 #     git archive BRANCH | tar -x -C ab_gemm      # a whole tree; an untracked folder travels with the call
 #     PYTHONPATH=.wheels/train_site bash benchmarks/gemm_ab.sh ab_gemm --rows 32 --adapter_rank 16 --sweep false
-# A is the working tree, B the folder; each round runs benchmarks/gpu_nf4_gemm.py with the given arguments in A, then
-# in B (ROUNDS, default 2). JSON lines go to $OUT (default out/gemm_ab) as gemm_{a,b}_<round>.jsonl; last, per shape,
+# A is the working tree, B the folder; each round runs benchmarks/gpu_nf4_gemm.py with the given arguments in both
+# (ROUNDS, default 2). JSON lines go to $OUT (default out/gemm_ab) as gemm_{a,b}_<round>.jsonl; last, per shape,
 # row count and timing key (the defaults, as served, and without an adapter where there is one), ms side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +25,15 @@ for entry in "${entries[@]}"; do
   [ -n "$entry" ] && entry=$(cd "$entry" && pwd) && [ "$entry" != "$PWD" ] && path="$path${path:+:}$entry"
 done
 export PYTHONPATH=$path
-for round in $(seq 1 "${ROUNDS:-2}"); do
-  "$python" benchmarks/gpu_nf4_gemm.py "$@" >"$out/gemm_a_$round.jsonl" 2>"$out/gemm_a_$round.log" ||
-    echo "A, round $round: failed, see $out/gemm_a_$round.log"
-  (cd "$base" && "$python" benchmarks/gpu_nf4_gemm.py "$@") \
-    >"$out/gemm_b_$round.jsonl" 2>"$out/gemm_b_$round.log" || echo "B, round $round: failed, see $out/gemm_b_$round.log"
+side() {  # side a|b round
+  local tree=$PWD
+  if [ "$1" = b ]; then tree=$base; fi
+  (cd "$tree" && "$python" benchmarks/gpu_nf4_gemm.py "${args[@]}") >"$out/gemm_$1_$2.jsonl" 2>"$out/gemm_$1_$2.log" ||
+    echo "${1^^}, round $2: failed, see $out/gemm_$1_$2.log"
+}
+args=("$@")
+for round in $(seq 1 "${ROUNDS:-2}"); do  # A first in odd rounds, B first in even ones
+  if [ $((round % 2)) = 1 ]; then side a "$round"; side b "$round"; else side b "$round"; side a "$round"; fi
 done
 "$python" - "$out" <<'PY'
 import glob, json, re, statistics, sys
