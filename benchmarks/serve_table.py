@@ -176,8 +176,8 @@ def main(
             to 10 minutes; transformers' rows, last, compile for a few minutes).
         out: Markdown table destination.
         trace: after each row's timed runs, one more all-at-once run under torch.profiler: where its wall time went
-            (kernel time on the GPU, the engine's steps and prefills, the host functions that took longest), printed
-            as one JSON line.
+            (kernel time on the GPU, the engine's steps and prefills, the host functions and the kernels that took
+            longest), printed as one JSON line.
     """
     import torch
 
@@ -347,8 +347,8 @@ def main(
 
 def trace_run(engine, prompts: List[List[int]], new_tokens: int, label: str) -> None:
     """One all-at-once run under torch.profiler: its wall time against the kernel time it launched (a decode step
-    whose host work outlasts the GPU's leaves the GPU idle), per decode step, and the host functions that took
-    longest."""
+    whose host work outlasts the GPU's leaves the GPU idle), per decode step, the host functions that took longest
+    and the kernels that took longest (prefill's and decode's together)."""
     import torch
 
     before = dict(engine.stats)
@@ -363,10 +363,13 @@ def trace_run(engine, prompts: List[List[int]], new_tokens: int, label: str) -> 
     steps = {k: engine.stats[k] - before.get(k, 0) for k in engine.stats}
     host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
                   key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.self_device_time_total, reverse=True)[:15]
     print(json.dumps({"trace": label, "wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(kernel_us / 1e3, 1),
                       "gpu_busy": round(kernel_us / 1e6 / wall, 3), **steps,
                       "wall_ms_per_step": round(wall * 1e3 / max(1, steps.get("decode_steps", 0)), 2),
-                      "host_self_ms": [[e.key[:60], round(e.self_cpu_time_total / 1e3, 1), e.count] for e in host]}),
+                      "host_self_ms": [[e.key[:60], round(e.self_cpu_time_total / 1e3, 1), e.count] for e in host],
+                      "kernel_ms": [[e.key[:60], round(e.self_device_time_total / 1e3, 1), e.count] for e in kernels]}),
           flush=True)
 
 
