@@ -322,9 +322,10 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     leaves at zero (made here if None). lora: an adapter's (A, B, scaling) added in the tensor cores' kernel, x @ W^T +
     scaling * (x @ A^T) @ B^T: A (R, K) and B (N, R) in x's dtype, R a power of 2 of at least 16 (pad_adapter); not for
     one row of bf16 or fp16. lora_starts: where the adapter's 2nd and 3rd segments of columns start (adapter_segments:
-    then A is (segments x R, K) and each column uses its own segment's R rows); multiples of BN. maxnreg: the most registers a thread may use (ptxas' own choice if None or 0): at 168
-    ptxas keeps the table's quarters in registers where by its own choice it copies them from uniform registers before
-    each use (benchmarks/nf4_kernel_sass.py --maxnreg)."""
+    then A is (segments x R, K) and each column uses its own segment's R rows); multiples of BN. maxnreg: the most
+    registers a thread may use (ptxas' own choice if None or 0): at 168 ptxas keeps the table's quarters in registers
+    where by its own choice it copies them from uniform registers before each use (benchmarks/nf4_kernel_sass.py
+    --maxnreg)."""
     import triton
 
     N, K = shape
@@ -340,8 +341,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     starts = list(lora_starts or [])
     if lora is not None and (one_row or R < 16 or R & (R - 1) or lora[0].shape != ((len(starts) + 1) * R, K)
                              or lora[1].shape != (N, R) or {lora[0].dtype, lora[1].dtype} != {x.dtype}):
-        raise ValueError(f"nf4_matmul: an adapter needs several rows, A ({len(starts) + 1} x {R}, {K}) and B ({N}, {R}) "
-                         f"in {x.dtype} with R a power of 2 of at least 16; got A {tuple(lora[0].shape)}, B "
+        raise ValueError(f"nf4_matmul: an adapter needs several rows, A ({len(starts) + 1} x {R}, {K}) and B ({N}, "
+                         f"{R}) in {x.dtype} with R a power of 2 of at least 16; got A {tuple(lora[0].shape)}, B "
                          f"{tuple(lora[1].shape)}, {M} rows of {x.dtype}")
     if one_row and packed.data_ptr() % 4:  # gemv_kernel reads the bytes as 32-bit words
         raise ValueError("nf4_matmul: one row needs the packed weight at an address divisible by 4; pass a copy")
@@ -567,8 +568,8 @@ def self_check(layers: List[Tuple[nn.Module, "FusedNF4Linear"]], dtype: torch.dt
     off by about 1, one wrong tile of 64 columns in the widest weight (14336) by a few 1e-2. A layer with an adapter
     adds its delta, in fp32, to what is expected; as a trained adapter's delta may be too small to tell, the kernel's
     adapter products are checked again with a random adapter of the same ranks and layout (adapter_segments) whose
-    delta is as large as the weight's product. Triton's CPU interpreter computes bf16 products wrongly (2026-12, Triton 3.9): there a bf16 model fails the
-    check."""
+    delta is as large as the weight's product. Triton's CPU interpreter computes bf16 products wrongly (2026-12,
+    Triton 3.9): there a bf16 model fails the check."""
     import bitsandbytes.functional as BF
 
     limit = 1e-3 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
