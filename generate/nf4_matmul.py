@@ -298,6 +298,7 @@ def gemv_kernel():
 
 
 DEFAULT_SPLIT_K = 8
+DEFAULT_BN = 128  # the tensor cores' kernel's columns per program; adapter_segments aligns its parts to it
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -351,7 +352,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     # adapter's own work (docs/serving.md, benchmarks/gpu_nf4_gemm.py --adapter_rank 16); 32 ranks are unmeasured.
     # adapter_segments gives Mistral's and Llama's qkv 16 ranks a tile instead (R is per segment)
     BN, num_warps, num_stages = [given or default for given, default in zip(
-        (BN, num_warps, num_stages), (32, 2, 3) if one_row else (128, 4, 4 if R < 64 else 2))]
+        (BN, num_warps, num_stages), (32, 2, 3) if one_row else (DEFAULT_BN, 4, 4 if R < 64 else 2))]
     if len(starts) > 2 or starts != sorted(set(starts)) or any(not 0 < s < N or s % BN for s in starts):
         raise ValueError(f"nf4_matmul: lora_starts {starts} must be at most 2 increasing columns inside {N}, "
                          f"multiples of BN {BN} (a tile's columns in one segment)")
@@ -462,17 +463,18 @@ def pad_adapter(A: torch.Tensor, B: torch.Tensor) -> Tuple[torch.Tensor, torch.T
     return torch.cat([A, A.new_zeros(padded - R, A.size(1))]), torch.cat([B, B.new_zeros(B.size(0), padded - R)], 1)
 
 
-def adapter_segments(A: torch.Tensor, B: torch.Tensor, parts: Sequence[Tuple[int, int]], r: int, align: int = 128
-                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[List[int]]]:
+def adapter_segments(A: torch.Tensor, B: torch.Tensor, parts: Sequence[Tuple[int, int]], r: int,
+                     align: int = DEFAULT_BN) -> Tuple[torch.Tensor, torch.Tensor, Optional[List[int]]]:
     """A frozen adapter's A (n_parts x r, K) and placed B (N, n_parts x r; block-diagonal over its parts, lora.place_B)
     as the tensor cores' kernel takes them: (A, B, lora_starts). Each column uses only its own part's r ranks, so where
-    the 2nd and 3rd parts start at multiples of `align` (whole tiles of the kernel's columns), part i gets a segment of
-    its own: A's rows i x R to (i + 1) x R, and B (N, R) holds each column's own ranks, R being r padded to a power of
-    2 of at least 16. A tile then reads R rows of A instead of every part's: for q, k and v at r 16, 16 instead of 48
-    padded to 64, whose tiles filled shared memory at four pipeline stages (docs/serving.md). Elsewhere (one part,
-    or parts off the tiles, as SmolLM2's 576 q rows): pad_adapter's layout, and no starts."""
-    starts = [start for start, _ in parts[1:]]
-    if not 1 < len(parts) <= 3 or any(start % align for start in starts):
+    the 2nd and 3rd parts start, in order, at multiples of `align` (whole tiles of the kernel's columns), part i gets a
+    segment of its own: A's rows i x R to (i + 1) x R, and B (N, R) holds each column's own ranks, R being r padded to
+    a power of 2 of at least 16. A tile then reads R rows of A instead of every part's: for q, k and v at r 16, 16
+    instead of 48 padded to 64, whose tiles filled shared memory at four pipeline stages (docs/serving.md). Elsewhere
+    (one part, or parts off the tiles, as SmolLM2's 576 q rows): pad_adapter's layout, and no starts."""
+    firsts = [start for start, _ in parts]
+    starts = firsts[1:]
+    if not 1 < len(parts) <= 3 or any(start % align for start in starts) or firsts != sorted(set(firsts)):
         return (*pad_adapter(A, B), None)
     R = max(16, 1 << (r - 1).bit_length())
     segments, compact = A.new_zeros(len(parts) * R, A.size(1)), B.new_zeros(B.size(0), R)
@@ -525,7 +527,8 @@ class FusedNF4Linear(nn.Module):
         self.register_buffer("tickets", torch.zeros(-(-self.out_features // 16), dtype=torch.int32,
                                                     device=self.packed.device), persistent=False)
 
-    def product(self, rows: torch.Tensor, lora: Optional[Tuple[torch.Tensor, torch.Tensor, float, list]] = None):
+    def product(self, rows: torch.Tensor,
+                lora: Optional[Tuple[torch.Tensor, torch.Tensor, float, Optional[List[int]]]] = None):
         """rows @ W^T through the kernel, plus an adapter's (A, B, scaling, starts) product (nf4_matmul's lora and
         lora_starts)."""
         return nf4_matmul_op(rows, self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,

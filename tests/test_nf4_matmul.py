@@ -2,7 +2,8 @@
 CPU interpreter, each check in a fresh process (the interpreter must be on before triton is imported):
 - the kernel equals x @ W^T with W dequantized by bitsandbytes, for plain and double-quantized scales, partial tiles in
   every direction, one row and several, K split or not (its parts summed by the kernel, its tickets left at zero), fp32,
-  fp16, and one row of bf16 and fp16 (the one-row kernel); with an adapter's products added in it (ranks padded to 16);
+  fp16, and one row of bf16 and fp16 (the one-row kernel); with an adapter's products added in it (ranks padded to 16),
+  and qkv's adapter with each part's ranks in a segment of their own (adapter_segments);
 - with their PTX lookups (byte permutes, warp shuffles) emulated lane by lane in place of the inline assembly the
   interpreter cannot run, both kernels give the same products, and the lookups ran;
 - the fast decode step with the kernel in place of bitsandbytes' NF4 layers, alone, with an unmerged LoRA adapter (its
@@ -490,7 +491,7 @@ def check_adapter_segments():
     compiled."""
     import bitsandbytes.functional as BF
 
-    from generate.nf4_matmul import FusedNF4Linear, adapter_segments, nf4_matmul, scales_of, segments_delta
+    from generate.nf4_matmul import FusedNF4Linear, adapter_segments, nf4_matmul, scales_of, segments_delta, self_check
     from lora import LoRALinear, place_B
     from quantize import quantized_layer, quantized_weight
 
@@ -513,18 +514,20 @@ def check_adapter_segments():
         # 16 ranks a segment (8 padded), or every part's 24 padded to 32
         assert (seg_a.size(0), seg_b.size(1)) == (((len(starts) + 1) * 16, 16) if starts else (32, 32))
         assert torch.allclose(segments_delta(x, seg_a, seg_b, got_starts), (x @ A.t()) @ B.t(), atol=1e-5)
-        for split_k in (1, 3):
-            got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=align, split_k=split_k,
+        for BN, split_k in ((align, 1), (align, 3), (32, 2)):  # tiles as wide as the alignment, or narrower
+            got = nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=BN, split_k=split_k,
                              lora=(seg_a, seg_b, 0.5), lora_starts=got_starts)
-            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (parts, align, split_k)
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (parts, align, BN, split_k)
+    assert adapter_segments(A, B, [(128, 256), (0, 128)], r, 128)[2] is None  # parts out of order: padded
     with pytest.raises(ValueError, match=r"lora_starts \[64\] must be .* multiples of BN 128"):  # a tile across parts
         nf4_matmul(x, packed, absmax, state.code, (N, K), nested, BN=128, lora=(seg_a[:32], seg_b, 0.5),
                    lora_starts=[64])
 
-    # a qkv layer with three 128-row parts, as the server holds it: the kernel's product equals the adapter's layer
-    layer = quantized_layer(nn.Linear(K, 384, bias=False), "bnb.nf4-dq", torch.float32)
-    layer.weight = quantized_weight(layer, torch.randn(384, K, generator=gen) * 0.02, "cpu")
-    adapter = LoRALinear(layer, r=r, alpha=2 * r, parts=[(0, 128), (128, 256), (256, 384)])
+    # a qkv layer with three parts, as the server holds it, its last tile of 128 columns half past the weight: the
+    # kernel's product equals the adapter's layer, and the start-up check passes it
+    layer = quantized_layer(nn.Linear(K, 320, bias=False), "bnb.nf4-dq", torch.float32)
+    layer.weight = quantized_weight(layer, torch.randn(320, K, generator=gen) * 0.02, "cpu")
+    adapter = LoRALinear(layer, r=r, alpha=2 * r, parts=[(0, 128), (128, 256), (256, 320)])
     with torch.no_grad():
         adapter.lora_B.normal_(0, 0.5, generator=gen)
         adapter.freeze(torch.float32)
@@ -534,6 +537,7 @@ def check_adapter_segments():
     expected = adapter(x)
     for forward in (fused, torch.compile(fused, fullgraph=True)):
         assert torch.allclose(forward(x), expected, rtol=1e-4, atol=1e-4)
+    assert self_check([(adapter, fused)], torch.float32) is None
 
 
 def check_fast_step():
