@@ -5,8 +5,10 @@
 # the call.
 #     git archive BRANCH | tar -x -C ab_gemm      # a whole tree; an untracked folder travels with the call
 #     PYTHONPATH=.wheels/train_site bash benchmarks/gemm_ab.sh ab_gemm --rows 32 --adapter_rank 16 --sweep false
-# A is the working tree, B the folder; each round runs benchmarks/gpu_nf4_gemm.py with the given arguments in both
-# (ROUNDS, default 2). JSON lines go to $OUT (default out/gemm_ab) as gemm_{a,b}_<round>.jsonl; last, per shape,
+# A is the working tree, run in place, B the folder; each round runs benchmarks/gpu_nf4_gemm.py with the given
+# arguments in both (ROUNDS, default 2). Unlike serve_ab.sh A is not copied: the products are timed on the GPU, in
+# CUDA graphs, and in call 19 qkv's product without an adapter, the same code on both sides, came out even (B / A
+# 1.002). JSON lines go to $OUT (default out/gemm_ab) as gemm_{a,b}_<round>.jsonl; last, per shape,
 # row count and timing key (the defaults, as served, and without an adapter where there is one), ms side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -126,6 +126,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
         raise SystemExit("benchmarks/gpu_nf4_gemm.py needs a CUDA GPU")
     row_counts = [int(r) for r in rows.split(",")]
     step = {m: {} for m in row_counts}  # rows -> config -> one block's products, ms
+    failed = {m: set() for m in row_counts}  # configs that failed for some shape: no whole block to rank them by
     blocks = Config.from_name(model)  # not `config`: the sweep's loop below names its tiles so
     for name, ((n, k), count) in block_linears(blocks).items():
         # Copies enough that the 4-bit ones (and the bf16 ones) do not fit the GPU's L2 cache together: each call of a
@@ -168,6 +169,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
                 ms = timed(fused(**tiles_of(config)), iters)
                 if isinstance(ms, str):
                     print(json.dumps({"shape": name, "rows": m, "config": config, "error": ms}))
+                    failed[m].add(config)
                     continue
                 swept[config] = ms
                 step[m][config] = step[m].get(config, 0.0) + count * ms
@@ -190,7 +192,7 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
                                                            for (p, c, _, _), f in zip(args, flat)], iters)})
             print(json.dumps(row), flush=True)
     for m, totals in step.items():
-        top = sorted(totals, key=totals.get)[:5]
+        top = sorted(set(totals) - failed[m], key=totals.get)[:5]
         print(json.dumps({"rows": m, "block_ms_best_configs": [[*c, round(totals[c], 4)] for c in top]}))
 
 

@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?usage: serve_ab.sh FOLDER [serve_table.py arguments]}
+base=${base%/}
 shift
 [ -d "$base" ] || { echo "serve_ab.sh: $base is not a folder of files to lay over the tree" >&2; exit 2; }
 out=${OUT:-out/serve_ab}
@@ -32,9 +33,15 @@ cp -r "$base"/. "$b"/
 side() {  # side a|b round
   local tree=$a
   if [ "$1" = b ]; then tree=$b; fi
-  # this tree's folders where PYTHONPATH names the working tree's (worked out before the cd changes $PWD: the first
-  # version did it after, so B's PYTHONPATH kept naming A's tree)
-  local path=${PYTHONPATH:+${PYTHONPATH//$PWD/$tree}}
+  # PYTHONPATH's entries in or under the working tree moved to this tree, whole entries only (worked out before the
+  # cd changes $PWD: the first version did it after, so B's PYTHONPATH kept naming A's tree)
+  local path="" entry
+  local -a entries
+  IFS=: read -ra entries <<<"${PYTHONPATH:-}"
+  for entry in "${entries[@]}"; do
+    case $entry in "$PWD" | "$PWD"/*) entry=$tree${entry#"$PWD"} ;; esac
+    path="$path${path:+:}$entry"
+  done
   (cd "$tree" && TORCHINDUCTOR_CACHE_DIR="$caches/$1/inductor" TRITON_CACHE_DIR="$caches/$1/triton" \
     PYTHONPATH="$path" "$python" benchmarks/serve_table.py "${args[@]}" \
     --out "$out/serve_$1_$2.md") >"$out/serve_$1_$2.log" 2>&1 ||
