@@ -22,7 +22,7 @@ python=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # each side runs in its own copy's folder
 # Both sides run from copies in the same kind of folder, and take turns going first (A B, then B A, ...): the first
-# version ran A in place and always first, and B's one stream came out 7-8% slower in calls where its code was the same
+# version ran A in place and always first, and B's one stream came out 7-8% slower in a call where its code was the same
 a=$(mktemp -d)
 b=$(mktemp -d)
 caches=$(mktemp -d)

@@ -453,11 +453,15 @@ def scales_of(state) -> Tuple[torch.Tensor, Optional[tuple]]:
     return state.absmax, (state2.absmax.float(), state2.code.float(), state.offset.float().reshape(1), state2.blocksize)
 
 
+def padded_rank(r: int) -> int:
+    """r ranks padded to a power of 2 of at least 16: the tensor cores' smallest product."""
+    return max(16, 1 << (r - 1).bit_length())
+
+
 def pad_adapter(A: torch.Tensor, B: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A (R, K) and B (N, R) with zero ranks added up to a power of 2 of at least 16, the tensor cores' smallest
-    product; the same tensors when R is one already."""
+    """A (R, K) and B (N, R) with zero ranks added up to padded_rank(R); the same tensors when R is one already."""
     R = A.size(0)
-    padded = max(16, 1 << (R - 1).bit_length())
+    padded = padded_rank(R)
     if padded == R:
         return A, B
     return torch.cat([A, A.new_zeros(padded - R, A.size(1))]), torch.cat([B, B.new_zeros(B.size(0), padded - R)], 1)
@@ -468,15 +472,15 @@ def adapter_segments(A: torch.Tensor, B: torch.Tensor, parts: Sequence[Tuple[int
     """A frozen adapter's A (n_parts x r, K) and placed B (N, n_parts x r; block-diagonal over its parts, lora.place_B)
     as the tensor cores' kernel takes them: (A, B, lora_starts). Each column uses only its own part's r ranks, so where
     the 2nd and 3rd parts start, in order, at multiples of `align` (whole tiles of the kernel's columns), part i gets a
-    segment of its own: A's rows i x R to (i + 1) x R, and B (N, R) holds each column's own ranks, R being r padded to
-    a power of 2 of at least 16. A tile then reads R rows of A instead of every part's: for q, k and v at r 16, 16
+    segment of its own: A's rows i x R to (i + 1) x R, and B (N, R) holds each column's own ranks, R =
+    padded_rank(r). A tile then reads R rows of A instead of every part's: for q, k and v at r 16, 16
     instead of 48 padded to 64, whose tiles filled shared memory at four pipeline stages (docs/serving.md). Elsewhere
     (one part, or parts off the tiles, as SmolLM2's 576 q rows): pad_adapter's layout, and no starts."""
     firsts = [start for start, _ in parts]
     starts = firsts[1:]
     if not 1 < len(parts) <= 3 or any(start % align for start in starts) or firsts != sorted(set(firsts)):
         return (*pad_adapter(A, B), None)
-    R = max(16, 1 << (r - 1).bit_length())
+    R = padded_rank(r)
     segments, compact = A.new_zeros(len(parts) * R, A.size(1)), B.new_zeros(B.size(0), R)
     for i, (start, end) in enumerate(parts):
         segments[i * R:i * R + r] = A[i * r:(i + 1) * r]
