@@ -175,9 +175,10 @@ def main(
         budget_s: rows that would start after this many seconds are skipped (a GPU call of the project is limited
             to 10 minutes; transformers' rows, last, compile for a few minutes).
         out: Markdown table destination.
-        trace: after each row's timed runs, one more all-at-once run under torch.profiler: where its wall time went
-            (kernel time on the GPU, the engine's steps and prefills, the host functions and the kernels that took
-            longest), printed as one JSON line.
+        trace: after each row's timed runs, one more all-at-once run with each prefill timed, one under
+            torch.profiler (where its wall time went: kernel time on the GPU, the engine's steps and prefills, the host
+            functions and the kernels that took longest) and the prompts' prefill alone under it (its kernels),
+            printed as one JSON line.
     """
     import torch
 
@@ -326,7 +327,7 @@ def main(
                     add_random_adapter(quantized)
                     adapted = True
                 engine_rows(f"{which.replace('nf4', quantize.removeprefix('bnb.'))}", quantized,
-                            "compiled" if cuda else "static", alone_quantized, score=which == "nf4",
+                            "compiled" if cuda else "static", alone_quantized, score=which in ("nf4", "nf4+lora"),
                             fused_4bit=not which.endswith("-bnb"))
         except Exception as e:  # one row's failure is that row's result
             traceback.print_exc()
@@ -346,11 +347,27 @@ def main(
 
 
 def trace_run(engine, prompts: List[List[int]], new_tokens: int, label: str) -> None:
-    """One all-at-once run under torch.profiler: its wall time against the kernel time it launched (a decode step
-    whose host work outlasts the GPU's leaves the GPU idle), per decode step, the host functions that took longest
-    and the kernels that took longest (prefill's and decode's together)."""
+    """All-at-once runs that say where the time goes. First one with each prefill timed (it ends in a device-to-host
+    copy of its tokens, so its wall time is its GPU time): rows and ms of each. Then one under torch.profiler: its wall
+    time against the kernel time it launched (a decode step whose host work outlasts the GPU's leaves the GPU idle),
+    per decode step, the host functions and the kernels that took longest (prefill's and decode's together). Last,
+    the prompts' prefill alone (one new token each) under the profiler: its kernels that took longest."""
     import torch
 
+    admit, prefill_ms = engine._admit, []
+
+    def timed_admit(requests):
+        t = time.perf_counter()
+        admit(requests)
+        prefill_ms.append([len(requests), round((time.perf_counter() - t) * 1e3, 1)])
+
+    engine._admit = timed_admit  # the engine's thread looks the method up at each call
+    try:
+        t = time.perf_counter()
+        run_requests(engine, prompts, new_tokens)
+        timed_wall = time.perf_counter() - t
+    finally:
+        del engine._admit
     before = dict(engine.stats)
     activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (
         torch.cuda.is_available())
@@ -358,18 +375,25 @@ def trace_run(engine, prompts: List[List[int]], new_tokens: int, label: str) -> 
         t = time.perf_counter()
         run_requests(engine, prompts, new_tokens)
         wall = time.perf_counter() - t
+    steps = {k: engine.stats[k] - before.get(k, 0) for k in engine.stats}
+    with torch.profiler.profile(activities=activities) as prefill_prof:
+        run_requests(engine, prompts, 1)
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    steps = {k: engine.stats[k] - before.get(k, 0) for k in engine.stats}
     host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
                   key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: e.self_device_time_total, reverse=True)[:15]
-    print(json.dumps({"trace": label, "wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(kernel_us / 1e3, 1),
+
+    def kernels(events_, top: int = 15):
+        ranked = sorted((e for e in events_ if e.device_type == torch.autograd.DeviceType.CUDA),
+                        key=lambda e: e.self_device_time_total, reverse=True)[:top]
+        return [[e.key[:60], round(e.self_device_time_total / 1e3, 1), e.count] for e in ranked]
+
+    print(json.dumps({"trace": label, "timed_wall_ms": round(timed_wall * 1e3, 1), "prefill_ms": prefill_ms,
+                      "wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(kernel_us / 1e3, 1),
                       "gpu_busy": round(kernel_us / 1e6 / wall, 3), **steps,
                       "wall_ms_per_step": round(wall * 1e3 / max(1, steps.get("decode_steps", 0)), 2),
                       "host_self_ms": [[e.key[:60], round(e.self_cpu_time_total / 1e3, 1), e.count] for e in host],
-                      "kernel_ms": [[e.key[:60], round(e.self_device_time_total / 1e3, 1), e.count] for e in kernels]}),
+                      "kernel_ms": kernels(events), "prefill_kernel_ms": kernels(prefill_prof.key_averages())}),
           flush=True)
 
 

@@ -573,12 +573,14 @@ def test_serve_table_runs_on_a_random_model(tmp_path, capsys):
     assert low <= by[("oneday fp32", 3)]["tokens_per_s"] <= high and by[("oneday fp32", 3)]["repeats"] == 5
     table = (tmp_path / "table.md").read_text()
     assert "| oneday fp32 scoring (prefill tokens/s) | fp32 | 3 |" in table and "(median of 5: " in table
+    assert by[("oneday nf4+lora scoring (prefill tokens/s)", 3)]["tokens_per_s"] > 0  # scoring through the adapter
     capsys.readouterr()
     broken = main(**common, rows="bf16,nf4", quantize="bnb.nf5", out=str(tmp_path / "broken.md"), trace=True)
     assert [r["system"] for r in broken][-1] == "nf4" and "nf5" in broken[-1]["error"]
     assert len(broken) == 4  # the bf16 rows came out
     traced = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"trace"')]
     assert len(traced) == 1 and traced[0]["decode_steps"] >= 3 and traced[0]["wall_ms"] > 0  # 3 streams, 4 tokens
+    assert sum(rows for rows, _ in traced[0]["prefill_ms"]) == 3  # each request prefilled once, timed
 
 
 def test_serve_ab_runs_the_folders_code_as_b(tmp_path):
