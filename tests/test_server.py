@@ -583,58 +583,65 @@ def test_serve_table_runs_on_a_random_model(tmp_path, capsys):
     assert sum(rows for rows, _ in traced[0]["prefill_ms"]) == 3  # each request prefilled once, timed
 
 
-def test_serve_ab_runs_the_folders_code_as_b(tmp_path):
-    """benchmarks/serve_ab.sh: A is a copy of the tree, B a copy with the folder's files over it. With an engine that
-    cannot be imported laid over, A's rows come out and B's run fails, said so; the side-by-side table has A's
-    figures."""
+def test_ab_runs_the_folders_code_as_b(tmp_path):
+    """benchmarks/ab.sh with serve_table.py: A is a copy of the tree, B a copy with the folder's files over it. With an
+    engine that cannot be imported laid over, A's rows come out and B's run fails, said so; the side-by-side table
+    has A's figures."""
     overlay = ROOT / "ab_overlay_test"
     (overlay / "generate").mkdir(parents=True)
     try:
         (overlay / "generate" / "engine.py").write_text("raise ImportError('the base under test')\n")
         done = subprocess.run(
-            ["bash", "benchmarks/serve_ab.sh", overlay.name, "--model", "SmolLM2-135M", "--n_layer", "1",
-             "--device", "cpu", "--streams", "2", "--prompt_tokens", "6", "--new_tokens", "3", "--scoring_tokens",
-             "8", "--alone", "2", "--rows", "bf16", "--max_seq_length", "32", "--repeats", "1"],
+            ["bash", "benchmarks/ab.sh", overlay.name, "benchmarks/serve_table.py", "--model", "SmolLM2-135M",
+             "--n_layer", "1", "--device", "cpu", "--streams", "2", "--prompt_tokens", "6", "--new_tokens", "3",
+             "--scoring_tokens", "8", "--alone", "2", "--rows", "bf16", "--max_seq_length", "32", "--repeats", "1"],
             cwd=ROOT, env={**os.environ, "OUT": str(tmp_path), "ROUNDS": "1", "PYTHON": sys.executable},
             capture_output=True, text=True,
             timeout=300)
     finally:
         shutil.rmtree(overlay)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "B, round 1: failed" in done.stdout and "the base under test" in (tmp_path / "serve_b_1.log").read_text()
-    row = next(line for line in done.stdout.splitlines() if line.startswith("| oneday fp32 | 2 |"))
-    assert float(row.split("|")[3]) > 0 and row.split("|")[4].strip() == "" and "nan" in row
+    assert "B, round 1: failed" in done.stdout and "the base under test" in (tmp_path / "b_1.log").read_text()
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| oneday fp32 | 2 streams |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[3] == "tokens/s" and float(cells[4]) > 0 and cells[5] == "" and cells[6] == "nan"
 
 
-def test_serve_ab_gives_both_sides_a_copy_of_their_own_and_alternates_who_goes_first(tmp_path):
+def test_ab_gives_both_sides_a_copy_of_their_own_and_alternates_who_goes_first(tmp_path):
     """A stand-in interpreter records where each side ran: A and B each in a copy (not the tree, whose side was once
     faster by 7-8% on the same code), each with PYTHONPATH naming its own copy, B's files only in B's, and the order
-    A B, then B A."""
+    A B, then B A. It prints a line as gpu_nf4_gemm.py does, B's time half of A's: the summary sets them side by
+    side."""
     overlay = ROOT / "ab_order_test"
     (overlay / "generate").mkdir(parents=True)
     record = tmp_path / "record"
     python = tmp_path / "python"
     python.write_text(f"""#!/usr/bin/env bash
 [ "$1" = - ] && exec {sys.executable} "$@"  # the side-by-side summary
-echo "$PWD|$PYTHONPATH|$([ -e generate/marker ] && echo B || echo A)" >> {record}
+side=$([ -e generate/marker ] && echo B || echo A)
+echo "$PWD|$PYTHONPATH|$side|$*" >> {record}
+ms=$([ $side = B ] && echo 0.01 || echo 0.02)
+echo '{{"shape": "qkv", "rows": 32, "fused nf4 (defaults, as served)": '$ms'}}'
 """)
     python.chmod(0o755)
     try:
         (overlay / "generate" / "marker").write_text("B's\n")
-        done = subprocess.run(["bash", "benchmarks/serve_ab.sh", overlay.name, "--rows", "bf16"], cwd=ROOT,
-                              env={**os.environ, "OUT": str(tmp_path / "out"), "ROUNDS": "3", "PYTHON": str(python),
-                                   "PYTHONPATH": f"{ROOT}/.wheels/site:{ROOT}"},
+        done = subprocess.run(["bash", "benchmarks/ab.sh", overlay.name, "benchmarks/gpu_nf4_gemm.py", "--rows", "32"],
+                              cwd=ROOT, env={**os.environ, "OUT": str(tmp_path / "out"), "ROUNDS": "3",
+                                             "PYTHON": str(python), "PYTHONPATH": f"{ROOT}/.wheels/site:{ROOT}"},
                               capture_output=True, text=True, timeout=300)
     finally:
         shutil.rmtree(overlay)
     assert done.returncode == 0, done.stderr[-2000:]
     runs = [line.split("|") for line in record.read_text().splitlines()]
-    assert [side for _, _, side in runs] == ["A", "B", "B", "A", "A", "B"]
-    folders = {side: {folder for folder, _, s in runs if s == side} for side in "AB"}
+    assert [side for _, _, side, _ in runs] == ["A", "B", "B", "A", "A", "B"]
+    assert {command for _, _, _, command in runs} == {"benchmarks/gpu_nf4_gemm.py --rows 32"}
+    folders = {side: {folder for folder, _, s, _ in runs if s == side} for side in "AB"}
     assert all(len(f) == 1 for f in folders.values()) and folders["A"] != folders["B"]
     assert str(ROOT) not in folders["A"] | folders["B"]
-    for folder, path, _ in runs:
+    for folder, path, _, _ in runs:
         assert path == f"{folder}/.wheels/site:{folder}", path
+    assert "| qkv | 32 rows, defaults, as served | ms | 0.02, 0.02, 0.02 | 0.01, 0.01, 0.01 | 0.500 |" in done.stdout
 
 
 @pytest.mark.slow
