@@ -2,15 +2,18 @@
 # Two versions of the code measured in one GPU call, taking turns (A B, then B A): the 30-stream NF4 figure moved from
 # 2,380 to 3,428 tokens/s between two H100s in one hour on unchanged code (docs/serving.md), so a change is judged only
 # against its base in the same call. The device machine has no git history: make the folder here, before the call.
-#     git archive BASE generate lora.py | tar -x -C ab_base   # the files that differ, or a whole tree; untracked
+#     mkdir ab_base && git archive BASE generate lora.py | tar -x -C ab_base   # the files that differ, or a whole tree
 #     PYTHONPATH=.wheels/train_site:.wheels/serve_site:$PWD bash benchmarks/ab.sh ab_base \
 #         benchmarks/serve_table.py --rows nf4,nf4+lora
 #     PYTHONPATH=.wheels/train_site bash benchmarks/ab.sh ab_base benchmarks/gpu_nf4_gemm.py --rows 32 --sweep false
+# FOLDER, SCRIPT and OUT are paths from where the command runs; SCRIPT must be a file of the tree (each side runs its
+# own copy of it), and an untracked FOLDER inside the tree travels with a device call.
 # A is a copy of the working tree, B another with the folder's files laid over it; each round runs the script with the
 # given arguments on both, A first in odd rounds, B first in even ones (ROUNDS, default 2). Each side's output goes to
-# $OUT (default out/ab) as {a,b}_<round>.out (stdout) and .log (stderr). Last, the figures both sides printed as JSON
-# lines, side by side with B / A of the medians: serve_table.py's tokens/s per system and streams, gpu_nf4_gemm.py's
-# milliseconds per shape and rows (the kernel's defaults as served, and without the adapter where there is one).
+# $OUT (default out/ab in the tree; earlier sides' files there are removed) as {a,b}_<round>.out (stdout) and .log
+# (stderr). Last, the figures both sides printed as JSON lines, side by side with B / A of the medians:
+# serve_table.py's tokens/s per system and streams, gpu_nf4_gemm.py's milliseconds per shape and rows (the kernel's
+# defaults as served, and without the adapter where there is one).
 # PYTHON picks the interpreter (default python3).
 # Both sides run from copies in the same kind of folder, with PYTHONPATH naming their own copy, and take turns going
 # first: an earlier version ran A in place and always first, left B's PYTHONPATH naming A's tree, and in a call where
@@ -18,23 +21,30 @@
 # torch.compile's cache keys a graph by its code, not by the custom operators it calls, so B once ran A's compiled step
 # against its own operator (a signature mismatch; the step fell back to bitsandbytes' products) and measured that.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 usage="usage: ab.sh FOLDER SCRIPT [SCRIPT's arguments]"
-base=${1:?$usage}
-script=${2:?$usage}
-base=${base%/}
+[ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }
+base=$(realpath -m "$1")  # from where the command runs, before the cd below
+script=$(realpath -m "$2")
+out=${OUT:+$(realpath -m "$OUT")}
 shift 2
+cd "$(dirname "$0")/.."
 [ -d "$base" ] || { echo "ab.sh: $base is not a folder of files to lay over the tree" >&2; exit 2; }
-[ -f "$script" ] || { echo "ab.sh: $script is not a file of the tree" >&2; exit 2; }
-out=${OUT:-out/ab}
+script=$(realpath --relative-to=. "$script")
+# each side runs its own copy of the script, which puts its own tree first on sys.path: one outside the tree would
+# run the same code on both sides
+case $script in ../* | /*) echo "ab.sh: $script is not in this tree, $PWD" >&2; exit 2 ;; esac
+[ -f "$script" ] || { echo "ab.sh: $script is not a file of this tree" >&2; exit 2; }
+out=${out:-$PWD/out/ab}
 python=${PYTHON:-python3}
 mkdir -p "$out"
-out=$(cd "$out" && pwd)  # each side runs in its own copy's folder
+rm -f "$out"/[ab]_*.out "$out"/[ab]_*.log  # the summary reads every side's file there
+exclude=$(realpath --relative-to=. "$base")  # the folder, where it lies inside the tree, is B's alone
+[ "$exclude" != . ] || { echo "ab.sh: the folder is the tree itself; give one with B's files" >&2; exit 2; }
 a=$(mktemp -d)
 b=$(mktemp -d)
 caches=$(mktemp -d)
 trap 'rm -rf "$a" "$b" "$caches"' EXIT
-tar -c --exclude=./out --exclude="./$base" . | tar -x -C "$a"
+tar -c --exclude=./out --exclude="./$exclude" . | tar -x -C "$a"
 (cd "$a" && tar -c .) | tar -x -C "$b"
 cp -r "$base"/. "$b"/
 side() {  # side a|b round
@@ -63,9 +73,14 @@ grep -l "decoding without the 4-bit kernel\|--fused_4bit:" "$out"/[ab]_*.log |
 import glob, json, re, statistics, sys
 figures = {}  # (what, case, unit) -> {"a": [...], "b": [...]}
 for path in sorted(glob.glob(f"{sys.argv[1]}/[ab]_*.out")):
-    side = re.search(r"/([ab])_\d+\.out$", path).group(1)
+    name = re.search(r"/([ab])_\d+\.out$", path)
+    if name is None:
+        continue
     for line in open(path):
-        row = json.loads(line) if line.startswith("{") else {}
+        try:
+            row = json.loads(line) if line.startswith("{") else {}
+        except ValueError:  # a line that only starts like JSON
+            continue
         found = []
         if "system" in row and isinstance(row.get("tokens_per_s"), (int, float)):  # serve_table.py
             found.append((row["system"], f"{row['streams']} streams", "tokens/s", row["tokens_per_s"]))
@@ -73,7 +88,7 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/[ab]_*.out")):
             if "shape" in row and isinstance(row.get(key), float):
                 found.append((row["shape"], f"{row['rows']} rows, {key[11:-1]}", "ms", row[key]))
         for what, case, unit, value in found:
-            figures.setdefault((what, case, unit), {"a": [], "b": []})[side].append(value)
+            figures.setdefault((what, case, unit), {"a": [], "b": []})[name.group(1)].append(value)
 print("| measurement | case | unit | A | B | B / A (medians) |\n|---|---|---|---|---|---|")
 for (what, case, unit), f in figures.items():
     ratio = statistics.median(f["b"]) / statistics.median(f["a"]) if f["a"] and f["b"] else float("nan")

@@ -622,8 +622,11 @@ side=$([ -e generate/marker ] && echo B || echo A)
 echo "$PWD|$PYTHONPATH|$side|$*" >> {record}
 ms=$([ $side = B ] && echo 0.01 || echo 0.02)
 echo '{{"shape": "qkv", "rows": 32, "fused nf4 (defaults, as served)": '$ms'}}'
+echo '{{ not JSON, though it starts like it'
 """)
     python.chmod(0o755)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a_9.out").write_text('{"shape": "qkv", "rows": 32, "fused nf4 (defaults, as served)": 9.0}\n')
     try:
         (overlay / "generate" / "marker").write_text("B's\n")
         done = subprocess.run(["bash", "benchmarks/ab.sh", overlay.name, "benchmarks/gpu_nf4_gemm.py", "--rows", "32"],
@@ -641,7 +644,18 @@ echo '{{"shape": "qkv", "rows": 32, "fused nf4 (defaults, as served)": '$ms'}}'
     assert str(ROOT) not in folders["A"] | folders["B"]
     for folder, path, _, _ in runs:
         assert path == f"{folder}/.wheels/site:{folder}", path
+    # an earlier run's file in OUT is gone, not counted
     assert "| qkv | 32 rows, defaults, as served | ms | 0.02, 0.02, 0.02 | 0.01, 0.01, 0.01 | 0.500 |" in done.stdout
+
+
+def test_ab_refuses_a_script_outside_the_tree(tmp_path):
+    """Each side must run its own copy of the script: one outside the tree would put the same tree first on both
+    sides' sys.path, and B / A would come out 1.000 whatever B holds."""
+    outside = tmp_path / "serve_table.py"
+    outside.write_text("")
+    done = subprocess.run(["bash", "benchmarks/ab.sh", str(tmp_path), str(outside)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "is not in this tree" in done.stderr, done.stderr
 
 
 @pytest.mark.slow
