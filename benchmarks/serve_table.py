@@ -177,7 +177,7 @@ def main(
         out: Markdown table destination.
         trace: after each row's timed runs, one more all-at-once run with each prefill timed, one under
             torch.profiler (where its wall time went: kernel time on the GPU, the engine's steps and prefills, the host
-            functions and the kernels that took longest) and the prompts' prefill alone under it (its kernels),
+            functions and the kernels that took longest) and one with only its prefills under it (their kernels),
             printed as one JSON line.
     """
     import torch
@@ -350,50 +350,63 @@ def trace_run(engine, prompts: List[List[int]], new_tokens: int, label: str) -> 
     """All-at-once runs that say where the time goes. First one with each prefill timed (it ends in a device-to-host
     copy of its tokens, so its wall time is its GPU time): rows and ms of each. Then one under torch.profiler: its wall
     time against the kernel time it launched (a decode step whose host work outlasts the GPU's leaves the GPU idle),
-    per decode step, the host functions and the kernels that took longest (prefill's and decode's together). Last,
-    the prompts' prefill alone (one new token each) under the profiler: its kernels that took longest."""
+    per decode step, the host functions and the kernels that took longest (prefill's and decode's together). Last, one
+    whose prefills alone run under the profiler: their kernels that took longest."""
     import torch
 
-    admit, prefill_ms = engine._admit, []
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (
+        torch.cuda.is_available())
+    admit, prefill_ms, prefill_events, profiled_rows = engine._admit, [], [], []
 
     def timed_admit(requests):
         t = time.perf_counter()
         admit(requests)
         prefill_ms.append([len(requests), round((time.perf_counter() - t) * 1e3, 1)])
 
-    engine._admit = timed_admit  # the engine's thread looks the method up at each call
-    try:
-        t = time.perf_counter()
-        run_requests(engine, prompts, new_tokens)
-        timed_wall = time.perf_counter() - t
-    finally:
-        del engine._admit
+    def profiled_admit(requests):  # the GPU's kernels are recorded process-wide, whichever thread profiles
+        with torch.profiler.profile(activities=activities) as prof:
+            admit(requests)
+        prefill_events.extend(prof.key_averages())
+        profiled_rows.append(len(requests))
+
+    def run(admit_as=None) -> float:
+        if admit_as is not None:
+            engine._admit = admit_as  # the engine's thread looks the method up at each call
+        try:
+            t = time.perf_counter()
+            run_requests(engine, prompts, new_tokens)
+            return time.perf_counter() - t
+        finally:
+            engine.__dict__.pop("_admit", None)
+
+    timed_wall = run(timed_admit)
     before = dict(engine.stats)
-    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (
-        torch.cuda.is_available())
     with torch.profiler.profile(activities=activities) as prof:
-        t = time.perf_counter()
-        run_requests(engine, prompts, new_tokens)
-        wall = time.perf_counter() - t
+        wall = run()
     steps = {k: engine.stats[k] - before.get(k, 0) for k in engine.stats}
-    with torch.profiler.profile(activities=activities) as prefill_prof:
-        run_requests(engine, prompts, 1)
+    run(profiled_admit)
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
                   key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
 
     def kernels(events_, top: int = 15):
-        ranked = sorted((e for e in events_ if e.device_type == torch.autograd.DeviceType.CUDA),
-                        key=lambda e: e.self_device_time_total, reverse=True)[:top]
-        return [[e.key[:60], round(e.self_device_time_total / 1e3, 1), e.count] for e in ranked]
+        totals = {}  # name -> [ms, launches], over one profile or several (one per prefill)
+        for e in events_:
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                total = totals.setdefault(e.key[:60], [0.0, 0])
+                total[0] += e.self_device_time_total / 1e3
+                total[1] += e.count
+        ranked = sorted(totals.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
+        return [[name, round(ms, 1), count] for name, (ms, count) in ranked]
 
     print(json.dumps({"trace": label, "timed_wall_ms": round(timed_wall * 1e3, 1), "prefill_ms": prefill_ms,
                       "wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(kernel_us / 1e3, 1),
                       "gpu_busy": round(kernel_us / 1e6 / wall, 3), **steps,
                       "wall_ms_per_step": round(wall * 1e3 / max(1, steps.get("decode_steps", 0)), 2),
                       "host_self_ms": [[e.key[:60], round(e.self_cpu_time_total / 1e3, 1), e.count] for e in host],
-                      "kernel_ms": kernels(events), "prefill_kernel_ms": kernels(prefill_prof.key_averages())}),
+                      "kernel_ms": kernels(events), "prefill_kernel_ms": kernels(prefill_events),
+                      "profiled_prefill_rows": profiled_rows}),
           flush=True)
 
 

@@ -581,6 +581,7 @@ def test_serve_table_runs_on_a_random_model(tmp_path, capsys):
     traced = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"trace"')]
     assert len(traced) == 1 and traced[0]["decode_steps"] >= 3 and traced[0]["wall_ms"] > 0  # 3 streams, 4 tokens
     assert sum(rows for rows, _ in traced[0]["prefill_ms"]) == 3  # each request prefilled once, timed
+    assert sum(traced[0]["profiled_prefill_rows"]) == 3  # and once under the profiler (a generation, not scoring)
 
 
 def test_ab_runs_the_folders_code_as_b(tmp_path):
