@@ -25,8 +25,8 @@ start on whole 128-column tiles, as Mistral's and Llama's do, each part's 16 ran
 padded to 64), inside the kernel; the defaults are then timed with and without it, and the sweep is with it (a BN
 whose tiles would cross a part's start, 256 on parts off 256-column edges, prints an error line and is left out).
 Each copy of the weight has an adapter of its own, as each layer of a served model has: one adapter shared by the
-copies stayed in the L2 cache, and its products came out at 4% of a block's time where the served 30-stream step
-spent 15% more time in the kernel with an adapter than without (section 20 of the speed log).
+copies could stay in the L2 cache, which the server's adapters cannot (section 20 of the speed log: the served step's
+kernel time grew with the adapter far more than these products did).
 """
 
 import json
