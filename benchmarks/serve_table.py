@@ -394,11 +394,11 @@ def trace_run(engine, prompts: List[List[int]], new_tokens: int, label: str) -> 
         totals = {}  # name -> [ms, launches], over one profile or several (one per prefill)
         for e in events_:
             if e.device_type == torch.autograd.DeviceType.CUDA:
-                total = totals.setdefault(e.key[:60], [0.0, 0])
+                total = totals.setdefault(e.key, [0.0, 0])
                 total[0] += e.self_device_time_total / 1e3
                 total[1] += e.count
         ranked = sorted(totals.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
-        return [[name, round(ms, 1), count] for name, (ms, count) in ranked]
+        return [[name[:60], round(ms, 1), count] for name, (ms, count) in ranked]
 
     print(json.dumps({"trace": label, "timed_wall_ms": round(timed_wall * 1e3, 1), "prefill_ms": prefill_ms,
                       "wall_ms": round(wall * 1e3, 1), "gpu_kernel_ms": round(kernel_us / 1e3, 1),
