@@ -612,7 +612,7 @@ def test_ab_gives_both_sides_a_copy_of_their_own_and_alternates_who_goes_first(t
     """A stand-in interpreter records where each side ran: A and B each in a copy (not the tree, whose side was once
     faster by 7-8% on the same code), each with PYTHONPATH naming its own copy, B's files only in B's, and the order
     A B, then B A. It prints a line as gpu_nf4_gemm.py does, B's time half of A's: the summary sets them side by
-    side."""
+    side, unmoved by an earlier run's file left in OUT or a line that only starts like JSON."""
     overlay = ROOT / "ab_order_test"
     (overlay / "generate").mkdir(parents=True)
     record = tmp_path / "record"
