@@ -153,11 +153,13 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
                 a, b, starts = adapters[0]
                 reference = reference + 0.5 * segments_delta(x.float(), a.float(), b.float(), starts)
 
+            def lora_of(adapter, on: bool = True) -> dict:  # nf4_matmul's adapter arguments, or none
+                return {"lora": (adapter[0], adapter[1], 0.5), "lora_starts": adapter[2]} if on and with_lora else {}
+
             def fused(with_adapter: bool = True, **tiles):
-                return [lambda p=p, c=c, s=s, ns=ns, ad=ad: nf4_matmul(
-                            x, p, s, c, (n, k), ns, table=table, tickets=tickets,
-                            lora=(ad[0], ad[1], 0.5) if with_adapter and with_lora else None,
-                            lora_starts=ad[2] if with_adapter and with_lora else None, **tiles)
+                return [lambda p=p, c=c, s=s, ns=ns, ad=ad: nf4_matmul(x, p, s, c, (n, k), ns, table=table,
+                                                                       tickets=tickets, **lora_of(ad, with_adapter),
+                                                                       **tiles)
                         for (p, c, s, ns), ad in zip(args, adapters)]
 
             timings = {
@@ -190,9 +192,8 @@ def main(model: str = "Mistral-7B-v0.1", rows: str = "1,8,32", iters: int = 20, 
                     "top3_configs": [[*c, swept[c]] for c in top],
                     # the same tiles with the scales decoded to fp32 beforehand (no double quantization in the loop)
                     "fused nf4 (best, fp32 scales)": timed([lambda p=p, c=c, f=f, ad=ad: nf4_matmul(
-                        x, p, f, c, (n, k), None, table=table, tickets=tickets,
-                        lora=(ad[0], ad[1], 0.5) if with_lora else None, lora_starts=ad[2] if with_lora else None,
-                        **tiles) for (p, c, _, _), f, ad in zip(args, flat, adapters)], iters)})
+                        x, p, f, c, (n, k), None, table=table, tickets=tickets, **lora_of(ad), **tiles)
+                        for (p, c, _, _), f, ad in zip(args, flat, adapters)], iters)})
             print(json.dumps(row), flush=True)
     for m, totals in step.items():
         top = sorted(set(totals) - failed[m], key=totals.get)[:5]
